@@ -1,0 +1,16 @@
+//! shroud's wire protocol, as specified in `PROTOCOL.md` beside this crate.
+//!
+//! - [`auth`]: client keys and the bind proof that ties a key to one TLS connection.
+//! - [`hostname`]: the one normalisation every hostname goes through.
+//! - [`control`]: the control stream's messages and their framing.
+//! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
+//! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
+//!
+//! No CLI, configuration or transport lives here: callers bring a connected, TLS-protected byte
+//! stream and get a session back.
+
+pub mod auth;
+pub mod hostname;
+
+/// The ALPN protocol identifier a client offers, and the proxy uses to recognise tunnels.
+pub const ALPN: &[u8] = b"shroud/1";
