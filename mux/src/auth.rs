@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use ed25519_dalek::{Signer as _, Verifier as _};
+use ed25519_dalek::Signer as _;
 
 /// The label passed to the TLS exporter (RFC 5705 / RFC 8446 section 7.5).
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-shroud-bind-v1";
@@ -65,7 +65,11 @@ impl PublicKey {
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(self.0.as_bytes()))
+        write!(
+            f,
+            "{KEY_PREFIX}{}",
+            URL_SAFE_NO_PAD.encode(self.0.as_bytes())
+        )
     }
 }
 
@@ -175,13 +179,19 @@ mod tests {
 
     #[test]
     fn malformed_key_text_is_refused() {
-        assert_eq!("abc".parse::<PublicKey>(), Err(KeyParseError::MissingPrefix));
+        assert_eq!(
+            "abc".parse::<PublicKey>(),
+            Err(KeyParseError::MissingPrefix)
+        );
         assert_eq!(
             "ed25519:abc".parse::<PublicKey>(),
             Err(KeyParseError::BadEncoding)
         );
         let too_long = format!("ed25519:{}", "A".repeat(44));
-        assert_eq!(too_long.parse::<PublicKey>(), Err(KeyParseError::BadEncoding));
+        assert_eq!(
+            too_long.parse::<PublicKey>(),
+            Err(KeyParseError::BadEncoding)
+        );
     }
 
     #[test]

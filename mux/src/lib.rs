@@ -14,3 +14,11 @@ pub mod hostname;
 
 /// The ALPN protocol identifier a client offers, and the proxy uses to recognise tunnels.
 pub const ALPN: &[u8] = b"shroud/1";
+
+mod codec;
+pub mod control;
+pub mod header;
+pub mod session;
+
+pub use codec::DecodeError;
+pub use session::{Incoming, MuxStream, Role, Session, SessionConfig, SessionError};

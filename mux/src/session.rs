@@ -1,0 +1,417 @@
+//! A yamux session driven by its own task.
+//!
+//! A `yamux::Connection` only makes progress while someone polls it, and it hands out streams
+//! from the same `&mut` it needs for I/O. [`Session::spawn`] moves it into a driver task that
+//! does both: it serves requests to open streams, passes inbound streams to an [`Incoming`]
+//! queue, and keeps the I/O going. Callers hold cheap [`Session`] handles.
+//!
+//! The number of live streams (both directions) is bounded by a semaphore that shroud checks
+//! *before* asking yamux for a stream: yamux treats going over its own limit as a fatal
+//! connection error, which would take every other stream down with it.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadCompatExt as _};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// Which end of the tunnel this is. The client opens the connection (and the control stream);
+/// the proxy opens the data streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The shroud client.
+    Client,
+    /// The proxy.
+    Proxy,
+}
+
+/// Tunables of a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Most streams alive at once, in both directions together.
+    pub max_streams: usize,
+    /// Most inbound streams waiting for [`Incoming::accept`]; more are reset.
+    pub accept_backlog: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            max_streams: 4096,
+            accept_backlog: 1024,
+        }
+    }
+}
+
+/// Why a stream could not be opened, or why a session ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SessionError {
+    /// The session is closed or closing.
+    #[error("session closed")]
+    Closed,
+    /// [`SessionConfig::max_streams`] streams are already open.
+    #[error("too many streams open on this session")]
+    TooManyStreams,
+    /// yamux reported an error.
+    #[error("multiplexer error: {0}")]
+    Mux(String),
+}
+
+enum Command {
+    Open(oneshot::Sender<Result<yamux::Stream, SessionError>>),
+    Close,
+}
+
+/// A handle to a running session. Cloning it is cheap; the session ends when [`Session::close`]
+/// is called, when the peer or the connection goes away, or when every handle is dropped.
+#[derive(Clone)]
+pub struct Session {
+    commands: mpsc::Sender<Command>,
+    permits: Arc<Semaphore>,
+    max_streams: usize,
+    closed: CancellationToken,
+}
+
+/// Streams the peer opened, in the order it opened them.
+pub struct Incoming {
+    streams: mpsc::Receiver<MuxStream>,
+}
+
+impl Incoming {
+    /// The next stream the peer opened; `None` once the session has ended.
+    pub async fn accept(&mut self) -> Option<MuxStream> {
+        self.streams.recv().await
+    }
+}
+
+impl Session {
+    /// Starts a session over `io` (an established, protected connection) on the current tokio
+    /// runtime.
+    pub fn spawn<T>(io: T, role: Role, config: SessionConfig) -> (Session, Incoming)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        // Leave yamux a little room above our own limit so that its fatal check never fires.
+        let yamux_streams = config.max_streams + 16;
+        let mut yamux_config = yamux::Config::default();
+        // Each setter asserts window >= streams * 256 KiB, so lift the window cap first.
+        yamux_config.set_max_connection_receive_window(None);
+        yamux_config.set_max_num_streams(yamux_streams);
+        yamux_config.set_max_connection_receive_window(Some(
+            yamux_streams * yamux::DEFAULT_CREDIT as usize,
+        ));
+        let mode = match role {
+            Role::Client => yamux::Mode::Client,
+            Role::Proxy => yamux::Mode::Server,
+        };
+        let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
+
+        let (commands, command_rx) = mpsc::channel(64);
+        let (incoming_tx, incoming_rx) = mpsc::channel(config.accept_backlog.max(1));
+        let permits = Arc::new(Semaphore::new(config.max_streams));
+        let closed = CancellationToken::new();
+        let driver = Driver {
+            connection,
+            commands: command_rx,
+            incoming: incoming_tx,
+            permits: permits.clone(),
+            pending_open: None,
+            closing: false,
+        };
+        let done = closed.clone();
+        tokio::spawn(async move {
+            match driver.run().await {
+                Ok(()) => debug!("session ended"),
+                Err(err) => debug!(%err, "session ended with an error"),
+            }
+            done.cancel();
+        });
+        let session = Session {
+            commands,
+            permits,
+            max_streams: config.max_streams,
+            closed,
+        };
+        let incoming = Incoming {
+            streams: incoming_rx,
+        };
+        (session, incoming)
+    }
+
+    /// Opens a new stream to the peer.
+    ///
+    /// Fails at once when the stream limit is reached. Otherwise waits while the peer has 256
+    /// streams unacknowledged (yamux's backpressure): callers put a deadline on it.
+    pub async fn open(&self) -> Result<MuxStream, SessionError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.closed_or(SessionError::TooManyStreams))?;
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Open(reply))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        let stream = answer.await.map_err(|_| SessionError::Closed)??;
+        Ok(MuxStream::new(stream, permit))
+    }
+
+    fn closed_or(&self, err: SessionError) -> SessionError {
+        if self.is_closed() {
+            SessionError::Closed
+        } else {
+            err
+        }
+    }
+
+    /// Starts closing the session: no new streams, and yamux tells the peer. Streams already
+    /// open see an error or end of stream. Returns at once; see [`Session::closed`].
+    pub fn close(&self) {
+        // If the queue is full the driver is busy; a dropped command would leave the session
+        // open, so fall back to waiting for room on a spawned task.
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.commands.try_send(Command::Close) {
+            let commands = self.commands.clone();
+            tokio::spawn(async move { commands.send(cmd).await });
+        }
+    }
+
+    /// Resolves once the session has ended, for whatever reason.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Whether the session has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// How many streams are open now, in both directions.
+    pub fn open_streams(&self) -> usize {
+        self.max_streams - self.permits.available_permits()
+    }
+}
+
+struct Driver<T> {
+    connection: yamux::Connection<T>,
+    commands: mpsc::Receiver<Command>,
+    incoming: mpsc::Sender<MuxStream>,
+    permits: Arc<Semaphore>,
+    pending_open: Option<oneshot::Sender<Result<yamux::Stream, SessionError>>>,
+    closing: bool,
+}
+
+impl<T> Driver<T>
+where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    async fn run(mut self) -> Result<(), yamux::ConnectionError> {
+        let result = poll_fn(|cx| self.poll(cx)).await;
+        // Wake any caller still waiting to open a stream.
+        if let Some(reply) = self.pending_open.take() {
+            let _ = reply.send(Err(SessionError::Closed));
+        }
+        self.commands.close();
+        while let Ok(Command::Open(reply)) = self.commands.try_recv() {
+            let _ = reply.send(Err(SessionError::Closed));
+        }
+        result
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), yamux::ConnectionError>> {
+        if !self.closing {
+            if let Poll::Ready(Err(err)) = self.poll_commands(cx) {
+                return Poll::Ready(Err(err));
+            }
+        }
+        if self.closing {
+            return self.connection.poll_close(cx);
+        }
+        loop {
+            match self.connection.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => self.deliver(stream),
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Serves open and close requests until none is ready, or yamux makes us wait.
+    fn poll_commands(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), yamux::ConnectionError>> {
+        loop {
+            if self.pending_open.is_none() {
+                match self.commands.poll_recv(cx) {
+                    Poll::Ready(Some(Command::Open(reply))) => self.pending_open = Some(reply),
+                    Poll::Ready(Some(Command::Close)) | Poll::Ready(None) => {
+                        self.closing = true;
+                        return Poll::Ready(Ok(()));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            let Some(reply) = self.pending_open.take() else {
+                continue;
+            };
+            if reply.is_closed() {
+                continue; // The caller gave up (its deadline passed).
+            }
+            match self.connection.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    // If the caller went away meanwhile, dropping the stream resets it.
+                    let _ = reply.send(Ok(stream));
+                }
+                Poll::Ready(Err(err)) => {
+                    let _ = reply.send(Err(SessionError::Mux(err.to_string())));
+                    return Poll::Ready(Err(err));
+                }
+                Poll::Pending => {
+                    self.pending_open = Some(reply);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, stream: yamux::Stream) {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            warn!("peer opened more streams than allowed; resetting the new one");
+            return;
+        };
+        match self.incoming.try_send(MuxStream::new(stream, permit)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("inbound stream backlog full; resetting the new stream");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!("nobody accepts inbound streams; resetting the new stream");
+            }
+        }
+    }
+}
+
+/// One multiplexed stream, with tokio's I/O traits. Shutting down its write side sends a FIN
+/// (half-close); dropping it without a shutdown resets it. It holds one slot of the session's
+/// stream limit until dropped.
+pub struct MuxStream {
+    inner: Compat<yamux::Stream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl MuxStream {
+    fn new(stream: yamux::Stream, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            inner: stream.compat(),
+            _permit: permit,
+        }
+    }
+}
+
+impl std::fmt::Debug for MuxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MuxStream({})", self.inner.get_ref().id())
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn pair(config: SessionConfig) -> ((Session, Incoming), (Session, Incoming)) {
+        let (a, b) = tokio::io::duplex(4096);
+        (
+            Session::spawn(a, Role::Client, config.clone()),
+            Session::spawn(b, Role::Proxy, config),
+        )
+    }
+
+    #[tokio::test]
+    async fn streams_carry_bytes_and_half_close_both_ways() {
+        let ((client, _client_in), (_proxy, mut proxy_in)) = pair(SessionConfig::default());
+        let mut out = client.open().await.expect("open");
+        out.write_all(b"ping").await.expect("write");
+        out.shutdown().await.expect("shutdown");
+        let mut inbound = proxy_in.accept().await.expect("inbound stream");
+        let mut got = Vec::new();
+        inbound.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"ping");
+        // The other direction still works after the first one was closed.
+        inbound.write_all(b"pong").await.expect("write back");
+        inbound.shutdown().await.expect("shutdown back");
+        let mut back = Vec::new();
+        out.read_to_end(&mut back).await.expect("read back");
+        assert_eq!(back, b"pong");
+    }
+
+    #[tokio::test]
+    async fn stream_limit_fails_fast_and_frees_on_drop() {
+        let config = SessionConfig {
+            max_streams: 2,
+            accept_backlog: 8,
+        };
+        let ((client, _c), (_proxy, _p)) = pair(config);
+        let first = client.open().await.expect("first");
+        let _second = client.open().await.expect("second");
+        assert!(matches!(
+            client.open().await,
+            Err(SessionError::TooManyStreams)
+        ));
+        assert_eq!(client.open_streams(), 2);
+        drop(first);
+        assert!(client.open().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn close_ends_both_sides() {
+        let ((client, _c), (proxy, mut proxy_in)) = pair(SessionConfig::default());
+        client.close();
+        client.closed().await;
+        proxy.closed().await;
+        assert!(proxy_in.accept().await.is_none());
+        assert!(matches!(client.open().await, Err(SessionError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn dropping_the_transport_ends_the_session() {
+        let (a, b) = tokio::io::duplex(1024);
+        let (client, _incoming) = Session::spawn(a, Role::Client, SessionConfig::default());
+        drop(b);
+        client.closed().await;
+        assert!(client.is_closed());
+    }
+}
