@@ -1,1 +1,29 @@
-//! placeholder
+//! shroud's public proxy.
+//!
+//! Visitors arrive on the public listeners. [`tls_sniff`] reads a TLS ClientHello without
+//! terminating it and [`http_sniff`] reads an HTTP request head; [`visitor`] uses the SNI or
+//! Host to pick a tunnel from the [`registry`], opens a stream on it and splices the visitor
+//! onto it, replaying the bytes it read. Shroud clients arrive on the same TLS port, told apart
+//! by ALPN `shroud/1`; [`tunnel`] terminates their TLS, checks their bind against the
+//! [`policy`] and registers the names. [`server`] owns the listeners and graceful shutdown;
+//! [`cli`] turns flags into a [`server::ProxyConfig`].
+
+pub mod cli;
+pub mod http_sniff;
+pub mod policy;
+pub mod registry;
+pub mod replay;
+pub mod server;
+pub mod tls_sniff;
+pub mod tunnel;
+pub mod visitor;
+
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

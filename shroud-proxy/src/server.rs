@@ -1,0 +1,248 @@
+//! The proxy's listeners, shared state and shutdown.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument as _};
+
+use crate::policy::Policy;
+use crate::registry::Registry;
+use crate::{tunnel, visitor};
+
+/// Deadlines and bounds of a proxy.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a visitor may take to send its whole ClientHello.
+    pub client_hello_timeout: Duration,
+    /// Largest ClientHello accepted, in bytes, records included.
+    pub max_client_hello: usize,
+    /// How long a visitor may take to send its whole HTTP request head.
+    pub http_head_timeout: Duration,
+    /// Largest HTTP request head accepted, in bytes.
+    pub max_http_head: usize,
+    /// How long a client may take from its first byte to a completed bind.
+    pub handshake_timeout: Duration,
+    /// How long opening a tunnel stream and its acknowledgement may take.
+    pub stream_open_timeout: Duration,
+    /// A tunnel whose client sends nothing on its control stream for this long is closed.
+    pub tunnel_idle_timeout: Duration,
+    /// Most streams open on one tunnel.
+    pub max_streams_per_tunnel: usize,
+    /// Most connections (visitors and tunnels) being served at once; more are closed at once.
+    pub max_connections: usize,
+    /// On shutdown, how long streams in flight may take to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            client_hello_timeout: Duration::from_secs(5),
+            max_client_hello: 16 * 1024,
+            http_head_timeout: Duration::from_secs(10),
+            max_http_head: 16 * 1024,
+            handshake_timeout: Duration::from_secs(20),
+            stream_open_timeout: Duration::from_secs(20),
+            tunnel_idle_timeout: Duration::from_secs(90),
+            max_streams_per_tunnel: 4096,
+            max_connections: 20_000,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything a proxy needs besides its listeners.
+pub struct ProxyConfig {
+    /// The proxy's own name: tunnels arrive with this SNI (or none), and no client may bind it.
+    pub tunnel_name: String,
+    /// TLS for tunnels: the proxy's certificate for `tunnel_name`, ALPN `shroud/1`.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// Which key may bind which hostname.
+    pub policy: Policy,
+    /// Deadlines and bounds.
+    pub limits: Limits,
+}
+
+/// The sockets a proxy serves. Bind them yourself (port 0 in tests) and pass them in.
+#[derive(Default)]
+pub struct Listeners {
+    /// Public TLS: visitors routed by SNI, and tunnels recognised by ALPN.
+    pub https: Option<TcpListener>,
+    /// Public plain HTTP: visitors routed by Host.
+    pub http: Option<TcpListener>,
+    /// Tunnels only.
+    pub tunnel: Option<TcpListener>,
+}
+
+/// State shared by every connection of a proxy.
+pub struct Shared {
+    pub(crate) tunnel_name: String,
+    pub(crate) tls_acceptor: TlsAcceptor,
+    pub(crate) policy: Policy,
+    pub(crate) limits: Limits,
+    pub(crate) registry: Registry,
+}
+
+/// Builds the TLS configuration for tunnels from PEM files.
+pub fn tunnel_tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use anyhow::Context as _;
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key from {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the TLS certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![shroud_mux::ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves until `shutdown` is cancelled, then drains: stops accepting, sends go-away on every
+/// tunnel, and waits up to the drain deadline for streams in flight.
+pub async fn run(
+    listeners: Listeners,
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if listeners.https.is_none() && listeners.http.is_none() && listeners.tunnel.is_none() {
+        anyhow::bail!("no listener given");
+    }
+    let shared = Arc::new(Shared {
+        tunnel_name: config.tunnel_name,
+        tls_acceptor: TlsAcceptor::from(config.tls),
+        policy: config.policy,
+        limits: config.limits,
+        registry: Registry::default(),
+    });
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let drain_timeout = shared.limits.drain_timeout;
+    let listeners = [
+        (listeners.https, Kind::Https),
+        (listeners.http, Kind::Http),
+        (listeners.tunnel, Kind::Tunnel),
+    ];
+    for (listener, kind) in listeners {
+        let Some(listener) = listener else { continue };
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, listener = kind.name(), "listening");
+        }
+        let acceptor = Acceptor {
+            listener,
+            kind,
+            shared: shared.clone(),
+            permits: permits.clone(),
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tracker.spawn(acceptor.run());
+    }
+    tracker.close();
+    shutdown.cancelled().await;
+    info!("shutting down: draining tunnels");
+    // Every tunnel sends go-away and waits for its own streams; give them that long, and a
+    // little more for the last bytes to leave.
+    let grace = drain_timeout + Duration::from_secs(2);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!("drain deadline passed with connections still open; closing them");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Https,
+    Http,
+    Tunnel,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Https => "https",
+            Kind::Http => "http",
+            Kind::Tunnel => "tunnel",
+        }
+    }
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    kind: Kind,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Acceptor {
+    async fn run(self) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning; the listener survives.
+                    warn!(%err, listener = self.kind.name(), "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                debug!(%peer, "connection limit reached; closing new connection");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let shared = self.shared.clone();
+            let shutdown = self.shutdown.clone();
+            let kind = self.kind;
+            self.tracker.spawn(async move {
+                serve(kind, stream, peer, shared, shutdown).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn serve(
+    kind: Kind,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    match kind {
+        Kind::Https => visitor::serve_https(stream, peer, shared, shutdown).await,
+        Kind::Http => visitor::serve_http(stream, peer, shared).await,
+        Kind::Tunnel => {
+            let span = tracing::info_span!("tunnel", %peer);
+            if let Err(err) = tunnel::serve(stream, peer, shared, shutdown)
+                .instrument(span.clone())
+                .await
+            {
+                span.in_scope(|| debug!(%err, "tunnel failed"));
+            }
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! A client's tunnel, from its TLS handshake to its last stream.
+//!
+//! The proxy terminates the tunnel's TLS with its own certificate, runs yamux over it, and
+//! expects the client to open the control stream: hello, challenge, bind, result. Bound names
+//! enter the [`Registry`](crate::registry::Registry) until the tunnel ends. On shutdown the
+//! proxy sends go-away, takes the names out of the registry so that no new visitor lands here,
+//! and lets the streams in flight finish up to the drain deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shroud_mux::auth::{self, PublicKey, EXPORTER_LABEL, EXPORTER_LEN};
+use shroud_mux::control::{
+    self, BindName, BindOutcome, BindStatus, ErrorCode, Message, ReadError, VERSION,
+};
+use shroud_mux::{hostname, MuxStream, Role, Session, SessionConfig};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::registry::TunnelId;
+use crate::server::Shared;
+
+/// Why a tunnel ended before it was bound, or while it was up.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The TLS handshake failed.
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The client did not offer the shroud ALPN.
+    #[error("client did not negotiate ALPN shroud/1")]
+    NotShroud,
+    /// A step of the handshake took too long.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+    /// The control stream failed or carried garbage.
+    #[error(transparent)]
+    Control(#[from] ReadError),
+    /// Writing to the control stream failed.
+    #[error("control stream write: {0}")]
+    Write(#[from] std::io::Error),
+    /// The client broke the protocol.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The session ended before the control stream arrived.
+    #[error("session closed during the handshake")]
+    Closed,
+    /// The TLS exporter could not be computed.
+    #[error("TLS keying material exporter failed: {0}")]
+    Exporter(String),
+}
+
+/// Serves one tunnel connection whose first bytes may already have been read (they are in
+/// `io`, replayed). Returns when the tunnel has ended.
+pub async fn serve<IO>(
+    io: IO,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> Result<(), TunnelError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = &shared.limits;
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let tls = tokio::time::timeout_at(deadline, shared.tls_acceptor.accept(io))
+        .await
+        .map_err(|_| TunnelError::Timeout("the TLS handshake"))?
+        .map_err(TunnelError::Tls)?;
+    let (_, connection) = tls.get_ref();
+    if connection.alpn_protocol() != Some(shroud_mux::ALPN) {
+        return Err(TunnelError::NotShroud);
+    }
+    let exporter: [u8; EXPORTER_LEN] = connection
+        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+        .map_err(|err| TunnelError::Exporter(err.to_string()))?;
+
+    let session_config = SessionConfig {
+        max_streams: limits.max_streams_per_tunnel,
+        accept_backlog: 4,
+    };
+    let (session, mut incoming) = Session::spawn(tls, Role::Proxy, session_config);
+    let mut control = match tokio::time::timeout_at(deadline, incoming.accept()).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return Err(TunnelError::Closed),
+        Err(_) => {
+            session.close();
+            return Err(TunnelError::Timeout("the control stream"));
+        }
+    };
+    // Clients open no other streams; any they try are reset.
+    drop(incoming);
+
+    let handshake = tokio::time::timeout_at(deadline, handshake(&mut control, &exporter, &shared));
+    let bound = match handshake.await {
+        Ok(Ok(bound)) => bound,
+        Ok(Err(err)) => {
+            session.close();
+            return Err(err);
+        }
+        Err(_) => {
+            let _ = send_error(&mut control, ErrorCode::Timeout, "handshake too slow").await;
+            session.close();
+            return Err(TunnelError::Timeout("the bind"));
+        }
+    };
+    if bound.is_empty() {
+        // Give the client a moment to read the result before the connection goes.
+        let _ = timeout(Duration::from_secs(2), control.shutdown_and_wait()).await;
+        session.close();
+        return Ok(());
+    }
+
+    let tunnel = shared.registry.new_tunnel_id();
+    for name in &bound {
+        shared
+            .registry
+            .bind(&name.name, tunnel, session.clone(), name.http);
+    }
+    let names: Vec<&str> = bound.iter().map(|n| n.name.as_str()).collect();
+    info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
+
+    let result = keep_alive(&mut control, &session, tunnel, &shared, &shutdown).await;
+    shared.registry.unbind_tunnel(tunnel);
+    match &result {
+        Ok(()) => info!(tunnel, "tunnel closed"),
+        Err(err) => info!(tunnel, %err, "tunnel closed"),
+    }
+    session.close();
+    result
+}
+
+/// Hello, challenge, bind, result. Returns the names that were bound.
+async fn handshake(
+    control: &mut MuxStream,
+    exporter: &[u8; EXPORTER_LEN],
+    shared: &Shared,
+) -> Result<Vec<BindName>, TunnelError> {
+    match control::read_message(control).await? {
+        Message::Hello { versions } if versions.contains(&VERSION) => {}
+        Message::Hello { versions } => {
+            let detail = format!("this proxy speaks version {VERSION}; client offered {versions:?}");
+            send_error(control, ErrorCode::UnsupportedVersion, &detail).await?;
+            return Err(TunnelError::Protocol(detail));
+        }
+        other => return Err(unexpected(control, &other, "hello").await),
+    }
+    let challenge =
+        auth::new_challenge().map_err(|err| TunnelError::Protocol(format!("random: {err}")))?;
+    control::write_message(control, &Message::Hello { versions: vec![VERSION] }).await?;
+    control::write_message(control, &Message::Challenge { challenge }).await?;
+
+    let (key, signature, hostnames) = match control::read_message(control).await? {
+        Message::Bind {
+            key,
+            signature,
+            hostnames,
+        } if !hostnames.is_empty() => (key, signature, hostnames),
+        other => return Err(unexpected(control, &other, "bind").await),
+    };
+    let results = judge_bind(&key, &signature, &hostnames, &challenge, exporter, shared);
+    let bound = hostnames
+        .iter()
+        .zip(&results)
+        .filter(|(_, outcome)| outcome.status == BindStatus::Bound)
+        .map(|(name, _)| name.clone())
+        .collect();
+    for outcome in results.iter().filter(|o| o.status != BindStatus::Bound) {
+        info!(hostname = %outcome.name, status = ?outcome.status, "bind refused");
+    }
+    control::write_message(control, &Message::BindResult { results }).await?;
+    Ok(bound)
+}
+
+/// The proxy's verdict on each hostname of a bind.
+fn judge_bind(
+    key: &[u8; 32],
+    signature: &[u8; 64],
+    hostnames: &[BindName],
+    challenge: &[u8; 32],
+    exporter: &[u8; EXPORTER_LEN],
+    shared: &Shared,
+) -> Vec<BindOutcome> {
+    let outcome = |name: &BindName, status, reason: &str| BindOutcome {
+        name: name.name.clone(),
+        status,
+        reason: reason.to_owned(),
+    };
+    let names: Vec<String> = hostnames.iter().map(|h| h.name.clone()).collect();
+    let verified = PublicKey::from_bytes(key).ok().filter(|key| {
+        let transcript = auth::bind_transcript(challenge, exporter, key, &names);
+        key.verify(&transcript, signature)
+    });
+    let Some(key) = verified else {
+        return hostnames
+            .iter()
+            .map(|h| outcome(h, BindStatus::BadProof, "the bind signature did not verify"))
+            .collect();
+    };
+    let mut seen = std::collections::HashSet::new();
+    hostnames
+        .iter()
+        .map(|h| match hostname::normalize(&h.name) {
+            Ok(normal) if normal != h.name => outcome(
+                h,
+                BindStatus::InvalidHostname,
+                "hostnames must be sent normalised (lower case, no trailing dot)",
+            ),
+            Err(err) => outcome(h, BindStatus::InvalidHostname, &err.to_string()),
+            Ok(_) if h.name == shared.tunnel_name => outcome(
+                h,
+                BindStatus::InvalidHostname,
+                "this is the proxy's own name",
+            ),
+            Ok(_) if !seen.insert(h.name.clone()) => {
+                outcome(h, BindStatus::InvalidHostname, "hostname listed twice")
+            }
+            Ok(_) if shared.policy.allows(&h.name, &key) => outcome(h, BindStatus::Bound, ""),
+            Ok(_) => outcome(
+                h,
+                BindStatus::NotAuthorized,
+                "this key is not authorized for this hostname on this proxy",
+            ),
+        })
+        .collect()
+}
+
+/// Answers pings until the client goes quiet, the session ends, or the proxy shuts down.
+async fn keep_alive(
+    control: &mut MuxStream,
+    session: &Session,
+    tunnel: TunnelId,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Result<(), TunnelError> {
+    let idle = shared.limits.tunnel_idle_timeout;
+    loop {
+        tokio::select! {
+            read = timeout(idle, control::read_message(control)) => match read {
+                Err(_) => return Err(TunnelError::Timeout("a keepalive from the client")),
+                Ok(Err(ReadError::Closed)) => return Ok(()),
+                Ok(Err(err)) => return Err(err.into()),
+                Ok(Ok(Message::Ping { nonce })) => {
+                    control::write_message(control, &Message::Pong { nonce }).await?;
+                }
+                Ok(Ok(Message::Pong { .. })) => {}
+                Ok(Ok(other)) => return Err(unexpected(control, &other, "ping").await),
+            },
+            () = session.closed() => return Ok(()),
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // Draining: no new visitors reach this tunnel; tell the client and let streams finish.
+    shared.registry.unbind_tunnel(tunnel);
+    debug!("sending go-away");
+    let go_away = Message::GoAway {
+        reason: "proxy shutting down".into(),
+    };
+    if let Err(err) = control::write_message(control, &go_away).await {
+        warn!(%err, "could not send go-away");
+    }
+    // Only the control stream and the visitor streams already in flight remain.
+    let drain_until = Instant::now() + shared.limits.drain_timeout;
+    while session.open_streams() > 1 && Instant::now() < drain_until && !session.is_closed() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn unexpected(control: &mut MuxStream, got: &Message, wanted: &str) -> TunnelError {
+    let detail = format!("expected {wanted}, got {}", message_name(got));
+    let _ = send_error(control, ErrorCode::UnexpectedMessage, &detail).await;
+    TunnelError::Protocol(detail)
+}
+
+async fn send_error(
+    control: &mut MuxStream,
+    code: ErrorCode,
+    message: &str,
+) -> std::io::Result<()> {
+    let message = Message::Error {
+        code,
+        message: message.to_owned(),
+    };
+    control::write_message(control, &message).await
+}
+
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "hello",
+        Message::Challenge { .. } => "challenge",
+        Message::Bind { .. } => "bind",
+        Message::BindResult { .. } => "bind result",
+        Message::Ping { .. } => "ping",
+        Message::Pong { .. } => "pong",
+        Message::GoAway { .. } => "go-away",
+        Message::Error { .. } => "error",
+    }
+}
+
+/// Closing a control stream cleanly: shut our side and wait for the client to close its own,
+/// so the bind result is not lost to a reset.
+trait ShutdownAndWait {
+    async fn shutdown_and_wait(&mut self);
+}
+
+impl ShutdownAndWait for MuxStream {
+    async fn shutdown_and_wait(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        if self.shutdown().await.is_ok() {
+            let mut sink = [0u8; 64];
+            while matches!(self.read(&mut sink).await, Ok(n) if n > 0) {}
+        }
+    }
+}
