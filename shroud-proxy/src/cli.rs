@@ -50,7 +50,12 @@ pub struct Cli {
     pub authorized: PathBuf,
 
     /// On SIGTERM or SIGINT, how long streams in flight may take to finish.
-    #[arg(long, env = "SHROUD_DRAIN_TIMEOUT_SECS", value_name = "SECS", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "SHROUD_DRAIN_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 30
+    )]
     pub drain_timeout_secs: u64,
 
     /// Most streams open at once on one tunnel.
@@ -68,7 +73,8 @@ impl Cli {
         let tunnel_name = shroud_mux::hostname::normalize(&self.tunnel_name)
             .with_context(|| format!("--tunnel-name {:?}", self.tunnel_name))?;
         let tls = server::tunnel_tls_config(&self.tls_cert, &self.tls_key)?;
-        let policy = Policy::load(&self.authorized)?;
+        let policy = Policy::load(&self.authorized)
+            .with_context(|| format!("--authorized {}", self.authorized.display()))?;
         if self.max_streams_per_tunnel == 0 || self.max_connections == 0 {
             anyhow::bail!("--max-streams-per-tunnel and --max-connections must be at least 1");
         }
@@ -103,7 +109,9 @@ impl Cli {
             tunnel: bind(self.listen_tunnel, "--listen-tunnel").await?,
         };
         if listeners.https.is_none() && listeners.tunnel.is_none() {
-            anyhow::bail!("give --listen-https or --listen-tunnel, or clients cannot reach this proxy");
+            anyhow::bail!(
+                "give --listen-https or --listen-tunnel, or clients cannot reach this proxy"
+            );
         }
         Ok(listeners)
     }

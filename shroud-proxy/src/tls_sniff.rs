@@ -496,6 +496,8 @@ mod tests {
     #[test]
     fn real_hello_gives_lower_cased_sni_and_alpn() {
         let hello = client_hello("Example.Test");
+        // rustls sends the name as given; lower-casing it is the parser's job.
+        assert!(hello.windows(12).any(|w| w == b"Example.Test"));
         let info = parse_client_hello(&hello).unwrap().expect("complete");
         assert_eq!(info.sni.as_deref(), Some("example.test"));
         assert_eq!(info.alpn, vec![b"shroud/1".to_vec(), b"h2".to_vec()]);

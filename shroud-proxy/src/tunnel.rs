@@ -141,7 +141,8 @@ async fn handshake(
     match control::read_message(control).await? {
         Message::Hello { versions } if versions.contains(&VERSION) => {}
         Message::Hello { versions } => {
-            let detail = format!("this proxy speaks version {VERSION}; client offered {versions:?}");
+            let detail =
+                format!("this proxy speaks version {VERSION}; client offered {versions:?}");
             send_error(control, ErrorCode::UnsupportedVersion, &detail).await?;
             return Err(TunnelError::Protocol(detail));
         }
@@ -149,7 +150,13 @@ async fn handshake(
     }
     let challenge =
         auth::new_challenge().map_err(|err| TunnelError::Protocol(format!("random: {err}")))?;
-    control::write_message(control, &Message::Hello { versions: vec![VERSION] }).await?;
+    control::write_message(
+        control,
+        &Message::Hello {
+            versions: vec![VERSION],
+        },
+    )
+    .await?;
     control::write_message(control, &Message::Challenge { challenge }).await?;
 
     let (key, signature, hostnames) = match control::read_message(control).await? {

@@ -75,7 +75,9 @@ pub async fn serve_https(
     async {
         let Route::Tunnel(session) = shared.registry.route(&sni, false) else {
             debug!("no tunnel for this name");
-            let _ = stream.write_all(&tls_sniff::unrecognized_name_alert()).await;
+            let _ = stream
+                .write_all(&tls_sniff::unrecognized_name_alert())
+                .await;
             return;
         };
         let header = StreamHeader {
@@ -111,7 +113,8 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
         }
         Err(_) => {
             debug!(%peer, "no complete HTTP request head in time");
-            let response = http_sniff::simple_response(408, "Request Timeout", &[], "request timeout\n");
+            let response =
+                http_sniff::simple_response(408, "Request Timeout", &[], "request timeout\n");
             let _ = stream.write_all(&response).await;
             return;
         }

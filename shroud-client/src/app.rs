@@ -1,0 +1,126 @@
+//! What the `shroud` binary does with its command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::cli::{self, Cli, Command, RunArgs};
+use crate::client::{Client, ClientConfig, ProxyAddr, Target, Timing};
+use crate::transport::{build_transport, Resolve};
+use crate::{key, tls};
+
+/// Runs the command line to completion.
+pub async fn main(cli: Cli) -> anyhow::Result<()> {
+    match (cli.command, cli.run) {
+        (Some(Command::Key(args)), _) => print_key(args.key),
+        (None, Some(run)) => {
+            let shutdown = CancellationToken::new();
+            tokio::spawn(shutdown_on_signal(shutdown.clone()));
+            let config = config(&run)?;
+            Client::spawn(config, shutdown)?.join().await?;
+            Ok(())
+        }
+        (None, None) => anyhow::bail!("give HOSTNAME and TARGET, or a subcommand; see --help"),
+    }
+}
+
+/// `shroud key`: the public key alone on stdout's first line, then how to use it.
+fn print_key(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let path = key_path(path)?;
+    let (secret, created) = key::load_or_create(&path)?;
+    let public = secret.public();
+    println!("{public}");
+    println!(
+        "# {} key file: {}",
+        if created { "new" } else { "existing" },
+        path.display()
+    );
+    println!(
+        "# To let this client publish example.com, add this line to the proxy's --authorized file:"
+    );
+    println!("# example.com {public}");
+    Ok(())
+}
+
+fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match path {
+        Some(path) => Ok(path),
+        None => key::default_key_path().context("finding the default key location; give --key"),
+    }
+}
+
+/// Turns the run arguments into a client configuration, loading the files they name.
+pub fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
+    let hostname = shroud_mux::hostname::normalize(&run.hostname)
+        .with_context(|| format!("HOSTNAME {:?}", run.hostname))?;
+    let target = parse_target(&run.target, "TARGET")?;
+    let http_target = run
+        .http_target
+        .as_deref()
+        .map(|t| parse_target(t, "--http-target"))
+        .transpose()?;
+    let proxies = run
+        .proxy
+        .iter()
+        .map(|p| {
+            cli::parse_proxy(p)
+                .map(|(name, port)| ProxyAddr { name, port })
+                .map_err(|e| anyhow::anyhow!("--proxy {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let resolve = Resolve::from_entries(&run.resolve)?;
+    let timing = Timing {
+        connect_timeout: Duration::from_secs(run.connect_timeout_secs),
+        keepalive_interval: Duration::from_secs(run.keepalive_secs),
+        backoff_cap: Duration::from_secs(run.max_backoff_secs),
+        ..Timing::default()
+    };
+    let transport = build_transport(run.transport, resolve, timing.connect_timeout)?;
+    let tls = tls::client_config(run.proxy_ca.as_deref())?;
+    let origin_tls = match (&run.tls_cert, &run.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::origin_server_config(cert, key)?.into()),
+        _ => None,
+    };
+    let key_path = key_path(run.key.clone())?;
+    let (key, created) = key::load_or_create(&key_path)?;
+    if created {
+        info!(path = %key_path.display(), "created a new client key");
+    }
+    info!(key = %key.public(), "client identity");
+    Ok(ClientConfig {
+        hostname,
+        target,
+        http_target,
+        origin_tls,
+        proxies,
+        transport,
+        tls,
+        key,
+        timing,
+    })
+}
+
+fn parse_target(text: &str, what: &str) -> anyhow::Result<Target> {
+    let (host, port) = cli::parse_target(text).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    Ok(Target { host, port })
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

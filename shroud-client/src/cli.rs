@@ -1,0 +1,393 @@
+//! The command line: what `shroud` accepts, and nothing about what it then does.
+//!
+//! ```text
+//! shroud [OPTIONS] --proxy NAME:PORT --transport direct <HOSTNAME> <TARGET>
+//! shroud key [--key FILE]
+//! ```
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::transport::TransportKind;
+
+/// Publish a service that has no public address under a public hostname, through shroud proxies.
+///
+/// shroud keeps one TLS connection open to each proxy; the proxies send visitors of HOSTNAME
+/// down those connections, and shroud passes them on to TARGET.
+#[derive(Debug, Parser)]
+#[command(
+    name = "shroud",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// A subcommand, if one was given instead of the options to run a tunnel.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The options to run a tunnel with: `Some` exactly when `command` is `None` (clap refuses
+    /// run options beside a subcommand, and requires them without one).
+    ///
+    /// An `Option` because clap cannot fill the required fields of a plain `RunArgs` when a
+    /// subcommand stands in their place.
+    #[command(flatten)]
+    pub run: Option<RunArgs>,
+}
+
+/// shroud's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print this client's public key, for a proxy's authorized file (makes the key if missing).
+    Key(KeyArgs),
+}
+
+/// Options of `shroud key`.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The client's key file; created with mode 0600 if missing [default: client.key in the
+    /// user's state directory, e.g. ~/.local/state/shroud]
+    #[arg(long, value_name = "FILE", env = "SHROUD_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+/// Options for running a tunnel.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The public hostname visitors use, e.g. app.example.com
+    #[arg(value_name = "HOSTNAME", required = true, env = "SHROUD_HOSTNAME")]
+    pub hostname: String,
+
+    /// Where visitors' TLS connections go, as HOST:PORT, e.g. 127.0.0.1:443 or [::1]:443
+    #[arg(value_name = "TARGET", required = true, env = "SHROUD_TARGET")]
+    pub target: String,
+
+    /// A proxy to hold a tunnel to, as NAME:PORT; repeat for several proxies
+    #[arg(
+        long,
+        value_name = "NAME:PORT",
+        required = true,
+        env = "SHROUD_PROXY",
+        value_delimiter = ','
+    )]
+    pub proxy: Vec<String>,
+
+    /// Connect to NAME:PORT at ADDR instead of looking NAME up; the certificate is still checked
+    /// against NAME. Repeatable
+    #[arg(
+        long,
+        value_name = "NAME:PORT:ADDR",
+        env = "SHROUD_RESOLVE",
+        value_delimiter = ','
+    )]
+    pub resolve: Vec<String>,
+
+    /// A PEM file of extra CA certificates to trust for proxies, besides the usual public roots
+    #[arg(long, value_name = "FILE", env = "SHROUD_PROXY_CA")]
+    pub proxy_ca: Option<PathBuf>,
+
+    /// How to reach the proxies: `direct` dials them straight from this machine, and so shows
+    /// this machine's address to every proxy; `tor` is not available yet
+    #[arg(long, value_enum, value_name = "TRANSPORT", env = "SHROUD_TRANSPORT")]
+    pub transport: TransportKind,
+
+    /// The client's key file; created with mode 0600 if missing [default: client.key in the
+    /// user's state directory, e.g. ~/.local/state/shroud]
+    #[arg(long, value_name = "FILE", env = "SHROUD_KEY")]
+    pub key: Option<PathBuf>,
+
+    /// Where visitors' plain-HTTP connections go, as HOST:PORT
+    #[arg(long, value_name = "ADDR", env = "SHROUD_HTTP_TARGET")]
+    pub http_target: Option<String>,
+
+    /// Terminate visitors' TLS here with this PEM certificate chain, and send TARGET the
+    /// decrypted bytes (needs --tls-key)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SHROUD_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The PEM private key for --tls-cert
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "SHROUD_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Seconds to wait for a proxy's TCP and TLS handshakes
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 15,
+        env = "SHROUD_CONNECT_TIMEOUT_SECS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub connect_timeout_secs: u64,
+
+    /// Seconds between pings on each tunnel; a tunnel is declared dead after two intervals
+    /// without a pong
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10,
+        env = "SHROUD_KEEPALIVE_SECS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub keepalive_secs: u64,
+
+    /// Longest wait, in seconds, between attempts to reconnect to a proxy
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60,
+        env = "SHROUD_MAX_BACKOFF_SECS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_backoff_secs: u64,
+}
+
+/// Reads a `--proxy NAME:PORT` value into its normalised hostname and port.
+pub fn parse_proxy(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected NAME:PORT, like proxy.example:443"))?;
+    let name = shroud_mux::hostname::normalize(name)
+        .map_err(|err| format!("{s:?}: {name:?} is not a hostname: {err}"))?;
+    Ok((name, parse_port(s, port)?))
+}
+
+/// Reads a `HOST:PORT` target: an IPv4 address, a bracketed IPv6 address or a hostname, then a
+/// port. Returns the host without brackets.
+pub fn parse_target(s: &str) -> Result<(String, u16), String> {
+    let shape =
+        || format!("{s:?}: expected HOST:PORT, like 127.0.0.1:443, [::1]:443 or localhost:8080");
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, port) = rest.split_once("]:").ok_or_else(shape)?;
+        let addr: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("{s:?}: {addr:?} is not an IPv6 address"))?;
+        return Ok((addr.to_string(), parse_port(s, port)?));
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(shape)?;
+    if host.contains(':') {
+        return Err(format!(
+            "{s:?}: put an IPv6 address in brackets, like [::1]:443"
+        ));
+    }
+    let port = parse_port(s, port)?;
+    if let Ok(addr) = host.parse::<IpAddr>() {
+        return Ok((addr.to_string(), port));
+    }
+    let host = shroud_mux::hostname::normalize(host)
+        .map_err(|err| format!("{s:?}: {host:?} is neither an IP address nor a hostname: {err}"))?;
+    Ok((host, port))
+}
+
+fn parse_port(whole: &str, port: &str) -> Result<u16, String> {
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!(
+            "{whole:?}: {port:?} is not a port number from 1 to 65535"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_full_run_args() {
+        let cli = Cli::try_parse_from([
+            "shroud",
+            "--proxy",
+            "p1.example:443",
+            "--proxy=p2.example:8443",
+            "--resolve",
+            "p1.example:443:127.0.0.1",
+            "--proxy-ca",
+            "/etc/ca.pem",
+            "--transport",
+            "direct",
+            "--key",
+            "/tmp/k",
+            "--http-target",
+            "127.0.0.1:80",
+            "--tls-cert",
+            "/c.pem",
+            "--tls-key",
+            "/k.pem",
+            "--connect-timeout-secs",
+            "5",
+            "--keepalive-secs",
+            "3",
+            "--max-backoff-secs",
+            "30",
+            "app.example",
+            "127.0.0.1:443",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        let run = cli.run.unwrap();
+        assert_eq!(run.hostname, "app.example");
+        assert_eq!(run.target, "127.0.0.1:443");
+        assert_eq!(run.proxy, ["p1.example:443", "p2.example:8443"]);
+        assert_eq!(run.resolve, ["p1.example:443:127.0.0.1"]);
+        assert_eq!(run.proxy_ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(run.transport, TransportKind::Direct);
+        assert_eq!(run.key, Some(PathBuf::from("/tmp/k")));
+        assert_eq!(run.http_target.as_deref(), Some("127.0.0.1:80"));
+        assert_eq!(run.tls_cert, Some(PathBuf::from("/c.pem")));
+        assert_eq!(run.tls_key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(run.connect_timeout_secs, 5);
+        assert_eq!(run.keepalive_secs, 3);
+        assert_eq!(run.max_backoff_secs, 30);
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = Cli::try_parse_from([
+            "shroud",
+            "--proxy=p.example:443,q.example:443",
+            "--transport=tor",
+            "app.example",
+            "[::1]:443",
+        ])
+        .unwrap();
+        let run = cli.run.unwrap();
+        assert_eq!(run.proxy, ["p.example:443", "q.example:443"]);
+        assert_eq!(run.transport, TransportKind::Tor);
+        assert_eq!(run.key, None);
+        assert_eq!(run.tls_cert, None);
+        assert_eq!(run.connect_timeout_secs, 15);
+        assert_eq!(run.keepalive_secs, 10);
+        assert_eq!(run.max_backoff_secs, 60);
+    }
+
+    #[test]
+    fn parses_the_key_subcommand() {
+        let cli = Cli::try_parse_from(["shroud", "key"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Key(KeyArgs { key: None }))
+        ));
+
+        let cli = Cli::try_parse_from(["shroud", "key", "--key", "/tmp/k"]).unwrap();
+        let Some(Command::Key(args)) = cli.command else {
+            panic!("not the key subcommand");
+        };
+        assert_eq!(args.key, Some(PathBuf::from("/tmp/k")));
+    }
+
+    #[test]
+    fn run_args_do_not_mix_with_the_subcommand() {
+        // After a run option, `key` is just the HOSTNAME, and the rest is missing.
+        let err = Cli::try_parse_from(["shroud", "--transport", "direct", "key"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        // After `key`, run options are unknown.
+        let err = Cli::try_parse_from(["shroud", "key", "--transport", "direct"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument, "{err}");
+    }
+
+    #[test]
+    fn nothing_at_all_is_an_error() {
+        let err = Cli::try_parse_from(["shroud"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+    }
+
+    #[test]
+    fn transport_is_required() {
+        let err = Cli::try_parse_from(["shroud", "--proxy", "p.example:443", "a.example", "h:1"])
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        assert!(err.to_string().contains("--transport"), "{err}");
+    }
+
+    #[test]
+    fn tls_cert_needs_tls_key() {
+        let err = Cli::try_parse_from([
+            "shroud",
+            "--proxy",
+            "p.example:443",
+            "--transport",
+            "direct",
+            "--tls-cert",
+            "/c.pem",
+            "a.example",
+            "h:1",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        assert!(err.to_string().contains("--tls-key"), "{err}");
+    }
+
+    #[test]
+    fn transport_help_warns_about_direct() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("shows this machine's address to every proxy"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn parses_proxies() {
+        assert_eq!(
+            parse_proxy("Proxy.Example.:443"),
+            Ok(("proxy.example".to_owned(), 443))
+        );
+        for bad in [
+            "proxy.example",
+            "proxy.example:0",
+            "proxy.example:65536",
+            ":443",
+            "a b:1",
+        ] {
+            assert!(parse_proxy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_targets() {
+        assert_eq!(
+            parse_target("127.0.0.1:443"),
+            Ok(("127.0.0.1".to_owned(), 443))
+        );
+        assert_eq!(parse_target("[::1]:443"), Ok(("::1".to_owned(), 443)));
+        assert_eq!(
+            parse_target("localhost:8080"),
+            Ok(("localhost".to_owned(), 8080))
+        );
+        assert_eq!(
+            parse_target("Web.Internal:80"),
+            Ok(("web.internal".to_owned(), 80))
+        );
+        for (bad, says) in [
+            ("127.0.0.1", "expected HOST:PORT"),
+            ("::1:443", "brackets"),
+            ("[::1]443", "expected HOST:PORT"),
+            ("[127.0.0.1]:443", "not an IPv6 address"),
+            ("localhost:0", "not a port number"),
+            ("localhost:http", "not a port number"),
+            (":443", "neither an IP address nor a hostname"),
+        ] {
+            let err = parse_target(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! One visitor connection, from the tunnel stream to the origin.
+//!
+//! The client acknowledges the stream before anything else (see the mux crate's `header`
+//! module for why), reads the header, dials the origin that serves the stream's kind and copies
+//! both ways, passing half-closes through. With `--tls-cert` it terminates the visitor's TLS
+//! itself and speaks plain bytes to the origin.
+
+use std::sync::Arc;
+
+use shroud_mux::header::{self, StreamHeader, StreamKind};
+use shroud_mux::MuxStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::{debug, Instrument as _};
+
+use crate::client::{ClientConfig, Target};
+
+/// Copy buffer for each direction of a spliced connection.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// What a plain-HTTP visitor gets when the origin cannot be reached.
+const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 36\r\n\
+Connection: close\r\n\
+\r\n\
+the origin server is not reachable.\n";
+
+/// Serves one stream the proxy opened. Errors end the stream and are logged at debug level:
+/// they concern one visitor, never the tunnel.
+pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
+    let timing = &config.timing;
+    if timeout(timing.stream_header_timeout, header::write_ack(&mut stream))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        debug!("could not acknowledge a new stream");
+        return;
+    }
+    let header = match timeout(
+        timing.stream_header_timeout,
+        StreamHeader::read(&mut stream),
+    )
+    .await
+    {
+        Ok(Ok(header)) => header,
+        Ok(Err(err)) => {
+            debug!(%err, "bad stream header");
+            return;
+        }
+        Err(_) => {
+            debug!("no stream header in time");
+            return;
+        }
+    };
+    let span = tracing::debug_span!(
+        "visitor",
+        visitor = %header.visitor,
+        kind = ?header.kind,
+    );
+    async move {
+        if header.hostname != config.hostname {
+            debug!(hostname = %header.hostname, "stream for a hostname this client does not serve");
+            return;
+        }
+        if let Err(err) = forward(stream, header.kind, &config).await {
+            debug!(%err, "visitor connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn forward(
+    mut stream: MuxStream,
+    kind: StreamKind,
+    config: &ClientConfig,
+) -> std::io::Result<()> {
+    let target = match kind {
+        StreamKind::Tls => &config.target,
+        StreamKind::Http => match &config.http_target {
+            Some(target) => target,
+            None => return Ok(()), // The proxy redirects these; it should not send them.
+        },
+    };
+    let origin = match dial(target, config).await {
+        Ok(origin) => origin,
+        Err(err) => {
+            debug!(%err, "origin unreachable");
+            if kind == StreamKind::Http {
+                let _ = stream.write_all(BAD_GATEWAY).await;
+            }
+            let _ = stream.shutdown().await;
+            return Ok(());
+        }
+    };
+    match (&config.origin_tls, kind) {
+        (Some(acceptor), StreamKind::Tls) => {
+            let handshake = timeout(config.timing.stream_header_timeout, acceptor.accept(stream));
+            let visitor = handshake.await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")
+            })??;
+            splice(visitor, origin).await
+        }
+        _ => splice(stream, origin).await,
+    }
+}
+
+async fn dial(target: &Target, config: &ClientConfig) -> std::io::Result<TcpStream> {
+    let connect = TcpStream::connect((target.host.as_str(), target.port));
+    let stream = timeout(config.timing.origin_connect_timeout, connect)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the origin")
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn splice<A, B>(mut a: A, mut b: B) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await?;
+    Ok(())
+}

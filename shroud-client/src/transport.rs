@@ -1,0 +1,403 @@
+//! How the client reaches a proxy: the byte stream that TLS then runs over.
+//!
+//! [`Transport`] is the seam: [`DirectTransport`] dials TCP from this machine (so the proxy sees
+//! its address); a Tor transport will implement the same trait. `--resolve` overrides let tests
+//! and operators point a proxy's name at an address of their choosing while TLS still checks the
+//! name.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// A connected byte stream, whatever carries it.
+pub trait AsyncStream: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + ?Sized> AsyncStream for T {}
+
+/// A boxed [`AsyncStream`], as returned by [`Transport::connect`].
+pub type BoxStream = Box<dyn AsyncStream>;
+
+/// A way to open a byte stream to a proxy.
+pub trait Transport: Send + Sync + 'static {
+    /// Opens a stream to `host:port`. Errors say which `host:port` failed.
+    fn connect<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>>;
+
+    /// A short name for logs: `direct`, `tor`.
+    fn name(&self) -> &'static str;
+}
+
+/// Which transport to reach proxies with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// Dial proxies straight from this machine; each proxy sees this machine's address.
+    Direct,
+    /// Dial proxies through Tor (not available in this build yet).
+    Tor,
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Direct => "direct",
+            Self::Tor => "tor",
+        })
+    }
+}
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The Tor transport was asked for, but this build has none.
+    #[error(
+        "the tor transport is not available in this build yet; use --transport direct \
+         (which shows this machine's address to the proxy)"
+    )]
+    TorUnavailable,
+    /// A `--resolve` entry could not be read.
+    #[error("--resolve {entry:?}: {reason}")]
+    BadResolve {
+        /// The entry as given.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Builds the transport the user chose.
+pub fn build_transport(
+    kind: TransportKind,
+    resolve: Resolve,
+    connect_timeout: Duration,
+) -> Result<Arc<dyn Transport>, TransportError> {
+    match kind {
+        TransportKind::Direct => Ok(Arc::new(DirectTransport::new(resolve, connect_timeout))),
+        TransportKind::Tor => Err(TransportError::TorUnavailable),
+    }
+}
+
+/// Address overrides from curl-style `--resolve NAME:PORT:ADDR` entries.
+///
+/// Names are matched without regard to case or a trailing dot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolve {
+    entries: HashMap<(String, u16), SocketAddr>,
+}
+
+impl Resolve {
+    /// No overrides.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads every `--resolve` entry; a later entry for the same name and port wins.
+    pub fn from_entries<S: AsRef<str>>(entries: &[S]) -> Result<Self, TransportError> {
+        let mut resolve = Self::new();
+        for entry in entries {
+            let entry = entry.as_ref();
+            let (name, port, addr) =
+                parse_resolve(entry).map_err(|reason| TransportError::BadResolve {
+                    entry: entry.to_owned(),
+                    reason,
+                })?;
+            resolve.insert(&name, port, addr);
+        }
+        Ok(resolve)
+    }
+
+    /// Sends connections for `name:port` to `addr:port`.
+    pub fn insert(&mut self, name: &str, port: u16, addr: IpAddr) {
+        self.entries
+            .insert((lookup_name(name), port), SocketAddr::new(addr, port));
+    }
+
+    /// The override for `name:port`, if there is one.
+    pub fn get(&self, name: &str, port: u16) -> Option<SocketAddr> {
+        self.entries.get(&(lookup_name(name), port)).copied()
+    }
+
+    /// Whether there are no overrides.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+fn lookup_name(name: &str) -> String {
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// Reads one curl-style `NAME:PORT:ADDR` entry into (lower-cased name, port, address).
+///
+/// `ADDR` is an IPv4 or IPv6 address; IPv6 may be written with or without brackets
+/// (`[::1]` or `::1`).
+pub fn parse_resolve(s: &str) -> Result<(String, u16, IpAddr), String> {
+    const SHAPE: &str = "expected NAME:PORT:ADDR, like proxy.example:443:192.0.2.7";
+    let (name, rest) = s.split_once(':').ok_or_else(|| SHAPE.to_owned())?;
+    let (port, addr) = rest.split_once(':').ok_or_else(|| SHAPE.to_owned())?;
+    let name = shroud_mux::hostname::normalize(name)
+        .map_err(|err| format!("{name:?} is not a hostname: {err}"))?;
+    let port = match port.parse::<u16>() {
+        Ok(port) if port != 0 => port,
+        _ => return Err(format!("{port:?} is not a port number from 1 to 65535")),
+    };
+    let bare = addr
+        .strip_prefix('[')
+        .and_then(|addr| addr.strip_suffix(']'))
+        .unwrap_or(addr);
+    let addr = bare
+        .parse::<IpAddr>()
+        .map_err(|_| format!("{addr:?} is not an IP address"))?;
+    Ok((name, port, addr))
+}
+
+/// Dials proxies over TCP from this machine, so each proxy sees this machine's address.
+#[derive(Debug, Clone)]
+pub struct DirectTransport {
+    resolve: Resolve,
+    connect_timeout: Duration,
+}
+
+impl DirectTransport {
+    /// A transport that honours `resolve` overrides and gives up on a proxy after
+    /// `connect_timeout`, name lookup included.
+    pub fn new(resolve: Resolve, connect_timeout: Duration) -> Self {
+        Self {
+            resolve,
+            connect_timeout,
+        }
+    }
+
+    async fn dial(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let deadline = Instant::now() + self.connect_timeout;
+        let addrs: Vec<SocketAddr> = match self.resolve.get(host, port) {
+            Some(addr) => vec![addr],
+            None => {
+                let lookup =
+                    tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)));
+                match lookup.await {
+                    Ok(Ok(addrs)) => addrs.collect(),
+                    Ok(Err(err)) => return Err(dial_error(host, port, "could not resolve", err)),
+                    Err(_) => return Err(self.timed_out(host, port)),
+                }
+            }
+        };
+        if addrs.is_empty() {
+            let err = io::Error::new(io::ErrorKind::NotFound, "the name has no addresses");
+            return Err(dial_error(host, port, "could not resolve", err));
+        }
+
+        let mut last_err = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            // Share what time is left among the addresses still to try, so that one address
+            // that drops packets cannot use up the whole budget.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    stream.set_nodelay(true).map_err(|err| {
+                        dial_error(host, port, "could not set TCP_NODELAY on", err)
+                    })?;
+                    return Ok(stream);
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(%err, host, port, %addr, "could not connect to an address");
+                    last_err = Some(err);
+                }
+                Err(_) => {
+                    tracing::debug!(host, port, %addr, "timed out connecting to an address");
+                }
+            }
+        }
+        match last_err {
+            Some(err) => Err(dial_error(host, port, "could not connect to", err)),
+            None => Err(self.timed_out(host, port)),
+        }
+    }
+
+    fn timed_out(&self, host: &str, port: u16) -> io::Error {
+        let err = io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {:?}", self.connect_timeout),
+        );
+        dial_error(host, port, "could not connect to", err)
+    }
+}
+
+impl Transport for DirectTransport {
+    fn connect<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let stream = self.dial(host, port).await?;
+            Ok(Box::new(stream) as BoxStream)
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "direct"
+    }
+}
+
+/// A dial failure: says what was being done to which `host:port`, keeps the cause as its source
+/// and its kind for callers that branch on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {host}:{port}")]
+struct DialError {
+    action: &'static str,
+    host: String,
+    port: u16,
+    #[source]
+    source: io::Error,
+}
+
+fn dial_error(host: &str, port: u16, action: &'static str, source: io::Error) -> io::Error {
+    io::Error::new(
+        source.kind(),
+        DialError {
+            action,
+            host: host.to_owned(),
+            port,
+            source,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[test]
+    fn parses_resolve_entries() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        assert_eq!(
+            parse_resolve("Proxy.Example.:443:192.0.2.7"),
+            Ok(("proxy.example".to_owned(), 443, v4))
+        );
+        assert_eq!(
+            parse_resolve("p.test:8443:[::1]"),
+            Ok(("p.test".to_owned(), 8443, IpAddr::V6(Ipv6Addr::LOCALHOST)))
+        );
+        assert_eq!(
+            parse_resolve("p.test:8443:::1"),
+            Ok(("p.test".to_owned(), 8443, IpAddr::V6(Ipv6Addr::LOCALHOST)))
+        );
+        assert_eq!(
+            parse_resolve("p.test:1:2001:db8::1").map(|(_, _, addr)| addr.to_string()),
+            Ok("2001:db8::1".to_owned())
+        );
+    }
+
+    #[test]
+    fn refuses_bad_resolve_entries() {
+        for (entry, says) in [
+            ("p.test", "expected NAME:PORT:ADDR"),
+            ("p.test:443", "expected NAME:PORT:ADDR"),
+            (":443:127.0.0.1", "is not a hostname"),
+            ("p test:443:127.0.0.1", "is not a hostname"),
+            ("p.test:0:127.0.0.1", "is not a port number"),
+            ("p.test:https:127.0.0.1", "is not a port number"),
+            ("p.test:70000:127.0.0.1", "is not a port number"),
+            ("p.test:443:", "is not an IP address"),
+            ("p.test:443:localhost", "is not an IP address"),
+            ("p.test:443:[127.0.0.1", "is not an IP address"),
+            ("p.test:443:1.2.3.4,5.6.7.8", "is not an IP address"),
+        ] {
+            let err = parse_resolve(entry).unwrap_err();
+            assert!(err.contains(says), "{entry}: {err}");
+        }
+        let err = Resolve::from_entries(&["p.test:443:nope"]).unwrap_err();
+        assert!(matches!(err, TransportError::BadResolve { .. }), "{err:?}");
+        assert!(err.to_string().contains("p.test:443:nope"), "{err}");
+    }
+
+    #[test]
+    fn overrides_match_any_case_and_trailing_dot() {
+        let resolve = Resolve::from_entries(&["proxy.test:443:127.0.0.1"]).unwrap();
+        let want = Some(SocketAddr::from(([127, 0, 0, 1], 443)));
+        assert_eq!(resolve.get("PROXY.test.", 443), want);
+        assert_eq!(resolve.get("proxy.test", 444), None);
+        assert_eq!(resolve.get("other.test", 443), None);
+    }
+
+    #[tokio::test]
+    async fn dials_an_override_for_a_made_up_name() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut resolve = Resolve::new();
+        resolve.insert("proxy.invalid", port, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let transport =
+            build_transport(TransportKind::Direct, resolve, Duration::from_secs(5)).unwrap();
+        assert_eq!(transport.name(), "direct");
+
+        let (mut stream, accepted) = tokio::join!(
+            async { transport.connect("Proxy.Invalid", port).await.unwrap() },
+            async { listener.accept().await.unwrap().0 }
+        );
+        let mut accepted = accepted;
+        stream.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        accepted.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn a_refused_port_errors_naming_host_and_port() {
+        // Take a free port, then close it, so nothing listens there.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let mut resolve = Resolve::new();
+        resolve.insert("proxy.invalid", port, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let transport = DirectTransport::new(resolve, Duration::from_secs(5));
+
+        let err = match transport.connect("proxy.invalid", port).await {
+            Ok(_) => panic!("connected to a closed port"),
+            Err(err) => err,
+        };
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(
+            err.to_string()
+                .contains(&format!("could not connect to proxy.invalid:{port}")),
+            "{err}"
+        );
+        assert!(err.source().is_some(), "the cause is kept as the source");
+    }
+
+    #[tokio::test]
+    async fn dials_by_name_lookup_without_an_override() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let transport = DirectTransport::new(Resolve::new(), Duration::from_secs(5));
+        let (stream, _accepted) = tokio::join!(
+            async { transport.connect("127.0.0.1", port).await.unwrap() },
+            async { listener.accept().await.unwrap() }
+        );
+        drop(stream);
+    }
+
+    #[test]
+    fn tor_is_not_available_yet() {
+        let err = match build_transport(TransportKind::Tor, Resolve::new(), Duration::from_secs(1))
+        {
+            Ok(_) => panic!("built a tor transport"),
+            Err(err) => err,
+        };
+        assert!(matches!(err, TransportError::TorUnavailable));
+        assert_eq!(
+            err.to_string(),
+            "the tor transport is not available in this build yet; use --transport direct \
+             (which shows this machine's address to the proxy)"
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! One tunnel to one proxy, held for as long as the client runs.
+//!
+//! Each proxy gets its own task running [`hold`]: connect through the transport, TLS with
+//! ALPN `shroud/1` (the proxy's certificate checked for its name), yamux, then the control
+//! handshake and bind. While bound, it answers every stream the proxy opens (see
+//! [`crate::origin`]) and pings the proxy; a missing pong marks the tunnel dead. On failure it
+//! retries with exponential backoff and jitter; a refusal that retrying cannot change (policy,
+//! certificate) ends the task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shroud_mux::auth::{self, EXPORTER_LABEL, EXPORTER_LEN};
+use shroud_mux::control::{self, BindName, BindOutcome, BindStatus, Message, ReadError, VERSION};
+use shroud_mux::{Incoming, MuxStream, Role, Session, SessionConfig};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::client::{ClientConfig, ProxyAddr};
+use crate::origin;
+
+/// What a tunnel task is doing now, as shown to whoever watches the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Connecting or binding.
+    Connecting,
+    /// Bound: the proxy sends this tunnel visitors.
+    Bound,
+    /// Waiting before the next attempt.
+    Waiting {
+        /// Why the last attempt or tunnel ended.
+        reason: String,
+    },
+    /// Gave up: retrying cannot help.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The client is shutting down.
+    Stopped,
+}
+
+/// Why an attempt to bring a tunnel up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    /// The transport could not reach the proxy.
+    #[error("connecting: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The TLS handshake failed for a reason other than the certificate.
+    #[error("TLS handshake: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The proxy's certificate did not verify for its name.
+    #[error("the proxy's certificate was refused: {0}")]
+    Certificate(#[source] std::io::Error),
+    /// The proxy did not agree to speak shroud.
+    #[error("the proxy did not negotiate ALPN shroud/1 (is it a shroud proxy?)")]
+    NotShroud,
+    /// A step took too long.
+    #[error("timed out during {0}")]
+    Timeout(&'static str),
+    /// The multiplexer or control stream failed.
+    #[error("{0}")]
+    Protocol(String),
+    /// The proxy refused every hostname.
+    #[error("bind refused: {0}")]
+    Refused(String),
+    /// The proxy refused every hostname, and trying again cannot change it.
+    #[error("bind refused: {0}")]
+    RefusedForGood(String),
+}
+
+impl AttemptError {
+    /// Whether retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Certificate(_) | Self::NotShroud | Self::RefusedForGood(_)
+        )
+    }
+}
+
+impl From<ReadError> for AttemptError {
+    fn from(err: ReadError) -> Self {
+        Self::Protocol(err.to_string())
+    }
+}
+
+impl From<std::io::Error> for AttemptError {
+    fn from(err: std::io::Error) -> Self {
+        Self::Protocol(format!("control stream: {err}"))
+    }
+}
+
+/// A tunnel that is up and bound.
+struct Bound {
+    session: Session,
+    incoming: Incoming,
+    control: MuxStream,
+}
+
+/// How a bound tunnel ended.
+enum End {
+    /// The proxy is draining; the session lives on until its streams finish.
+    GoAway,
+    /// The tunnel failed.
+    Lost(String),
+    /// The client is shutting down.
+    Shutdown,
+}
+
+/// Holds a tunnel to `proxy` until shutdown, or until the proxy refuses for good.
+/// Returns the reason in the latter case.
+pub async fn hold(
+    proxy: ProxyAddr,
+    config: Arc<ClientConfig>,
+    state: watch::Sender<TunnelState>,
+    shutdown: CancellationToken,
+    streams: TaskTracker,
+) -> Option<String> {
+    let timing = &config.timing;
+    let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
+    loop {
+        state.send_replace(TunnelState::Connecting);
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => break,
+            attempt = connect_and_bind(&proxy, &config) => attempt,
+        };
+        let reason = match attempt {
+            Ok(bound) => {
+                info!("tunnel up");
+                state.send_replace(TunnelState::Bound);
+                backoff.record_connected(Instant::now());
+                let end = serve(bound, &config, &shutdown, &streams).await;
+                backoff.record_disconnected(Instant::now());
+                match end {
+                    End::Shutdown => break,
+                    End::GoAway => {
+                        info!("proxy is draining; reconnecting");
+                        continue;
+                    }
+                    End::Lost(reason) => {
+                        info!(%reason, "tunnel lost");
+                        reason
+                    }
+                }
+            }
+            Err(err) if err.is_permanent() => {
+                error!(%err, "giving up on this proxy");
+                let reason = err.to_string();
+                state.send_replace(TunnelState::Failed {
+                    reason: reason.clone(),
+                });
+                return Some(reason);
+            }
+            Err(err) => {
+                warn!(%err, "tunnel attempt failed");
+                err.to_string()
+            }
+        };
+        let delay = backoff.next_delay();
+        debug!(?delay, "waiting before the next attempt");
+        state.send_replace(TunnelState::Waiting { reason });
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    state.send_replace(TunnelState::Stopped);
+    None
+}
+
+/// Connects, handshakes and binds once.
+async fn connect_and_bind(proxy: &ProxyAddr, config: &ClientConfig) -> Result<Bound, AttemptError> {
+    let timing = &config.timing;
+    let io = timeout(
+        timing.connect_timeout,
+        config.transport.connect(&proxy.name, proxy.port),
+    )
+    .await
+    .map_err(|_| AttemptError::Timeout("the connection to the proxy"))?
+    .map_err(AttemptError::Connect)?;
+
+    let deadline = Instant::now() + timing.handshake_timeout;
+    let server_name = crate::tls::server_name(&proxy.name)
+        .map_err(|err| AttemptError::Protocol(err.to_string()))?;
+    let connector = TlsConnector::from(config.tls.clone());
+    let tls = tokio::time::timeout_at(deadline, connector.connect(server_name, io))
+        .await
+        .map_err(|_| AttemptError::Timeout("the TLS handshake"))?
+        .map_err(classify_tls_error)?;
+    let (_, connection) = tls.get_ref();
+    if connection.alpn_protocol() != Some(shroud_mux::ALPN) {
+        return Err(AttemptError::NotShroud);
+    }
+    let exporter: [u8; EXPORTER_LEN] = connection
+        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+        .map_err(|err| AttemptError::Protocol(format!("TLS exporter: {err}")))?;
+
+    let session_config = SessionConfig {
+        max_streams: timing.max_streams,
+        accept_backlog: timing.max_streams,
+    };
+    let (session, incoming) = Session::spawn(tls, Role::Client, session_config);
+    let bind = async {
+        let mut control = session
+            .open()
+            .await
+            .map_err(|err| AttemptError::Protocol(err.to_string()))?;
+        bind(&mut control, &exporter, config).await?;
+        Ok::<_, AttemptError>(control)
+    };
+    match tokio::time::timeout_at(deadline, bind).await {
+        Ok(Ok(control)) => Ok(Bound {
+            session,
+            incoming,
+            control,
+        }),
+        Ok(Err(err)) => {
+            session.close();
+            Err(err)
+        }
+        Err(_) => {
+            session.close();
+            Err(AttemptError::Timeout("the bind"))
+        }
+    }
+}
+
+fn classify_tls_error(err: std::io::Error) -> AttemptError {
+    let certificate = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        });
+    if certificate {
+        AttemptError::Certificate(err)
+    } else {
+        AttemptError::Tls(err)
+    }
+}
+
+/// Hello, challenge, bind, result, on the control stream.
+async fn bind(
+    control: &mut MuxStream,
+    exporter: &[u8; EXPORTER_LEN],
+    config: &ClientConfig,
+) -> Result<(), AttemptError> {
+    control::write_message(
+        control,
+        &Message::Hello {
+            versions: vec![VERSION],
+        },
+    )
+    .await?;
+    match control::read_message(control).await? {
+        Message::Hello { versions } if versions == [VERSION] => {}
+        Message::Error { message, .. } => return Err(AttemptError::RefusedForGood(message)),
+        other => return Err(unexpected(&other, "hello")),
+    }
+    let challenge = match control::read_message(control).await? {
+        Message::Challenge { challenge } => challenge,
+        other => return Err(unexpected(&other, "challenge")),
+    };
+    let names = vec![config.hostname.clone()];
+    let key = config.key.public();
+    let transcript = auth::bind_transcript(&challenge, exporter, &key, &names);
+    let bind = Message::Bind {
+        key: key.to_bytes(),
+        signature: config.key.sign(&transcript),
+        hostnames: names
+            .iter()
+            .map(|name| BindName {
+                name: name.clone(),
+                http: config.http_target.is_some(),
+            })
+            .collect(),
+    };
+    control::write_message(control, &bind).await?;
+    let results = match control::read_message(control).await? {
+        Message::BindResult { results } => results,
+        Message::Error { message, .. } => return Err(AttemptError::Protocol(message)),
+        other => return Err(unexpected(&other, "bind result")),
+    };
+    check_results(&results, &names)
+}
+
+/// Accepts the bind result if the hostname was bound; otherwise says why not.
+fn check_results(results: &[BindOutcome], names: &[String]) -> Result<(), AttemptError> {
+    let mut bound = 0;
+    let mut refusals = Vec::new();
+    let mut permanent = true;
+    for name in names {
+        match results.iter().find(|r| &r.name == name) {
+            Some(r) if r.status == BindStatus::Bound => bound += 1,
+            Some(r) => {
+                permanent &= r.status.is_permanent();
+                refusals.push(format!("{}: {}", r.name, r.reason));
+            }
+            None => {
+                permanent = false;
+                refusals.push(format!("{name}: no answer from the proxy"));
+            }
+        }
+    }
+    for refusal in &refusals {
+        warn!(%refusal, "hostname not bound");
+    }
+    match (bound, permanent) {
+        (0, true) => Err(AttemptError::RefusedForGood(refusals.join("; "))),
+        (0, false) => Err(AttemptError::Refused(refusals.join("; "))),
+        _ => Ok(()),
+    }
+}
+
+fn unexpected(got: &Message, wanted: &str) -> AttemptError {
+    AttemptError::Protocol(format!("expected {wanted} from the proxy, got {got:?}"))
+}
+
+/// Serves a bound tunnel: streams from the proxy, and keepalive on the control stream.
+async fn serve(
+    bound: Bound,
+    config: &Arc<ClientConfig>,
+    shutdown: &CancellationToken,
+    streams: &TaskTracker,
+) -> End {
+    let Bound {
+        session,
+        mut incoming,
+        control,
+    } = bound;
+    let (reader, mut writer) = tokio::io::split(control);
+    let mut messages = spawn_reader(reader);
+    let interval = config.timing.keepalive_interval;
+    let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+    let mut outstanding: Option<(u64, Instant)> = None;
+    let mut nonce = 0u64;
+
+    let end = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break End::Shutdown,
+            stream = incoming.accept() => match stream {
+                Some(stream) => {
+                    streams.spawn(origin::serve_stream(stream, config.clone()));
+                }
+                None => break End::Lost("the proxy closed the tunnel".into()),
+            },
+            message = messages.recv() => match message {
+                Some(Ok(Message::Pong { nonce: n })) => {
+                    if outstanding.is_some_and(|(sent, _)| sent == n) {
+                        outstanding = None;
+                    }
+                }
+                Some(Ok(Message::Ping { nonce: n })) => {
+                    if let Err(err) = send(&mut writer, &Message::Pong { nonce: n }, interval).await {
+                        break End::Lost(err);
+                    }
+                }
+                Some(Ok(Message::GoAway { reason })) => {
+                    info!(%reason, "go-away from the proxy");
+                    break End::GoAway;
+                }
+                Some(Ok(Message::Error { message, .. })) => {
+                    break End::Lost(format!("the proxy reported an error: {message}"));
+                }
+                Some(Ok(other)) => {
+                    break End::Lost(format!("unexpected message from the proxy: {other:?}"));
+                }
+                Some(Err(err)) => break End::Lost(err.to_string()),
+                None => break End::Lost("control stream ended".into()),
+            },
+            _ = ticker.tick() => {
+                if let Some((_, sent)) = outstanding {
+                    if sent.elapsed() >= interval * 2 {
+                        break End::Lost(format!("no keepalive answer in {:?}", interval * 2));
+                    }
+                    continue;
+                }
+                nonce += 1;
+                if let Err(err) = send(&mut writer, &Message::Ping { nonce }, interval).await {
+                    break End::Lost(err);
+                }
+                outstanding = Some((nonce, Instant::now()));
+            }
+        }
+    };
+    match end {
+        End::GoAway => {
+            // The proxy opens no new streams here, but the ones in flight finish: keep the
+            // session until they do (the proxy closes it), while the caller reconnects.
+            streams.spawn(async move {
+                let _keep = (writer, incoming);
+                session.closed().await;
+            });
+        }
+        End::Lost(_) | End::Shutdown => session.close(),
+    }
+    end
+}
+
+async fn send(
+    writer: &mut WriteHalf<MuxStream>,
+    message: &Message,
+    limit: Duration,
+) -> Result<(), String> {
+    match timeout(limit, control::write_message(writer, message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(format!("control stream: {err}")),
+        Err(_) => Err("control stream write timed out".into()),
+    }
+}
+
+/// Reads control messages on a task of their own: reading is not cancel-safe, so it must not
+/// sit in a `select!` that other branches win.
+fn spawn_reader(mut reader: ReadHalf<MuxStream>) -> mpsc::Receiver<Result<Message, ReadError>> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        loop {
+            let message = control::read_message(&mut reader).await;
+            let failed = message.is_err();
+            if tx.send(message).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
