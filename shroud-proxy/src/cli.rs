@@ -97,8 +97,7 @@ impl Cli {
         async fn bind(addr: Option<SocketAddr>, flag: &str) -> anyhow::Result<Option<TcpListener>> {
             match addr {
                 None => Ok(None),
-                Some(addr) => TcpListener::bind(addr)
-                    .await
+                Some(addr) => server::bind_listener(addr)
                     .map(Some)
                     .with_context(|| format!("{flag} {addr}")),
             }

@@ -90,6 +90,21 @@ pub struct Shared {
     pub(crate) registry: Registry,
 }
 
+/// Listen backlog of the proxy's sockets. tokio's default (1024) overflows when a burst of
+/// visitors arrives while the accept loop is busy, and the kernel then drops or resets them.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds a listener as the proxy wants it: address reuse (for restarts) and a deep backlog.
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Builds the TLS configuration for tunnels from PEM files.
 pub fn tunnel_tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use anyhow::Context as _;

@@ -1,0 +1,440 @@
+//! shroud's own parts, started for a test: proxies and clients, in-process or as the real
+//! binaries.
+//!
+//! In-process parts take listeners bound to `127.0.0.1:0` and a cancellation token, so a test
+//! knows every address before anything connects. Binaries are started with `--listen-* 127.0.0.1:0`
+//! and report the addresses they bound in their log, which the harness reads; they are stopped
+//! by PID when their handle drops.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use shroud_client::client::{Client, ClientConfig, ProxyAddr, Target, Timing};
+use shroud_client::transport::{DirectTransport, Resolve};
+use shroud_mux::auth::SecretKey;
+use shroud_proxy::policy::Policy;
+use shroud_proxy::server::bind_listener;
+use shroud_proxy::server::{Limits, Listeners, ProxyConfig};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use crate::pki::TestCa;
+
+/// Port 0 on loopback: the kernel picks a free port.
+const LOOPBACK: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// The files a deployment needs, made for one test: a CA that signs proxy certificates, and a
+/// directory to keep them in.
+pub struct Pki {
+    /// The certificate authority that signs proxies' (and origins') certificates.
+    pub ca: TestCa,
+    /// `ca.pem`, for `--proxy-ca`.
+    pub ca_path: PathBuf,
+    dir: TempDir,
+}
+
+impl Pki {
+    /// A fresh CA and directory.
+    pub fn new() -> anyhow::Result<Self> {
+        let ca = TestCa::new("shroud test CA");
+        let dir = tempfile::tempdir()?;
+        let ca_path = ca.write_pem(dir.path(), "ca")?;
+        Ok(Self { ca, ca_path, dir })
+    }
+
+    /// The directory holding this PKI's files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Issues a certificate for `name` and writes `NAME.pem` and `NAME.key` (mode 0600).
+    pub fn issue_files(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        self.ca.issue(&[name]).write_files(self.dir.path(), name)
+    }
+}
+
+/// A proxy running in this process.
+pub struct TestProxy {
+    /// Its tunnel name (SNI and certificate name).
+    pub name: String,
+    /// The public TLS listener (visitors and tunnels).
+    pub https: SocketAddr,
+    /// The public HTTP listener.
+    pub http: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestProxy {
+    /// Starts a proxy named `name` with default limits and the given authorized-file text.
+    pub async fn start(pki: &Pki, name: &str, authorized: &str) -> anyhow::Result<Self> {
+        Self::start_with(pki, name, authorized, Limits::default()).await
+    }
+
+    /// Starts a proxy with explicit limits.
+    pub async fn start_with(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        let (cert, key) = pki.issue_files(name)?;
+        let config = ProxyConfig {
+            tunnel_name: name.to_owned(),
+            tls: shroud_proxy::server::tunnel_tls_config(&cert, &key)?,
+            policy: Policy::parse(authorized)?,
+            limits,
+        };
+        let https = bind_listener(LOOPBACK)?;
+        let http = bind_listener(LOOPBACK)?;
+        let (https_addr, http_addr) = (https.local_addr()?, http.local_addr()?);
+        let listeners = Listeners {
+            https: Some(https),
+            http: Some(http),
+            tunnel: None,
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(shroud_proxy::server::run(
+            listeners,
+            config,
+            shutdown.clone(),
+        ));
+        Ok(Self {
+            name: name.to_owned(),
+            https: https_addr,
+            http: http_addr,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// Where a client dials this proxy.
+    pub fn dial(&self) -> (String, SocketAddr) {
+        (self.name.clone(), self.https)
+    }
+
+    /// Starts a graceful shutdown (as SIGTERM does) and waits for the proxy to finish draining.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.task.take() {
+            Some(task) => task.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a graceful shutdown and returns at once.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// What a test client publishes, and where.
+pub struct ClientSpec {
+    /// Hostname to bind.
+    pub hostname: String,
+    /// Where TLS visitors go.
+    pub target: SocketAddr,
+    /// Where plain-HTTP visitors go.
+    pub http_target: Option<SocketAddr>,
+    /// Proxies: tunnel name and the address it really listens on.
+    pub proxies: Vec<(String, SocketAddr)>,
+    /// The client's key.
+    pub key: SecretKey,
+    /// Timeouts; tests shorten the backoff so reconnects happen quickly.
+    pub timing: Timing,
+}
+
+impl ClientSpec {
+    /// A spec with a fresh key and test-friendly timing (fast backoff).
+    pub fn new(hostname: &str, target: SocketAddr, proxies: Vec<(String, SocketAddr)>) -> Self {
+        let key = SecretKey::generate().unwrap_or_else(|_| SecretKey::from_seed(&[42; 32]));
+        Self {
+            hostname: hostname.to_owned(),
+            target,
+            http_target: None,
+            proxies,
+            key,
+            timing: Timing {
+                backoff_base: Duration::from_millis(50),
+                backoff_cap: Duration::from_millis(500),
+                ..Timing::default()
+            },
+        }
+    }
+}
+
+/// A client running in this process.
+pub struct TestClient {
+    /// The running client, with its tunnels' states.
+    pub client: Client,
+    /// Stops the client when the test drops it.
+    pub guard: tokio_util::sync::DropGuard,
+}
+
+impl TestClient {
+    /// Starts a client that trusts `pki`'s CA for proxies and dials each proxy's real address
+    /// under its tunnel name (as `--resolve` does).
+    pub fn start(pki: &Pki, spec: ClientSpec) -> anyhow::Result<Self> {
+        let mut resolve = Resolve::new();
+        let mut proxies = Vec::new();
+        for (name, addr) in &spec.proxies {
+            resolve.insert(name, addr.port(), addr.ip());
+            proxies.push(ProxyAddr {
+                name: name.clone(),
+                port: addr.port(),
+            });
+        }
+        let target = |addr: SocketAddr| Target {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        };
+        let config = ClientConfig {
+            hostname: spec.hostname,
+            target: target(spec.target),
+            http_target: spec.http_target.map(target),
+            origin_tls: None,
+            proxies,
+            transport: Arc::new(DirectTransport::new(resolve, spec.timing.connect_timeout)),
+            tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
+            key: spec.key,
+            timing: spec.timing,
+        };
+        let shutdown = CancellationToken::new();
+        let client = Client::spawn(config, shutdown.clone())?;
+        Ok(Self {
+            client,
+            guard: shutdown.drop_guard(),
+        })
+    }
+
+    /// Waits until `n` tunnels are bound.
+    pub async fn wait_bound(&mut self, n: usize) {
+        self.client.wait_bound(n).await
+    }
+}
+
+/// The authorized-file line that lets `key` bind `hostname`.
+pub fn authorize(hostname: &str, key: &SecretKey) -> String {
+    format!("{hostname} {}\n", key.public())
+}
+
+/// Path of one of the workspace's binaries, built by `cargo test --workspace` (the proxy and
+/// client crates have integration tests of their own, so cargo builds their binaries before
+/// any test runs).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build --bins` first)",
+        path.display()
+    );
+    path
+}
+
+/// A process started by a test, killed by PID when dropped. Its stderr is collected line by
+/// line (and echoed to the test's output).
+pub struct Process {
+    child: Child,
+    lines: std_mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `program` with `args`.
+    pub fn spawn(program: &Path, args: &[String]) -> anyhow::Result<Self> {
+        let mut child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SHROUD_TRANSPORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (tx, lines) = std_mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let log_writer = log.clone();
+        let label = program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[{label} {}] {line}", std::process::id());
+                if let Ok(mut log) = log_writer.lock() {
+                    log.push(line.clone());
+                }
+                let _ = tx.send(line);
+            }
+        });
+        Ok(Self { child, lines, log })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits (on a blocking thread) for a stderr line containing `needle`, up to `limit`.
+    pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> anyhow::Result<String> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                anyhow::bail!("no line containing {needle:?} within {limit:?}");
+            }
+            let step = left.min(Duration::from_millis(50));
+            let got = tokio::task::block_in_place(|| self.lines.recv_timeout(step));
+            match got {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(_) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
+                    anyhow::bail!("process ended before printing {needle:?}")
+                }
+            }
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit, up to `limit`; kills it if it does not.
+    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                // Give the reader thread a moment to drain what was written before exit.
+                let _ = tokio::task::block_in_place(|| {
+                    self.lines.recv_timeout(Duration::from_millis(100))
+                });
+                return Ok(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                self.kill();
+                anyhow::bail!("process did not exit within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads the `addr=` field of a log line such as `listening addr=127.0.0.1:4000 listener="https"`.
+pub fn log_addr(line: &str) -> anyhow::Result<SocketAddr> {
+    let field = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("addr="))
+        .with_context(|| format!("no addr= in {line:?}"))?;
+    Ok(field.parse()?)
+}
+
+/// A `shroud-proxy` process on loopback, with its files.
+pub struct ProxyProcess {
+    /// The process.
+    pub process: Process,
+    /// Its public TLS address.
+    pub https: SocketAddr,
+    /// Its arguments, to restart it on the same port.
+    pub args: Vec<String>,
+}
+
+impl ProxyProcess {
+    /// Starts the real proxy binary named `name`, listening for TLS on `https` (port 0 for a
+    /// fresh port), with `authorized` as its policy.
+    pub async fn start(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        https: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let (cert, key) = pki.issue_files(name)?;
+        let policy = pki.dir().join(format!("{name}.authorized"));
+        std::fs::write(&policy, authorized)?;
+        let args = vec![
+            "--listen-https".into(),
+            https.to_string(),
+            "--tunnel-name".into(),
+            name.into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+            "--authorized".into(),
+            policy.display().to_string(),
+            "--drain-timeout-secs".into(),
+            "5".into(),
+        ];
+        Self::start_args(args).await
+    }
+
+    /// Starts the proxy binary with `args`, waiting until it listens.
+    pub async fn start_args(args: Vec<String>) -> anyhow::Result<Self> {
+        let mut process = Process::spawn(&binary("shroud-proxy"), &args)?;
+        let line = process
+            .wait_for_line("listener=\"https\"", Duration::from_secs(20))
+            .await?;
+        let https = log_addr(&line)?;
+        Ok(Self {
+            process,
+            https,
+            args,
+        })
+    }
+
+    /// Kills the proxy with SIGKILL.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the same proxy again on the same port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        let mut args = self.args.clone();
+        if let Some(pos) = args.iter().position(|a| a == "--listen-https") {
+            args[pos + 1] = self.https.to_string();
+        }
+        *self = Self::start_args(args).await?;
+        Ok(())
+    }
+}
