@@ -138,7 +138,7 @@ pub struct RunArgs {
         value_name = "SECS",
         default_value_t = 10,
         env = "SHROUD_KEEPALIVE_SECS",
-        value_parser = clap::value_parser!(u64).range(1..)
+        value_parser = clap::value_parser!(u64).range(1..=15)
     )]
     pub keepalive_secs: u64,
 

@@ -58,6 +58,12 @@ pub struct Cli {
     )]
     pub drain_timeout_secs: u64,
 
+    /// A tunnel whose client sends nothing (not even a keepalive) for this long is closed and
+    /// unbound. Clients ping every 10 s by default.
+    #[arg(long, env = "SHROUD_TUNNEL_IDLE_TIMEOUT_SECS", value_name = "SECS", default_value_t = 45,
+          value_parser = clap::value_parser!(u64).range(5..))]
+    pub tunnel_idle_timeout_secs: u64,
+
     /// Most streams open at once on one tunnel.
     #[arg(long, env = "SHROUD_MAX_STREAMS_PER_TUNNEL", default_value_t = 4096)]
     pub max_streams_per_tunnel: usize,
@@ -80,6 +86,7 @@ impl Cli {
         }
         let limits = Limits {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            tunnel_idle_timeout: Duration::from_secs(self.tunnel_idle_timeout_secs),
             max_streams_per_tunnel: self.max_streams_per_tunnel,
             max_connections: self.max_connections,
             ..Limits::default()

@@ -50,7 +50,7 @@ impl Default for Limits {
             max_http_head: 16 * 1024,
             handshake_timeout: Duration::from_secs(20),
             stream_open_timeout: Duration::from_secs(20),
-            tunnel_idle_timeout: Duration::from_secs(90),
+            tunnel_idle_timeout: Duration::from_secs(45),
             max_streams_per_tunnel: 4096,
             max_connections: 20_000,
             drain_timeout: Duration::from_secs(30),

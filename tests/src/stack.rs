@@ -68,6 +68,8 @@ pub struct TestProxy {
     pub https: SocketAddr,
     /// The public HTTP listener.
     pub http: SocketAddr,
+    /// The tunnel-only listener.
+    pub tunnel: SocketAddr,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -94,11 +96,13 @@ impl TestProxy {
         };
         let https = bind_listener(LOOPBACK)?;
         let http = bind_listener(LOOPBACK)?;
+        let tunnel = bind_listener(LOOPBACK)?;
         let (https_addr, http_addr) = (https.local_addr()?, http.local_addr()?);
+        let tunnel_addr = tunnel.local_addr()?;
         let listeners = Listeners {
             https: Some(https),
             http: Some(http),
-            tunnel: None,
+            tunnel: Some(tunnel),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(shroud_proxy::server::run(
@@ -110,6 +114,7 @@ impl TestProxy {
             name: name.to_owned(),
             https: https_addr,
             http: http_addr,
+            tunnel: tunnel_addr,
             shutdown,
             task: Some(task),
         })
@@ -153,6 +158,8 @@ pub struct ClientSpec {
     pub proxies: Vec<(String, SocketAddr)>,
     /// The client's key.
     pub key: SecretKey,
+    /// Terminate visitors' TLS at the client, as `--tls-cert/--tls-key` do.
+    pub origin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Timeouts; tests shorten the backoff so reconnects happen quickly.
     pub timing: Timing,
 }
@@ -167,6 +174,7 @@ impl ClientSpec {
             http_target: None,
             proxies,
             key,
+            origin_tls: None,
             timing: Timing {
                 backoff_base: Duration::from_millis(50),
                 backoff_cap: Duration::from_millis(500),
@@ -205,7 +213,7 @@ impl TestClient {
             hostname: spec.hostname,
             target: target(spec.target),
             http_target: spec.http_target.map(target),
-            origin_tls: None,
+            origin_tls: spec.origin_tls,
             proxies,
             transport: Arc::new(DirectTransport::new(resolve, spec.timing.connect_timeout)),
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
@@ -436,5 +444,65 @@ impl ProxyProcess {
         }
         *self = Self::start_args(args).await?;
         Ok(())
+    }
+}
+
+/// A TCP relay in front of a server that a test can freeze: frozen connections stay open but
+/// carry nothing more, like a network path that silently died. Connections made after the
+/// freeze relay normally.
+pub struct FreezableRelay {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    freeze: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableRelay {
+    /// Starts a relay on loopback to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = bind_listener(LOOPBACK)?;
+        let addr = listener.local_addr()?;
+        let (freeze, _) = tokio::sync::watch::channel(0u64);
+        let freezes = freeze.clone();
+        let task = tokio::spawn(async move {
+            let mut generation = 0u64;
+            while let Ok((inbound, _)) = listener.accept().await {
+                generation += 1;
+                let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let mut frozen = freezes.subscribe();
+                let mine = generation;
+                tokio::spawn(async move {
+                    let (mut a, mut b) = (inbound, outbound);
+                    let freeze = async move {
+                        // Drop the borrow at once: it may not be held across an await.
+                        let reached = frozen.wait_for(|&upto| upto >= mine).await.is_ok();
+                        if !reached {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        () = freeze => {
+                            // Hold both sockets open and silent until the test ends.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(Self { addr, freeze, task })
+    }
+
+    /// Freezes every connection made so far.
+    pub fn freeze_existing(&self, connections_so_far: u64) {
+        self.freeze.send_replace(connections_so_far);
+    }
+}
+
+impl Drop for FreezableRelay {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use shroud_client::tunnel::TunnelState;
 use shroud_proxy::server::Limits;
-use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
+use shroud_tests::stack::{authorize, ClientSpec, FreezableRelay, Pki, TestClient, TestProxy};
 use shroud_tests::{
     bulk_transfer, http_get, https_get, init, raw_http, tls_connect, within, BulkOrigin,
     EchoOrigin, HttpOrigin, SilentOrigin,
@@ -482,4 +482,152 @@ async fn graceful_shutdown_lets_streams_in_flight_finish() {
     within(20, proxy.shutdown()).await.unwrap();
     // And the listener is gone.
     assert!(TcpStream::connect(https).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_finds_a_silently_dead_tunnel_and_the_client_rebinds() {
+    init();
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let mut spec = ClientSpec::new(HOST, origin.addr(), vec![]);
+    let limits = Limits {
+        tunnel_idle_timeout: Duration::from_secs(4),
+        ..Limits::default()
+    };
+    let proxy = TestProxy::start_with(&pki, PROXY, &authorize(HOST, &spec.key), limits)
+        .await
+        .unwrap();
+    // The client reaches the proxy through a relay that the test can silence.
+    let relay = FreezableRelay::start(proxy.https).await.unwrap();
+    spec.proxies = vec![(PROXY.to_owned(), relay.addr)];
+    spec.timing.keepalive_interval = Duration::from_secs(1);
+    let mut client = TestClient::start(&pki, spec).unwrap();
+    within(20, client.wait_bound(1)).await;
+
+    relay.freeze_existing(1);
+    let frozen_at = std::time::Instant::now();
+    within(20, client.client.wait_for(0, |s| *s != TunnelState::Bound)).await;
+    let detected = frozen_at.elapsed();
+    // Two intervals without a pong, plus at most one tick of slack.
+    assert!(detected <= Duration::from_secs(4), "took {detected:?}");
+    match &client.client.states()[0].1 {
+        TunnelState::Waiting { reason } | TunnelState::Failed { reason } => {
+            assert!(reason.contains("keepalive"), "{reason}")
+        }
+        _ => {} // Already reconnecting.
+    }
+    // A fresh connection through the relay binds again, and once the proxy has dropped the
+    // silent tunnel (idle timeout), visitors are served.
+    within(20, client.wait_bound(1)).await;
+    let response = within(30, async {
+        loop {
+            match https_get(proxy.https, HOST, pki.ca.root_store(), "/again").await {
+                Ok(response) => break response,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await;
+    assert_eq!(response.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visitors_are_spread_across_tunnels_bound_to_one_hostname() {
+    init();
+    let pki = Pki::new().unwrap();
+    let config = origin_tls(&pki, &[HOST]);
+    let first = HttpOrigin::tls(config.clone()).await.unwrap();
+    let second = HttpOrigin::tls(config).await.unwrap();
+    // The same service run from two machines: two clients, one key, one hostname.
+    let key = shroud_mux::auth::SecretKey::generate().unwrap();
+    let proxy = TestProxy::start(&pki, PROXY, &authorize(HOST, &key))
+        .await
+        .unwrap();
+    let mut spec_a = ClientSpec::new(HOST, first.addr(), vec![proxy.dial()]);
+    spec_a.key = shroud_mux::auth::SecretKey::from_seed(&key.to_seed());
+    let mut spec_b = ClientSpec::new(HOST, second.addr(), vec![proxy.dial()]);
+    spec_b.key = key;
+    let mut a = TestClient::start(&pki, spec_a).unwrap();
+    let mut b = TestClient::start(&pki, spec_b).unwrap();
+    within(20, a.wait_bound(1)).await;
+    within(20, b.wait_bound(1)).await;
+
+    for _ in 0..10 {
+        let response = within(20, https_get(proxy.https, HOST, pki.ca.root_store(), "/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+    }
+    assert_eq!(first.accepted(), 5);
+    assert_eq!(second.accepted(), 5);
+
+    // One machine goes away: its binding goes with it and the other takes every visitor.
+    drop(a);
+    let before = second.accepted();
+    for _ in 0..4 {
+        let response = within(20, async {
+            loop {
+                // The proxy may route one visitor to the closing tunnel before it notices.
+                match https_get(proxy.https, HOST, pki.ca.root_store(), "/").await {
+                    Ok(response) => break response,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await;
+        assert_eq!(response.status, 200);
+    }
+    assert_eq!(second.accepted(), before + 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_can_terminate_visitors_tls_for_a_plain_origin() {
+    init();
+    let pki = Pki::new().unwrap();
+    let plain = HttpOrigin::plain().await.unwrap();
+    let mut spec = ClientSpec::new(HOST, plain.addr(), vec![]);
+    let proxy = TestProxy::start(&pki, PROXY, &authorize(HOST, &spec.key))
+        .await
+        .unwrap();
+    spec.proxies = vec![proxy.dial()];
+    let (cert, key) = pki.issue_files(HOST).unwrap();
+    spec.origin_tls = Some(
+        shroud_client::tls::origin_server_config(&cert, &key)
+            .unwrap()
+            .into(),
+    );
+    let mut client = TestClient::start(&pki, spec).unwrap();
+    within(20, client.wait_bound(1)).await;
+
+    let response = within(
+        20,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/tls-here"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from origin: GET /tls-here\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_may_use_a_dedicated_tunnel_listener() {
+    init();
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let mut spec = ClientSpec::new(HOST, origin.addr(), vec![]);
+    let proxy = TestProxy::start(&pki, PROXY, &authorize(HOST, &spec.key))
+        .await
+        .unwrap();
+    spec.proxies = vec![(PROXY.to_owned(), proxy.tunnel)];
+    let mut client = TestClient::start(&pki, spec).unwrap();
+    within(20, client.wait_bound(1)).await;
+    let response = within(20, https_get(proxy.https, HOST, pki.ca.root_store(), "/"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+
+    // A visitor on the tunnel-only listener is not routed anywhere.
+    assert!(tls_connect(proxy.tunnel, HOST, pki.ca.root_store())
+        .await
+        .is_err());
 }
