@@ -98,7 +98,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", env = "SHROUD_KEY")]
     pub key: Option<PathBuf>,
 
-    /// Where visitors' plain-HTTP connections go, as HOST:PORT
+    /// Where visitors' plain-HTTP connections go, as HOST:PORT; without it the proxy redirects them to HTTPS
     #[arg(long, value_name = "ADDR", env = "SHROUD_HTTP_TARGET")]
     pub http_target: Option<String>,
 
@@ -121,7 +121,7 @@ pub struct RunArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// Seconds to wait for a proxy's TCP and TLS handshakes
+    /// Seconds to wait for the connection to a proxy to open (the TLS handshake and bind that follow have their own 20 s deadline)
     #[arg(
         long,
         value_name = "SECS",
