@@ -103,6 +103,9 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsSe
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
+    // The bind proof signs a TLS exporter value: sound only with the extended master secret
+    // under TLS 1.2 (RFC 7627). TLS 1.3 always has it.
+    config.require_ems = true;
     Ok(Arc::new(config))
 }
 

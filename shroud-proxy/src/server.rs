@@ -127,6 +127,9 @@ pub fn tunnel_tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::
         .with_single_cert(chain, key)
         .context("the TLS certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![shroud_mux::ALPN.to_vec()];
+    // The bind proof relies on the TLS exporter, which is only a sound channel binding under
+    // TLS 1.2 with the extended master secret (RFC 7627); TLS 1.3 always has it.
+    config.require_ems = true;
     Ok(Arc::new(config))
 }
 

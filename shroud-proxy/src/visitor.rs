@@ -106,8 +106,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
         Ok(Err(err)) => {
             debug!(%peer, %err, "bad HTTP request head");
             if let Some(response) = error_response(&err) {
-                let _ = stream.write_all(&response).await;
-                let _ = stream.shutdown().await;
+                respond(&mut stream, &response).await;
             }
             return;
         }
@@ -115,7 +114,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
             debug!(%peer, "no complete HTTP request head in time");
             let response =
                 http_sniff::simple_response(408, "Request Timeout", &[], "request timeout\n");
-            let _ = stream.write_all(&response).await;
+            respond(&mut stream, &response).await;
             return;
         }
     };
@@ -131,8 +130,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
                     &[("Location", &location)],
                     &format!("moved to {location}\n"),
                 );
-                let _ = stream.write_all(&response).await;
-                let _ = stream.shutdown().await;
+                respond(&mut stream, &response).await;
                 return;
             }
             Route::Unknown => {
@@ -142,8 +140,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
                     &[],
                     "no service is published under this name here\n",
                 );
-                let _ = stream.write_all(&response).await;
-                let _ = stream.shutdown().await;
+                respond(&mut stream, &response).await;
                 return;
             }
         };
@@ -159,6 +156,14 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
     }
     .instrument(span)
     .await
+}
+
+/// Sends the proxy's own answer to a plain-HTTP visitor and ends the connection. A visitor
+/// that has gone already is no error worth reporting.
+async fn respond(stream: &mut TcpStream, response: &[u8]) {
+    if stream.write_all(response).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
 }
 
 /// The answer to a request head the proxy could not route, if it deserves one.

@@ -131,8 +131,7 @@ async fn unknown_hostnames_are_refused_and_bad_heads_get_errors() {
         tls_connect(proxy.https, "other.test", pki.ca.root_store()),
     )
     .await
-    .err()
-    .expect("TLS to an unknown name must fail");
+    .expect_err("TLS to an unknown name must fail");
     let text = format!("{err:#}").to_lowercase();
     assert!(
         text.contains("unrecognisedname") || text.contains("unrecognized") || text.contains("eof"),

@@ -22,13 +22,7 @@ async fn main() -> ExitCode {
         println!("usage: shroud-demo [--check]\n\nRuns a proxy, a sample origin and a client on loopback and prints how to reach the origin through the tunnel. --check makes the requests itself and exits.");
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    shroud_client::init_logging();
     match demo(check).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
