@@ -1,6 +1,7 @@
 //! What the `shroud` binary does with its command line.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,7 +10,8 @@ use tracing::info;
 
 use crate::cli::{self, Cli, Command, RunArgs};
 use crate::client::{Client, ClientConfig, ProxyAddr, Target, Timing};
-use crate::transport::{build_transport, Resolve};
+use crate::tor::{TorOptions, TorTransport};
+use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
 use crate::{key, tls};
 
 /// Runs the command line to completion.
@@ -19,7 +21,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         (None, Some(run)) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(shutdown_on_signal(shutdown.clone()));
-            let config = config(&run)?;
+            let config = config(&run).await?;
             Client::spawn(config, shutdown)?.join().await?;
             Ok(())
         }
@@ -52,8 +54,9 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Turns the run arguments into a client configuration, loading the files they name.
-pub fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
+/// Turns the run arguments into a client configuration, loading the files they name. With the
+/// tor transport this bootstraps Tor, which can take a while.
+pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
     let hostname = shroud_mux::hostname::normalize(&run.hostname)
         .with_context(|| format!("HOSTNAME {:?}", run.hostname))?;
     let target = parse_target(&run.target, "TARGET")?;
@@ -72,13 +75,20 @@ pub fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let resolve = Resolve::from_entries(&run.resolve)?;
+    let tor = run.transport == TransportKind::Tor;
+    let default_timing = if tor {
+        Timing::tor()
+    } else {
+        Timing::default()
+    };
     let timing = Timing {
-        connect_timeout: Duration::from_secs(run.connect_timeout_secs),
+        connect_timeout: run
+            .connect_timeout_secs
+            .map_or(default_timing.connect_timeout, Duration::from_secs),
         keepalive_interval: Duration::from_secs(run.keepalive_secs),
         backoff_cap: Duration::from_secs(run.max_backoff_secs),
-        ..Timing::default()
+        ..default_timing
     };
-    let transport = build_transport(run.transport, resolve, timing.connect_timeout)?;
     let tls = tls::client_config(run.proxy_ca.as_deref())?;
     let origin_tls = match (&run.tls_cert, &run.tls_key) {
         (Some(cert), Some(key)) => Some(tls::origin_server_config(cert, key)?.into()),
@@ -90,6 +100,24 @@ pub fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         info!(path = %key_path.display(), "created a new client key");
     }
     info!(key = %key.public(), "client identity");
+    // Last, because it may take a while: every local check has passed by now.
+    let transport: Arc<dyn Transport> = match run.transport {
+        TransportKind::Direct => Arc::new(DirectTransport::new(resolve, timing.connect_timeout)),
+        TransportKind::Tor => {
+            let state_dir = match &run.state_dir {
+                Some(dir) => dir.clone(),
+                None => key::default_state_dir()?,
+            };
+            let options = TorOptions {
+                state_dir: state_dir.join("tor"),
+                network_file: run.tor_network.clone(),
+                resolve,
+                bootstrap_timeout: Duration::from_secs(run.tor_bootstrap_timeout_secs),
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            Arc::new(TorTransport::bootstrap(options).await?)
+        }
+    };
     Ok(ClientConfig {
         hostname,
         target,

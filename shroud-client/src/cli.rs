@@ -1,7 +1,7 @@
 //! The command line: what `shroud` accepts, and nothing about what it then does.
 //!
 //! ```text
-//! shroud [OPTIONS] --proxy NAME:PORT --transport direct <HOSTNAME> <TARGET>
+//! shroud [OPTIONS] --proxy NAME:PORT <HOSTNAME> <TARGET>
 //! shroud key [--key FILE]
 //! ```
 
@@ -88,10 +88,38 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", env = "SHROUD_PROXY_CA")]
     pub proxy_ca: Option<PathBuf>,
 
-    /// How to reach the proxies: `direct` dials them straight from this machine, and so shows
-    /// this machine's address to every proxy; `tor` is not available yet
-    #[arg(long, value_enum, value_name = "TRANSPORT", env = "SHROUD_TRANSPORT")]
+    /// How to reach the proxies: `tor` (the default) through embedded Tor, so that no proxy
+    /// learns where this machine is; `direct` dials them straight from this machine, and so
+    /// shows this machine's address to every proxy
+    #[arg(
+        long,
+        value_enum,
+        value_name = "TRANSPORT",
+        env = "SHROUD_TRANSPORT",
+        default_value_t = TransportKind::Tor
+    )]
     pub transport: TransportKind,
+
+    /// Where the client keeps Tor's state and directory cache [default: the user's state
+    /// directory, e.g. ~/.local/state/shroud]
+    #[arg(long, value_name = "DIR", env = "SHROUD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Use another Tor network than the public one: a file in Arti's TOML config form (its
+    /// `[tor_network]` section, and optionally `[path_rules]` and `[address_filter]`). Only
+    /// then may circuits lead to loopback or private addresses, and --resolve be used
+    #[arg(long, value_name = "FILE", env = "SHROUD_TOR_NETWORK")]
+    pub tor_network: Option<PathBuf>,
+
+    /// Seconds Tor may take to bootstrap before the client gives up and says why
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 300,
+        env = "SHROUD_TOR_BOOTSTRAP_TIMEOUT_SECS",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub tor_bootstrap_timeout_secs: u64,
 
     /// The client's key file; created with mode 0600 if missing [default: client.key in the
     /// user's state directory, e.g. ~/.local/state/shroud]
@@ -121,15 +149,16 @@ pub struct RunArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
-    /// Seconds to wait for the connection to a proxy to open (the TLS handshake and bind that follow have their own 20 s deadline)
+    /// Seconds to wait for the connection to a proxy to open, Tor circuit included (the TLS
+    /// handshake and bind that follow have their own deadline) [default: 60 with tor, 15 with
+    /// direct]
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 15,
         env = "SHROUD_CONNECT_TIMEOUT_SECS",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    pub connect_timeout_secs: u64,
+    pub connect_timeout_secs: Option<u64>,
 
     /// Seconds between pings on each tunnel; a tunnel is declared dead after two intervals
     /// without a pong
@@ -254,7 +283,7 @@ mod tests {
         assert_eq!(run.http_target.as_deref(), Some("127.0.0.1:80"));
         assert_eq!(run.tls_cert, Some(PathBuf::from("/c.pem")));
         assert_eq!(run.tls_key, Some(PathBuf::from("/k.pem")));
-        assert_eq!(run.connect_timeout_secs, 5);
+        assert_eq!(run.connect_timeout_secs, Some(5));
         assert_eq!(run.keepalive_secs, 3);
         assert_eq!(run.max_backoff_secs, 30);
     }
@@ -274,7 +303,7 @@ mod tests {
         assert_eq!(run.transport, TransportKind::Tor);
         assert_eq!(run.key, None);
         assert_eq!(run.tls_cert, None);
-        assert_eq!(run.connect_timeout_secs, 15);
+        assert_eq!(run.connect_timeout_secs, None);
         assert_eq!(run.keepalive_secs, 10);
         assert_eq!(run.max_backoff_secs, 60);
     }
@@ -311,11 +340,10 @@ mod tests {
     }
 
     #[test]
-    fn transport_is_required() {
-        let err = Cli::try_parse_from(["shroud", "--proxy", "p.example:443", "a.example", "h:1"])
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
-        assert!(err.to_string().contains("--transport"), "{err}");
+    fn transport_defaults_to_tor() {
+        let cli = Cli::try_parse_from(["shroud", "--proxy", "p.example:443", "a.example", "h:1"])
+            .unwrap();
+        assert_eq!(cli.run.unwrap().transport, TransportKind::Tor);
     }
 
     #[test]

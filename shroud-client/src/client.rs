@@ -83,6 +83,19 @@ impl Default for Timing {
     }
 }
 
+impl Timing {
+    /// Defaults for the Tor transport: circuits take seconds to build, and each round trip
+    /// crosses three relays.
+    pub fn tor() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(30),
+            stream_header_timeout: Duration::from_secs(20),
+            ..Self::default()
+        }
+    }
+}
+
 /// Everything a running client needs.
 pub struct ClientConfig {
     /// The normalised hostname to publish.

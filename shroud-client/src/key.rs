@@ -145,9 +145,17 @@ pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
 /// (`~/.local/state/shroud` on Linux), or in the local data directory where there is no state
 /// directory (macOS, Windows).
 pub fn default_key_path() -> Result<PathBuf, KeyError> {
+    Ok(default_state_dir()?.join(KEY_FILE_NAME))
+}
+
+/// The user's state directory for shroud (on Linux `~/.local/state/shroud`), where the key and
+/// Tor's state live unless told otherwise.
+pub fn default_state_dir() -> Result<PathBuf, KeyError> {
     let dirs = directories::ProjectDirs::from("", "", "shroud").ok_or(KeyError::NoHomeDirectory)?;
-    let dir = dirs.state_dir().unwrap_or_else(|| dirs.data_local_dir());
-    Ok(dir.join(KEY_FILE_NAME))
+    Ok(dirs
+        .state_dir()
+        .unwrap_or_else(|| dirs.data_local_dir())
+        .to_path_buf())
 }
 
 /// Makes a new key and writes it to `path`, which must not exist yet.

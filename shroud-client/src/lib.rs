@@ -13,6 +13,7 @@ pub mod client;
 pub mod key;
 pub mod origin;
 pub mod tls;
+pub mod tor;
 pub mod transport;
 pub mod tunnel;
 

@@ -1,15 +1,14 @@
 //! How the client reaches a proxy: the byte stream that TLS then runs over.
 //!
 //! [`Transport`] is the seam: [`DirectTransport`] dials TCP from this machine (so the proxy sees
-//! its address); a Tor transport will implement the same trait. `--resolve` overrides let tests
-//! and operators point a proxy's name at an address of their choosing while TLS still checks the
-//! name.
+//! its address); [`crate::tor::TorTransport`] implements the same trait through Arti. `--resolve`
+//! overrides let tests and operators point a proxy's name at an address of their choosing while
+//! TLS still checks the name.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -39,7 +38,7 @@ pub trait Transport: Send + Sync + 'static {
 pub enum TransportKind {
     /// Dial proxies straight from this machine; each proxy sees this machine's address.
     Direct,
-    /// Dial proxies through Tor (not available in this build yet).
+    /// Dial proxies through Tor (embedded Arti): no proxy learns this machine's address.
     Tor,
 }
 
@@ -55,12 +54,6 @@ impl fmt::Display for TransportKind {
 /// Why a transport could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
-    /// The Tor transport was asked for, but this build has none.
-    #[error(
-        "the tor transport is not available in this build yet; use --transport direct \
-         (which shows this machine's address to the proxy)"
-    )]
-    TorUnavailable,
     /// A `--resolve` entry could not be read.
     #[error("--resolve {entry:?}: {reason}")]
     BadResolve {
@@ -69,18 +62,6 @@ pub enum TransportError {
         /// What is wrong with it.
         reason: String,
     },
-}
-
-/// Builds the transport the user chose.
-pub fn build_transport(
-    kind: TransportKind,
-    resolve: Resolve,
-    connect_timeout: Duration,
-) -> Result<Arc<dyn Transport>, TransportError> {
-    match kind {
-        TransportKind::Direct => Ok(Arc::new(DirectTransport::new(resolve, connect_timeout))),
-        TransportKind::Tor => Err(TransportError::TorUnavailable),
-    }
 }
 
 /// Address overrides from curl-style `--resolve NAME:PORT:ADDR` entries.
@@ -336,8 +317,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let mut resolve = Resolve::new();
         resolve.insert("proxy.invalid", port, IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let transport =
-            build_transport(TransportKind::Direct, resolve, Duration::from_secs(5)).unwrap();
+        let transport = DirectTransport::new(resolve, Duration::from_secs(5));
         assert_eq!(transport.name(), "direct");
 
         let (mut stream, accepted) = tokio::join!(
@@ -384,20 +364,5 @@ mod tests {
             async { listener.accept().await.unwrap() }
         );
         drop(stream);
-    }
-
-    #[test]
-    fn tor_is_not_available_yet() {
-        let err = match build_transport(TransportKind::Tor, Resolve::new(), Duration::from_secs(1))
-        {
-            Ok(_) => panic!("built a tor transport"),
-            Err(err) => err,
-        };
-        assert!(matches!(err, TransportError::TorUnavailable));
-        assert_eq!(
-            err.to_string(),
-            "the tor transport is not available in this build yet; use --transport direct \
-             (which shows this machine's address to the proxy)"
-        );
     }
 }

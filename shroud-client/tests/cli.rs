@@ -11,6 +11,8 @@ fn shroud(args: &[&str]) -> Output {
         .env_remove("SHROUD_TRANSPORT")
         .env_remove("SHROUD_KEY")
         .env_remove("SHROUD_PROXY")
+        .env_remove("SHROUD_TOR_NETWORK")
+        .env_remove("SHROUD_RESOLVE")
         .output()
         .expect("run shroud")
 }
@@ -63,40 +65,37 @@ fn a_key_file_others_can_read_is_refused() {
 }
 
 #[test]
-fn tor_transport_is_refused_with_a_clear_message() {
+fn resolve_is_refused_with_tor_unless_a_private_network_is_configured() {
+    // Refused before Tor starts: nothing is sent anywhere.
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("k");
+    let state = dir.path().join("state");
     let output = shroud(&[
         "example.test",
         "127.0.0.1:443",
         "--proxy",
         "proxy.test:443",
-        "--transport",
-        "tor",
+        "--resolve",
+        "proxy.test:443:127.0.0.1",
         "--key",
         key.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(1));
     let err = stderr(&output);
-    assert!(err.contains("tor transport is not available"), "{err}");
-    assert!(err.contains("--transport direct"), "{err}");
+    assert!(err.contains("--resolve is refused"), "{err}");
+    assert!(err.contains("--tor-network"), "{err}");
 }
 
 #[test]
-fn the_transport_must_be_named_and_direct_says_what_it_shows() {
-    let output = shroud(&["example.test", "127.0.0.1:443", "--proxy", "proxy.test:443"]);
-    assert_eq!(output.status.code(), Some(2), "usage error");
-    assert!(
-        stderr(&output).contains("--transport"),
-        "{}",
-        stderr(&output)
-    );
-
+fn help_says_tor_is_the_default_and_what_direct_shows() {
     let help = shroud(&["--help"]);
-    let text = String::from_utf8_lossy(&help.stdout).to_lowercase();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("[default: tor]"), "{text}");
     assert!(
-        text.contains("address"),
-        "--transport direct's help warns about the address: {text}"
+        text.contains("shows this machine's address to every proxy"),
+        "{text}"
     );
 }
 

@@ -17,6 +17,10 @@
 //!   requests with a small response parser, and the bulk-transfer client.
 //! - [`bulk`]: the bulk-transfer protocol both ends speak and the
 //!   deterministic byte generator ([`PatternGen`]) they share.
+//! - [`tornet`]: a private Tor network on 127.0.0.1 built from the system's
+//!   `tor` ([`tornet::TorNet`], one shared per test binary), the Arti
+//!   configuration that reaches it, and `/proc` helpers that tell which
+//!   process holds a TCP connection.
 //!
 //! Call [`init`] first in every test, and wrap every await that could hang
 //! in [`within`], so a broken tunnel fails the test instead of stalling CI.
@@ -29,6 +33,7 @@ pub mod bulk;
 pub mod origin;
 pub mod pki;
 pub mod stack;
+pub mod tornet;
 pub mod visitor;
 
 use std::future::{Future, IntoFuture};

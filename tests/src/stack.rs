@@ -197,14 +197,26 @@ impl TestClient {
     /// under its tunnel name (as `--resolve` does).
     pub fn start(pki: &Pki, spec: ClientSpec) -> anyhow::Result<Self> {
         let mut resolve = Resolve::new();
-        let mut proxies = Vec::new();
         for (name, addr) in &spec.proxies {
             resolve.insert(name, addr.port(), addr.ip());
-            proxies.push(ProxyAddr {
+        }
+        let transport = Arc::new(DirectTransport::new(resolve, spec.timing.connect_timeout));
+        Self::start_with_transport(pki, spec, transport)
+    }
+
+    fn start_with_transport(
+        pki: &Pki,
+        spec: ClientSpec,
+        transport: Arc<dyn shroud_client::transport::Transport>,
+    ) -> anyhow::Result<Self> {
+        let proxies = spec
+            .proxies
+            .iter()
+            .map(|(name, addr)| ProxyAddr {
                 name: name.clone(),
                 port: addr.port(),
-            });
-        }
+            })
+            .collect();
         let target = |addr: SocketAddr| Target {
             host: addr.ip().to_string(),
             port: addr.port(),
@@ -215,7 +227,7 @@ impl TestClient {
             http_target: spec.http_target.map(target),
             origin_tls: spec.origin_tls,
             proxies,
-            transport: Arc::new(DirectTransport::new(resolve, spec.timing.connect_timeout)),
+            transport,
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,
             timing: spec.timing,
@@ -226,6 +238,30 @@ impl TestClient {
             client,
             guard: shutdown.drop_guard(),
         })
+    }
+
+    /// Starts a client that reaches its proxies through Tor on the private network whose
+    /// Arti configuration is `network_file`, keeping Tor's state under `state_dir`. Proxy names
+    /// resolve (at the exit) to the addresses in `spec`, as `--resolve` does.
+    pub async fn start_tor(
+        pki: &Pki,
+        spec: ClientSpec,
+        network_file: &Path,
+        state_dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut resolve = Resolve::new();
+        for (name, addr) in &spec.proxies {
+            resolve.insert(name, addr.port(), addr.ip());
+        }
+        let options = shroud_client::tor::TorOptions {
+            state_dir: state_dir.to_owned(),
+            network_file: Some(network_file.to_owned()),
+            resolve,
+            bootstrap_timeout: Duration::from_secs(120),
+            progress_bar: false,
+        };
+        let transport = shroud_client::tor::TorTransport::bootstrap(options).await?;
+        Self::start_with_transport(pki, spec, Arc::new(transport))
     }
 
     /// Waits until `n` tunnels are bound.
@@ -257,6 +293,23 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Creates a client key at `path` with the real `shroud key` and returns the public key it
+/// printed, as a user would copy it into an authorized file.
+pub fn make_key(path: &Path) -> String {
+    let output = Command::new(binary("shroud"))
+        .arg("key")
+        .arg("--key")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|err| panic!("running shroud key: {err}"));
+    assert!(output.status.success(), "shroud key failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// A process started by a test, killed by PID when dropped. Its stderr is collected line by

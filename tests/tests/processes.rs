@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shroud_tests::stack::{authorize, binary, Pki, Process, ProxyProcess, TestProxy};
+use shroud_tests::stack::{authorize, binary, make_key, Pki, Process, ProxyProcess, TestProxy};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
 const HOST: &str = "example.test";
@@ -42,21 +42,6 @@ fn client_args(
         ]);
     }
     args
-}
-
-/// Creates the client's key with the real binary and returns its public half.
-fn make_key(path: &std::path::Path) -> String {
-    let output = std::process::Command::new(binary("shroud"))
-        .args(["key", "--key", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(output.status.success());
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,184 @@
+//! The Tor transport on a private Tor network on 127.0.0.1 (Debian's `tor`; see
+//! `shroud_tests::tornet`). These tests never skip: without `tor` they fail and say so.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use shroud_tests::stack::{binary, Pki, Process, TestProxy};
+use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
+use shroud_tests::{https_get, init, within, HttpOrigin};
+
+const HOST: &str = "example.test";
+
+async fn network() -> &'static TorNet {
+    tokio::task::spawn_blocking(TorNet::shared)
+        .await
+        .unwrap()
+        .expect(
+            "the private Tor network must start (is Debian's tor installed? .ci/run installs it)",
+        )
+}
+
+/// The peers of the TCP connections this process accepted on `port`.
+fn peers_on(port: u16) -> Vec<SocketAddr> {
+    tcp_connections_of(std::process::id())
+        .into_iter()
+        .filter(|(local, _)| local.port() == port)
+        .map(|(_, remote)| remote)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path);
+    let policy = format!("{HOST} {key}\n");
+    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
+        .await
+        .unwrap();
+    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+        .await
+        .unwrap();
+
+    // No --transport: Tor is the default.
+    let state = pki.dir().join("state");
+    let mut args = vec![
+        HOST.to_owned(),
+        origin.addr().to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+    ];
+    for proxy in [&one, &two] {
+        args.extend([
+            "--proxy".into(),
+            format!("{}:{}", proxy.name, proxy.https.port()),
+            "--resolve".into(),
+            format!("{}:{}:127.0.0.1", proxy.name, proxy.https.port()),
+        ]);
+    }
+    let started = Instant::now();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("Tor bootstrapped", Duration::from_secs(120))
+        .await
+        .unwrap();
+    let bootstrapped = started.elapsed();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(90))
+        .await
+        .unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(90))
+        .await
+        .unwrap();
+    eprintln!(
+        "tor: client bootstrapped in {bootstrapped:?}, both tunnels up after {:?}",
+        started.elapsed()
+    );
+    let log = client.stderr_text();
+    assert!(
+        log.contains("Tor bootstrap:"),
+        "bootstrap progress is shown: {log}"
+    );
+    assert!(
+        !log.contains(&origin.addr().to_string()),
+        "the target is never logged at info"
+    );
+
+    // Visitors reach the origin through either proxy, verifying the origin's certificate.
+    for proxy in [&one, &two] {
+        let response = within(
+            60,
+            https_get(proxy.https, HOST, pki.ca.root_store(), "/via-tor"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body_text(), "hello from origin: GET /via-tor\n");
+    }
+
+    // Each proxy's tunnel connection comes from a tor process of the network (an exit), never
+    // from the client; on loopback every address is 127.0.0.1, so tell them apart by process.
+    let exits: Vec<u32> = net.exits().iter().map(|r| r.pid).collect();
+    for proxy in [&one, &two] {
+        let peers = peers_on(proxy.https.port());
+        assert!(!peers.is_empty(), "{} holds its tunnel", proxy.name);
+        for peer in peers {
+            let owner = socket_owner(peer).expect("the far end of a tunnel belongs to a process");
+            assert_ne!(
+                owner,
+                client.pid(),
+                "{} sees the client directly",
+                proxy.name
+            );
+            assert!(
+                exits.contains(&owner),
+                "{}'s tunnel comes from pid {owner}, not an exit relay {exits:?}",
+                proxy.name
+            );
+        }
+    }
+    let proxy_ports = [one.https.port(), two.https.port()];
+    let direct: Vec<_> = tcp_connections_of(client.pid())
+        .into_iter()
+        .filter(|(_, remote)| proxy_ports.contains(&remote.port()))
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "the client holds TCP connections to proxies: {direct:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_bootstrap_fails_and_says_why() {
+    init();
+    // A network whose directory authority listens nowhere: bootstrap cannot progress. Nothing
+    // leaves loopback.
+    let pki = Pki::new().unwrap();
+    let net = network().await;
+    let text = std::fs::read_to_string(&net.network_file).unwrap();
+    let dead = net.relays().iter().fold(text, |text, relay| {
+        text.replace(&relay.or_addr().to_string(), "127.0.0.1:9")
+            .replace(&relay.dir_addr().to_string(), "127.0.0.1:9")
+    });
+    let dead_file = pki.dir().join("dead-network.toml");
+    std::fs::write(&dead_file, dead).unwrap();
+    let key_path = pki.dir().join("client.key");
+    let args = [
+        HOST,
+        "127.0.0.1:9",
+        "--proxy",
+        "proxy.test:443",
+        "--key",
+        key_path.to_str().unwrap(),
+        "--state-dir",
+        pki.dir().join("state").to_str().unwrap(),
+        "--tor-network",
+        dead_file.to_str().unwrap(),
+        "--tor-bootstrap-timeout-secs",
+        "5",
+    ]
+    .map(String::from);
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let status = client.wait_exit(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = client.stderr_text();
+    assert!(
+        log.contains("Tor bootstrap did not finish within 5 s"),
+        "{log}"
+    );
+}

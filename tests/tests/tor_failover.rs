@@ -1,0 +1,136 @@
+//! An exit relay carrying one tunnel dies: that tunnel comes back through another circuit, and
+//! the other tunnel never notices. Its own test binary, because it kills relays of its network.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
+use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
+use shroud_tests::{https_get, init, within, HttpOrigin};
+
+const HOST: &str = "example.test";
+
+/// The tunnel connections this process accepted on `port`, and the process at their far end.
+fn tunnel_peers(port: u16) -> Vec<(SocketAddr, Option<u32>)> {
+    tcp_connections_of(std::process::id())
+        .into_iter()
+        .filter(|(local, _)| local.port() == port)
+        .map(|(_, remote)| (remote, socket_owner(remote)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
+    init();
+    let net = tokio::task::spawn_blocking(TorNet::start)
+        .await
+        .unwrap()
+        .expect("the private Tor network must start");
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let key = shroud_mux::auth::SecretKey::generate().unwrap();
+    let policy = authorize(HOST, &key);
+    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
+        .await
+        .unwrap();
+    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+        .await
+        .unwrap();
+
+    // Start the client until its two tunnels leave through different exits (each tunnel has
+    // its own circuit; with three exits they coincide a third of the time).
+    let mut attempt = 0;
+    let (client, exit_one, peer_two) = loop {
+        attempt += 1;
+        assert!(attempt <= 8, "tunnels kept sharing one exit");
+        let mut spec = ClientSpec::new(HOST, origin.addr(), vec![one.dial(), two.dial()]);
+        spec.key = shroud_mux::auth::SecretKey::from_seed(&key.to_seed());
+        spec.timing.keepalive_interval = Duration::from_secs(2);
+        let state = pki.dir().join(format!("state-{attempt}"));
+        let mut client = TestClient::start_tor(&pki, spec, &net.network_file, &state)
+            .await
+            .unwrap();
+        within(90, client.wait_bound(2)).await;
+        let (p1, p2) = (
+            tunnel_peers(one.https.port()),
+            tunnel_peers(two.https.port()),
+        );
+        if let ([(_, Some(e1))], [(addr2, Some(e2))]) = (p1.as_slice(), p2.as_slice()) {
+            if e1 != e2 {
+                assert!(net.relay_by_pid(*e1).is_some() && net.relay_by_pid(*e2).is_some());
+                break (client, *e1, *addr2);
+            }
+        }
+        drop(client);
+        // Let the old tunnels leave the proxies before counting peers again.
+        within(30, async {
+            while !tunnel_peers(one.https.port()).is_empty()
+                || !tunnel_peers(two.https.port()).is_empty()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    };
+
+    // Steady visitors through the second proxy for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (addr, roots) = (two.https, pki.ca.root_store());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(180);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match https_get(addr, HOST, roots.clone(), "/steady").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+
+    net.kill(exit_one);
+    let killed = Instant::now();
+    // Visitors of the first proxy succeed again once the client has rebuilt its tunnel
+    // through another circuit.
+    let recovered = within(120, async {
+        loop {
+            if let Ok(r) = https_get(one.https, HOST, pki.ca.root_store(), "/back").await {
+                if r.status == 200 {
+                    break killed.elapsed();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    eprintln!("tor failover: tunnel through the killed exit recovered in {recovered:?}");
+    let new_exit = tunnel_peers(one.https.port())
+        .first()
+        .and_then(|(_, owner)| *owner)
+        .expect("the first proxy holds a tunnel again");
+    assert_ne!(new_exit, exit_one);
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "visitors of the other proxy failed"
+    );
+    // The second tunnel is the very same TCP connection as before: it never dropped.
+    let now_two: Vec<SocketAddr> = tunnel_peers(two.https.port())
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(now_two, vec![peer_two], "the other tunnel was rebuilt");
+    drop(client);
+}
