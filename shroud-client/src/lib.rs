@@ -19,8 +19,13 @@ pub mod tunnel;
 
 /// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
+    init_logging_with("info");
+}
+
+/// Sets up logging to stderr, filtered by `RUST_LOG`, or by `default` when it is unset.
+pub fn init_logging_with(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

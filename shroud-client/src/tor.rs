@@ -130,9 +130,17 @@ impl TorTransport {
             .create_unbootstrapped()
             .map_err(|err| TorError::Arti(err.to_string()))?;
         let started = tokio::time::Instant::now();
+        // Before bootstrap() is called Arti reports itself "disabled, waiting to be told to
+        // bootstrap": that is not a stall worth a warning.
+        let not_started = client
+            .bootstrap_status()
+            .blocked()
+            .map(|b| b.to_string())
+            .unwrap_or_default();
         let progress = tokio::spawn(show_progress(
             client.bootstrap_events(),
             options.progress_bar,
+            not_started,
         ));
         let bootstrap = tokio::time::timeout(options.bootstrap_timeout, client.bootstrap()).await;
         progress.abort();
@@ -182,7 +190,11 @@ impl Transport for TorTransport {
 
 /// Reports bootstrap progress until it is aborted: a bar on a terminal, log lines otherwise.
 /// When progress stalls, says why (Arti's blocked reason).
-async fn show_progress(mut events: arti_client::status::BootstrapEvents, bar: bool) {
+async fn show_progress(
+    mut events: arti_client::status::BootstrapEvents,
+    bar: bool,
+    not_started: String,
+) {
     let bar = bar.then(|| {
         let bar = indicatif::ProgressBar::new(100);
         if let Ok(style) =
@@ -193,7 +205,7 @@ async fn show_progress(mut events: arti_client::status::BootstrapEvents, bar: bo
         bar
     });
     let mut last_logged = -1i32;
-    let mut last_blocked = String::new();
+    let mut last_blocked = not_started;
     loop {
         let status = tokio::time::timeout(Duration::from_secs(10), events.next()).await;
         let status = match status {

@@ -204,7 +204,11 @@ impl TestClient {
         Self::start_with_transport(pki, spec, transport)
     }
 
-    fn start_with_transport(
+    /// Starts a client that reaches its proxies through `transport` (a [`TorTransport`] made
+    /// by the caller, say, to time its bootstrap apart from the tunnels), trusting `pki`'s CA.
+    ///
+    /// [`TorTransport`]: shroud_client::tor::TorTransport
+    pub fn start_with_transport(
         pki: &Pki,
         spec: ClientSpec,
         transport: Arc<dyn shroud_client::transport::Transport>,
