@@ -1,7 +1,7 @@
 //! The command line: what `shroud` accepts, and nothing about what it then does.
 //!
 //! ```text
-//! shroud [OPTIONS] --proxy NAME:PORT <HOSTNAME> <TARGET>
+//! shroud [OPTIONS] --proxy NAME[:PORT] <HOSTNAME> <TARGET>
 //! shroud key [--key FILE]
 //! ```
 
@@ -64,10 +64,11 @@ pub struct RunArgs {
     #[arg(value_name = "TARGET", required = true, env = "SHROUD_TARGET")]
     pub target: String,
 
-    /// A proxy to hold a tunnel to, as NAME:PORT; repeat for several proxies
+    /// A proxy to hold a tunnel to, as NAME or NAME:PORT (port 443 if omitted); repeat for
+    /// several proxies
     #[arg(
         long,
-        value_name = "NAME:PORT",
+        value_name = "NAME[:PORT]",
         required = true,
         env = "SHROUD_PROXY",
         value_delimiter = ','
@@ -182,14 +183,18 @@ pub struct RunArgs {
     pub max_backoff_secs: u64,
 }
 
-/// Reads a `--proxy NAME:PORT` value into its normalised hostname and port.
+/// The port proxies listen on unless told otherwise: 443, which Tor exits commonly allow.
+pub const DEFAULT_PROXY_PORT: u16 = 443;
+
+/// Reads a `--proxy NAME[:PORT]` value into its normalised hostname and port (443 if absent).
 pub fn parse_proxy(s: &str) -> Result<(String, u16), String> {
-    let (name, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?}: expected NAME:PORT, like proxy.example:443"))?;
+    let (name, port) = match s.rsplit_once(':') {
+        Some((name, port)) => (name, parse_port(s, port)?),
+        None => (s, DEFAULT_PROXY_PORT),
+    };
     let name = shroud_mux::hostname::normalize(name)
         .map_err(|err| format!("{s:?}: {name:?} is not a hostname: {err}"))?;
-    Ok((name, parse_port(s, port)?))
+    Ok((name, port))
 }
 
 /// Reads a `HOST:PORT` target: an IPv4 address, a bracketed IPv6 address or a hostname, then a
@@ -379,13 +384,11 @@ mod tests {
             parse_proxy("Proxy.Example.:443"),
             Ok(("proxy.example".to_owned(), 443))
         );
-        for bad in [
-            "proxy.example",
-            "proxy.example:0",
-            "proxy.example:65536",
-            ":443",
-            "a b:1",
-        ] {
+        assert_eq!(
+            parse_proxy("proxy.example"),
+            Ok(("proxy.example".to_owned(), 443))
+        );
+        for bad in ["proxy.example:0", "proxy.example:65536", ":443", "a b:1"] {
             assert!(parse_proxy(bad).is_err(), "{bad}");
         }
     }
