@@ -1,0 +1,1 @@
+//! shroud's discovery service (being written).

@@ -1,0 +1,3 @@
+//! `shroud-discovery`: see the library crate.
+
+fn main() {}
