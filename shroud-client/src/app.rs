@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::{self, Cli, Command, RunArgs};
-use crate::client::{Client, ClientConfig, ProxyAddr, Target, Timing};
+use crate::client::{Client, ClientConfig, ProxyAddr, ProxySource, Target, Timing};
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
 use crate::{key, tls};
@@ -123,7 +123,7 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         target,
         http_target,
         origin_tls,
-        proxies,
+        source: ProxySource::Static(proxies),
         transport,
         tls,
         key,

@@ -1,20 +1,29 @@
-//! The client as a whole: one tunnel task per proxy, and what they report.
+//! The client as a whole: one tunnel task per proxy, kept in step with where the list of
+//! proxies comes from, and what the tunnels report.
+//!
+//! A fixed list (`--proxy`) starts its tunnels once. A list from discovery or DNS SRV is asked
+//! for again before it goes stale; tunnels to proxies that joined are opened, and tunnels to
+//! proxies that left are closed.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use shroud_mux::auth::SecretKey;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument as _};
+use tracing::{info, warn, Instrument as _};
 
+use crate::backoff::Backoff;
 use crate::transport::Transport;
 use crate::tunnel::{self, TunnelState};
 
 /// A proxy to hold a tunnel to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProxyAddr {
     /// Hostname, checked against the proxy's certificate.
     pub name: String,
@@ -96,6 +105,45 @@ impl Timing {
     }
 }
 
+/// Where the list of proxies comes from.
+pub enum ProxySource {
+    /// A fixed list, as `--proxy` gives.
+    Static(Vec<ProxyAddr>),
+    /// A list that is asked for again: discovery, or DNS SRV records.
+    Dynamic(Box<dyn FleetSource>),
+}
+
+/// A source of proxy lists that changes over time.
+pub trait FleetSource: Send + Sync + 'static {
+    /// Fetches the current list, through `transport` where it goes over the network.
+    fn fetch<'a>(
+        &'a mut self,
+        transport: &'a dyn Transport,
+    ) -> BoxFuture<'a, Result<Fleet, FleetError>>;
+
+    /// What this source is, for logs (never secret).
+    fn describe(&self) -> String;
+}
+
+/// One answer of a [`FleetSource`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// The proxies to hold tunnels to now.
+    pub proxies: Vec<ProxyAddr>,
+    /// When to ask again.
+    pub refresh_after: Duration,
+}
+
+/// Why a [`FleetSource`] could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct FleetError {
+    /// Whether asking again cannot help (a forged or wrongly signed answer, say).
+    pub permanent: bool,
+    /// What went wrong.
+    pub message: String,
+}
+
 /// Everything a running client needs.
 pub struct ClientConfig {
     /// The normalised hostname to publish.
@@ -106,8 +154,8 @@ pub struct ClientConfig {
     pub http_target: Option<Target>,
     /// Terminate visitors' TLS here (and send plaintext to `target`).
     pub origin_tls: Option<TlsAcceptor>,
-    /// The proxies to hold tunnels to.
-    pub proxies: Vec<ProxyAddr>,
+    /// Where the proxies to hold tunnels to come from.
+    pub source: ProxySource,
     /// How proxies are reached.
     pub transport: Arc<dyn Transport>,
     /// TLS toward proxies (roots, ALPN).
@@ -118,6 +166,9 @@ pub struct ClientConfig {
     pub timing: Timing,
 }
 
+/// The tunnels' states, by proxy.
+pub type States = BTreeMap<ProxyAddr, TunnelState>;
+
 /// Why a client stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -127,94 +178,68 @@ pub enum ClientError {
     /// Every proxy refused in a way that retrying cannot change.
     #[error("no tunnel can succeed: {}", .0.join("; "))]
     AllFailed(Vec<String>),
+    /// The list of proxies could not be had, and asking again cannot help.
+    #[error("no list of proxies: {0}")]
+    Fleet(FleetError),
 }
 
 /// A running client: its tunnels' states, and the task that ends when it stops.
 pub struct Client {
-    states: Vec<(ProxyAddr, watch::Receiver<TunnelState>)>,
-    task: tokio::task::JoinHandle<Result<(), ClientError>>,
+    states: watch::Receiver<States>,
+    task: JoinHandle<Result<(), ClientError>>,
 }
 
 impl Client {
-    /// Starts the client on the current runtime. It runs until `shutdown` is cancelled or every
-    /// proxy has refused for good.
+    /// Starts the client on the current runtime. It runs until `shutdown` is cancelled, until
+    /// every proxy of a fixed list has refused for good, or until its list of proxies cannot
+    /// be had at all.
     pub fn spawn(config: ClientConfig, shutdown: CancellationToken) -> Result<Client, ClientError> {
-        if config.proxies.is_empty() {
+        if matches!(&config.source, ProxySource::Static(list) if list.is_empty()) {
             return Err(ClientError::NoProxies);
         }
-        let config = Arc::new(config);
-        let streams = TaskTracker::new();
-        let mut states = Vec::new();
-        let mut tunnels = Vec::new();
-        for proxy in &config.proxies {
-            let (state_tx, state_rx) = watch::channel(TunnelState::Connecting);
-            states.push((proxy.clone(), state_rx));
-            let span = tracing::info_span!("tunnel", proxy = %proxy);
-            tunnels.push(tokio::spawn(
-                tunnel::hold(
-                    proxy.clone(),
-                    config.clone(),
-                    state_tx,
-                    shutdown.clone(),
-                    streams.clone(),
-                )
-                .instrument(span),
-            ));
-        }
-        info!(
-            hostname = %config.hostname,
-            proxies = config.proxies.len(),
-            transport = config.transport.name(),
-            "client started"
-        );
-        let task = tokio::spawn(async move {
-            let mut failures = Vec::new();
-            for (proxy, tunnel) in config.proxies.iter().zip(tunnels) {
-                if let Ok(Some(reason)) = tunnel.await {
-                    failures.push(format!("{proxy}: {reason}"));
-                }
-            }
-            streams.close();
-            // Visitor streams end with their sessions; this wait is short.
-            let _ = tokio::time::timeout(Duration::from_secs(5), streams.wait()).await;
-            if failures.len() == config.proxies.len() {
-                Err(ClientError::AllFailed(failures))
-            } else {
-                Ok(())
-            }
-        });
+        let (states_tx, states) = watch::channel(States::new());
+        let task = tokio::spawn(supervise(config, states_tx, shutdown));
         Ok(Client { states, task })
     }
 
     /// The current state of each tunnel.
     pub fn states(&self) -> Vec<(ProxyAddr, TunnelState)> {
         self.states
+            .borrow()
             .iter()
-            .map(|(proxy, rx)| (proxy.clone(), rx.borrow().clone()))
+            .map(|(proxy, state)| (proxy.clone(), state.clone()))
             .collect()
     }
 
     /// Waits until at least `count` tunnels are bound.
     pub async fn wait_bound(&mut self, count: usize) {
-        loop {
-            let bound = self
-                .states
-                .iter()
-                .filter(|(_, rx)| *rx.borrow() == TunnelState::Bound)
-                .count();
-            if bound >= count {
-                return;
-            }
-            let changes = self.states.iter_mut().map(|(_, rx)| Box::pin(rx.changed()));
-            let _ = futures::future::select_all(changes).await;
-        }
+        let _ = self
+            .states
+            .wait_for(|states| {
+                states
+                    .values()
+                    .filter(|s| **s == TunnelState::Bound)
+                    .count()
+                    >= count
+            })
+            .await;
     }
 
-    /// Waits until the tunnel to `proxy` reaches a state that `pred` accepts.
-    pub async fn wait_for(&mut self, proxy: usize, pred: impl Fn(&TunnelState) -> bool) {
-        if let Some((_, rx)) = self.states.get_mut(proxy) {
-            let _ = rx.wait_for(|state| pred(state)).await;
-        }
+    /// Waits until the tunnel to the `index`-th proxy (in name order) reaches a state that
+    /// `pred` accepts.
+    pub async fn wait_for(&mut self, index: usize, pred: impl Fn(&TunnelState) -> bool) {
+        let _ = self
+            .states
+            .wait_for(|states| states.values().nth(index).is_some_and(&pred))
+            .await;
+    }
+
+    /// Waits until the set of proxies with a tunnel (in any state) satisfies `pred`.
+    pub async fn wait_for_proxies(&mut self, pred: impl Fn(&[ProxyAddr]) -> bool) {
+        let _ = self
+            .states
+            .wait_for(|states| pred(&states.keys().cloned().collect::<Vec<_>>()))
+            .await;
     }
 
     /// Waits for the client to stop, and says why it did.
@@ -222,6 +247,198 @@ impl Client {
         match self.task.await {
             Ok(result) => result,
             Err(err) => Err(ClientError::AllFailed(vec![format!("client task: {err}")])),
+        }
+    }
+}
+
+/// Reports one tunnel's state into the client's map; made by the client for each tunnel task.
+pub struct StateReporter {
+    states: watch::Sender<States>,
+    proxy: ProxyAddr,
+}
+
+impl StateReporter {
+    /// Sets this tunnel's state.
+    pub fn send_replace(&self, state: TunnelState) {
+        self.states.send_modify(|states| {
+            states.insert(self.proxy.clone(), state);
+        });
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: JoinHandle<Option<String>>,
+}
+
+/// The tunnels of a client, kept in step with a list of proxies.
+struct Tunnels {
+    config: Arc<ClientConfig>,
+    states: watch::Sender<States>,
+    shutdown: CancellationToken,
+    streams: TaskTracker,
+    running: HashMap<ProxyAddr, Running>,
+}
+
+impl Tunnels {
+    /// Opens tunnels to proxies that joined and closes those to proxies that left.
+    fn reconcile(&mut self, wanted: &[ProxyAddr]) {
+        let gone: Vec<ProxyAddr> = self
+            .running
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .cloned()
+            .collect();
+        for proxy in gone {
+            if let Some(running) = self.running.remove(&proxy) {
+                info!(proxy = %proxy, "proxy left the list; closing its tunnel");
+                running.stop.cancel();
+            }
+            self.states.send_modify(|states| {
+                states.remove(&proxy);
+            });
+        }
+        for proxy in wanted {
+            if self.running.contains_key(proxy) {
+                continue;
+            }
+            let stop = self.shutdown.child_token();
+            let reporter = StateReporter {
+                states: self.states.clone(),
+                proxy: proxy.clone(),
+            };
+            reporter.send_replace(TunnelState::Connecting);
+            let span = tracing::info_span!("tunnel", proxy = %proxy);
+            let task = tokio::spawn(
+                tunnel::hold(
+                    proxy.clone(),
+                    self.config.clone(),
+                    reporter,
+                    stop.clone(),
+                    self.streams.clone(),
+                )
+                .instrument(span),
+            );
+            self.running.insert(proxy.clone(), Running { stop, task });
+        }
+    }
+
+    /// Waits for every tunnel task to end; returns the reasons of those that gave up.
+    async fn join_all(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        let mut running: Vec<_> = self.running.drain().collect();
+        running.sort_by(|a, b| a.0.cmp(&b.0));
+        for (proxy, tunnel) in running {
+            if let Ok(Some(reason)) = tunnel.task.await {
+                failures.push(format!("{proxy}: {reason}"));
+            }
+        }
+        failures
+    }
+}
+
+async fn supervise(
+    config: ClientConfig,
+    states: watch::Sender<States>,
+    shutdown: CancellationToken,
+) -> Result<(), ClientError> {
+    let ClientConfig {
+        hostname,
+        target,
+        http_target,
+        origin_tls,
+        source,
+        transport,
+        tls,
+        key,
+        timing,
+    } = config;
+    // The tunnels share everything but the source of the list.
+    let config = Arc::new(ClientConfig {
+        hostname,
+        target,
+        http_target,
+        origin_tls,
+        source: ProxySource::Static(Vec::new()),
+        transport,
+        tls,
+        key,
+        timing,
+    });
+    let mut tunnels = Tunnels {
+        config: config.clone(),
+        states,
+        shutdown: shutdown.clone(),
+        streams: TaskTracker::new(),
+        running: HashMap::new(),
+    };
+    let result = match source {
+        ProxySource::Static(list) => {
+            info!(
+                hostname = %config.hostname,
+                proxies = list.len(),
+                transport = config.transport.name(),
+                "client started"
+            );
+            tunnels.reconcile(&list);
+            let failures = tunnels.join_all().await;
+            if !list.is_empty() && failures.len() == list.len() {
+                Err(ClientError::AllFailed(failures))
+            } else {
+                Ok(())
+            }
+        }
+        ProxySource::Dynamic(source) => follow(source, &mut tunnels, &config, &shutdown).await,
+    };
+    shutdown.cancel();
+    tunnels.join_all().await;
+    tunnels.streams.close();
+    // Visitor streams end with their sessions; this wait is short.
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnels.streams.wait()).await;
+    result
+}
+
+/// Keeps the tunnels in step with a changing list until shutdown.
+async fn follow(
+    mut source: Box<dyn FleetSource>,
+    tunnels: &mut Tunnels,
+    config: &ClientConfig,
+    shutdown: &CancellationToken,
+) -> Result<(), ClientError> {
+    info!(
+        hostname = %config.hostname,
+        source = %source.describe(),
+        transport = config.transport.name(),
+        "client started"
+    );
+    let timing = &config.timing;
+    let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
+    let mut have_list = false;
+    loop {
+        let fetched = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            fetched = source.fetch(config.transport.as_ref()) => fetched,
+        };
+        let wait = match fetched {
+            Ok(fleet) => {
+                have_list = true;
+                backoff =
+                    Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
+                let names: Vec<String> = fleet.proxies.iter().map(ToString::to_string).collect();
+                info!(proxies = ?names, "list of proxies");
+                tunnels.reconcile(&fleet.proxies);
+                fleet.refresh_after
+            }
+            Err(err) if err.permanent && !have_list => return Err(ClientError::Fleet(err)),
+            Err(err) => {
+                // Keep the tunnels we have: they are still good connections.
+                warn!(%err, "could not refresh the list of proxies; keeping the current tunnels");
+                backoff.next_delay()
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -14,7 +14,7 @@ use shroud_mux::auth::{self, EXPORTER_LABEL, EXPORTER_LEN};
 use shroud_mux::control::{self, BindName, BindOutcome, BindStatus, Message, ReadError, VERSION};
 use shroud_mux::{Incoming, MuxStream, Role, Session, SessionConfig};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
-use crate::client::{ClientConfig, ProxyAddr};
+use crate::client::{ClientConfig, ProxyAddr, StateReporter};
 use crate::origin;
 
 /// What a tunnel task is doing now, as shown to whoever watches the client.
@@ -119,7 +119,7 @@ enum End {
 pub async fn hold(
     proxy: ProxyAddr,
     config: Arc<ClientConfig>,
-    state: watch::Sender<TunnelState>,
+    state: StateReporter,
     shutdown: CancellationToken,
     streams: TaskTracker,
 ) -> Option<String> {

@@ -230,7 +230,7 @@ impl TestClient {
             target: target(spec.target),
             http_target: spec.http_target.map(target),
             origin_tls: spec.origin_tls,
-            proxies,
+            source: shroud_client::client::ProxySource::Static(proxies),
             transport,
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,
