@@ -1,1 +1,50 @@
-//! shroud's discovery service (being written).
+//! shroud's discovery service: tells shroud clients which proxies to hold tunnels to.
+//!
+//! A client asks `GET /v1/proxies?host=HOSTNAME` over HTTPS and gets a short-lived list of
+//! proxies, signed with an ed25519 key the client pins, so neither the network nor the
+//! service's TLS certificate is trusted for the list's contents. The parts:
+//!
+//! - [`signed`]: the list ([`signed::ProxyList`]), its wire form, [`signed::sign`] and
+//!   [`signed::verify`]. Clients depend on this crate for `verify`.
+//! - [`fleet`]: the proxies the service knows: static ones from the fleet file and live ones
+//!   that send heartbeats, and the per-host choice among them (rendezvous hashing, spread across
+//!   regions).
+//! - [`api`]: paths, the heartbeat message, and [`api::fetch_list`], a client's fetch and
+//!   verification over any stream.
+//! - [`http`]: a minimal bounded HTTP/1.1 client over any byte stream (TLS over Tor included).
+//! - [`server`]: the HTTPS API (hyper over tokio-rustls), with its bounds: handshake and header
+//!   deadlines, connection cap, body cap, and the per-address [`ratelimit`].
+//! - [`cname`]: the optional check that a hostname is a CNAME into the fleet's domain.
+//! - [`secret`]: the fleet secret that authorises heartbeats.
+//! - [`announce`]: what a proxy runs to register itself: heartbeats, and a last one saying it
+//!   leaves.
+//! - [`cli`]: the `shroud-discovery` command line.
+//!
+//! Nothing is persisted: a restarted service rebuilds its state from the fleet file and the
+//! next heartbeats. See `README.md` beside this crate for the API and formats.
+
+#![forbid(unsafe_code)]
+
+pub mod announce;
+pub mod api;
+pub mod cli;
+pub mod cname;
+pub mod fleet;
+pub mod http;
+pub mod ratelimit;
+pub mod secret;
+pub mod server;
+pub mod signed;
+
+/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`), with colours only on a
+/// terminal.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A subscriber already installed (by a test, say) is fine to keep.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -10,9 +10,12 @@ use tracing::info;
 
 use crate::cli::{self, Cli, Command, RunArgs};
 use crate::client::{Client, ClientConfig, ProxyAddr, ProxySource, Target, Timing};
+use crate::discovery::DiscoverySource;
+use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
 use crate::{key, tls};
+use shroud_mux::auth::PublicKey;
 
 /// Runs the command line to completion.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -65,17 +68,9 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         .as_deref()
         .map(|t| parse_target(t, "--http-target"))
         .transpose()?;
-    let proxies = run
-        .proxy
-        .iter()
-        .map(|p| {
-            cli::parse_proxy(p)
-                .map(|(name, port)| ProxyAddr { name, port })
-                .map_err(|e| anyhow::anyhow!("--proxy {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
     let resolve = Resolve::from_entries(&run.resolve)?;
     let tor = run.transport == TransportKind::Tor;
+    let source = proxy_source(run, &hostname, tor)?;
     let default_timing = if tor {
         Timing::tor()
     } else {
@@ -123,12 +118,85 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         target,
         http_target,
         origin_tls,
-        source: ProxySource::Static(proxies),
+        source,
         transport,
         tls,
         key,
         timing,
     })
+}
+
+/// Where the proxies come from: `--proxy` over `--discovery` over `--srv`.
+fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<ProxySource> {
+    let max_proxies = usize::from(run.max_proxies);
+    if !run.proxy.is_empty() {
+        if run.discovery.is_some() || run.srv {
+            info!("--proxy given: --discovery and --srv are not used");
+        }
+        let proxies = run
+            .proxy
+            .iter()
+            .map(|p| {
+                cli::parse_proxy(p)
+                    .map(|(name, port)| ProxyAddr { name, port })
+                    .map_err(|e| anyhow::anyhow!("--proxy {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        return Ok(ProxySource::Static(proxies));
+    }
+    if let Some(url) = &run.discovery {
+        if run.srv {
+            info!("--discovery given: --srv is not used");
+        }
+        let key_text = run
+            .discovery_key
+            .as_deref()
+            .context("--discovery needs --discovery-key KEY, the service's public key")?;
+        let key: PublicKey = key_text
+            .parse()
+            .with_context(|| format!("--discovery-key {key_text:?}"))?;
+        let request_timeout = if tor {
+            Duration::from_secs(90)
+        } else {
+            Duration::from_secs(30)
+        };
+        let source = DiscoverySource::new(
+            url,
+            key,
+            hostname,
+            run.proxy_ca.as_deref(),
+            max_proxies,
+            request_timeout,
+        )?;
+        return Ok(ProxySource::Dynamic(Box::new(source)));
+    }
+    if run.srv {
+        let dns_server = match run.dns_server {
+            Some(addr) => addr,
+            None if tor => anyhow::bail!(
+                "--srv with the tor transport needs --dns-server IP:PORT: the query goes through \
+                 Tor to that server, never to this machine's resolver"
+            ),
+            None => first_system_nameserver()?,
+        };
+        let source = SrvSource::new(hostname, dns_server, max_proxies, tor);
+        return Ok(ProxySource::Dynamic(Box::new(source)));
+    }
+    anyhow::bail!(
+        "no proxies: give --proxy NAME[:PORT], or --discovery URL with --discovery-key KEY, or \
+         --srv to find them in DNS"
+    )
+}
+
+/// The first `nameserver` line of /etc/resolv.conf, on port 53.
+fn first_system_nameserver() -> anyhow::Result<std::net::SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf")
+        .context("--srv needs --dns-server IP:PORT (no /etc/resolv.conf to take one from)")?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .find_map(|rest| rest.trim().parse::<std::net::IpAddr>().ok())
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .context("--srv needs --dns-server IP:PORT (/etc/resolv.conf names no nameserver)")
 }
 
 fn parse_target(text: &str, what: &str) -> anyhow::Result<Target> {

@@ -65,15 +65,50 @@ pub struct RunArgs {
     pub target: String,
 
     /// A proxy to hold a tunnel to, as NAME or NAME:PORT (port 443 if omitted); repeat for
-    /// several proxies
+    /// several proxies. Takes precedence over --discovery and --srv
     #[arg(
         long,
         value_name = "NAME[:PORT]",
-        required = true,
         env = "SHROUD_PROXY",
         value_delimiter = ','
     )]
     pub proxy: Vec<String>,
+
+    /// Ask this discovery service which proxies to use, e.g. https://discovery.example.net;
+    /// the list is fetched through the transport in use and must be signed by --discovery-key.
+    /// Takes precedence over --srv
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SHROUD_DISCOVERY",
+        requires = "discovery_key"
+    )]
+    pub discovery: Option<String>,
+
+    /// The discovery service's public key (`ed25519:...`, as `shroud-discovery key` prints);
+    /// lists signed by any other key are refused
+    #[arg(long, value_name = "KEY", env = "SHROUD_DISCOVERY_KEY")]
+    pub discovery_key: Option<String>,
+
+    /// Find proxies in DNS: SRV records `_shroud._tcp.HOSTNAME`, in priority and weight order.
+    /// With tor the query goes through Tor, to --dns-server
+    #[arg(long, env = "SHROUD_SRV")]
+    pub srv: bool,
+
+    /// The DNS server for --srv, as IP:PORT (queried over TCP). Required with tor; with direct
+    /// the first nameserver of /etc/resolv.conf is the default
+    #[arg(long, value_name = "ADDR", env = "SHROUD_DNS_SERVER")]
+    pub dns_server: Option<std::net::SocketAddr>,
+
+    /// With --discovery or --srv, hold tunnels to at most this many proxies
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 3,
+        env = "SHROUD_MAX_PROXIES",
+        value_parser = clap::value_parser!(u16).range(1..=32)
+    )]
+    pub max_proxies: u16,
 
     /// Connect to NAME:PORT at ADDR instead of looking NAME up; the certificate is still checked
     /// against NAME. Repeatable

@@ -255,19 +255,24 @@ impl Client {
 pub struct StateReporter {
     states: watch::Sender<States>,
     proxy: ProxyAddr,
+    /// Set when the proxy left the list: the tunnel's last words must not bring it back.
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StateReporter {
-    /// Sets this tunnel's state.
+    /// Sets this tunnel's state, unless its proxy has left the list.
     pub fn send_replace(&self, state: TunnelState) {
         self.states.send_modify(|states| {
-            states.insert(self.proxy.clone(), state);
+            if !self.retired.load(std::sync::atomic::Ordering::SeqCst) {
+                states.insert(self.proxy.clone(), state);
+            }
         });
     }
 }
 
 struct Running {
     stop: CancellationToken,
+    retired: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<Option<String>>,
 }
 
@@ -293,19 +298,25 @@ impl Tunnels {
             if let Some(running) = self.running.remove(&proxy) {
                 info!(proxy = %proxy, "proxy left the list; closing its tunnel");
                 running.stop.cancel();
+                // Under the map's lock, so no report of the tunnel can land after the removal.
+                self.states.send_modify(|states| {
+                    running
+                        .retired
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    states.remove(&proxy);
+                });
             }
-            self.states.send_modify(|states| {
-                states.remove(&proxy);
-            });
         }
         for proxy in wanted {
             if self.running.contains_key(proxy) {
                 continue;
             }
             let stop = self.shutdown.child_token();
+            let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let reporter = StateReporter {
                 states: self.states.clone(),
                 proxy: proxy.clone(),
+                retired: retired.clone(),
             };
             reporter.send_replace(TunnelState::Connecting);
             let span = tracing::info_span!("tunnel", proxy = %proxy);
@@ -319,7 +330,14 @@ impl Tunnels {
                 )
                 .instrument(span),
             );
-            self.running.insert(proxy.clone(), Running { stop, task });
+            self.running.insert(
+                proxy.clone(),
+                Running {
+                    stop,
+                    retired,
+                    task,
+                },
+            );
         }
     }
 

@@ -4,14 +4,17 @@
 //! through a [`transport::Transport`], opens TLS with ALPN `shroud/1` ([`tls`]), runs yamux
 //! and binds the hostname with the client's key ([`key`]). Each stream the proxy then opens is
 //! one visitor, which [`origin`] connects to the local target. Failed tunnels come back with
-//! [`backoff`]. [`cli`] and [`app`] are the command line.
+//! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
+//! transport. [`cli`] and [`app`] are the command line.
 
 pub mod app;
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod discovery;
 pub mod key;
 pub mod origin;
+pub mod srv;
 pub mod tls;
 pub mod tor;
 pub mod transport;

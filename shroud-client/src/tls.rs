@@ -86,6 +86,24 @@ fn provider() -> Arc<CryptoProvider> {
 /// The TLS settings for connections to proxies: verify against the web's roots plus every
 /// certificate in `extra_ca` (a PEM file), offer ALPN `shroud/1`, present no client certificate.
 pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let mut config = verifying_config(extra_ca)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    // The bind proof signs a TLS exporter value: sound only with the extended master secret
+    // under TLS 1.2 (RFC 7627). TLS 1.3 always has it.
+    config.require_ems = true;
+    Ok(Arc::new(config))
+}
+
+/// The TLS settings for HTTPS requests (the discovery service): the same roots as
+/// [`client_config`], ALPN `http/1.1`.
+pub fn https_client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    let mut config = verifying_config(extra_ca)?;
+    config.alpn_protocols = vec![ORIGIN_ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Verification against the web's roots plus every certificate in `extra_ca`; no ALPN yet.
+fn verifying_config(extra_ca: Option<&Path>) -> Result<ClientConfig, TlsSetupError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -97,16 +115,11 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsSe
             })?;
         }
     }
-    let mut config = ClientConfig::builder_with_provider(provider())
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsSetupError::Rustls)?
         .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN.to_vec()];
-    // The bind proof signs a TLS exporter value: sound only with the extended master secret
-    // under TLS 1.2 (RFC 7627). TLS 1.3 always has it.
-    config.require_ems = true;
-    Ok(Arc::new(config))
+        .with_no_client_auth())
 }
 
 /// The name to check a proxy's certificate against (and send as SNI).

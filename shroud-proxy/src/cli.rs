@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
 use crate::policy::Policy;
 use crate::server::{self, Limits, Listeners, ProxyConfig};
 
@@ -47,7 +48,45 @@ pub struct Cli {
     /// Which client key may bind which hostname: lines of `HOSTNAME KEY`, where HOSTNAME may
     /// be `*.example.com` (its subdomains) and KEY is what `shroud key` prints.
     #[arg(long, env = "SHROUD_AUTHORIZED", value_name = "FILE")]
-    pub authorized: PathBuf,
+    pub authorized: Option<PathBuf>,
+
+    /// Also let a key bind HOSTNAME when `_shroud.HOSTNAME` has a TXT record `shroud-key=KEY`.
+    /// Answers are cached for their TTL; a DNS failure refuses the bind, never grants it, and a
+    /// removed record unbinds tunnels at the next check
+    #[arg(long, env = "SHROUD_AUTHORIZE_DNS")]
+    pub authorize_dns: bool,
+
+    /// The DNS server for --authorize-dns, as IP:PORT [default: the system's resolvers]
+    #[arg(long, env = "SHROUD_DNS_SERVER", value_name = "ADDR")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Announce this proxy to a discovery service (https://HOST[:PORT]) with heartbeats, and
+    /// leave it at once on SIGTERM
+    #[arg(long, env = "SHROUD_DISCOVERY", value_name = "URL",
+          requires_all = ["fleet_secret_file", "region", "public_name"])]
+    pub discovery: Option<String>,
+
+    /// File (mode 0600) holding the secret the discovery service expects from its fleet
+    #[arg(long, env = "SHROUD_FLEET_SECRET_FILE", value_name = "FILE")]
+    pub fleet_secret_file: Option<PathBuf>,
+
+    /// This proxy's region, as the discovery service spreads clients across regions
+    #[arg(long, env = "SHROUD_REGION", value_name = "REGION")]
+    pub region: Option<String>,
+
+    /// The name and port clients use for this proxy, as NAME:PORT (usually the tunnel name
+    /// and 443)
+    #[arg(long, env = "SHROUD_PUBLIC_NAME", value_name = "NAME:PORT")]
+    pub public_name: Option<String>,
+
+    /// Extra CA certificates (PEM) to trust for the discovery service, besides the web's roots
+    #[arg(long, env = "SHROUD_DISCOVERY_CA", value_name = "FILE")]
+    pub discovery_ca: Option<PathBuf>,
+
+    /// Seconds between heartbeats to the discovery service
+    #[arg(long, env = "SHROUD_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_secs: u64,
 
     /// On SIGTERM or SIGINT, how long streams in flight may take to finish.
     #[arg(
@@ -79,8 +118,22 @@ impl Cli {
         let tunnel_name = shroud_mux::hostname::normalize(&self.tunnel_name)
             .with_context(|| format!("--tunnel-name {:?}", self.tunnel_name))?;
         let tls = server::tunnel_tls_config(&self.tls_cert, &self.tls_key)?;
-        let policy = Policy::load(&self.authorized)
-            .with_context(|| format!("--authorized {}", self.authorized.display()))?;
+        let policy = match &self.authorized {
+            Some(path) => {
+                Policy::load(path).with_context(|| format!("--authorized {}", path.display()))?
+            }
+            None if self.authorize_dns => Policy::default(),
+            None => anyhow::bail!(
+                "no client can be authorized: give --authorized FILE, --authorize-dns, or both"
+            ),
+        };
+        let dns = if self.authorize_dns {
+            let authorizer = DnsAuthorizer::new(self.dns_server, DnsAuthLimits::default())
+                .context("--authorize-dns")?;
+            Some(authorizer)
+        } else {
+            None
+        };
         if self.max_streams_per_tunnel == 0 || self.max_connections == 0 {
             anyhow::bail!("--max-streams-per-tunnel and --max-connections must be at least 1");
         }
@@ -95,6 +148,7 @@ impl Cli {
             tunnel_name,
             tls,
             policy,
+            dns,
             limits,
         })
     }
@@ -134,7 +188,80 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_on_signal(shutdown.clone()));
-    server::run(listeners, config, shutdown).await
+    let announce = cli
+        .announcement()?
+        .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
+    let result = server::run(listeners, config, shutdown).await;
+    if let Some(announce) = announce {
+        // It says goodbye to the discovery service on shutdown, within its own deadline.
+        let _ = announce.await;
+    }
+    result
+}
+
+/// What the proxy tells a discovery service about itself.
+pub struct Announcement {
+    url: shroud_discovery::announce::DiscoveryUrl,
+    secret: shroud_discovery::secret::FleetSecret,
+    entry: shroud_discovery::signed::ProxyEntry,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    interval: Duration,
+}
+
+impl Announcement {
+    /// Heartbeats until `shutdown`, then leaves.
+    pub async fn run(self, shutdown: CancellationToken) {
+        shroud_discovery::announce::run(
+            &self.url,
+            self.secret,
+            self.entry,
+            self.tls,
+            self.interval,
+            shutdown,
+        )
+        .await
+    }
+}
+
+impl Cli {
+    /// The discovery announcement the flags ask for, if any.
+    pub fn announcement(&self) -> anyhow::Result<Option<Announcement>> {
+        let Some(url) = &self.discovery else {
+            return Ok(None);
+        };
+        let url = url
+            .parse()
+            .with_context(|| format!("--discovery {url:?}"))?;
+        let secret_path = self
+            .fleet_secret_file
+            .as_deref()
+            .context("--discovery needs --fleet-secret-file")?;
+        let secret = shroud_discovery::secret::FleetSecret::load(secret_path)
+            .with_context(|| format!("--fleet-secret-file {}", secret_path.display()))?;
+        let public = self
+            .public_name
+            .as_deref()
+            .context("--discovery needs --public-name NAME:PORT")?;
+        let (name, port) = public
+            .rsplit_once(':')
+            .and_then(|(name, port)| Some((name, port.parse::<u16>().ok().filter(|p| *p != 0)?)))
+            .with_context(|| format!("--public-name {public:?}: expected NAME:PORT"))?;
+        let name = shroud_mux::hostname::normalize(name)
+            .with_context(|| format!("--public-name {public:?}"))?;
+        let region = self
+            .region
+            .clone()
+            .filter(|r| !r.trim().is_empty())
+            .context("--discovery needs --region")?;
+        let tls = shroud_discovery::announce::client_tls(self.discovery_ca.as_deref())?;
+        Ok(Some(Announcement {
+            url,
+            secret,
+            entry: shroud_discovery::signed::ProxyEntry { name, port, region },
+            tls,
+            interval: Duration::from_secs(self.heartbeat_secs),
+        }))
+    }
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.

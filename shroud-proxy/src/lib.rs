@@ -5,10 +5,12 @@
 //! Host to pick a tunnel from the [`registry`], opens a stream on it and splices the visitor
 //! onto it, replaying the bytes it read. Shroud clients arrive on the same TLS port, told apart
 //! by ALPN `shroud/1`; [`tunnel`] terminates their TLS, checks their bind against the
-//! [`policy`] and registers the names. [`server`] owns the listeners and graceful shutdown;
+//! [`policy`] and registers the names. [`dns_auth`] reads the client keys a name's owner lists
+//! in DNS TXT records. [`server`] owns the listeners and graceful shutdown;
 //! [`cli`] turns flags into a [`server::ProxyConfig`].
 
 pub mod cli;
+pub mod dns_auth;
 pub mod http_sniff;
 pub mod policy;
 pub mod registry;

@@ -66,6 +66,17 @@ impl Registry {
         });
     }
 
+    /// Removes one name's binding to `tunnel`, leaving its other names.
+    pub fn unbind_name(&self, tunnel: TunnelId, hostname: &str) {
+        let mut bindings = self.lock();
+        if let Some(list) = bindings.get_mut(hostname) {
+            list.retain(|b| b.tunnel != tunnel);
+            if list.is_empty() {
+                bindings.remove(hostname);
+            }
+        }
+    }
+
     /// Chooses where a visitor for `hostname` goes. `http` is true for plain-HTTP visitors,
     /// which only tunnels that serve HTTP may take.
     pub fn route(&self, hostname: &str, http: bool) -> Route {

@@ -66,6 +66,8 @@ pub struct ProxyConfig {
     pub tls: Arc<rustls::ServerConfig>,
     /// Which key may bind which hostname.
     pub policy: Policy,
+    /// Also let a key bind a hostname whose `_shroud` TXT record lists it.
+    pub dns: Option<crate::dns_auth::DnsAuthorizer>,
     /// Deadlines and bounds.
     pub limits: Limits,
 }
@@ -86,6 +88,7 @@ pub struct Shared {
     pub(crate) tunnel_name: String,
     pub(crate) tls_acceptor: TlsAcceptor,
     pub(crate) policy: Policy,
+    pub(crate) dns: Option<crate::dns_auth::DnsAuthorizer>,
     pub(crate) limits: Limits,
     pub(crate) registry: Registry,
 }
@@ -147,6 +150,7 @@ pub async fn run(
         tunnel_name: config.tunnel_name,
         tls_acceptor: TlsAcceptor::from(config.tls),
         policy: config.policy,
+        dns: config.dns,
         limits: config.limits,
         registry: Registry::default(),
     });

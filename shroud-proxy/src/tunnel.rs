@@ -20,6 +20,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::dns_auth::DnsVerdict;
 use crate::registry::TunnelId;
 use crate::server::Shared;
 
@@ -50,6 +51,9 @@ pub enum TunnelError {
     /// The TLS exporter could not be computed.
     #[error("TLS keying material exporter failed: {0}")]
     Exporter(String),
+    /// Every name the tunnel had bound lost its DNS authorization.
+    #[error("every hostname's DNS authorization was withdrawn")]
+    Revoked,
 }
 
 /// Serves one tunnel connection whose first bytes may already have been read (they are in
@@ -93,36 +97,49 @@ where
     // Clients open no other streams; any they try are reset.
     drop(incoming);
 
-    let handshake = tokio::time::timeout_at(deadline, handshake(&mut control, &exporter, &shared));
-    let bound = match handshake.await {
-        Ok(Ok(bound)) => bound,
+    let tunnel = shared.registry.new_tunnel_id();
+    let handshake = tokio::time::timeout_at(
+        deadline,
+        handshake(&mut control, &exporter, &shared, tunnel, &session),
+    );
+    let granted = match handshake.await {
+        Ok(Ok(granted)) => granted,
         Ok(Err(err)) => {
+            shared.registry.unbind_tunnel(tunnel);
             session.close();
             return Err(err);
         }
         Err(_) => {
+            shared.registry.unbind_tunnel(tunnel);
             let _ = send_error(&mut control, ErrorCode::Timeout, "handshake too slow").await;
             session.close();
             return Err(TunnelError::Timeout("the bind"));
         }
     };
-    if bound.is_empty() {
+    if granted.names.is_empty() {
         // Give the client a moment to read the result before the connection goes.
         let _ = timeout(Duration::from_secs(2), control.shutdown_and_wait()).await;
         session.close();
         return Ok(());
     }
 
-    let tunnel = shared.registry.new_tunnel_id();
-    for name in &bound {
-        shared
-            .registry
-            .bind(&name.name, tunnel, session.clone(), name.http);
-    }
-    let names: Vec<&str> = bound.iter().map(|n| n.name.as_str()).collect();
+    let names: Vec<&str> = granted.names.iter().map(|n| n.name.as_str()).collect();
     info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
 
-    let result = keep_alive(&mut control, &session, tunnel, &shared, &shutdown).await;
+    let mut rechecks = DnsRechecks {
+        key: granted.key,
+        due: granted.dns,
+        bound: granted.names.len(),
+    };
+    let result = keep_alive(
+        &mut control,
+        &session,
+        tunnel,
+        &shared,
+        &shutdown,
+        &mut rechecks,
+    )
+    .await;
     shared.registry.unbind_tunnel(tunnel);
     match &result {
         Ok(()) => info!(tunnel, "tunnel closed"),
@@ -132,12 +149,24 @@ where
     result
 }
 
-/// Hello, challenge, bind, result. Returns the names that were bound.
+/// What a bind granted: the names, and which of them hold only as long as DNS says so.
+struct Granted {
+    names: Vec<BindName>,
+    key: Option<PublicKey>,
+    /// Names granted by a `_shroud` TXT record, and when to check it again.
+    dns: Vec<(String, Instant)>,
+}
+
+/// Hello, challenge, bind, result. Granted names enter the registry before the result is
+/// sent, so a visitor who arrives the moment the client learns it is bound is routed. Returns
+/// what was bound; the caller unbinds `tunnel` if this fails.
 async fn handshake(
     control: &mut MuxStream,
     exporter: &[u8; EXPORTER_LEN],
     shared: &Shared,
-) -> Result<Vec<BindName>, TunnelError> {
+    tunnel: TunnelId,
+    session: &Session,
+) -> Result<Granted, TunnelError> {
     match control::read_message(control).await? {
         Message::Hello { versions } if versions.contains(&VERSION) => {}
         Message::Hello { versions } => {
@@ -167,21 +196,61 @@ async fn handshake(
         } if !hostnames.is_empty() => (key, signature, hostnames),
         other => return Err(unexpected(control, &other, "bind").await),
     };
-    let results = judge_bind(&key, &signature, &hostnames, &challenge, exporter, shared);
-    let bound = hostnames
+    let (verified, mut judged) =
+        judge_bind(&key, &signature, &hostnames, &challenge, exporter, shared);
+    let mut dns = Vec::new();
+    if let (Some(key), Some(authorizer)) = (&verified, &shared.dns) {
+        for (entry, outcome) in hostnames.iter().zip(judged.iter_mut()) {
+            if outcome.status != BindStatus::NotAuthorized {
+                continue;
+            }
+            match authorizer.allows(&entry.name, key).await {
+                DnsVerdict::Allowed { valid_for } => {
+                    outcome.status = BindStatus::Bound;
+                    outcome.reason.clear();
+                    dns.push((entry.name.clone(), Instant::now() + valid_for));
+                }
+                DnsVerdict::NotListed => {
+                    outcome.reason = format!(
+                        "this key is not authorized for this hostname on this proxy, nor by a \
+                         TXT record at _shroud.{}",
+                        entry.name
+                    );
+                }
+                DnsVerdict::Unavailable(why) => {
+                    // A check that cannot be made refuses; it never grants.
+                    outcome.status = BindStatus::Unavailable;
+                    outcome.reason = format!("the DNS authorization could not be checked: {why}");
+                }
+            }
+        }
+    }
+    let names = hostnames
         .iter()
-        .zip(&results)
+        .zip(&judged)
         .filter(|(_, outcome)| outcome.status == BindStatus::Bound)
         .map(|(name, _)| name.clone())
         .collect();
-    for outcome in results.iter().filter(|o| o.status != BindStatus::Bound) {
+    for outcome in judged.iter().filter(|o| o.status != BindStatus::Bound) {
         info!(hostname = %outcome.name, status = ?outcome.status, "bind refused");
     }
-    control::write_message(control, &Message::BindResult { results }).await?;
-    Ok(bound)
+    for name in &names {
+        let name: &BindName = name;
+        shared
+            .registry
+            .bind(&name.name, tunnel, session.clone(), name.http);
+    }
+    control::write_message(control, &Message::BindResult { results: judged }).await?;
+    Ok(Granted {
+        names,
+        key: verified,
+        dns,
+    })
 }
 
-/// The proxy's verdict on each hostname of a bind.
+/// The proxy's verdict on each hostname of a bind, from the proof and the authorized file;
+/// DNS is consulted afterwards for names the file does not grant. Returns the key when the
+/// proof verified.
 fn judge_bind(
     key: &[u8; 32],
     signature: &[u8; 64],
@@ -189,7 +258,7 @@ fn judge_bind(
     challenge: &[u8; 32],
     exporter: &[u8; EXPORTER_LEN],
     shared: &Shared,
-) -> Vec<BindOutcome> {
+) -> (Option<PublicKey>, Vec<BindOutcome>) {
     let outcome = |name: &BindName, status, reason: &str| BindOutcome {
         name: name.name.clone(),
         status,
@@ -201,13 +270,14 @@ fn judge_bind(
         key.verify(&transcript, signature)
     });
     let Some(key) = verified else {
-        return hostnames
+        let refused = hostnames
             .iter()
             .map(|h| outcome(h, BindStatus::BadProof, "the bind signature did not verify"))
             .collect();
+        return (None, refused);
     };
     let mut seen = std::collections::HashSet::new();
-    hostnames
+    let judged = hostnames
         .iter()
         .map(|h| match hostname::normalize(&h.name) {
             Ok(normal) if normal != h.name => outcome(
@@ -231,7 +301,8 @@ fn judge_bind(
                 "this key is not authorized for this hostname on this proxy",
             ),
         })
-        .collect()
+        .collect();
+    (Some(key), judged)
 }
 
 /// Answers pings until the client goes quiet, the session ends, or the proxy shuts down.
@@ -241,10 +312,17 @@ async fn keep_alive(
     tunnel: TunnelId,
     shared: &Shared,
     shutdown: &CancellationToken,
+    rechecks: &mut DnsRechecks,
 ) -> Result<(), TunnelError> {
     let idle = shared.limits.tunnel_idle_timeout;
     loop {
+        let next_check = rechecks.next_due();
         tokio::select! {
+            () = sleep_until_or_never(next_check) => {
+                if rechecks.run(tunnel, shared).await == 0 {
+                    return Err(TunnelError::Revoked);
+                }
+            }
             read = timeout(idle, control::read_message(control)) => match read {
                 Err(_) => return Err(TunnelError::Timeout("a keepalive from the client")),
                 Ok(Err(ReadError::Closed)) => return Ok(()),
@@ -320,5 +398,67 @@ impl ShutdownAndWait for MuxStream {
             let mut sink = [0u8; 64];
             while matches!(self.read(&mut sink).await, Ok(n) if n > 0) {}
         }
+    }
+}
+
+/// The names of a tunnel that hold only while their `_shroud` TXT record lists the key.
+struct DnsRechecks {
+    key: Option<PublicKey>,
+    due: Vec<(String, Instant)>,
+    /// How many names the tunnel still has bound.
+    bound: usize,
+}
+
+/// How long a name granted by DNS stays bound when DNS cannot be asked, past its TTL.
+const DNS_FAILURE_GRACE: Duration = Duration::from_secs(300);
+/// How soon to ask again after DNS could not be asked.
+const DNS_RETRY: Duration = Duration::from_secs(30);
+
+impl DnsRechecks {
+    fn next_due(&self) -> Option<Instant> {
+        self.due.iter().map(|(_, at)| *at).min()
+    }
+
+    /// Checks every name that is due; unbinds those whose record no longer lists the key.
+    /// Returns how many names the tunnel still has bound.
+    async fn run(&mut self, tunnel: TunnelId, shared: &Shared) -> usize {
+        let (Some(key), Some(authorizer)) = (&self.key, &shared.dns) else {
+            self.due.clear();
+            return self.bound;
+        };
+        let now = Instant::now();
+        let mut kept = Vec::new();
+        for (name, at) in std::mem::take(&mut self.due) {
+            if at > now {
+                kept.push((name, at));
+                continue;
+            }
+            match authorizer.allows(&name, key).await {
+                DnsVerdict::Allowed { valid_for } => kept.push((name, Instant::now() + valid_for)),
+                DnsVerdict::NotListed => {
+                    info!(hostname = %name, "DNS no longer authorizes this key; unbinding");
+                    shared.registry.unbind_name(tunnel, &name);
+                    self.bound -= 1;
+                }
+                DnsVerdict::Unavailable(why) if now.duration_since(at) < DNS_FAILURE_GRACE => {
+                    warn!(hostname = %name, %why, "cannot recheck DNS authorization; will retry");
+                    kept.push((name, now + DNS_RETRY));
+                }
+                DnsVerdict::Unavailable(why) => {
+                    warn!(hostname = %name, %why, "DNS authorization unverifiable for too long; unbinding");
+                    shared.registry.unbind_name(tunnel, &name);
+                    self.bound -= 1;
+                }
+            }
+        }
+        self.due = kept;
+        self.bound
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

@@ -17,6 +17,9 @@
 //!   requests with a small response parser, and the bulk-transfer client.
 //! - [`bulk`]: the bulk-transfer protocol both ends speak and the
 //!   deterministic byte generator ([`PatternGen`]) they share.
+//! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
+//!   serving an in-memory zone that tests change while it runs
+//!   ([`dns::TestDns`]), and counting the queries that reach it.
 //! - [`tornet`]: a private Tor network on 127.0.0.1 built from the system's
 //!   `tor` ([`tornet::TorNet`], one shared per test binary), the Arti
 //!   configuration that reaches it, and `/proc` helpers that tell which
@@ -30,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bulk;
+pub mod dns;
 pub mod origin;
 pub mod pki;
 pub mod stack;

@@ -87,11 +87,36 @@ impl TestProxy {
         authorized: &str,
         limits: Limits,
     ) -> anyhow::Result<Self> {
+        Self::start_full(pki, name, authorized, None, limits).await
+    }
+
+    /// Starts a proxy that also authorizes keys by `_shroud` TXT records, asking `dns_server`.
+    pub async fn start_with_dns(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        dns_server: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let authorizer = shroud_proxy::dns_auth::DnsAuthorizer::new(
+            Some(dns_server),
+            shroud_proxy::dns_auth::DnsAuthLimits::default(),
+        )?;
+        Self::start_full(pki, name, authorized, Some(authorizer), Limits::default()).await
+    }
+
+    async fn start_full(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        dns: Option<shroud_proxy::dns_auth::DnsAuthorizer>,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
         let (cert, key) = pki.issue_files(name)?;
         let config = ProxyConfig {
             tunnel_name: name.to_owned(),
             tls: shroud_proxy::server::tunnel_tls_config(&cert, &key)?,
             policy: Policy::parse(authorized)?,
+            dns,
             limits,
         };
         let https = bind_listener(LOOPBACK)?;
@@ -160,6 +185,9 @@ pub struct ClientSpec {
     pub key: SecretKey,
     /// Terminate visitors' TLS at the client, as `--tls-cert/--tls-key` do.
     pub origin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Where the list of proxies comes from, when not `proxies` (which then only says where
+    /// each name resolves, as `--resolve` does).
+    pub fleet: Option<Box<dyn shroud_client::client::FleetSource>>,
     /// Timeouts; tests shorten the backoff so reconnects happen quickly.
     pub timing: Timing,
 }
@@ -175,6 +203,7 @@ impl ClientSpec {
             proxies,
             key,
             origin_tls: None,
+            fleet: None,
             timing: Timing {
                 backoff_base: Duration::from_millis(50),
                 backoff_cap: Duration::from_millis(500),
@@ -230,7 +259,10 @@ impl TestClient {
             target: target(spec.target),
             http_target: spec.http_target.map(target),
             origin_tls: spec.origin_tls,
-            source: shroud_client::client::ProxySource::Static(proxies),
+            source: match spec.fleet {
+                Some(fleet) => shroud_client::client::ProxySource::Dynamic(fleet),
+                None => shroud_client::client::ProxySource::Static(proxies),
+            },
             transport,
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,

@@ -1,0 +1,578 @@
+//! The HTTPS API: hyper's HTTP/1.1 over tokio-rustls, one request per connection.
+//!
+//! Every connection is bounded: a TLS handshake deadline, a header read deadline, a deadline on
+//! the whole connection, a 4 KiB request body, a cap on connections at once, and a per-address
+//! rate limit. State lives in memory only; a restarted service rebuilds it from the fleet file
+//! and the next heartbeats. See [`crate::api`] for the routes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use shroud_mux::auth::SecretKey;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument as _};
+
+use crate::api::{self, Heartbeat};
+use crate::cname::{CnameCheck, Verdict};
+use crate::fleet::{Fleet, HeartbeatError};
+use crate::ratelimit::{RateConfig, RateLimiter};
+use crate::secret::FleetSecret;
+use crate::signed::{self, ProxyList, LIST_VERSION};
+
+/// Default number of proxies in a list.
+pub const DEFAULT_MAX_PROXIES: usize = 3;
+/// Default validity of a list.
+pub const DEFAULT_LIST_TTL: Duration = Duration::from_secs(300);
+/// Largest request head hyper buffers, in bytes.
+const MAX_HEAD_BUFFER: usize = 16 * 1024;
+
+/// Bounds on what one connection or address may cost.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most connections served at once; more are closed at once.
+    pub max_connections: usize,
+    /// Deadline for the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Deadline for the request head once the connection is up.
+    pub header_read_timeout: Duration,
+    /// Deadline for the whole connection.
+    pub connection_timeout: Duration,
+    /// Largest request body read, in bytes.
+    pub max_body: usize,
+    /// The per-address rate limit.
+    pub rate: RateConfig,
+    /// On shutdown, how long requests in flight may take to finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            connection_timeout: Duration::from_secs(30),
+            max_body: api::MAX_REQUEST_BODY,
+            rate: RateConfig::default(),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The CNAME requirement: lists only for hostnames that are CNAMEs into `domain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequireCname {
+    /// The domain, normalised: `HOST` must be a CNAME to `HOST.domain`.
+    pub domain: String,
+    /// The DNS servers asked, over UDP and TCP (`ADDR:PORT`, usually port 53).
+    pub dns_servers: Vec<SocketAddr>,
+}
+
+/// Everything the service needs to run.
+#[derive(Debug)]
+pub struct ServerConfig {
+    /// The HTTPS certificate and key.
+    pub tls: Arc<rustls::ServerConfig>,
+    /// The key lists are signed with; clients pin its public half.
+    pub signing_key: Arc<SecretKey>,
+    /// The fleet, with its static entries.
+    pub fleet: Fleet,
+    /// The secret heartbeats must present; `None` refuses every heartbeat.
+    pub fleet_secret: Option<FleetSecret>,
+    /// Most proxies in one list.
+    pub max_proxies: usize,
+    /// How long a list is valid.
+    pub list_ttl: Duration,
+    /// The CNAME requirement, if any.
+    pub require_cname: Option<RequireCname>,
+    /// Bounds on connections and addresses.
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    /// A configuration with the default list size, list validity and limits, no heartbeats
+    /// and no CNAME requirement.
+    pub fn new(tls: Arc<rustls::ServerConfig>, signing_key: Arc<SecretKey>, fleet: Fleet) -> Self {
+        Self {
+            tls,
+            signing_key,
+            fleet,
+            fleet_secret: None,
+            max_proxies: DEFAULT_MAX_PROXIES,
+            list_ttl: DEFAULT_LIST_TTL,
+            require_cname: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Loads the HTTPS certificate chain and key from PEM files (ALPN `http/1.1`).
+pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key from {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the TLS certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Shared state of all connections.
+struct State {
+    signing_key: Arc<SecretKey>,
+    fleet: Mutex<Fleet>,
+    fleet_secret: Option<FleetSecret>,
+    max_proxies: usize,
+    list_ttl: Duration,
+    cname: Option<CnameCheck>,
+    limiter: Mutex<RateLimiter>,
+    max_body: usize,
+}
+
+/// Locks a mutex whose holders never leave its data half-changed, so a poisoned one is fine.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting and waits
+/// up to the drain deadline for requests in flight.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let cname = match &config.require_cname {
+        None => None,
+        Some(require) => {
+            if require.dns_servers.is_empty() {
+                anyhow::bail!("the CNAME requirement needs at least one DNS server");
+            }
+            let check = CnameCheck::new(require.domain.clone(), &require.dns_servers)
+                .context("setting up the DNS resolver")?;
+            Some(check)
+        }
+    };
+    let limits = config.limits;
+    let state = Arc::new(State {
+        signing_key: config.signing_key,
+        fleet: Mutex::new(config.fleet),
+        fleet_secret: config.fleet_secret,
+        max_proxies: config.max_proxies.min(signed::MAX_PROXIES),
+        // Clients refuse lists valid for longer than this; never make one.
+        list_ttl: config
+            .list_ttl
+            .min(Duration::from_secs(signed::MAX_LIFETIME_SECS)),
+        cname,
+        limiter: Mutex::new(RateLimiter::new(limits.rate)),
+        max_body: limits.max_body,
+    });
+    let acceptor = TlsAcceptor::from(config.tls);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "listening");
+    }
+
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning; the listener survives.
+                warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(%peer, "connection limit reached; closing new connection");
+            continue;
+        };
+        let connection = Connection {
+            state: state.clone(),
+            acceptor: acceptor.clone(),
+            limits: limits.clone(),
+            shutdown: shutdown.clone(),
+            peer,
+        };
+        tracker.spawn(
+            async move {
+                connection.serve(stream).await;
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("connection", %peer)),
+        );
+    }
+
+    drop(listener);
+    tracker.close();
+    info!("shutting down");
+    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("drain deadline passed with connections still open; closing them");
+    }
+    Ok(())
+}
+
+/// One accepted connection.
+struct Connection {
+    state: Arc<State>,
+    acceptor: TlsAcceptor,
+    limits: Limits,
+    shutdown: CancellationToken,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        if let Err(err) = stream.set_nodelay(true) {
+            debug!(%err, "could not set TCP_NODELAY");
+        }
+        let handshake = tokio::time::timeout(
+            self.limits.tls_handshake_timeout,
+            self.acceptor.accept(stream),
+        );
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(err)) => {
+                debug!(%err, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return;
+            }
+        };
+
+        let state = self.state.clone();
+        let peer = self.peer;
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(request, peer, &state).await) }
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .keep_alive(false)
+            .max_buf_size(MAX_HEAD_BUFFER);
+        let connection = builder.serve_connection(TokioIo::new(tls), service);
+        let mut connection = std::pin::pin!(connection);
+        let deadline = tokio::time::sleep(self.limits.connection_timeout);
+        let mut deadline = std::pin::pin!(deadline);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(err) = result {
+                        debug!(%err, "connection ended with an error");
+                    }
+                    return;
+                }
+                () = &mut deadline => {
+                    debug!("connection outlived its deadline; closing it");
+                    return;
+                }
+                () = self.shutdown.cancelled(), if !draining => {
+                    connection.as_mut().graceful_shutdown();
+                    draining = true;
+                }
+            }
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+async fn handle(request: Request<Incoming>, peer: SocketAddr, state: &State) -> Reply {
+    if !lock(&state.limiter).allow(peer.ip(), Instant::now()) {
+        debug!("rate limit exceeded");
+        let mut reply = text(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
+        reply
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return reply;
+    }
+    let method = request.method().clone();
+    match (method, request.uri().path()) {
+        (Method::GET, api::HEALTHZ_PATH) => text(StatusCode::OK, "ok\n"),
+        (Method::GET, api::PROXIES_PATH) => proxies(&request, state).await,
+        (Method::POST, api::HEARTBEAT_PATH) => heartbeat(request, peer, state).await,
+        (_, api::HEALTHZ_PATH | api::PROXIES_PATH) => not_allowed("GET"),
+        (_, api::HEARTBEAT_PATH) => not_allowed("POST"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn proxies(request: &Request<Incoming>, state: &State) -> Reply {
+    let Some(host) = host_param(request.uri().query()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "give the hostname once, as ?host=HOSTNAME\n",
+        );
+    };
+    let host = match shroud_mux::hostname::normalize(&host) {
+        Ok(host) => host,
+        Err(err) => return text(StatusCode::BAD_REQUEST, &format!("invalid host: {err}\n")),
+    };
+
+    if let Some(cname) = &state.cname {
+        let expected = format!("{host}.{}", cname.domain());
+        match cname.check(&host).await {
+            Ok(Verdict::Confirmed) => {}
+            Ok(Verdict::Absent) => {
+                debug!(%host, "no CNAME; refusing");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    &format!("{host} is not a CNAME to {expected}\n"),
+                );
+            }
+            Ok(Verdict::Elsewhere { target }) => {
+                debug!(%host, %target, "CNAME elsewhere; refusing");
+                return text(
+                    StatusCode::FORBIDDEN,
+                    &format!("{host} is a CNAME to {target}, not to {expected}\n"),
+                );
+            }
+            Err(err) => {
+                warn!(%host, err = %anyhow::Error::new(err), "CNAME check failed; refusing");
+                let mut reply = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("could not check the DNS of {host}; try again later\n"),
+                );
+                reply
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+                return reply;
+            }
+        }
+    }
+
+    let proxies = lock(&state.fleet).select(&host, state.max_proxies, Instant::now());
+    if proxies.is_empty() {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!("no healthy proxy for {host}\n"),
+        );
+    }
+    let Ok(since_epoch) = SystemTime::now().duration_since(UNIX_EPOCH) else {
+        warn!("the system clock is before 1970; cannot date lists");
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "clock error\n");
+    };
+    let issued_at = since_epoch.as_secs();
+    let list = ProxyList {
+        version: LIST_VERSION,
+        host,
+        issued_at,
+        expires_at: issued_at.saturating_add(state.list_ttl.as_secs()),
+        proxies,
+    };
+    match signed::sign(&list, &state.signing_key) {
+        Ok(body) => {
+            let mut reply = Response::new(Full::new(Bytes::from(body)));
+            let headers = reply.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            reply
+        }
+        Err(err) => {
+            warn!(err = %anyhow::Error::new(err), "signing a list failed");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "could not sign the list\n",
+            )
+        }
+    }
+}
+
+/// The value of the one `host` parameter; `None` if it is missing or repeated.
+fn host_param(query: Option<&str>) -> Option<String> {
+    let mut found = None;
+    for pair in query?.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == "host" {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(value.to_owned());
+        }
+    }
+    found
+}
+
+async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) -> Reply {
+    let Some(secret) = &state.fleet_secret else {
+        return text(
+            StatusCode::FORBIDDEN,
+            "heartbeats are not enabled on this service\n",
+        );
+    };
+    let authorized = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| bearer_token(value.as_bytes()))
+        .is_some_and(|token| secret.matches(token));
+    if !authorized {
+        // Neither the expected nor the received value is logged.
+        warn!(%peer, "heartbeat with a missing or wrong fleet secret");
+        let mut reply = text(StatusCode::UNAUTHORIZED, "wrong or missing fleet secret\n");
+        reply
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return reply;
+    }
+
+    let body = match read_body(request, state.max_body).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
+    };
+    let beat: Heartbeat = match serde_json::from_slice(&body) {
+        Ok(beat) => beat,
+        Err(err) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid heartbeat: {err}\n"),
+            )
+        }
+    };
+    let mut fleet = lock(&state.fleet);
+    if beat.leaving {
+        if fleet.leave(&beat.name, beat.port) {
+            info!(name = %beat.name, port = beat.port, "proxy left");
+        }
+        return no_content();
+    }
+    match fleet.heartbeat(beat.entry(), Instant::now()) {
+        Ok(true) => {
+            info!(name = %beat.name, port = beat.port, region = %beat.region, "proxy joined");
+            no_content()
+        }
+        Ok(false) => no_content(),
+        Err(err @ HeartbeatError::Entry(_)) => text(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid heartbeat: {err}\n"),
+        ),
+        Err(err @ HeartbeatError::Full(_)) => {
+            warn!(%err, name = %beat.name, "heartbeat refused");
+            text(StatusCode::SERVICE_UNAVAILABLE, &format!("{err}\n"))
+        }
+    }
+}
+
+/// `TOKEN` from `Bearer TOKEN`, the scheme matched without regard to case.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+}
+
+/// Reads the body, at most `max` bytes; the error is the reply to send.
+async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Reply> {
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("the request body is limited to {max} bytes\n"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(err) => {
+            debug!(%err, "reading the request body failed");
+            Err(text(StatusCode::BAD_REQUEST, "could not read the body\n"))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    reply
+}
+
+fn no_content() -> Reply {
+    let mut reply = Response::new(Full::new(Bytes::new()));
+    *reply.status_mut() = StatusCode::NO_CONTENT;
+    reply
+}
+
+fn not_allowed(allow: &'static str) -> Reply {
+    let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    reply
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    reply
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_parameter_must_appear_once() {
+        assert_eq!(host_param(Some("host=a.test")).as_deref(), Some("a.test"));
+        assert_eq!(
+            host_param(Some("x=1&host=a.test")).as_deref(),
+            Some("a.test")
+        );
+        assert_eq!(host_param(Some("host=a.test&host=b.test")), None);
+        assert_eq!(host_param(Some("hostx=a.test")), None);
+        assert_eq!(host_param(None), None);
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bear"), None);
+    }
+}

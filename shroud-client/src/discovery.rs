@@ -1,0 +1,233 @@
+//! Proxies from a discovery service (`--discovery URL --discovery-key KEY`).
+//!
+//! The list is fetched over HTTPS through the transport in use (so through Tor in tor mode),
+//! and accepted only when signed by the pinned key, for this hostname, fresh, and not older
+//! than a list already accepted: neither a Tor exit nor a compromised TLS front end can hand
+//! the client a fleet of its choosing. It is asked for again when two thirds of its lifetime
+//! have passed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use shroud_discovery::signed::{self, VerifyError};
+use shroud_mux::auth::PublicKey;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+
+use crate::client::{Fleet, FleetError, FleetSource, ProxyAddr};
+use crate::transport::Transport;
+
+/// Largest discovery response read.
+const MAX_RESPONSE: usize = 64 * 1024;
+/// Never ask again sooner than this, however short-lived the list.
+const MIN_REFRESH: Duration = Duration::from_secs(10);
+
+/// A discovery service, and what the client has accepted from it so far.
+pub struct DiscoverySource {
+    host: String,
+    port: u16,
+    hostname: String,
+    key: PublicKey,
+    tls: Arc<rustls::ClientConfig>,
+    max_proxies: usize,
+    request_timeout: Duration,
+    newest_seen: Option<u64>,
+}
+
+impl DiscoverySource {
+    /// A source for `hostname`'s proxies from the service at `url` (`https://HOST[:PORT][/]`),
+    /// whose lists must be signed by `key`. `extra_ca` is trusted besides the web's roots.
+    pub fn new(
+        url: &str,
+        key: PublicKey,
+        hostname: &str,
+        extra_ca: Option<&Path>,
+        max_proxies: usize,
+        request_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let (host, port) = parse_url(url)?;
+        Ok(Self {
+            host,
+            port,
+            hostname: hostname.to_owned(),
+            key,
+            tls: crate::tls::https_client_config(extra_ca)?,
+            max_proxies,
+            request_timeout,
+            newest_seen: None,
+        })
+    }
+
+    async fn fetch_list(&mut self, transport: &dyn Transport) -> Result<Fleet, FleetError> {
+        let transient = |message: String| FleetError {
+            permanent: false,
+            message,
+        };
+        let stream = transport
+            .connect(&self.host, self.port)
+            .await
+            .map_err(|err| transient(format!("reaching the discovery service: {err}")))?;
+        let server_name =
+            crate::tls::server_name(&self.host).map_err(|err| transient(err.to_string()))?;
+        let tls = TlsConnector::from(self.tls.clone())
+            .connect(server_name, stream)
+            .await
+            .map_err(|err| FleetError {
+                // A certificate that does not verify will not verify next time either.
+                permanent: is_certificate_error(&err),
+                message: format!("TLS to the discovery service: {err}"),
+            })?;
+        let host_header = if self.port == 443 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let path = format!("/v1/proxies?host={}", self.hostname);
+        let response = shroud_discovery::http::request(
+            tls,
+            "GET",
+            &host_header,
+            &path,
+            &[],
+            None,
+            MAX_RESPONSE,
+        )
+        .await
+        .map_err(|err| transient(format!("discovery request: {err}")))?;
+        if response.status != 200 {
+            let text = String::from_utf8_lossy(&response.body);
+            let text: String = text.chars().take(200).collect();
+            return Err(transient(format!(
+                "the discovery service answered {}: {}",
+                response.status,
+                text.trim()
+            )));
+        }
+        let now = unix_now();
+        let list = signed::verify(
+            &response.body,
+            &self.key,
+            &self.hostname,
+            now,
+            self.newest_seen,
+        )
+        .map_err(|err| FleetError {
+            permanent: is_forgery(&err),
+            message: format!("discovery answer refused: {err}"),
+        })?;
+        self.newest_seen = Some(list.issued_at);
+        let proxies = list
+            .proxies
+            .iter()
+            .take(self.max_proxies)
+            .map(|p| ProxyAddr {
+                name: p.name.clone(),
+                port: p.port,
+            })
+            .collect();
+        let lifetime = list.expires_at.saturating_sub(now);
+        Ok(Fleet {
+            proxies,
+            refresh_after: Duration::from_secs(lifetime * 2 / 3).max(MIN_REFRESH),
+        })
+    }
+}
+
+impl FleetSource for DiscoverySource {
+    fn fetch<'a>(
+        &'a mut self,
+        transport: &'a dyn Transport,
+    ) -> BoxFuture<'a, Result<Fleet, FleetError>> {
+        Box::pin(async move {
+            let limit = self.request_timeout;
+            match timeout(limit, self.fetch_list(transport)).await {
+                Ok(result) => result,
+                Err(_) => Err(FleetError {
+                    permanent: false,
+                    message: format!("the discovery service did not answer within {limit:?}"),
+                }),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("discovery https://{}:{}", self.host, self.port)
+    }
+}
+
+/// Whether a refused list means someone is forging them (or the key is wrong), rather than a
+/// clock or timing problem that may pass.
+fn is_forgery(err: &VerifyError) -> bool {
+    !matches!(
+        err,
+        VerifyError::Expired { .. }
+            | VerifyError::FromTheFuture { .. }
+            | VerifyError::Replay { .. }
+    )
+}
+
+fn is_certificate_error(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| matches!(tls, rustls::Error::InvalidCertificate(_)))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Reads `https://HOST[:PORT][/]`. Only https: the list is signed, but the request says which
+/// hostname the client serves, which is no business of the network path.
+fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| anyhow::anyhow!("--discovery {url:?}: only https:// URLs are accepted"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    anyhow::ensure!(
+        !authority.contains('/') && !authority.contains('@') && !authority.is_empty(),
+        "--discovery {url:?}: give the service's base URL, like https://discovery.example.net"
+    );
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| anyhow::anyhow!("--discovery {url:?}: bad port {port:?}"))?,
+        ),
+        None => (authority, 443),
+    };
+    let host = shroud_mux::hostname::normalize(host)
+        .map_err(|err| anyhow::anyhow!("--discovery {url:?}: {err}"))?;
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("https://Disco.Example/").unwrap(),
+            ("disco.example".to_owned(), 443)
+        );
+        assert_eq!(
+            parse_url("https://disco.example:8443").unwrap(),
+            ("disco.example".to_owned(), 8443)
+        );
+        for bad in [
+            "http://disco.example",
+            "https://",
+            "https://disco.example/v1",
+            "https://user@disco.example",
+            "https://disco.example:0",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,1102 @@
+//! `shroud-tor-latency`: how long a visitor waits for a hidden origin published through shroud
+//! over Tor, against the same origin published as a C-tor onion service, on one private Tor
+//! network on 127.0.0.1 that it starts itself (see `shroud_tests::tornet`; nothing reaches the
+//! public Tor network).
+//!
+//! What it does, in order:
+//! 1. Starts an HTTPS origin for `example.test`, a C-tor onion service forwarding port 443 to
+//!    it, and a C-tor client with a SOCKS port.
+//! 2. Five times: a fresh Arti client (fresh state directory) bootstraps, then a shroud client
+//!    over it binds one tunnel to a fresh in-process proxy. Both steps are timed. The last
+//!    client and proxy stay up.
+//! 3. Waits for the onion service's descriptor upload, then makes the first onion connection
+//!    (the C-tor client fetches the descriptor), then N rounds of one fresh visitor connection
+//!    on each path: through the shroud proxy, to the onion through SOCKS (a SOCKS username of
+//!    its own, so C-tor isolates it on a fresh rendezvous circuit), and straight to the origin
+//!    as a floor. Each connection times its first byte back (TLS ServerHello, after TCP connect
+//!    and ClientHello; after the SOCKS handshake too for the onion) and a whole HTTPS GET; the
+//!    origin's certificate is verified for `example.test` on every path.
+//! 4. Prints a Markdown report and writes it, with how it was made, to `docs/TOR-LATENCY.md`.
+//!
+//! Every wait is bounded; every tor is stopped by pid when the run ends, on error too.
+
+use std::fmt::Write as _;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, ensure, Context as _};
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use shroud_client::client::Timing;
+use shroud_client::tor::{TorOptions, TorTransport};
+use shroud_client::transport::Resolve;
+use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
+use shroud_tests::tornet::{OnionService, RelayKind, TorNet, TorUser};
+use shroud_tests::{client_config, HttpOrigin};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The name the origin's certificate is issued for, and every visitor's SNI.
+const HOST: &str = "example.test";
+/// The path every visitor asks for, and the body the origin answers it with.
+const PATH: &str = "/latency";
+const BODY: &str = "hello from origin: GET /latency\n";
+/// Visitor connections per path, unless `--samples` says otherwise.
+const DEFAULT_SAMPLES: usize = 20;
+/// At most this many per path, so a typo cannot run for hours.
+const MAX_SAMPLES: usize = 1000;
+/// Fresh Arti clients whose bootstrap and first tunnel are timed.
+const ARTI_TRIALS: usize = 5;
+/// One Arti bootstrap.
+const ARTI_BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(120);
+/// From a bootstrapped Arti to a bound tunnel.
+const TUNNEL_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a stopped trial client gets to close its tunnel.
+const CLIENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the onion service may take to upload its descriptor.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(180);
+/// One visitor connection, from connect to complete response.
+const SAMPLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts at the first onion connection, spaced by [`FIRST_ONION_RETRY`]: C-tor on a testing
+/// network asks an HSDir again for a descriptor only after 5 s.
+const FIRST_ONION_ATTEMPTS: usize = 15;
+const FIRST_ONION_RETRY: Duration = Duration::from_secs(6);
+/// The largest response a visitor reads.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+const USAGE: &str = "usage: shroud-tor-latency [--samples N] [--doc PATH | --no-doc]
+
+Starts a private Tor network on 127.0.0.1 and measures how long visitors wait for an origin
+published through shroud (a tunnel held over Tor) and the same origin published as a C-tor
+onion service. Prints a Markdown report and writes it to docs/TOR-LATENCY.md (or PATH).
+
+  --samples N   fresh visitor connections per path (default 20)
+  --doc PATH    write the report to PATH instead of the workspace's docs/TOR-LATENCY.md
+  --no-doc      only print the report";
+
+/// What the command line asked for.
+struct Options {
+    samples: usize,
+    doc: Option<PathBuf>,
+}
+
+impl Options {
+    /// Parses the arguments; `None` for `--help`.
+    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
+        let mut options = Options {
+            samples: DEFAULT_SAMPLES,
+            doc: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/TOR-LATENCY.md")),
+        };
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
+                None => (arg, None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .with_context(|| format!("{flag} needs a value"))
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(None),
+                "--samples" => {
+                    let text = value()?;
+                    let n: usize = text
+                        .parse()
+                        .with_context(|| format!("--samples {text:?} is not a number"))?;
+                    ensure!(
+                        (1..=MAX_SAMPLES).contains(&n),
+                        "--samples must be 1 to {MAX_SAMPLES}"
+                    );
+                    options.samples = n;
+                }
+                "--doc" => options.doc = Some(PathBuf::from(value()?)),
+                "--no-doc" => options.doc = None,
+                other => bail!("unknown argument {other:?}"),
+            }
+        }
+        Ok(Some(options))
+    }
+}
+
+fn main() -> ExitCode {
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("shroud-tor-latency: {err:#}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // Err means a provider is already installed, which is all we need.
+    let _already = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // tor_netdir warns about every weighting of this tiny network's relays.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tor_netdir=error"));
+    let _already = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("shroud-tor-latency: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Progress, on stderr; the report alone goes to stdout.
+fn progress(msg: impl std::fmt::Display) {
+    eprintln!("shroud-tor-latency: {msg}");
+}
+
+fn run(options: &Options) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    progress("starting a private Tor network on 127.0.0.1 (20-40 s)");
+    let net = TorNet::start().context("starting the private Tor network")?;
+    progress(format_args!(
+        "network ready after {:.1} s",
+        net.startup_time().as_secs_f64()
+    ));
+    let measured = runtime.block_on(measure(&net, options.samples));
+    // Arti's and the proxies' tasks end with the runtime, before the tors they talk to.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let results = measured?;
+
+    let report = results.markdown();
+    println!("{report}");
+    if let Some(path) = &options.doc {
+        let doc = document(&net, &results, &report);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
+        progress(format_args!("wrote {}", path.display()));
+    }
+    // Dropping the network stops every tor by pid.
+    drop(net);
+    Ok(())
+}
+
+/// Everything one run measured.
+struct Results {
+    samples: usize,
+    network_start: Duration,
+    arti: Vec<ArtiTrial>,
+    onion_client_bootstrap: Duration,
+    onion_service_bootstrap: Duration,
+    onion_published: Duration,
+    first_onion: Sample,
+    first_onion_attempts: usize,
+    shroud: Series,
+    onion: Series,
+    direct: Series,
+}
+
+/// One fresh Arti client: bootstrap, then its first bound tunnel.
+struct ArtiTrial {
+    bootstrap: Duration,
+    first_tunnel: Duration,
+}
+
+/// One visitor connection's timings, both from the start of its TCP connect.
+#[derive(Clone, Copy)]
+struct Sample {
+    first_byte: Duration,
+    response: Duration,
+}
+
+/// The connections of one path.
+#[derive(Default)]
+struct Series {
+    samples: Vec<Sample>,
+    failures: Vec<String>,
+}
+
+impl Series {
+    fn record(&mut self, path: &str, result: anyhow::Result<Sample>) {
+        match result {
+            Ok(sample) => self.samples.push(sample),
+            Err(err) => {
+                progress(format_args!("{path}: a connection failed: {err:#}"));
+                self.failures.push(format!("{err:#}"));
+            }
+        }
+    }
+
+    fn first_bytes(&self) -> Vec<Duration> {
+        self.samples.iter().map(|s| s.first_byte).collect()
+    }
+
+    fn responses(&self) -> Vec<Duration> {
+        self.samples.iter().map(|s| s.response).collect()
+    }
+}
+
+/// Where a visitor's TCP connection goes.
+enum Route<'a> {
+    /// Straight to this address (the proxy's public TLS port, or the origin).
+    Tcp(SocketAddr),
+    /// Through a SOCKS5 port to `host:443`, authenticating as `user`.
+    Socks {
+        socks: SocketAddr,
+        host: &'a str,
+        user: String,
+    },
+}
+
+async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
+    let pki = Pki::new()?;
+    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+        .await
+        .context("starting the origin")?;
+    let roots = pki.ca.root_store();
+
+    progress("starting a C-tor onion service and a C-tor SOCKS client on the network");
+    let (mut onion, mut socks_tor) =
+        tokio::task::block_in_place(|| start_c_tors(net, origin.addr()))?;
+    let socks = socks_tor
+        .socks
+        .context("the C-tor client has no SOCKS port")?;
+    // Waited for before the Arti clients start, so the service's own circuit building does not
+    // run alongside them, and the time is the service's alone.
+    let onion_published = tokio::task::block_in_place(|| onion.wait_published(PUBLISH_TIMEOUT))?;
+    progress(format_args!(
+        "onion service published its descriptor {:.1} s after it started",
+        onion_published.as_secs_f64()
+    ));
+
+    let mut arti = Vec::new();
+    let mut kept: Option<(TestClient, TestProxy)> = None;
+    for index in 0..ARTI_TRIALS {
+        // One Arti client at a time: the previous one stops before the next starts.
+        if let Some((client, proxy)) = kept.take() {
+            stop_client(client).await;
+            drop(proxy);
+        }
+        let (trial, client, proxy) = arti_trial(net, &pki, origin.addr(), index).await?;
+        progress(format_args!(
+            "Arti client {}/{ARTI_TRIALS}: bootstrap {}, first tunnel {} later",
+            index + 1,
+            ms(trial.bootstrap),
+            ms(trial.first_tunnel)
+        ));
+        arti.push(trial);
+        kept = Some((client, proxy));
+    }
+    let (client, proxy) = kept.context("no Arti client was started")?;
+
+    let (first_onion, first_onion_attempts) =
+        first_onion_connection(socks, &onion.hostname, &roots).await?;
+
+    progress(format_args!(
+        "{samples} rounds of fresh visitors: shroud, onion, direct"
+    ));
+    let (mut shroud, mut onion_series, mut direct) =
+        (Series::default(), Series::default(), Series::default());
+    for round in 0..samples {
+        shroud.record("shroud", visit(&Route::Tcp(proxy.https), &roots).await);
+        let route = Route::Socks {
+            socks,
+            host: &onion.hostname,
+            user: format!("visitor-{round}"),
+        };
+        onion_series.record("onion", visit(&route, &roots).await);
+        direct.record("direct", visit(&Route::Tcp(origin.addr()), &roots).await);
+    }
+    for (name, series) in [
+        ("shroud", &shroud),
+        ("onion", &onion_series),
+        ("direct", &direct),
+    ] {
+        if series.samples.is_empty() {
+            bail!(
+                "every {name} connection failed; the first error: {}",
+                series.failures.first().map_or("none", String::as_str)
+            );
+        }
+    }
+
+    stop_client(client).await;
+    drop(proxy);
+    let (onion_service_bootstrap, onion_client_bootstrap) =
+        (onion.tor.bootstrap_time, socks_tor.bootstrap_time);
+    tokio::task::block_in_place(|| -> anyhow::Result<()> {
+        onion.tor.stop()?;
+        socks_tor.stop()
+    })?;
+    Ok(Results {
+        samples,
+        network_start: net.startup_time(),
+        arti,
+        onion_client_bootstrap,
+        onion_service_bootstrap,
+        onion_published,
+        first_onion,
+        first_onion_attempts,
+        shroud,
+        onion: onion_series,
+        direct,
+    })
+}
+
+/// Starts the onion service (port 443 to `origin`) and the SOCKS client side by side.
+fn start_c_tors(net: &TorNet, origin: SocketAddr) -> anyhow::Result<(OnionService, TorUser)> {
+    std::thread::scope(|scope| {
+        let service = scope.spawn(|| net.start_onion_service("onion-service", 443, origin));
+        let client = scope.spawn(|| net.start_socks_client("onion-client"));
+        let service = service
+            .join()
+            .map_err(|_| anyhow!("starting the onion service panicked"))?;
+        let client = client
+            .join()
+            .map_err(|_| anyhow!("starting the SOCKS client panicked"))?;
+        // If one failed, the other's handle drops here and stops its tor.
+        Ok((
+            service.context("starting the C-tor onion service")?,
+            client.context("starting the C-tor SOCKS client")?,
+        ))
+    })
+}
+
+/// A fresh Arti client (fresh state directory) bootstraps; then a shroud client over it binds
+/// one tunnel to a fresh proxy. Returns both times, and the running client and proxy.
+async fn arti_trial(
+    net: &TorNet,
+    pki: &Pki,
+    origin: SocketAddr,
+    index: usize,
+) -> anyhow::Result<(ArtiTrial, TestClient, TestProxy)> {
+    let mut spec = ClientSpec::new(HOST, origin, vec![]);
+    spec.timing = Timing {
+        backoff_base: Duration::from_millis(50),
+        backoff_cap: Duration::from_millis(500),
+        ..Timing::tor()
+    };
+    let proxy = TestProxy::start(
+        pki,
+        &format!("proxy{index}.test"),
+        &authorize(HOST, &spec.key),
+    )
+    .await
+    .context("starting a proxy")?;
+    spec.proxies = vec![proxy.dial()];
+    let mut resolve = Resolve::new();
+    resolve.insert(&proxy.name, proxy.https.port(), proxy.https.ip());
+    let options = TorOptions {
+        state_dir: net.new_state_root()?,
+        network_file: Some(net.network_file.clone()),
+        resolve,
+        bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
+        progress_bar: false,
+    };
+
+    let started = Instant::now();
+    let transport = TorTransport::bootstrap(options)
+        .await
+        .context("bootstrapping Arti on the private network")?;
+    let bootstrap = started.elapsed();
+    let bootstrapped = Instant::now();
+    let mut client = TestClient::start_with_transport(pki, spec, Arc::new(transport))
+        .context("starting the shroud client")?;
+    tokio::time::timeout(TUNNEL_TIMEOUT, client.wait_bound(1))
+        .await
+        .map_err(|_| anyhow!("no tunnel bound within {TUNNEL_TIMEOUT:?} of bootstrap"))?;
+    let first_tunnel = bootstrapped.elapsed();
+    Ok((
+        ArtiTrial {
+            bootstrap,
+            first_tunnel,
+        },
+        client,
+        proxy,
+    ))
+}
+
+/// Cancels a client and waits (bounded) for its tunnels to close.
+async fn stop_client(client: TestClient) {
+    let TestClient { client, guard } = client;
+    drop(guard);
+    match tokio::time::timeout(CLIENT_STOP_TIMEOUT, client.join()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(%err, "stopped client reported"),
+        Err(_) => progress("a stopped client did not finish within 10 s; leaving it"),
+    }
+}
+
+/// The first connection to the onion: the C-tor client has no descriptor yet and fetches it.
+/// Retried (bounded) in case the HSDir it asks has not stored the descriptor yet. Returns the
+/// successful attempt's timings and how many attempts it took.
+async fn first_onion_connection(
+    socks: SocketAddr,
+    onion: &str,
+    roots: &RootCertStore,
+) -> anyhow::Result<(Sample, usize)> {
+    let mut last_error = None;
+    for attempt in 1..=FIRST_ONION_ATTEMPTS {
+        let route = Route::Socks {
+            socks,
+            host: onion,
+            user: format!("first-{attempt}"),
+        };
+        match visit(&route, roots).await {
+            Ok(sample) => {
+                progress(format_args!(
+                    "first onion connection: first byte {}, response {} (attempt {attempt})",
+                    ms(sample.first_byte),
+                    ms(sample.response)
+                ));
+                return Ok((sample, attempt));
+            }
+            Err(err) => {
+                progress(format_args!(
+                    "first onion connection, attempt {attempt}: {err:#}"
+                ));
+                last_error = Some(err);
+                tokio::time::sleep(FIRST_ONION_RETRY).await;
+            }
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| anyhow!("no attempt made"))
+        .context(format!(
+            "the onion service was unreachable after {FIRST_ONION_ATTEMPTS} attempts"
+        )))
+}
+
+/// One fresh visitor: connect (through SOCKS for an onion), TLS handshake for `example.test`
+/// verified against `roots`, `GET /latency`, read the whole response.
+async fn visit(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<Sample> {
+    tokio::time::timeout(SAMPLE_TIMEOUT, visit_inner(route, roots))
+        .await
+        .map_err(|_| anyhow!("no complete response within {SAMPLE_TIMEOUT:?}"))?
+}
+
+async fn visit_inner(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<Sample> {
+    // A fresh configuration per visitor: no TLS session to resume.
+    let config = client_config(roots.clone(), &[]);
+    let name = ServerName::try_from(HOST).context("the test host is a valid name")?;
+    let request = format!(
+        "GET {PATH} HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: shroud-tor-latency\r\n\
+         Connection: close\r\n\r\n"
+    );
+
+    let started = Instant::now();
+    let tcp = match route {
+        Route::Tcp(addr) => {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            tcp.set_nodelay(true).context("setting TCP_NODELAY")?;
+            tcp
+        }
+        Route::Socks { socks, host, user } => socks5_connect(*socks, host, 443, user).await?,
+    };
+    let mut tls = TlsConnector::from(config)
+        .connect(name, FirstByte::new(tcp))
+        .await
+        .context("TLS handshake for example.test (certificate verified)")?;
+    let first_byte = tls
+        .get_ref()
+        .0
+        .first_byte
+        .context("the handshake ended without a byte received")?
+        .duration_since(started);
+    tls.write_all(request.as_bytes())
+        .await
+        .context("sending the request")?;
+    tls.flush().await.context("sending the request")?;
+    let (status, body) = read_response(&mut tls).await?;
+    let response = started.elapsed();
+    ensure!(status == 200, "the origin answered {status}");
+    ensure!(
+        body == BODY.as_bytes(),
+        "unexpected body {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    Ok(Sample {
+        first_byte,
+        response,
+    })
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length`, and stops as soon as it is complete
+/// (not at the connection's close, which would add the close's own trip).
+async fn read_response<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<(u16, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head =
+                std::str::from_utf8(&raw[..head_end]).context("response head is not UTF-8")?;
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|code| code.parse::<u16>().ok())
+                .with_context(|| format!("bad status line in {head:?}"))?;
+            let length = head
+                .lines()
+                .filter_map(|line| line.split_once(':'))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+                .context("response without a Content-Length")?;
+            let body_start = head_end + 4;
+            if raw.len() >= body_start + length {
+                return Ok((status, raw[body_start..body_start + length].to_vec()));
+            }
+        }
+        ensure!(
+            raw.len() <= MAX_RESPONSE,
+            "response larger than {MAX_RESPONSE} bytes"
+        );
+        let n = stream
+            .read(&mut buf)
+            .await
+            .context("reading the response")?;
+        ensure!(
+            n > 0,
+            "connection closed after {} bytes, before a complete response",
+            raw.len()
+        );
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A SOCKS5 CONNECT to `host:port` (the name resolved by the SOCKS server) with
+/// username/password authentication; C-tor isolates streams by those credentials.
+async fn socks5_connect(
+    socks: SocketAddr,
+    host: &str,
+    port: u16,
+    user: &str,
+) -> anyhow::Result<TcpStream> {
+    const PASSWORD: &[u8] = b"x";
+    let user_len = u8::try_from(user.len()).context("SOCKS username longer than 255 bytes")?;
+    let host_len = u8::try_from(host.len()).context("SOCKS host name longer than 255 bytes")?;
+    let mut stream = TcpStream::connect(socks)
+        .await
+        .with_context(|| format!("connecting to the SOCKS port {socks}"))?;
+    stream.set_nodelay(true).context("setting TCP_NODELAY")?;
+
+    // Greeting: version 5, one method, username/password (RFC 1929).
+    stream
+        .write_all(&[5, 1, 2])
+        .await
+        .context("SOCKS greeting")?;
+    let mut reply = [0u8; 2];
+    stream
+        .read_exact(&mut reply)
+        .await
+        .context("SOCKS greeting reply")?;
+    ensure!(
+        reply == [5, 2],
+        "SOCKS server refused username/password auth ({reply:?})"
+    );
+    let mut auth = vec![1, user_len];
+    auth.extend_from_slice(user.as_bytes());
+    auth.push(PASSWORD.len() as u8);
+    auth.extend_from_slice(PASSWORD);
+    stream.write_all(&auth).await.context("SOCKS auth")?;
+    stream
+        .read_exact(&mut reply)
+        .await
+        .context("SOCKS auth reply")?;
+    ensure!(reply == [1, 0], "SOCKS auth refused ({reply:?})");
+
+    // CONNECT, address type 3: a domain name.
+    let mut request = vec![5, 1, 0, 3, host_len];
+    request.extend_from_slice(host.as_bytes());
+    request.extend_from_slice(&port.to_be_bytes());
+    stream.write_all(&request).await.context("SOCKS CONNECT")?;
+    let mut head = [0u8; 4];
+    stream
+        .read_exact(&mut head)
+        .await
+        .context("SOCKS CONNECT reply")?;
+    ensure!(head[0] == 5, "not a SOCKS5 reply ({head:?})");
+    if head[1] != 0 {
+        bail!(
+            "SOCKS CONNECT to {host}:{port} failed: {}",
+            socks_error(head[1])
+        );
+    }
+    let address_len = match head[3] {
+        1 => 4,
+        4 => 16,
+        3 => usize::from(stream.read_u8().await.context("SOCKS CONNECT reply")?),
+        other => bail!("SOCKS reply with address type {other}"),
+    };
+    let mut bound = vec![0u8; address_len + 2];
+    stream
+        .read_exact(&mut bound)
+        .await
+        .context("SOCKS CONNECT reply")?;
+    Ok(stream)
+}
+
+/// A SOCKS5 reply code in words, Tor's extended codes (`ExtendedErrors`) included.
+fn socks_error(code: u8) -> String {
+    let what = match code {
+        1 => "general failure",
+        2 => "not allowed by ruleset",
+        3 => "network unreachable",
+        4 => "host unreachable",
+        5 => "connection refused",
+        6 => "TTL expired",
+        7 => "command not supported",
+        8 => "address type not supported",
+        0xF0 => "onion service descriptor not found",
+        0xF1 => "onion service descriptor invalid",
+        0xF2 => "onion service introduction failed",
+        0xF3 => "onion service rendezvous failed",
+        0xF4 => "onion service client authorization missing",
+        0xF5 => "onion service client authorization wrong",
+        0xF6 => "invalid onion address",
+        0xF7 => "onion service introduction timed out",
+        _ => "unknown error",
+    };
+    format!("{what} (0x{code:02X})")
+}
+
+/// A stream that notes when its first byte arrived.
+struct FirstByte<S> {
+    inner: S,
+    first_byte: Option<Instant>,
+}
+
+impl<S> FirstByte<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            first_byte: None,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.first_byte.is_none() && buf.filled().len() > before {
+            this.first_byte = Some(Instant::now());
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByte<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Order statistics of a set of durations.
+struct Stats {
+    n: usize,
+    median: Duration,
+    p90: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Stats {
+    /// `None` for an empty set. The median of an even count is the mean of the middle two;
+    /// p90 is the nearest-rank value.
+    fn of(values: &[Duration]) -> Option<Self> {
+        let mut sorted = values.to_vec();
+        sorted.sort();
+        let n = sorted.len();
+        let (&min, &max) = (sorted.first()?, sorted.last()?);
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2
+        };
+        let rank = (n * 9).div_ceil(10).max(1);
+        Some(Stats {
+            n,
+            median,
+            p90: sorted[rank - 1],
+            min,
+            max,
+        })
+    }
+}
+
+/// Milliseconds with one decimal.
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn ms_bare(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1000.0)
+}
+
+impl Results {
+    /// The report: the visitor table, the ratio of medians, the setup costs.
+    fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "### Visitor latency ({} fresh connections per path, interleaved; ms)\n",
+            self.samples
+        );
+        let _ = writeln!(
+            out,
+            "| Path | Timing | n | failed | median | p90 | min | max |\n\
+             |---|---|--:|--:|--:|--:|--:|--:|"
+        );
+        let first = [self.first_onion];
+        let first_series = Series {
+            samples: first.to_vec(),
+            failures: Vec::new(),
+        };
+        let paths: [(&str, &Series); 4] = [
+            (
+                "shroud: proxy, then the tunnel's existing Tor circuit",
+                &self.shroud,
+            ),
+            (
+                "C-tor onion service, fresh circuits (descriptor cached)",
+                &self.onion,
+            ),
+            (
+                "C-tor onion service, first connection (descriptor fetch)",
+                &first_series,
+            ),
+            ("direct to the origin, no Tor (floor)", &self.direct),
+        ];
+        for (timing, pick) in [
+            (
+                "first byte",
+                Series::first_bytes as fn(&Series) -> Vec<Duration>,
+            ),
+            ("HTTPS GET complete", Series::responses),
+        ] {
+            for (path, series) in paths {
+                if let Some(stats) = Stats::of(&pick(series)) {
+                    let _ = writeln!(
+                        out,
+                        "| {path} | {timing} | {} | {} | {} | {} | {} | {} |",
+                        stats.n,
+                        series.failures.len(),
+                        ms_bare(stats.median),
+                        ms_bare(stats.p90),
+                        ms_bare(stats.min),
+                        ms_bare(stats.max)
+                    );
+                }
+            }
+        }
+        let ratio = |pick: fn(&Series) -> Vec<Duration>| -> String {
+            match (
+                Stats::of(&pick(&self.onion)),
+                Stats::of(&pick(&self.shroud)),
+            ) {
+                (Some(onion), Some(shroud)) if !shroud.median.is_zero() => format!(
+                    "{:.1}×",
+                    onion.median.as_secs_f64() / shroud.median.as_secs_f64()
+                ),
+                _ => "n/a".into(),
+            }
+        };
+        let _ = writeln!(
+            out,
+            "\nRatio of medians, onion (fresh circuits) / shroud: first byte **{}**, \
+             HTTPS GET **{}**.",
+            ratio(Series::first_bytes),
+            ratio(Series::responses)
+        );
+        if self.first_onion_attempts > 1 {
+            let _ = writeln!(
+                out,
+                "\nThe first onion connection succeeded at attempt {} (earlier attempts failed; \
+                 the figure is the successful attempt alone).",
+                self.first_onion_attempts
+            );
+        }
+
+        let _ = writeln!(out, "\n### Setup costs (ms)\n");
+        let _ = writeln!(
+            out,
+            "| Step | n | median | min | max |\n|---|--:|--:|--:|--:|"
+        );
+        let bootstraps: Vec<Duration> = self.arti.iter().map(|t| t.bootstrap).collect();
+        let tunnels: Vec<Duration> = self.arti.iter().map(|t| t.first_tunnel).collect();
+        let rows: [(&str, Vec<Duration>); 6] = [
+            ("Arti bootstrap, fresh state directory", bootstraps),
+            ("Arti bootstrapped → first shroud tunnel bound", tunnels),
+            (
+                "C-tor SOCKS client: start → bootstrapped",
+                vec![self.onion_client_bootstrap],
+            ),
+            (
+                "C-tor onion service host: start → bootstrapped",
+                vec![self.onion_service_bootstrap],
+            ),
+            (
+                "C-tor onion service: start → descriptor uploaded",
+                vec![self.onion_published],
+            ),
+            (
+                "private network: keys → consensus listing every relay",
+                vec![self.network_start],
+            ),
+        ];
+        for (step, values) in rows {
+            if let Some(stats) = Stats::of(&values) {
+                let _ = writeln!(
+                    out,
+                    "| {step} | {} | {} | {} | {} |",
+                    stats.n,
+                    ms_bare(stats.median),
+                    ms_bare(stats.min),
+                    ms_bare(stats.max)
+                );
+            }
+        }
+        let each: Vec<String> = self
+            .arti
+            .iter()
+            .map(|t| format!("{} + {}", ms_bare(t.bootstrap), ms_bare(t.first_tunnel)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nEach Arti client, bootstrap + first tunnel (ms): {}.",
+            each.join(", ")
+        );
+
+        let _ = writeln!(
+            out,
+            "\n### Every visitor connection, in the order made (first byte / GET complete, ms)\n"
+        );
+        for (path, series) in [
+            ("shroud", &self.shroud),
+            ("onion, fresh circuits", &self.onion),
+            ("direct", &self.direct),
+        ] {
+            let each: Vec<String> = series
+                .samples
+                .iter()
+                .map(|s| format!("{}/{}", ms_bare(s.first_byte), ms_bare(s.response)))
+                .collect();
+            let _ = writeln!(out, "- {path}: {}", each.join(", "));
+        }
+        out
+    }
+}
+
+/// The whole of `docs/TOR-LATENCY.md`: what was measured, on what, how to reproduce it, and
+/// the report.
+fn document(net: &TorNet, results: &Results, report: &str) -> String {
+    let count = |kind: RelayKind| net.relays().iter().filter(|r| r.kind == kind).count();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
+    let tor = std::process::Command::new("tor")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().trim_end_matches('.').to_owned())
+        })
+        .unwrap_or_else(|| "tor (version unknown)".into());
+    let arti = arti_version().unwrap_or_else(|| "0.47".into());
+    let samples = results.samples;
+    let (authorities, middles, exits) = (
+        count(RelayKind::Authority),
+        count(RelayKind::Middle),
+        count(RelayKind::Exit),
+    );
+    format!(
+        "# Visitor latency: shroud over Tor vs. a C-tor onion service\n\
+         \n\
+         Generated by `shroud-tor-latency` on {date} (UTC). Reproduce with:\n\
+         \n\
+         ```sh\n\
+         cargo run --release -p shroud-tests --bin shroud-tor-latency -- --samples {samples}\n\
+         ```\n\
+         \n\
+         It needs Debian's `tor` (`tor`, `tor-gencert`); it starts its own private Tor network and\n\
+         rewrites this file. Progress goes to stderr, the report to stdout.\n\
+         \n\
+         ## The question\n\
+         \n\
+         shroud's promise is low latency: the client holds one TLS+yamux tunnel per proxy over a\n\
+         Tor circuit it built in advance, so a visitor connects to the proxy directly and the proxy\n\
+         opens a stream on that tunnel; no visitor waits for a circuit. The alternative users would\n\
+         pick is publishing the origin as a Tor onion service, which visitors reach with a Tor\n\
+         client: each new (isolated) visitor connection needs an introduction and a fresh\n\
+         rendezvous circuit, and the very first one a descriptor fetch too.\n\
+         \n\
+         ## What was measured\n\
+         \n\
+         One private Tor network on 127.0.0.1 ({authorities} directory authorities, {middles} middle\n\
+         relays, {exits} exits; C-tor relays), one HTTPS origin for `example.test` (a test CA's\n\
+         certificate; every visitor verifies it for `example.test`, so every path reaches the real\n\
+         origin end to end), published two ways at once:\n\
+         \n\
+         - **shroud**: an in-process proxy; a shroud client in this process reaching it through\n\
+           embedded Arti {arti} (its tunnel on its own 3-hop circuit to an exit, which connects to\n\
+           the proxy). A visitor TCP-connects to the proxy's public TLS port.\n\
+         - **C-tor onion service**: a separate `tor` with `HiddenServiceDir` and\n\
+           `HiddenServicePort 443 -> origin`; visitors use a second `tor` as their client, through\n\
+           its SOCKS port. Each visitor uses its own SOCKS username (`IsolateSOCKSAuth`, tor's\n\
+           default), so tor gives it a fresh rendezvous circuit, as it would a new, unlinkable\n\
+           visitor; the descriptor stays cached after the first connection. The first connection,\n\
+           which fetches the descriptor from an HSDir, is reported on its own row.\n\
+         - **direct**: the visitor connects to the origin itself, no Tor: the floor (local TCP and\n\
+           TLS cost).\n\
+         \n\
+         For every visitor connection (a fresh TCP connection, a fresh TLS configuration, so no\n\
+         session resumption), two timings, both from the start of the TCP connect (to the proxy,\n\
+         the SOCKS port, or the origin):\n\
+         \n\
+         - **first byte**: the first byte read back after sending the TLS ClientHello (for the\n\
+           onion, after the SOCKS handshake, which returns once tor has the rendezvous circuit and\n\
+           the stream is connected). That byte is the origin's ServerHello: through shroud it went\n\
+           origin → client → tunnel over the Tor circuit → proxy → visitor.\n\
+         - **HTTPS GET complete**: TLS handshake done, `GET {PATH}` sent, and the whole response\n\
+           read (per its `Content-Length`).\n\
+         \n\
+         The paths are measured in interleaved rounds (shroud, onion, direct, then again), one\n\
+         connection at a time, so slow periods of the machine hit all paths alike. Before that, the\n\
+         setup costs: {trials} fresh Arti clients, each with a fresh state directory, bootstrap\n\
+         (consensus and microdescriptors from the authorities); each then binds one shroud tunnel\n\
+         to a fresh proxy (circuit, TLS to the proxy, bind handshake), timed separately.\n\
+         \n\
+         ## Machine and limits\n\
+         \n\
+         {cores} cores ({cpu}), Linux {kernel}, {tor}, arti-client {arti}, release build. Every\n\
+         relay, proxy, origin and client is on the loopback interface, so link latency is about\n\
+         zero: the figures show protocol round trips and the CPU cost of building circuits (and of\n\
+         the relays' cryptography), not real-world internet latency. On the public Tor network each\n\
+         round trip through a circuit costs tens to hundreds of milliseconds, and an onion\n\
+         connection needs several more of them than a stream on an existing circuit, so the gap in\n\
+         absolute terms grows there; the ratio here only says how much protocol work each path\n\
+         does per visitor.\n\
+         \n\
+         ## Results\n\
+         \n\
+         {report}\n\
+         ## Observations\n\
+         \n\
+         **shroud's first byte comes at two speeds.** In this run {fast} of {shroud_n} shroud first\n\
+         bytes took under 20 ms and the rest 40 ms or more (see every connection above). A trace\n\
+         of an earlier run of this tool (strace on the process that holds both the proxy and the\n\
+         Arti client, 2026-11-22) shows where the rest goes. In each direction the first exchange\n\
+         of a new visitor stream leaves shroud as two small TLS records in quick succession: the\n\
+         proxy sent 34 bytes then, 0.5 ms later, 295 (the stream header and the ClientHello); the\n\
+         client sent its acknowledgement (PROTOCOL.md §7.3: at once, before dialling the origin)\n\
+         and, a few milliseconds later, the origin's ServerHello. In the slow cases the second\n\
+         record reached the other end 44-48 ms after the first, with nothing in shroud's process\n\
+         in between: the delay was inside the relays. That is what Nagle's algorithm on a relay\n\
+         connection (tor sets no TCP_NODELAY; Arti's channels neither) looks like when the\n\
+         receiving side has nothing to send back and so delays its ACK (40 ms minimum on Linux).\n\
+         When the two records happen to be read and relayed together, no stall: the fast\n\
+         samples. A full round trip on an established stream costs about 4 ms here (first byte\n\
+         to GET complete, in the fast samples). On this idle loopback network every relay\n\
+         connection is quiet, which invites the stall; on busy public relays other traffic\n\
+         carries ACKs and it is probably rarer, but that was not measured. Sending each\n\
+         direction's first bytes as one write would remove the trigger on the proxy side; on the\n\
+         client side the acknowledgement is sent early on purpose (§7.3), so that trade-off\n\
+         would need a protocol decision. A relay of our own in front of the proxy that forced\n\
+         immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the\n\
+         exit-to-proxy hop.\n\
+         \n\
+         **The onion path's tail.** Fresh onion connections usually cost one introduction and\n\
+         one rendezvous, but some take much longer (p90 and max above; up to 7.6 s in an earlier\n\
+         run). The cause was not investigated; the median is the figure to compare.\n\
+         \n\
+         **Setup outliers on a young network.** The network is measured within a minute or two of\n\
+         its first full consensus. In an earlier run one fresh Arti client bootstrapped just after\n\
+         a new consensus and could not pick an exit for 74 s (stderr: `rejected 7/8 as not\n\
+         exiting to desired ports`), which shows up as the max of the first-tunnel row when it\n\
+         happens; the median is not affected.\n",
+        date = today(),
+        trials = ARTI_TRIALS,
+        fast = results
+            .shroud
+            .samples
+            .iter()
+            .filter(|s| s.first_byte < Duration::from_millis(20))
+            .count(),
+        shroud_n = results.shroud.samples.len(),
+    )
+}
+
+/// arti-client's version from the workspace's Cargo.lock.
+fn arti_version() -> Option<String> {
+    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"))
+        .ok()?;
+    let mut lines = lock.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "name = \"arti-client\"" {
+            let version = lines.next()?.trim().strip_prefix("version = ")?;
+            return Some(version.trim_matches('"').to_owned());
+        }
+    }
+    None
+}
+
+/// Today's date, UTC, as YYYY-MM-DD.
+fn today() -> String {
+    let days = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400);
+    // Civil from days (Howard Hinnant's algorithm), for days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}

@@ -1,0 +1,154 @@
+//! The client's SRV lookup (`shroud_client::srv`) against a real DNS server, over DNS-over-TCP
+//! on a stream from the direct transport.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::Duration;
+
+use hickory_proto::rr::RecordType;
+use shroud_client::srv::{lookup_proxies, lookup_srv, SrvError, SrvTarget};
+use shroud_client::transport::{DirectTransport, Resolve};
+use shroud_tests::dns::TestDns;
+use shroud_tests::{init, within};
+
+const SRV_NAME: &str = "_shroud._tcp.example.test";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn transport() -> DirectTransport {
+    // No overrides: the DNS server's address is an IP literal, so nothing is resolved.
+    DirectTransport::new(Resolve::new(), Duration::from_secs(5))
+}
+
+fn target(name: &str, port: u16, priority: u16, weight: u16) -> SrvTarget {
+    SrvTarget {
+        name: name.to_owned(),
+        port,
+        priority,
+        weight,
+    }
+}
+
+#[tokio::test]
+async fn finds_proxies_in_priority_order() {
+    init();
+    let dns = TestDns::start("example.test").await.unwrap();
+    dns.add_srv(SRV_NAME, 20, 0, 8443, "backup.example.net.", 600)
+        .unwrap();
+    dns.add_srv(SRV_NAME, 10, 50, 443, "Proxy-A.example.NET", 300)
+        .unwrap();
+    dns.add_srv(SRV_NAME, 10, 50, 443, "proxy-b.example.net.", 300)
+        .unwrap();
+    let transport = transport();
+
+    let answer = within(
+        10,
+        lookup_srv(&transport, dns.addr, "Example.Test.", TIMEOUT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.ttl, Duration::from_secs(300));
+    let mut first_two = answer.targets[..2].to_vec();
+    first_two.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(
+        first_two,
+        [
+            target("proxy-a.example.net", 443, 10, 50),
+            target("proxy-b.example.net", 443, 10, 50),
+        ]
+    );
+    assert_eq!(answer.targets[2], target("backup.example.net", 8443, 20, 0));
+    assert_eq!(dns.queries(), 1);
+
+    // Both orders of the two equal-weight proxies come up.
+    let mut firsts = std::collections::HashSet::new();
+    for _ in 0..40 {
+        let targets = within(
+            10,
+            lookup_proxies(&transport, dns.addr, "example.test", TIMEOUT),
+        )
+        .await
+        .unwrap();
+        assert_eq!(targets.len(), 3);
+        firsts.insert(targets[0].name.clone());
+    }
+    assert_eq!(firsts.len(), 2, "{firsts:?}");
+}
+
+#[tokio::test]
+async fn a_dot_target_says_not_available() {
+    init();
+    let dns = TestDns::start("example.test").await.unwrap();
+    dns.add_srv(SRV_NAME, 0, 0, 0, ".", 300).unwrap();
+
+    let err = within(
+        10,
+        lookup_proxies(&transport(), dns.addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SrvError::ServiceNotAvailable { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn no_records_is_not_found_and_a_removed_record_is_gone() {
+    init();
+    let dns = TestDns::start("example.test").await.unwrap();
+    let transport = transport();
+
+    let err = within(
+        10,
+        lookup_proxies(&transport, dns.addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SrvError::NotFound { .. }), "{err}");
+
+    dns.add_srv(SRV_NAME, 1, 1, 443, "proxy.example.net", 300)
+        .unwrap();
+    let targets = within(
+        10,
+        lookup_proxies(&transport, dns.addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap();
+    assert_eq!(targets, [target("proxy.example.net", 443, 1, 1)]);
+
+    dns.remove(SRV_NAME, RecordType::SRV);
+    let err = within(
+        10,
+        lookup_proxies(&transport, dns.addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SrvError::NotFound { .. }), "{err}");
+    assert_eq!(dns.queries(), 3);
+}
+
+#[tokio::test]
+async fn a_refusing_server_is_an_error() {
+    init();
+    let dns = TestDns::start("elsewhere.test").await.unwrap();
+    let err = within(
+        10,
+        lookup_proxies(&transport(), dns.addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SrvError::ServerError(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_cannot_be_reached() {
+    init();
+    let addr = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let err = within(
+        10,
+        lookup_proxies(&transport(), addr, "example.test", TIMEOUT),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SrvError::Connect { .. }), "{err}");
+}
