@@ -182,3 +182,73 @@ async fn a_stalled_bootstrap_fails_and_says_why() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_are_looked_up_through_tor_and_name_the_proxies() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path);
+    let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let dns = shroud_tests::dns::TestDns::start("test.").await.unwrap();
+    dns.add_srv(
+        "_shroud._tcp.example.test",
+        10,
+        5,
+        proxy.https.port(),
+        "srv.proxy.test",
+        60,
+    )
+    .unwrap();
+
+    // Only --srv: no --proxy, no --discovery. The DNS query crosses Tor to --dns-server.
+    let args: Vec<String> = [
+        HOST.to_owned(),
+        origin.addr().to_string(),
+        "--srv".into(),
+        "--dns-server".into(),
+        dns.addr.to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        pki.dir().join("state").display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--resolve".into(),
+        format!("srv.proxy.test:{}:127.0.0.1", proxy.https.port()),
+    ]
+    .into();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(dns.queries() >= 1, "the SRV query reached the DNS server");
+    let response = within(
+        60,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/srv"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+
+    // Without --dns-server, tor mode refuses rather than ask this machine's resolver.
+    let mut no_server = args.clone();
+    let at = no_server.iter().position(|a| a == "--dns-server").unwrap();
+    no_server.drain(at..at + 2);
+    let output = std::process::Command::new(binary("shroud"))
+        .args(&no_server)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--dns-server"), "{err}");
+}
