@@ -485,6 +485,17 @@ impl ProxyProcess {
         authorized: &str,
         https: SocketAddr,
     ) -> anyhow::Result<Self> {
+        Self::start_with_args(pki, name, authorized, https, &[]).await
+    }
+
+    /// Like [`ProxyProcess::start`], with `extra` arguments appended.
+    pub async fn start_with_args(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        https: SocketAddr,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let (cert, key) = pki.issue_files(name)?;
         let policy = pki.dir().join(format!("{name}.authorized"));
         std::fs::write(&policy, authorized)?;
@@ -502,6 +513,7 @@ impl ProxyProcess {
             "--drain-timeout-secs".into(),
             "5".into(),
         ];
+        let args = args.into_iter().chain(extra.iter().cloned()).collect();
         Self::start_args(args).await
     }
 

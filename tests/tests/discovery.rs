@@ -19,6 +19,7 @@ use shroud_discovery::signed::{self, ProxyEntry, ProxyList};
 use shroud_mux::auth::SecretKey;
 use shroud_proxy::server::bind_listener;
 use shroud_tests::dns::TestDns;
+use shroud_tests::stack::ProxyProcess;
 use shroud_tests::stack::{
     authorize, binary, make_key, ClientSpec, Pki, Process, TestClient, TestProxy,
 };
@@ -47,6 +48,23 @@ async fn start_discovery(
     list_ttl: Duration,
     require_cname: Option<RequireCname>,
 ) -> Discovery {
+    start_discovery_with(
+        pki,
+        fleet_toml,
+        list_ttl,
+        require_cname,
+        Duration::from_secs(1),
+    )
+    .await
+}
+
+async fn start_discovery_with(
+    pki: &Pki,
+    fleet_toml: &str,
+    list_ttl: Duration,
+    require_cname: Option<RequireCname>,
+    heartbeat_timeout: Duration,
+) -> Discovery {
     // Proxies announce themselves to the IP (nothing resolves names in tests); clients use the
     // name through --resolve. The certificate covers both.
     let (cert, key_file) = pki
@@ -58,7 +76,7 @@ async fn start_discovery(
     let key = SecretKey::generate().unwrap();
     let fleet = Fleet::new(
         FleetFile::parse(fleet_toml).unwrap().validate().unwrap(),
-        Duration::from_secs(1),
+        heartbeat_timeout,
     );
     let mut config = ServerConfig::new(tls, Arc::new(SecretKey::from_seed(&key.to_seed())), fleet);
     config.fleet_secret = Some(FleetSecret::new(SECRET.to_owned()).unwrap());
@@ -462,4 +480,79 @@ async fn require_cname_lists_proxies_only_for_names_pointed_at_the_operator() {
     let refused = within(20, get(on.addr, "other.test")).await;
     assert_eq!(refused.status, 403);
     assert_eq!(within(20, get(off.addr, "other.test")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_binary_announces_itself_and_leaves_at_once_on_sigterm() {
+    init();
+    let pki = Pki::new().unwrap();
+    // A long heartbeat timeout: only the proxy's own goodbye can remove it quickly.
+    let discovery = start_discovery_with(
+        &pki,
+        "",
+        Duration::from_secs(300),
+        None,
+        Duration::from_secs(300),
+    )
+    .await;
+    let secret_file = pki.dir().join("fleet.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let extra: Vec<String> = [
+        "--discovery".to_owned(),
+        format!("https://127.0.0.1:{}", discovery.addr.port()),
+        "--discovery-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--fleet-secret-file".into(),
+        secret_file.display().to_string(),
+        "--region".into(),
+        "eu".into(),
+        "--public-name".into(),
+        "one.proxy.test:443".into(),
+        "--heartbeat-secs".into(),
+        "1".into(),
+    ]
+    .into();
+    let mut proxy = ProxyProcess::start_with_args(
+        &pki,
+        "one.proxy.test",
+        "",
+        "127.0.0.1:0".parse().unwrap(),
+        &extra,
+    )
+    .await
+    .unwrap();
+
+    let transport = direct_to(&[(DISCOVERY, discovery.addr)]);
+    let mut listed = source(&pki, &discovery);
+    let fleet = within(30, async {
+        loop {
+            if let Ok(fleet) = listed.fetch(&transport).await {
+                break fleet;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(fleet.proxies.len(), 1);
+    assert_eq!(fleet.proxies[0].name, "one.proxy.test");
+
+    proxy.process.terminate();
+    let status = proxy
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let err = within(10, source(&pki, &discovery).fetch(&transport))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains("404"),
+        "the proxy left the list at once: {err}"
+    );
 }
