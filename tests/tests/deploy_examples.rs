@@ -1,16 +1,26 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 //! Every example under `deploy/` is parsed here, so the examples an operator copies cannot
 //! drift from what the binaries accept: the authorized file goes through the proxy's policy
-//! parser, and every `SHROUD_*` variable the examples and units name must be one that the
-//! client's or the proxy's command line reads. The settings a unit and its environment file
-//! give are also fed through the real clap parser, as the binary would see them.
+//! parser, the fleet file through the discovery service's, the zone file through a real zone
+//! parser (and its records through the client's, the proxy's and the discovery service's own
+//! DNS code, served by a DNS server on 127.0.0.1), and every `SHROUD_*` variable the examples
+//! and units name must be one that the client's, the proxy's or the discovery service's
+//! command line reads. The settings a unit and its environment file give are also fed through
+//! the real clap parser, as the binary would see them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::CommandFactory as _;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::serialize::txt::Parser as ZoneParser;
+use shroud_discovery::fleet::{Fleet, FleetFile};
 use shroud_mux::auth::PublicKey;
 use shroud_proxy::policy::Policy;
+use shroud_tests::dns::TestDns;
+use shroud_tests::{init, within};
 
 /// The example keys of `deploy/authorized.example`, in the order the file lists them.
 const ALICE: &str = "ed25519:kI73R8w7TTovoaZ6l9EhcdEGARj7D5gGEnCj0EZHf2s";
@@ -139,6 +149,10 @@ fn proxy_env() -> BTreeSet<String> {
     env_names(&shroud_proxy::cli::Cli::command())
 }
 
+fn discovery_env() -> BTreeSet<String> {
+    env_names(&shroud_discovery::cli::Cli::command())
+}
+
 #[test]
 fn the_clis_read_the_variables_this_test_expects() {
     // Guards the test itself: if clap stopped reporting env names, every check below would
@@ -157,21 +171,40 @@ fn the_clis_read_the_variables_this_test_expects() {
         "SHROUD_TUNNEL_NAME",
         "SHROUD_AUTHORIZED",
         "SHROUD_LISTEN_HTTPS",
+        "SHROUD_DISCOVERY",
+        "SHROUD_FLEET_SECRET_FILE",
     ] {
         assert!(proxy.contains(name), "{name} not in {proxy:?}");
+    }
+    let discovery = discovery_env();
+    for name in [
+        "SHROUD_DISCOVERY_LISTEN",
+        "SHROUD_DISCOVERY_SIGNING_KEY",
+        "SHROUD_DISCOVERY_FLEET_SECRET_FILE",
+    ] {
+        assert!(discovery.contains(name), "{name} not in {discovery:?}");
     }
 }
 
 #[test]
 fn every_shroud_variable_in_deploy_is_a_real_one() {
-    let known: BTreeSet<String> = client_env().union(&proxy_env()).cloned().collect();
+    let known: BTreeSet<String> = client_env()
+        .into_iter()
+        .chain(proxy_env())
+        .chain(discovery_env())
+        .collect();
     let files = deploy_files();
     for expected in [
         "README.md",
         "authorized.example",
+        "discovery.env.example",
+        "fleet.example.toml",
         "shroud.env.example",
+        "systemd/shroud-discovery.service",
         "systemd/shroud-proxy.service",
+        "systemd/shroud-proxy.service.d/discovery.conf",
         "systemd/shroud@.service",
+        "zone.example",
     ] {
         assert!(
             files.iter().any(|f| f == expected),
@@ -186,9 +219,17 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
             }
         }
     }
+    // The top-level README documents the same variables.
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(&readme).unwrap();
+    for name in shroud_names(&readme) {
+        if !known.contains(&name) {
+            unknown.push(format!("../README.md: {name}"));
+        }
+    }
     assert!(
         unknown.is_empty(),
-        "variables that neither CLI reads: {unknown:?}"
+        "variables that no CLI reads: {unknown:?}"
     );
 
     // The files meant for one binary name only that binary's variables.
@@ -204,13 +245,32 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
         }
     }
     let proxy = proxy_env();
-    let names = shroud_names(&read("systemd/shroud-proxy.service"));
-    assert!(!names.is_empty());
-    for name in names {
-        assert!(
-            proxy.contains(&name),
-            "shroud-proxy.service: {name} is not a proxy variable"
-        );
+    for file in [
+        "systemd/shroud-proxy.service",
+        "systemd/shroud-proxy.service.d/discovery.conf",
+    ] {
+        let names = shroud_names(&read(file));
+        assert!(!names.is_empty(), "{file} names no variable");
+        for name in names {
+            assert!(
+                proxy.contains(&name),
+                "{file}: {name} is not a proxy variable"
+            );
+        }
+    }
+    // The discovery service's variables all start SHROUD_DISCOVERY_, but so do the client's
+    // SHROUD_DISCOVERY_KEY and the proxy's SHROUD_DISCOVERY_CA: the prefix alone proves
+    // nothing.
+    let discovery = discovery_env();
+    for file in ["discovery.env.example", "systemd/shroud-discovery.service"] {
+        let names = shroud_names(&read(file));
+        assert!(!names.is_empty(), "{file} names no variable");
+        for name in names {
+            assert!(
+                discovery.contains(&name),
+                "{file}: {name} is not a discovery service variable"
+            );
+        }
     }
 }
 
@@ -282,6 +342,12 @@ fn to_args(command: &clap::Command, program: &str, env: &[(String, String)]) -> 
             .find(|arg| arg.get_env().is_some_and(|env| env == name.as_str()))
             .unwrap_or_else(|| panic!("{program} reads no {name}"));
         match arg.get_long() {
+            // A flag (`--srv`, `--authorize-dns`): clap reads its variable as true or false.
+            Some(long) if !arg.get_action().takes_values() => match value.as_str() {
+                "true" => options.push(format!("--{long}")),
+                "false" => {}
+                _ => panic!("{name}={value}: write true or false"),
+            },
             Some(long) => options.push(format!("--{long}={value}")),
             None => positionals.push((arg.get_index().unwrap(), value)),
         }
@@ -359,4 +425,474 @@ fn the_proxy_unit_makes_a_valid_command_line() {
 /// Parses `args` as the binary would, naming them if they are refused.
 fn parse<T: clap::Parser>(args: &[String]) -> T {
     T::try_parse_from(args).unwrap_or_else(|err| panic!("{args:?}: {err}"))
+}
+
+/// The `SHROUD_...=value` settings a unit's comments tell the operator to add to an
+/// environment file (lines such as `#   SHROUD_REGION=eu`).
+fn documented_settings(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .filter_map(|line| line.trim().strip_prefix('#'))
+        .map(str::trim)
+        .filter(|line| line.starts_with("SHROUD_"))
+        .filter_map(|line| line.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+/// The `TimeoutStopSec=` of a unit, in seconds.
+fn timeout_stop_secs(unit: &str) -> u64 {
+    let stop = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec");
+    stop.trim().parse().unwrap()
+}
+
+/// Whether `unit` hands the service `file` under `%d` through a `LoadCredential=` line.
+fn loads_credential(unit: &str, path: &Path) -> bool {
+    let Ok(file) = path.strip_prefix("%d") else {
+        return false;
+    };
+    let prefix = format!("LoadCredential={}:", file.display());
+    unit.lines().any(|line| line.starts_with(&prefix))
+}
+
+#[test]
+fn the_discovery_unit_and_env_example_make_a_valid_command_line() {
+    let unit = read("systemd/shroud-discovery.service");
+    // The environment file is optional: the unit alone gives every required setting.
+    assert!(unit.contains("EnvironmentFile=-/etc/shroud/discovery.env"));
+    let command = shroud_discovery::cli::Cli::command();
+    let example = read("discovery.env.example");
+
+    for commented_too in [false, true] {
+        let mut env = unit_environment(&unit, "unused");
+        env.extend(env_file(&example, commented_too));
+        let args = to_args(&command, "shroud-discovery", &env);
+        let cli: shroud_discovery::cli::Cli = parse(&args);
+        assert!(cli.command.is_none());
+        let serve = cli.serve.expect("serve options");
+        assert_eq!(serve.listen.port(), 443);
+        // Every secret reaches the dynamic user through systemd's credentials.
+        let secret_file = serve.fleet_secret_file.clone().expect("heartbeats enabled");
+        for path in [
+            &serve.tls_cert,
+            &serve.tls_key,
+            &serve.signing_key,
+            &secret_file,
+        ] {
+            assert!(
+                loads_credential(&unit, path),
+                "{} is not a LoadCredential= file",
+                path.display()
+            );
+        }
+        if commented_too {
+            assert_eq!(
+                serve.fleet.as_deref(),
+                Some(Path::new("/etc/shroud/fleet.toml"))
+            );
+            assert_eq!(
+                serve.require_cname.as_deref(),
+                Some(required_cname_domain().as_str())
+            );
+            assert_eq!(serve.dns_server.len(), 1);
+        } else {
+            assert_eq!(serve.require_cname, None);
+        }
+    }
+
+    // The service lets requests finish for 5 s on SIGTERM; systemd must wait longer.
+    assert!(timeout_stop_secs(&unit) > 5);
+    assert!(unit.contains("KillSignal=SIGTERM"));
+}
+
+/// The `--require-cname` domain that `discovery.env.example` suggests.
+fn required_cname_domain() -> String {
+    env_file(&read("discovery.env.example"), true)
+        .into_iter()
+        .find(|(name, _)| name == "SHROUD_DISCOVERY_REQUIRE_CNAME")
+        .map(|(_, value)| value)
+        .expect("SHROUD_DISCOVERY_REQUIRE_CNAME in discovery.env.example")
+}
+
+#[test]
+fn the_proxy_discovery_drop_in_makes_a_valid_command_line() {
+    let unit = read("systemd/shroud-proxy.service");
+    let drop_in = read("systemd/shroud-proxy.service.d/discovery.conf");
+    let command = shroud_proxy::cli::Cli::command();
+    let mut env = unit_environment(&unit, "unused");
+    env.extend(unit_environment(&drop_in, "unused"));
+    env.push((
+        "SHROUD_TUNNEL_NAME".to_owned(),
+        "proxy1.example.net".to_owned(),
+    ));
+    // Without this proxy's own settings, which the drop-in's comment lists, clap refuses.
+    let args = to_args(&command, "shroud-proxy", &env);
+    let err = <shroud_proxy::cli::Cli as clap::Parser>::try_parse_from(&args).unwrap_err();
+    assert!(err.to_string().contains("--region"), "{err}");
+
+    let documented = documented_settings(&drop_in);
+    assert!(documented.len() >= 2, "{documented:?}");
+    env.extend(documented);
+    // As deploy/README.md says to switch on authorization by DNS.
+    env.push(("SHROUD_AUTHORIZE_DNS".to_owned(), "true".to_owned()));
+    let args = to_args(&command, "shroud-proxy", &env);
+    let cli: shroud_proxy::cli::Cli = parse(&args);
+    assert!(cli.authorize_dns);
+    assert!(cli.authorized.is_some(), "the unit's authorized file stays");
+
+    let url: shroud_discovery::announce::DiscoveryUrl = cli
+        .discovery
+        .as_deref()
+        .expect("--discovery")
+        .parse()
+        .unwrap();
+    assert_eq!(url.port(), 443);
+    let secret_file = cli.fleet_secret_file.expect("--fleet-secret-file");
+    assert!(loads_credential(&drop_in, &secret_file));
+    let public_name = cli.public_name.expect("--public-name");
+    let (name, port) = public_name.rsplit_once(':').unwrap();
+    assert_eq!(port, "443");
+    assert_eq!(name, cli.tunnel_name, "clients dial the tunnel name");
+    assert!(!cli.region.expect("--region").is_empty());
+
+    // The names it uses are the ones zone.example publishes.
+    let zones = example_zones();
+    let operator = &zones[0];
+    assert_eq!(operator.data(url.host(), RecordType::A).len(), 1);
+    assert_eq!(operator.data(name, RecordType::A).len(), 1);
+}
+
+#[test]
+fn fleet_example_parses_and_matches_the_zone() {
+    let file = FleetFile::parse(&read("fleet.example.toml"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let entries: Vec<(&str, u16, &str)> = file
+        .proxy
+        .iter()
+        .map(|entry| (entry.name.as_str(), entry.port, entry.region.as_str()))
+        .collect();
+    assert_eq!(
+        entries,
+        [
+            ("proxy1.example.net", 443, "eu"),
+            ("proxy2.example.net", 443, "us"),
+            ("proxy3.example.net", 443, "eu"),
+        ]
+    );
+
+    // Each is a tunnel name with an address of its own in zone.example.
+    let zones = example_zones();
+    let operator = &zones[0];
+    let mut addresses = BTreeSet::new();
+    for (name, _, _) in &entries {
+        let a = operator.data(name, RecordType::A);
+        assert_eq!(a.len(), 1, "{name}: {a:?}");
+        assert!(addresses.insert(a[0].clone()), "{name} shares an address");
+    }
+
+    // Lists spread across both regions first, and the default of 3 takes the whole fleet.
+    let fleet = Fleet::new(file, Duration::from_secs(30));
+    let now = tokio::time::Instant::now();
+    for host in ["www.example.net", "app.customer.example", "example.org"] {
+        let two = fleet.select(host, 2, now);
+        let regions: BTreeSet<&str> = two.iter().map(|e| e.region.as_str()).collect();
+        assert_eq!(regions, BTreeSet::from(["eu", "us"]), "{host}: {two:?}");
+        assert_eq!(fleet.select(host, 3, now).len(), 3);
+    }
+}
+
+/// One zone of `deploy/zone.example`: its origin and every record in it.
+struct Zone {
+    origin: Name,
+    records: Vec<Record>,
+}
+
+impl Zone {
+    /// The data of the records of type `rtype` at `name` (absolute; a final dot is optional).
+    fn data(&self, name: &str, rtype: RecordType) -> Vec<&RData> {
+        let name = fqdn(name);
+        self.records
+            .iter()
+            .filter(|record| record.name == name && record.record_type() == rtype)
+            .map(|record| &record.data)
+            .collect()
+    }
+
+    /// The addresses of the A records at `name`.
+    fn addresses(&self, name: &str) -> BTreeSet<Ipv4Addr> {
+        self.data(name, RecordType::A)
+            .into_iter()
+            .map(|data| match data {
+                RData::A(a) => a.0,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+}
+
+fn fqdn(name: &str) -> Name {
+    let mut name = Name::from_ascii(name).unwrap();
+    name.set_fqdn(true);
+    name
+}
+
+/// The text of a TXT record, its character-strings joined.
+fn txt_text(data: &RData) -> String {
+    let RData::TXT(txt) = data else {
+        panic!("not TXT: {data:?}");
+    };
+    let bytes: Vec<u8> = txt
+        .txt_data
+        .iter()
+        .flat_map(|s| s.iter().copied())
+        .collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+/// The zones of `deploy/zone.example`, each parsed on its own by hickory's zone-file parser
+/// after cutting the file before every `$ORIGIN` but the first, as its header says to.
+fn example_zones() -> Vec<Zone> {
+    let text = read("zone.example");
+    let mut parts = vec![String::new()];
+    for line in text.lines() {
+        let current = parts.last_mut().unwrap();
+        if line.starts_with("$ORIGIN") && current.contains("\n$ORIGIN") {
+            parts.push(String::new());
+        }
+        let current = parts.last_mut().unwrap();
+        current.push('\n');
+        current.push_str(line);
+    }
+    parts
+        .iter()
+        .map(|part| {
+            let (origin, sets) = ZoneParser::new(part.as_str(), None, None)
+                .parse()
+                .unwrap_or_else(|err| panic!("zone.example: {err}\n{part}"));
+            let records = sets
+                .values()
+                .flat_map(|set| set.records_without_rrsigs().cloned())
+                .collect();
+            Zone { origin, records }
+        })
+        .collect()
+}
+
+#[test]
+fn zone_example_is_two_complete_zones() {
+    let zones = example_zones();
+    let origins: Vec<String> = zones.iter().map(|z| z.origin.to_ascii()).collect();
+    assert_eq!(origins, ["example.net.", "customer.example."]);
+    for zone in &zones {
+        let origin = zone.origin.to_ascii();
+        for record in &zone.records {
+            assert!(
+                zone.origin.zone_of(&record.name),
+                "{} is outside the zone {origin}",
+                record.name
+            );
+        }
+        let soa: Vec<&Record> = zone
+            .records
+            .iter()
+            .filter(|record| record.record_type() == RecordType::SOA)
+            .collect();
+        assert_eq!(soa.len(), 1, "{origin}: one SOA");
+        assert_eq!(soa[0].name, zone.origin, "{origin}: the SOA is at the apex");
+        let ns = zone.data(&origin, RecordType::NS);
+        assert!(!ns.is_empty(), "{origin}: NS at the apex");
+        for data in ns {
+            let RData::NS(server) = data else {
+                panic!("{data:?}")
+            };
+            if zone.origin.zone_of(&server.0) {
+                assert!(
+                    !zone.addresses(&server.0.to_ascii()).is_empty(),
+                    "{origin}: glue for {}",
+                    server.0
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn zone_example_publishes_what_its_comments_say() {
+    let zones = example_zones();
+    let (operator, customer) = (&zones[0], &zones[1]);
+
+    // The fleet: three tunnel names, one machine each, and the discovery service on another.
+    let fleet: BTreeMap<&str, BTreeSet<Ipv4Addr>> = [
+        "proxy1.example.net",
+        "proxy2.example.net",
+        "proxy3.example.net",
+    ]
+    .into_iter()
+    .map(|name| (name, operator.addresses(name)))
+    .collect();
+    let mut all = BTreeSet::new();
+    for (name, addresses) in &fleet {
+        assert_eq!(addresses.len(), 1, "{name}: {addresses:?}");
+        all.extend(addresses);
+    }
+    assert_eq!(all.len(), 3);
+    let discovery = operator.addresses("discovery.example.net");
+    assert_eq!(discovery.len(), 1);
+    assert!(
+        discovery.is_disjoint(&all),
+        "the discovery service needs its own port 443"
+    );
+
+    // Self-hosted: the published name points at every proxy, and its SRV records name every
+    // proxy's tunnel name, on port 443.
+    assert_eq!(operator.addresses("www.example.net"), all);
+    let srv_name = format!("{}.www.example.net", shroud_client::srv::SRV_LABELS);
+    let srv = operator.data(&srv_name, RecordType::SRV);
+    assert_eq!(srv.len(), 3, "{srv_name}");
+    let mut targets = BTreeSet::new();
+    for data in srv {
+        let RData::SRV(srv) = data else {
+            panic!("{data:?}")
+        };
+        assert_eq!(srv.port, 443, "{srv:?}");
+        let target = srv.target.to_ascii();
+        targets.insert(target.trim_end_matches('.').to_owned());
+    }
+    let tunnel_names: BTreeSet<String> = fleet.keys().map(|name| (*name).to_owned()).collect();
+    assert_eq!(targets, tunnel_names);
+
+    // Hosted: the customer's CNAME is HOSTNAME.DOMAIN for the domain the discovery service
+    // requires, and the operator's wildcard answers for it with the whole fleet.
+    let domain = required_cname_domain();
+    let host = "app.customer.example";
+    assert_eq!(
+        customer.data(host, RecordType::CNAME),
+        [&RData::CNAME(hickory_proto::rr::rdata::CNAME(fqdn(
+            &format!("{host}.{domain}")
+        )))]
+    );
+    assert_eq!(operator.addresses(&format!("*.{domain}")), all);
+    // A CNAME stands alone at its name.
+    let at_host: Vec<RecordType> = customer
+        .records
+        .iter()
+        .filter(|record| record.name == fqdn(host))
+        .map(Record::record_type)
+        .collect();
+    assert_eq!(at_host, [RecordType::CNAME]);
+
+    // The TXT record lists one client key, in the form the proxy reads.
+    let txt_name = format!("{}.{host}", shroud_proxy::dns_auth::TXT_LABEL);
+    let txt = customer.data(&txt_name, RecordType::TXT);
+    assert_eq!(txt.len(), 1, "{txt_name}");
+    let text = txt_text(txt[0]);
+    let key = text
+        .strip_prefix(shroud_proxy::dns_auth::KEY_PREFIX)
+        .unwrap_or_else(|| panic!("{text:?}"));
+    let _: PublicKey = key.parse().unwrap();
+}
+
+/// Serves `zone` from a DNS server on 127.0.0.1. Wildcards are left out: the test server does
+/// not expand them.
+async fn serve(zone: &Zone) -> TestDns {
+    let origin = zone.origin.to_ascii();
+    let dns = TestDns::start(origin.trim_end_matches('.')).await.unwrap();
+    for record in &zone.records {
+        let name = record.name.to_ascii();
+        let ttl = record.ttl;
+        match &record.data {
+            _ if record.name.is_wildcard() => {}
+            RData::SOA(_) | RData::NS(_) => {}
+            RData::A(a) => dns.add_a(&name, a.0, ttl).unwrap(),
+            RData::CNAME(target) => dns.add_cname(&name, &target.0.to_ascii(), ttl).unwrap(),
+            RData::SRV(srv) => dns
+                .add_srv(
+                    &name,
+                    srv.priority,
+                    srv.weight,
+                    srv.port,
+                    &srv.target.to_ascii(),
+                    ttl,
+                )
+                .unwrap(),
+            data @ RData::TXT(_) => dns.add_txt(&name, &txt_text(data), ttl).unwrap(),
+            other => panic!("{name}: no way to serve {other:?}"),
+        }
+    }
+    dns
+}
+
+#[tokio::test]
+async fn zone_example_answers_the_client_the_proxy_and_the_discovery_service() {
+    init();
+    let zones = example_zones();
+    let operator = serve(&zones[0]).await;
+    let customer = serve(&zones[1]).await;
+
+    // The client's --srv lookup finds the three proxies, on 443.
+    let transport = shroud_client::transport::DirectTransport::new(
+        shroud_client::transport::Resolve::new(),
+        Duration::from_secs(5),
+    );
+    let answer = within(
+        10,
+        shroud_client::srv::lookup_srv(
+            &transport,
+            operator.addr,
+            "www.example.net",
+            Duration::from_secs(5),
+        ),
+    )
+    .await
+    .unwrap();
+    let mut found: Vec<(String, u16)> = answer
+        .targets
+        .into_iter()
+        .map(|target| (target.name, target.port))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("proxy1.example.net".to_owned(), 443),
+            ("proxy2.example.net".to_owned(), 443),
+            ("proxy3.example.net".to_owned(), 443),
+        ]
+    );
+
+    // A proxy run with --authorize-dns lets the listed key bind app.customer.example, and no
+    // other key.
+    let txt_name = format!("{}.app.customer.example", shroud_proxy::dns_auth::TXT_LABEL);
+    let text = txt_text(zones[1].data(&txt_name, RecordType::TXT)[0]);
+    let listed: PublicKey = text
+        .strip_prefix(shroud_proxy::dns_auth::KEY_PREFIX)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let auth = shroud_proxy::dns_auth::DnsAuthorizer::new(
+        Some(customer.addr),
+        shroud_proxy::dns_auth::DnsAuthLimits::default(),
+    )
+    .unwrap();
+    let verdict = within(10, auth.allows("app.customer.example", &listed)).await;
+    assert!(
+        matches!(verdict, shroud_proxy::dns_auth::DnsVerdict::Allowed { valid_for }
+            if valid_for <= Duration::from_secs(300)),
+        "{verdict:?}"
+    );
+    let other = key(ALICE);
+    let verdict = within(10, auth.allows("app.customer.example", &other)).await;
+    assert_eq!(verdict, shroud_proxy::dns_auth::DnsVerdict::NotListed);
+
+    // The discovery service run with --require-cname DOMAIN accepts the customer's CNAME.
+    let check = shroud_discovery::cname::CnameCheck::new(required_cname_domain(), &[customer.addr])
+        .unwrap();
+    let verdict = within(10, check.check("app.customer.example"))
+        .await
+        .unwrap();
+    assert_eq!(verdict, shroud_discovery::cname::Verdict::Confirmed);
 }
