@@ -5,15 +5,15 @@
 //!
 //! What it does, in order:
 //! 1. Starts an HTTPS origin for `example.test`, a C-tor onion service forwarding port 443 to
-//!    it, and a C-tor client with a SOCKS port.
+//!    it, and a C-tor client with a SOCKS port; waits until both have bootstrapped and the
+//!    service has uploaded its descriptor.
 //! 2. Five times: a fresh Arti client (fresh state directory) bootstraps, then a shroud client
 //!    over it binds one tunnel to a fresh in-process proxy. Both steps are timed. The last
 //!    client and proxy stay up.
-//! 3. Waits for the onion service's descriptor upload, then makes the first onion connection
-//!    (the C-tor client fetches the descriptor), then N rounds of one fresh visitor connection
-//!    on each path: through the shroud proxy, to the onion through SOCKS (a SOCKS username of
-//!    its own, so C-tor isolates it on a fresh rendezvous circuit), and straight to the origin
-//!    as a floor. Each connection times its first byte back (TLS ServerHello, after TCP connect
+//! 3. Makes the first onion connection (the C-tor client fetches the descriptor), then N
+//!    rounds of one fresh visitor connection on each path: through the shroud proxy, to the
+//!    onion through SOCKS (a SOCKS username of its own, so C-tor isolates it on a fresh
+//!    rendezvous circuit), and straight to the origin as a floor. Each connection times its first byte back (TLS ServerHello, after TCP connect
 //!    and ClientHello; after the SOCKS handshake too for the onion) and a whole HTTPS GET; the
 //!    origin's certificate is verified for `example.test` on every path.
 //! 4. Prints a Markdown report and writes it, with how it was made, to `docs/TOR-LATENCY.md`.
@@ -268,14 +268,13 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     let roots = pki.ca.root_store();
 
     progress("starting a C-tor onion service and a C-tor SOCKS client on the network");
-    let (mut onion, mut socks_tor) =
+    // Publication is waited for before the Arti clients start, so the service's own circuit
+    // building does not run alongside them.
+    let (mut onion, onion_published, mut socks_tor) =
         tokio::task::block_in_place(|| start_c_tors(net, origin.addr()))?;
     let socks = socks_tor
         .socks
         .context("the C-tor client has no SOCKS port")?;
-    // Waited for before the Arti clients start, so the service's own circuit building does not
-    // run alongside them, and the time is the service's alone.
-    let onion_published = tokio::task::block_in_place(|| onion.wait_published(PUBLISH_TIMEOUT))?;
     progress(format_args!(
         "onion service published its descriptor {:.1} s after it started",
         onion_published.as_secs_f64()
@@ -355,10 +354,19 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     })
 }
 
-/// Starts the onion service (port 443 to `origin`) and the SOCKS client side by side.
-fn start_c_tors(net: &TorNet, origin: SocketAddr) -> anyhow::Result<(OnionService, TorUser)> {
+/// Starts the onion service (port 443 to `origin`) and the SOCKS client side by side, and
+/// waits until both have bootstrapped and the service has published its descriptor, which
+/// it returns how long after its start it did.
+fn start_c_tors(
+    net: &TorNet,
+    origin: SocketAddr,
+) -> anyhow::Result<(OnionService, Duration, TorUser)> {
     std::thread::scope(|scope| {
-        let service = scope.spawn(|| net.start_onion_service("onion-service", 443, origin));
+        let service = scope.spawn(|| -> anyhow::Result<(OnionService, Duration)> {
+            let service = net.start_onion_service("onion-service", 443, origin)?;
+            let published = service.wait_published(PUBLISH_TIMEOUT)?;
+            Ok((service, published))
+        });
         let client = scope.spawn(|| net.start_socks_client("onion-client"));
         let service = service
             .join()
@@ -367,10 +375,9 @@ fn start_c_tors(net: &TorNet, origin: SocketAddr) -> anyhow::Result<(OnionServic
             .join()
             .map_err(|_| anyhow!("starting the SOCKS client panicked"))?;
         // If one failed, the other's handle drops here and stops its tor.
-        Ok((
-            service.context("starting the C-tor onion service")?,
-            client.context("starting the C-tor SOCKS client")?,
-        ))
+        let (service, published) = service.context("starting the C-tor onion service")?;
+        let client = client.context("starting the C-tor SOCKS client")?;
+        Ok((service, published, client))
     })
 }
 
@@ -947,125 +954,142 @@ fn document(net: &TorNet, results: &Results, report: &str) -> String {
         .unwrap_or_else(|| "tor (version unknown)".into());
     let arti = arti_version().unwrap_or_else(|| "0.47".into());
     let samples = results.samples;
+    // The shroud connections whose first byte met no stall (see Observations), and for each
+    // the time from first byte to complete response.
+    let fast: Vec<Duration> = results
+        .shroud
+        .samples
+        .iter()
+        .filter(|s| s.first_byte < Duration::from_millis(20))
+        .map(|s| s.response.saturating_sub(s.first_byte))
+        .collect();
+    let shroud_n = results.shroud.samples.len();
+    let fast_note = match Stats::of(&fast) {
+        Some(stats) => format!(
+            "In this run {} of {shroud_n} shroud first bytes took under 20 ms; in those, the \
+             rest of the handshake and the request (one more round trip over the tunnel) took \
+             a median {} from first byte to GET complete.",
+            stats.n,
+            ms(stats.median)
+        ),
+        None => format!(
+            "In this run none of the {shroud_n} shroud first bytes took under 20 ms (the \
+             fastest: {}); earlier runs had from none to 7 of 20 at 2-15 ms.",
+            Stats::of(&results.shroud.first_bytes()).map_or_else(|| "none".into(), |s| ms(s.min))
+        ),
+    };
     let (authorities, middles, exits) = (
         count(RelayKind::Authority),
         count(RelayKind::Middle),
         count(RelayKind::Exit),
     );
     format!(
-        "# Visitor latency: shroud over Tor vs. a C-tor onion service\n\
-         \n\
-         Generated by `shroud-tor-latency` on {date} (UTC). Reproduce with:\n\
-         \n\
-         ```sh\n\
-         cargo run --release -p shroud-tests --bin shroud-tor-latency -- --samples {samples}\n\
-         ```\n\
-         \n\
-         It needs Debian's `tor` (`tor`, `tor-gencert`); it starts its own private Tor network and\n\
-         rewrites this file. Progress goes to stderr, the report to stdout.\n\
-         \n\
-         ## The question\n\
-         \n\
-         shroud's promise is low latency: the client holds one TLS+yamux tunnel per proxy over a\n\
-         Tor circuit it built in advance, so a visitor connects to the proxy directly and the proxy\n\
-         opens a stream on that tunnel; no visitor waits for a circuit. The alternative users would\n\
-         pick is publishing the origin as a Tor onion service, which visitors reach with a Tor\n\
-         client: each new (isolated) visitor connection needs an introduction and a fresh\n\
-         rendezvous circuit, and the very first one a descriptor fetch too.\n\
-         \n\
-         ## What was measured\n\
-         \n\
-         One private Tor network on 127.0.0.1 ({authorities} directory authorities, {middles} middle\n\
-         relays, {exits} exits; C-tor relays), one HTTPS origin for `example.test` (a test CA's\n\
-         certificate; every visitor verifies it for `example.test`, so every path reaches the real\n\
-         origin end to end), published two ways at once:\n\
-         \n\
-         - **shroud**: an in-process proxy; a shroud client in this process reaching it through\n\
-           embedded Arti {arti} (its tunnel on its own 3-hop circuit to an exit, which connects to\n\
-           the proxy). A visitor TCP-connects to the proxy's public TLS port.\n\
-         - **C-tor onion service**: a separate `tor` with `HiddenServiceDir` and\n\
-           `HiddenServicePort 443 -> origin`; visitors use a second `tor` as their client, through\n\
-           its SOCKS port. Each visitor uses its own SOCKS username (`IsolateSOCKSAuth`, tor's\n\
-           default), so tor gives it a fresh rendezvous circuit, as it would a new, unlinkable\n\
-           visitor; the descriptor stays cached after the first connection. The first connection,\n\
-           which fetches the descriptor from an HSDir, is reported on its own row.\n\
-         - **direct**: the visitor connects to the origin itself, no Tor: the floor (local TCP and\n\
-           TLS cost).\n\
-         \n\
-         For every visitor connection (a fresh TCP connection, a fresh TLS configuration, so no\n\
-         session resumption), two timings, both from the start of the TCP connect (to the proxy,\n\
-         the SOCKS port, or the origin):\n\
-         \n\
-         - **first byte**: the first byte read back after sending the TLS ClientHello (for the\n\
-           onion, after the SOCKS handshake, which returns once tor has the rendezvous circuit and\n\
-           the stream is connected). That byte is the origin's ServerHello: through shroud it went\n\
-           origin → client → tunnel over the Tor circuit → proxy → visitor.\n\
-         - **HTTPS GET complete**: TLS handshake done, `GET {PATH}` sent, and the whole response\n\
-           read (per its `Content-Length`).\n\
-         \n\
-         The paths are measured in interleaved rounds (shroud, onion, direct, then again), one\n\
-         connection at a time, so slow periods of the machine hit all paths alike. Before that, the\n\
-         setup costs: {trials} fresh Arti clients, each with a fresh state directory, bootstrap\n\
-         (consensus and microdescriptors from the authorities); each then binds one shroud tunnel\n\
-         to a fresh proxy (circuit, TLS to the proxy, bind handshake), timed separately.\n\
-         \n\
-         ## Machine and limits\n\
-         \n\
-         {cores} cores ({cpu}), Linux {kernel}, {tor}, arti-client {arti}, release build. Every\n\
-         relay, proxy, origin and client is on the loopback interface, so link latency is about\n\
-         zero: the figures show protocol round trips and the CPU cost of building circuits (and of\n\
-         the relays' cryptography), not real-world internet latency. On the public Tor network each\n\
-         round trip through a circuit costs tens to hundreds of milliseconds, and an onion\n\
-         connection needs several more of them than a stream on an existing circuit, so the gap in\n\
-         absolute terms grows there; the ratio here only says how much protocol work each path\n\
-         does per visitor.\n\
-         \n\
-         ## Results\n\
-         \n\
-         {report}\n\
-         ## Observations\n\
-         \n\
-         **shroud's first byte comes at two speeds.** In this run {fast} of {shroud_n} shroud first\n\
-         bytes took under 20 ms and the rest 40 ms or more (see every connection above). A trace\n\
-         of an earlier run of this tool (strace on the process that holds both the proxy and the\n\
-         Arti client, 2026-11-22) shows where the rest goes. In each direction the first exchange\n\
-         of a new visitor stream leaves shroud as two small TLS records in quick succession: the\n\
-         proxy sent 34 bytes then, 0.5 ms later, 295 (the stream header and the ClientHello); the\n\
-         client sent its acknowledgement (PROTOCOL.md §7.3: at once, before dialling the origin)\n\
-         and, a few milliseconds later, the origin's ServerHello. In the slow cases the second\n\
-         record reached the other end 44-48 ms after the first, with nothing in shroud's process\n\
-         in between: the delay was inside the relays. That is what Nagle's algorithm on a relay\n\
-         connection (tor sets no TCP_NODELAY; Arti's channels neither) looks like when the\n\
-         receiving side has nothing to send back and so delays its ACK (40 ms minimum on Linux).\n\
-         When the two records happen to be read and relayed together, no stall: the fast\n\
-         samples. A full round trip on an established stream costs about 4 ms here (first byte\n\
-         to GET complete, in the fast samples). On this idle loopback network every relay\n\
-         connection is quiet, which invites the stall; on busy public relays other traffic\n\
-         carries ACKs and it is probably rarer, but that was not measured. Sending each\n\
-         direction's first bytes as one write would remove the trigger on the proxy side; on the\n\
-         client side the acknowledgement is sent early on purpose (§7.3), so that trade-off\n\
-         would need a protocol decision. A relay of our own in front of the proxy that forced\n\
-         immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the\n\
-         exit-to-proxy hop.\n\
-         \n\
-         **The onion path's tail.** Fresh onion connections usually cost one introduction and\n\
-         one rendezvous, but some take much longer (p90 and max above; up to 7.6 s in an earlier\n\
-         run). The cause was not investigated; the median is the figure to compare.\n\
-         \n\
-         **Setup outliers on a young network.** The network is measured within a minute or two of\n\
-         its first full consensus. In an earlier run one fresh Arti client bootstrapped just after\n\
-         a new consensus and could not pick an exit for 74 s (stderr: `rejected 7/8 as not\n\
-         exiting to desired ports`), which shows up as the max of the first-tunnel row when it\n\
-         happens; the median is not affected.\n",
+        r#"# Visitor latency: shroud over Tor vs. a C-tor onion service
+
+Generated by `shroud-tor-latency` on {date} (UTC). Reproduce with:
+
+```sh
+cargo run --release -p shroud-tests --bin shroud-tor-latency -- --samples {samples}
+```
+
+It needs Debian's `tor` (`tor`, `tor-gencert`); it starts its own private Tor network and
+rewrites this file. Progress goes to stderr, the report to stdout.
+
+## The question
+
+shroud's promise is low latency: the client holds one TLS+yamux tunnel per proxy over a
+Tor circuit it built in advance, so a visitor connects to the proxy directly and the proxy
+opens a stream on that tunnel; no visitor waits for a circuit. The alternative users would
+pick is publishing the origin as a Tor onion service, which visitors reach with a Tor
+client: each new (isolated) visitor connection needs an introduction and a fresh
+rendezvous circuit, and the very first one a descriptor fetch too.
+
+## What was measured
+
+One private Tor network on 127.0.0.1 ({authorities} directory authorities, {middles} middle
+relays, {exits} exits; C-tor relays), one HTTPS origin for `example.test` (a test CA's
+certificate; every visitor verifies it for `example.test`, so every path reaches the real
+origin end to end), published two ways at once:
+
+- **shroud**: an in-process proxy; a shroud client in this process reaching it through
+  embedded Arti {arti} (its tunnel on its own 3-hop circuit to an exit, which connects to
+  the proxy). A visitor TCP-connects to the proxy's public TLS port.
+- **C-tor onion service**: a separate `tor` with `HiddenServiceDir` and
+  `HiddenServicePort 443 -> origin`; visitors use a second `tor` as their client, through
+  its SOCKS port. Each visitor uses its own SOCKS username (`IsolateSOCKSAuth`, tor's
+  default), so tor gives it a fresh rendezvous circuit, as it would a new, unlinkable
+  visitor; the descriptor stays cached after the first connection. The first connection,
+  which fetches the descriptor from an HSDir, is reported on its own row.
+- **direct**: the visitor connects to the origin itself, no Tor: the floor (local TCP and
+  TLS cost).
+
+For every visitor connection (a fresh TCP connection, a fresh TLS configuration, so no
+session resumption), two timings, both from the start of the TCP connect (to the proxy,
+the SOCKS port, or the origin):
+
+- **first byte**: the first byte read back after sending the TLS ClientHello (for the
+  onion, after the SOCKS handshake, which returns once tor has the rendezvous circuit and
+  the stream is connected). That byte is the origin's ServerHello: through shroud it went
+  origin → client → tunnel over the Tor circuit → proxy → visitor.
+- **HTTPS GET complete**: TLS handshake done, `GET {PATH}` sent, and the whole response
+  read (per its `Content-Length`).
+
+The paths are measured in interleaved rounds (shroud, onion, direct, then again), one
+connection at a time, so slow periods of the machine hit all paths alike. Before that, the
+setup costs: {trials} fresh Arti clients, each with a fresh state directory, bootstrap
+(consensus and microdescriptors from the authorities); each then binds one shroud tunnel
+to a fresh proxy (circuit, TLS to the proxy, bind handshake), timed separately.
+
+## Machine and limits
+
+{cores} cores ({cpu}), Linux {kernel}, {tor}, arti-client {arti}, release build.
+Every relay, proxy, origin and client is on the loopback interface, so link latency is about
+zero: the figures show protocol round trips and the CPU cost of building circuits (and of
+the relays' cryptography), not real-world internet latency. On the public Tor network each
+round trip through a circuit costs tens to hundreds of milliseconds, and an onion
+connection needs several more of them than a stream on an existing circuit, so the gap in
+absolute terms grows there; the ratio here only says how much protocol work each path
+does per visitor.
+
+## Results
+
+{report}
+
+## Observations
+
+**shroud's first byte comes at two speeds.** {fast_note} In every run so far the
+others took 40 ms or more (see every connection above). A trace of an earlier run of this
+tool (strace on the process that holds both the proxy and the Arti client, 2026-11-22)
+shows where that goes. In each direction the first exchange of a new visitor stream leaves
+shroud as two small TLS records in quick succession: the proxy sent 34 bytes then, 0.5 ms
+later, 295 (the stream header and the ClientHello); the client sent its acknowledgement
+(PROTOCOL.md §7.3: at once, before dialling the origin) and, a few milliseconds later, the
+origin's ServerHello. In the slow cases the second record reached the other end 44-48 ms
+after the first, with nothing in shroud's process in between: the delay was inside the
+relays. That is what Nagle's algorithm on a relay connection (tor sets no TCP_NODELAY;
+Arti's channels neither) looks like when the receiving side has nothing to send back and
+so delays its ACK (40 ms minimum on Linux). When the two records happen to be read and
+relayed together, there is no stall: the fast samples, at 2-15 ms. On this idle loopback
+network every relay connection is quiet, which invites the stall; on busy public relays
+other traffic carries ACKs and it is probably rarer, but that was not measured. Sending
+each direction's first bytes as one write would remove the trigger on the proxy side; on
+the client side the acknowledgement is sent early on purpose (§7.3), so that trade-off
+would need a protocol decision. A relay of our own in front of the proxy that forced
+immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the
+exit-to-proxy hop.
+
+**The onion path's tail.** Fresh onion connections usually cost one introduction and
+one rendezvous, but some take much longer (p90 and max above; up to 7.6 s in an earlier
+run). The cause was not investigated; the median is the figure to compare.
+
+**Setup outliers on a young network.** The network is measured within a minute or two of
+its first full consensus. In an earlier run one fresh Arti client bootstrapped just after
+a new consensus and could not pick an exit for 74 s (stderr: `rejected 7/8 as not
+exiting to desired ports`), which shows up as the max of the first-tunnel row when it
+happens; the median is not affected.
+"#,
         date = today(),
         trials = ARTI_TRIALS,
-        fast = results
-            .shroud
-            .samples
-            .iter()
-            .filter(|s| s.first_byte < Duration::from_millis(20))
-            .count(),
-        shroud_n = results.shroud.samples.len(),
     )
 }
 
