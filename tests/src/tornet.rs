@@ -667,6 +667,15 @@ fn load_arti_config(network_file: &Path, state_root: &Path) -> anyhow::Result<To
 /// The torrc of `relay` in a network of `all`, owned by process `owner`.
 fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
     let dir = relay.data_dir.display();
+    // Only non-exits are voted Guard, as exits, being scarce, seldom are on the real network.
+    // That keeps each exit in the one position: killing the exit of one tunnel's circuit
+    // then touches no other circuit.
+    let guards = all
+        .iter()
+        .filter(|r| r.kind != RelayKind::Exit)
+        .map(|r| r.nick.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
     let mut rc = format!(
         "Nickname {nick}\n\
          DataDirectory {dir}\n\
@@ -679,7 +688,7 @@ fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
          PathsNeededToBuildCircuits 0.67\n\
          TestingDirAuthVoteExit *\n\
          TestingDirAuthVoteHSDir *\n\
-         TestingDirAuthVoteGuard *\n\
+         TestingDirAuthVoteGuard {guards}\n\
          TestingMinExitFlagThreshold 0\n\
          V3AuthNIntervalsValid 2\n\
          SocksPort 0\n\
@@ -690,6 +699,7 @@ fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
          ServerDNSDetectHijacking 0\n\
          ServerDNSTestAddresses\n",
         nick = relay.nick,
+        guards = guards,
         pid_file = relay.pid_file().display(),
         log = relay.notice_log().display(),
         or_port = relay.or_port,
