@@ -105,6 +105,13 @@ pub enum BindStatus {
     BadProof,
     /// The proxy could not decide now (a check it needs failed); trying later may work.
     Unavailable,
+    /// The bind by itself asks for more than a limit of the proxy allows (more hostnames than
+    /// one key may hold), so sending it again unchanged can never bind this name.
+    ExceedsLimit,
+    /// A status this crate does not know, from a newer peer. It is a refusal; since nothing
+    /// says retrying is futile, it is treated as one that may succeed later. Never holds one
+    /// of the codes above.
+    Other(u8),
 }
 
 impl BindStatus {
@@ -116,26 +123,31 @@ impl BindStatus {
             Self::LimitReached => 3,
             Self::BadProof => 4,
             Self::Unavailable => 5,
+            Self::ExceedsLimit => 6,
+            Self::Other(code) => code,
         }
     }
 
-    fn from_code(code: u8) -> Result<Self, DecodeError> {
-        Ok(match code {
+    /// Every code decodes: codes added after this crate was written arrive as
+    /// [`BindStatus::Other`], so a newer proxy's answer is never malformed here.
+    fn from_code(code: u8) -> Self {
+        match code {
             0 => Self::Bound,
             1 => Self::NotAuthorized,
             2 => Self::InvalidHostname,
             3 => Self::LimitReached,
             4 => Self::BadProof,
             5 => Self::Unavailable,
-            _ => return Err(DecodeError::Invalid("bind status")),
-        })
+            6 => Self::ExceedsLimit,
+            other => Self::Other(other),
+        }
     }
 
     /// Whether retrying the same bind later can change the answer.
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            Self::NotAuthorized | Self::InvalidHostname | Self::BadProof
+            Self::NotAuthorized | Self::InvalidHostname | Self::BadProof | Self::ExceedsLimit
         )
     }
 }
@@ -286,7 +298,7 @@ impl Message {
                 let mut results = Vec::with_capacity(count);
                 for _ in 0..count {
                     let name = r.str8("hostname")?;
-                    let status = BindStatus::from_code(r.u8()?)?;
+                    let status = BindStatus::from_code(r.u8()?);
                     let reason = r.str8("reason")?;
                     results.push(BindOutcome {
                         name,
@@ -461,6 +473,42 @@ mod tests {
             Message::decode(&bind),
             Err(DecodeError::Invalid("hostname count"))
         );
+    }
+
+    #[test]
+    fn bind_statuses_round_trip_and_unknown_ones_still_decode() {
+        let all = [
+            BindStatus::Bound,
+            BindStatus::NotAuthorized,
+            BindStatus::InvalidHostname,
+            BindStatus::LimitReached,
+            BindStatus::BadProof,
+            BindStatus::Unavailable,
+            BindStatus::ExceedsLimit,
+        ];
+        for (code, status) in all.into_iter().enumerate() {
+            assert_eq!(status.code() as usize, code);
+            assert_eq!(BindStatus::from_code(code as u8), status);
+        }
+        // A newer proxy's status is a refusal worth retrying, never a malformed message.
+        let result = Message::BindResult {
+            results: vec![BindOutcome {
+                name: "example.test".into(),
+                status: BindStatus::Other(42),
+                reason: "something new".into(),
+            }],
+        };
+        let mut body = result.encode();
+        assert_eq!(Message::decode(&body), Ok(result));
+        let status_at = body.len() - 1 - "something new".len() - 1;
+        body[status_at] = 6;
+        let Ok(Message::BindResult { results }) = Message::decode(&body) else {
+            panic!("status 6 did not decode");
+        };
+        assert_eq!(results[0].status, BindStatus::ExceedsLimit);
+        assert!(!BindStatus::Other(42).is_permanent());
+        assert!(!BindStatus::LimitReached.is_permanent());
+        assert!(BindStatus::ExceedsLimit.is_permanent());
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct SessionConfig {
     pub max_streams: usize,
     /// Most inbound streams waiting for [`Incoming::accept`]; more are reset.
     pub accept_backlog: usize,
+    /// Most bytes one stream may hold received but not yet read: the cap on its yamux receive
+    /// window. Clamped to [`MIN_STREAM_BUFFER`]..=[`MAX_STREAM_BUFFER`]; see
+    /// [`connection_receive_window`] for what it does and does not bound.
+    pub stream_buffer: usize,
 }
 
 impl Default for SessionConfig {
@@ -45,9 +49,53 @@ impl Default for SessionConfig {
         Self {
             max_streams: 4096,
             accept_backlog: 1024,
+            stream_buffer: DEFAULT_STREAM_BUFFER,
         }
     }
 }
+
+/// The smallest per-stream buffer: yamux's initial stream window (256 KiB), which the yamux
+/// spec fixes and rust-yamux never shrinks below.
+pub const MIN_STREAM_BUFFER: usize = yamux::DEFAULT_CREDIT as usize;
+/// The default per-stream buffer: the initial window, so no stream's window grows.
+pub const DEFAULT_STREAM_BUFFER: usize = MIN_STREAM_BUFFER;
+/// The largest per-stream buffer accepted: 16 MiB, a window that fills 1 Gbit/s at 130 ms.
+pub const MAX_STREAM_BUFFER: usize = 16 * 1024 * 1024;
+
+/// The yamux connection receive window for a session of `max_streams` streams whose streams
+/// may each hold `stream_buffer` bytes.
+///
+/// rust-yamux 0.14 gives every stream a 256 KiB receive window and grows (never shrinks) the
+/// window of a stream that is read quickly, towards the bandwidth-delay product. The only cap
+/// it offers is on the sum over the connection: each stream keeps its 256 KiB, and growth
+/// comes out of a pool of what the connection window leaves above `streams × 256 KiB`. Making
+/// that pool `stream_buffer − 256 KiB` caps any one stream's window at `stream_buffer`, and the
+/// whole session's at `streams × 256 KiB + (stream_buffer − 256 KiB)`; at the default no
+/// window grows at all.
+///
+/// What this bounds: bytes the peer may send on a stream that the local side has not read (a
+/// peer that sends more breaks the protocol and the session ends). What it does not bound:
+/// frames the local side has written and yamux has queued for the connection, up to about 11
+/// frames of 16 KiB per stream and never beyond the peer's window; and whatever the caller
+/// buffers itself (see [`copy_buffer_len`]).
+pub fn connection_receive_window(max_streams: usize, stream_buffer: usize) -> usize {
+    let stream_buffer = stream_buffer.clamp(MIN_STREAM_BUFFER, MAX_STREAM_BUFFER);
+    let streams = max_streams.saturating_add(YAMUX_STREAM_HEADROOM);
+    streams
+        .saturating_mul(MIN_STREAM_BUFFER)
+        .saturating_add(stream_buffer - MIN_STREAM_BUFFER)
+}
+
+/// The copy buffer, per direction, for splicing a stream whose buffer is `stream_buffer`
+/// bytes onto a socket: a sixteenth of it, within 16 KiB..=64 KiB. Splicing one stream thus
+/// holds at most `stream_buffer` in the yamux window plus twice this in copy buffers.
+pub fn copy_buffer_len(stream_buffer: usize) -> usize {
+    (stream_buffer / 16).clamp(16 * 1024, 64 * 1024)
+}
+
+/// Streams yamux may have beyond ours, so that its own limit (fatal to the whole connection
+/// when crossed) never fires before the semaphore refuses.
+const YAMUX_STREAM_HEADROOM: usize = 16;
 
 /// Why a stream could not be opened, or why a session ended.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -98,14 +146,15 @@ impl Session {
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         // Leave yamux a little room above our own limit so that its fatal check never fires.
-        let yamux_streams = config.max_streams + 16;
+        let yamux_streams = config.max_streams.saturating_add(YAMUX_STREAM_HEADROOM);
         let mut yamux_config = yamux::Config::default();
         // Each setter asserts window >= streams * 256 KiB, so lift the window cap first.
         yamux_config.set_max_connection_receive_window(None);
         yamux_config.set_max_num_streams(yamux_streams);
-        yamux_config.set_max_connection_receive_window(Some(
-            yamux_streams * yamux::DEFAULT_CREDIT as usize,
-        ));
+        yamux_config.set_max_connection_receive_window(Some(connection_receive_window(
+            config.max_streams,
+            config.stream_buffer,
+        )));
         let mode = match role {
             Role::Client => yamux::Mode::Client,
             Role::Proxy => yamux::Mode::Server,
@@ -190,6 +239,11 @@ impl Session {
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
+    }
+
+    /// Whether `self` and `other` are handles to the same session.
+    pub fn same_session(&self, other: &Session) -> bool {
+        Arc::ptr_eq(&self.permits, &other.permits)
     }
 
     /// How many streams are open now, in both directions.
@@ -383,6 +437,7 @@ mod tests {
         let config = SessionConfig {
             max_streams: 2,
             accept_backlog: 8,
+            ..SessionConfig::default()
         };
         let ((client, _c), (_proxy, _p)) = pair(config);
         let first = client.open().await.expect("first");
@@ -394,6 +449,54 @@ mod tests {
         assert_eq!(client.open_streams(), 2);
         drop(first);
         assert!(client.open().await.is_ok());
+    }
+
+    #[test]
+    fn stream_buffer_sets_the_growth_pool_and_is_clamped() {
+        let base = (10 + YAMUX_STREAM_HEADROOM) * MIN_STREAM_BUFFER;
+        assert_eq!(connection_receive_window(10, DEFAULT_STREAM_BUFFER), base);
+        assert_eq!(connection_receive_window(10, 1024 * 1024), base + 768 * 1024);
+        // Below the yamux minimum means the minimum; above the cap means the cap.
+        assert_eq!(connection_receive_window(10, 1), base);
+        assert_eq!(
+            connection_receive_window(10, usize::MAX),
+            base + MAX_STREAM_BUFFER - MIN_STREAM_BUFFER
+        );
+        assert_eq!(copy_buffer_len(DEFAULT_STREAM_BUFFER), 16 * 1024);
+        assert_eq!(copy_buffer_len(512 * 1024), 32 * 1024);
+        assert_eq!(copy_buffer_len(MAX_STREAM_BUFFER), 64 * 1024);
+    }
+
+    /// A stream nobody reads holds at most its window: the writer is held back after 256 KiB,
+    /// and the session (and its other streams) carry on.
+    #[tokio::test]
+    async fn an_unread_stream_holds_at_most_its_window() {
+        let ((client, _c), (_proxy, mut proxy_in)) = pair(SessionConfig::default());
+        let mut unread = client.open().await.expect("open");
+        let chunk = vec![7u8; 16 * 1024];
+        let mut written = 0usize;
+        loop {
+            let write = unread.write_all(&chunk);
+            match tokio::time::timeout(std::time::Duration::from_millis(300), write).await {
+                Ok(result) => {
+                    result.expect("write");
+                    written += chunk.len();
+                    assert!(written <= 2 * MIN_STREAM_BUFFER, "{written} bytes accepted");
+                }
+                Err(_) => break,
+            }
+        }
+        assert!(written >= MIN_STREAM_BUFFER - chunk.len(), "{written}");
+        assert!(written <= MIN_STREAM_BUFFER, "{written} bytes buffered");
+        let _held = proxy_in.accept().await.expect("the unread stream");
+        // Another stream still works.
+        let mut other = client.open().await.expect("open another");
+        other.write_all(b"x").await.expect("write");
+        other.shutdown().await.expect("shutdown");
+        let mut inbound = proxy_in.accept().await.expect("second stream");
+        let mut got = Vec::new();
+        inbound.read_to_end(&mut got).await.expect("read");
+        assert_eq!(got, b"x");
     }
 
     #[tokio::test]

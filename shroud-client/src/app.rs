@@ -82,6 +82,7 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
             .map_or(default_timing.connect_timeout, Duration::from_secs),
         keepalive_interval: Duration::from_secs(run.keepalive_secs),
         backoff_cap: Duration::from_secs(run.max_backoff_secs),
+        stream_buffer: run.stream_buffer_bytes,
         ..default_timing
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;

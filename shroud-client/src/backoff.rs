@@ -2,7 +2,8 @@
 //!
 //! Exponential backoff with jitter, so that many clients cut off by one proxy restart do not all
 //! come back in the same instant; once a session has stayed up for a while, the next failure
-//! starts again from the shortest delay.
+//! starts again from the shortest delay. A go-away (the proxy restarting on purpose) also starts
+//! again from the shortest delay, whatever failed before the session it ends.
 
 use std::time::Duration;
 
@@ -24,6 +25,8 @@ pub struct Backoff {
     stable_after: Duration,
     /// Failed attempts since the last stable session.
     attempt: u32,
+    /// Sessions ended by a go-away since the last stable session.
+    go_aways: u32,
     connected_at: Option<Instant>,
     rng: fastrand::Rng,
 }
@@ -43,6 +46,7 @@ impl Backoff {
             cap,
             stable_after,
             attempt: 0,
+            go_aways: 0,
             connected_at: None,
             rng: fastrand::Rng::new(),
         }
@@ -65,16 +69,38 @@ impl Backoff {
     /// Notes that the session that came up last went down at `at`. If it lasted at least
     /// `stable_after`, delays start from `base` again.
     pub fn record_disconnected(&mut self, at: Instant) {
-        if let Some(connected_at) = self.connected_at.take() {
-            if at.saturating_duration_since(connected_at) >= self.stable_after {
-                self.attempt = 0;
-            }
+        if self.ended_stable(at) {
+            self.attempt = 0;
+            self.go_aways = 0;
         }
+    }
+
+    /// Notes that the proxy said at `at` that it is draining the session that came up last.
+    ///
+    /// The proxy is restarting on purpose, and the attempts that failed before this session
+    /// led to a bound tunnel: they say nothing about now. So delays start from `base` again:
+    /// the restarting proxy refuses the first attempts, each refusal doubles the delay as usual,
+    /// and the client is back within `cap` of the proxy, at a jittered moment. Only go-aways
+    /// add up, until a session lasts `stable_after`: a proxy that says go-away soon after every
+    /// bind gets growing delays, as a failing one does, rather than a reconnect every `base`.
+    pub fn record_go_away(&mut self, at: Instant) {
+        if self.ended_stable(at) {
+            self.go_aways = 0;
+        }
+        self.attempt = self.go_aways;
+        self.go_aways = self.go_aways.saturating_add(1);
     }
 
     /// Attempts counted since the last reset.
     pub fn attempts(&self) -> u32 {
         self.attempt
+    }
+
+    /// Whether the session that came up last, ending at `at`, lasted `stable_after`.
+    fn ended_stable(&mut self, at: Instant) -> bool {
+        self.connected_at.take().is_some_and(|connected_at| {
+            at.saturating_duration_since(connected_at) >= self.stable_after
+        })
     }
 
     /// The delay for the current attempt before jitter: `base * 2^attempt`, at most `cap`.
@@ -165,6 +191,51 @@ mod tests {
         backoff.record_disconnected(Instant::now());
         assert_eq!(backoff.attempts(), 5);
         next_within(&mut backoff, ms(16_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_go_away_starts_again_from_the_base_whatever_failed_before() {
+        let mut backoff = Backoff::default();
+        for _ in 0..10 {
+            backoff.next_delay();
+        }
+        next_within(&mut backoff, DEFAULT_CAP);
+        // A short session: a loss would keep the grown delays; a go-away does not.
+        backoff.record_connected(Instant::now());
+        tokio::time::advance(ms(5_000)).await;
+        backoff.record_go_away(Instant::now());
+        assert_eq!(backoff.attempts(), 0);
+        for ceiling in [500, 1_000, 2_000, 4_000] {
+            next_within(&mut backoff, ms(ceiling));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn go_aways_after_short_sessions_add_up_until_a_stable_session() {
+        let mut backoff = Backoff::default();
+        let short_session_then_go_away = |backoff: &mut Backoff| {
+            backoff.record_connected(Instant::now());
+            backoff.record_go_away(Instant::now());
+        };
+        for ceiling in [500, 1_000, 2_000, 4_000] {
+            short_session_then_go_away(&mut backoff);
+            // Failed attempts in between do not change where the next go-away starts.
+            next_within(&mut backoff, ms(ceiling));
+            next_within(&mut backoff, ms(ceiling * 2));
+        }
+        // A stable session, even one that ends in a loss, clears the count.
+        backoff.record_connected(Instant::now());
+        tokio::time::advance(DEFAULT_STABLE_AFTER).await;
+        backoff.record_disconnected(Instant::now());
+        short_session_then_go_away(&mut backoff);
+        next_within(&mut backoff, DEFAULT_BASE);
+        // And so does a go-away that ends a stable session.
+        short_session_then_go_away(&mut backoff);
+        next_within(&mut backoff, ms(1_000));
+        backoff.record_connected(Instant::now());
+        tokio::time::advance(DEFAULT_STABLE_AFTER).await;
+        backoff.record_go_away(Instant::now());
+        next_within(&mut backoff, DEFAULT_BASE);
     }
 
     #[tokio::test(start_paused = true)]

@@ -216,6 +216,26 @@ pub struct RunArgs {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub max_backoff_secs: u64,
+
+    /// Most bytes one visitor's stream may hold here received from the proxy but not yet
+    /// passed to TARGET: the cap on its yamux receive window, 262144 (256 KiB, the fixed
+    /// initial window) to 16777216. Above the minimum, a busy stream's window may grow towards
+    /// it, for uploads over slow, distant tunnels (Tor), at that much memory per visitor
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = shroud_mux::session::DEFAULT_STREAM_BUFFER,
+        env = "SHROUD_STREAM_BUFFER_BYTES",
+        value_parser = stream_buffer_bytes()
+    )]
+    pub stream_buffer_bytes: usize,
+}
+
+/// A stream buffer size yamux can honour.
+fn stream_buffer_bytes() -> clap::builder::RangedU64ValueParser<usize> {
+    use shroud_mux::session::{MAX_STREAM_BUFFER, MIN_STREAM_BUFFER};
+    clap::builder::RangedU64ValueParser::new()
+        .range(MIN_STREAM_BUFFER as u64..=MAX_STREAM_BUFFER as u64)
 }
 
 /// The port proxies listen on unless told otherwise: 443, which Tor exits commonly allow.
@@ -307,6 +327,8 @@ mod tests {
             "3",
             "--max-backoff-secs",
             "30",
+            "--stream-buffer-bytes",
+            "524288",
             "app.example",
             "127.0.0.1:443",
         ])
@@ -326,6 +348,7 @@ mod tests {
         assert_eq!(run.connect_timeout_secs, Some(5));
         assert_eq!(run.keepalive_secs, 3);
         assert_eq!(run.max_backoff_secs, 30);
+        assert_eq!(run.stream_buffer_bytes, 512 * 1024);
     }
 
     #[test]
@@ -346,6 +369,23 @@ mod tests {
         assert_eq!(run.connect_timeout_secs, None);
         assert_eq!(run.keepalive_secs, 10);
         assert_eq!(run.max_backoff_secs, 60);
+        assert_eq!(run.stream_buffer_bytes, 256 * 1024);
+    }
+
+    #[test]
+    fn stream_buffer_is_bounded() {
+        for bad in ["0", "262143", "16777217", "lots"] {
+            let err = Cli::try_parse_from([
+                "shroud",
+                "--proxy=p.example",
+                "--stream-buffer-bytes",
+                bad,
+                "a.example",
+                "h:1",
+            ])
+            .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}: {err}");
+        }
     }
 
     #[test]

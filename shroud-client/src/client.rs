@@ -20,7 +20,7 @@ use tracing::{info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
 use crate::transport::Transport;
-use crate::tunnel::{self, TunnelState};
+use crate::tunnel::{self, StreamTasks, TunnelState};
 
 /// A proxy to hold a tunnel to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -74,6 +74,10 @@ pub struct Timing {
     pub origin_connect_timeout: Duration,
     /// Most streams open on one tunnel.
     pub max_streams: usize,
+    /// Most bytes one stream (one visitor) may hold here received from the proxy but not yet
+    /// passed to the origin: the cap on its yamux receive window; the copy buffers grow with
+    /// it. See [`shroud_mux::session::connection_receive_window`].
+    pub stream_buffer: usize,
 }
 
 impl Default for Timing {
@@ -88,6 +92,7 @@ impl Default for Timing {
             stream_header_timeout: Duration::from_secs(10),
             origin_connect_timeout: Duration::from_secs(10),
             max_streams: 8192,
+            stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
         }
     }
 }
@@ -260,6 +265,20 @@ pub struct StateReporter {
 }
 
 impl StateReporter {
+    /// A reporter of `proxy`'s tunnel into `states`, and the flag that retires it.
+    pub(crate) fn new(
+        states: watch::Sender<States>,
+        proxy: ProxyAddr,
+    ) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
+        let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reporter = Self {
+            states,
+            proxy,
+            retired: retired.clone(),
+        };
+        (reporter, retired)
+    }
+
     /// Sets this tunnel's state, unless its proxy has left the list.
     pub fn send_replace(&self, state: TunnelState) {
         self.states.send_modify(|states| {
@@ -312,21 +331,20 @@ impl Tunnels {
                 continue;
             }
             let stop = self.shutdown.child_token();
-            let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let reporter = StateReporter {
-                states: self.states.clone(),
-                proxy: proxy.clone(),
-                retired: retired.clone(),
-            };
+            let (reporter, retired) = StateReporter::new(self.states.clone(), proxy.clone());
             reporter.send_replace(TunnelState::Connecting);
             let span = tracing::info_span!("tunnel", proxy = %proxy);
+            let tasks = StreamTasks {
+                tracker: self.streams.clone(),
+                shutdown: self.shutdown.clone(),
+            };
             let task = tokio::spawn(
                 tunnel::hold(
                     proxy.clone(),
                     self.config.clone(),
                     reporter,
                     stop.clone(),
-                    self.streams.clone(),
+                    tasks,
                 )
                 .instrument(span),
             );

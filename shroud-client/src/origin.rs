@@ -16,9 +16,6 @@ use tracing::{debug, Instrument as _};
 
 use crate::client::{ClientConfig, Target};
 
-/// Copy buffer for each direction of a spliced connection.
-const COPY_BUFFER: usize = 16 * 1024;
-
 /// What a plain-HTTP visitor gets when the origin cannot be reached.
 const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\n\
 Content-Type: text/plain; charset=utf-8\r\n\
@@ -101,9 +98,9 @@ async fn forward(
             let visitor = handshake.await.map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")
             })??;
-            splice(visitor, origin).await
+            splice(visitor, origin, config).await
         }
-        _ => splice(stream, origin).await,
+        _ => splice(stream, origin, config).await,
     }
 }
 
@@ -118,11 +115,14 @@ async fn dial(target: &Target, config: &ClientConfig) -> std::io::Result<TcpStre
     Ok(stream)
 }
 
-async fn splice<A, B>(mut a: A, mut b: B) -> std::io::Result<()>
+/// Copies both ways, with a buffer per direction that scales with the stream buffer: with the
+/// stream's yamux window, that is all one visitor holds here.
+async fn splice<A, B>(mut a: A, mut b: B, config: &ClientConfig) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await?;
+    let buffer = shroud_mux::session::copy_buffer_len(config.timing.stream_buffer);
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer, buffer).await?;
     Ok(())
 }

@@ -6,6 +6,10 @@
 //! [`crate::origin`]) and pings the proxy; a missing pong marks the tunnel dead. On failure it
 //! retries with exponential backoff and jitter; a refusal that retrying cannot change (policy,
 //! certificate) ends the task.
+//!
+//! When the proxy says go-away (it is restarting), the task reconnects while the old session
+//! drains on a task of its own: it keeps serving streams, late ones included, until the proxy
+//! closes it or the client stops.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +23,7 @@ use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
 use crate::client::{ClientConfig, ProxyAddr, StateReporter};
@@ -97,6 +101,18 @@ impl From<std::io::Error> for AttemptError {
     }
 }
 
+/// Where the streams of a client's tunnels run, and what ends them: the client's own tracker
+/// and shutdown, not one tunnel task's. Sessions the proxy is draining run there too, so they
+/// outlive their tunnel task's reconnect, and the proxy leaving the list (as a draining proxy
+/// soon does), and end when the proxy closes them or the client stops.
+#[derive(Debug, Clone)]
+pub struct StreamTasks {
+    /// Every visitor stream and draining session, for the client to wait on when it stops.
+    pub tracker: TaskTracker,
+    /// The client's shutdown.
+    pub shutdown: CancellationToken,
+}
+
 /// A tunnel that is up and bound.
 struct Bound {
     session: Session,
@@ -110,25 +126,26 @@ enum End {
     GoAway,
     /// The tunnel failed.
     Lost(String),
-    /// The client is shutting down.
+    /// The tunnel was told to stop: the client is shutting down, or the proxy left the list.
     Shutdown,
 }
 
-/// Holds a tunnel to `proxy` until shutdown, or until the proxy refuses for good.
-/// Returns the reason in the latter case.
+/// Holds a tunnel to `proxy` until `stop` is cancelled, or until the proxy refuses for good.
+/// Returns the reason in the latter case. Visitor streams, and sessions the proxy is draining,
+/// run on `tasks`.
 pub async fn hold(
     proxy: ProxyAddr,
     config: Arc<ClientConfig>,
     state: StateReporter,
-    shutdown: CancellationToken,
-    streams: TaskTracker,
+    stop: CancellationToken,
+    tasks: StreamTasks,
 ) -> Option<String> {
     let timing = &config.timing;
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
     loop {
         state.send_replace(TunnelState::Connecting);
         let attempt = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
             attempt = connect_and_bind(&proxy, &config) => attempt,
         };
         let reason = match attempt {
@@ -136,15 +153,17 @@ pub async fn hold(
                 info!("tunnel up");
                 state.send_replace(TunnelState::Bound);
                 backoff.record_connected(Instant::now());
-                let end = serve(bound, &config, &shutdown, &streams).await;
-                backoff.record_disconnected(Instant::now());
-                match end {
+                match serve(bound, &config, &stop, &tasks).await {
                     End::Shutdown => break,
                     End::GoAway => {
+                        // The proxy refuses new tunnels until it is back: the jittered delays
+                        // from the base spread a fleet's attempts while it restarts.
+                        backoff.record_go_away(Instant::now());
                         info!("proxy is draining; reconnecting");
-                        continue;
+                        "the proxy is draining".to_owned()
                     }
                     End::Lost(reason) => {
+                        backoff.record_disconnected(Instant::now());
                         info!(%reason, "tunnel lost");
                         reason
                     }
@@ -167,7 +186,7 @@ pub async fn hold(
         debug!(?delay, "waiting before the next attempt");
         state.send_replace(TunnelState::Waiting { reason });
         tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = stop.cancelled() => break,
             () = tokio::time::sleep(delay) => {}
         }
     }
@@ -205,6 +224,7 @@ async fn connect_and_bind(proxy: &ProxyAddr, config: &ClientConfig) -> Result<Bo
     let session_config = SessionConfig {
         max_streams: timing.max_streams,
         accept_backlog: timing.max_streams,
+        stream_buffer: timing.stream_buffer,
     };
     let (session, incoming) = Session::spawn(tls, Role::Client, session_config);
     let bind = async {
@@ -326,12 +346,13 @@ fn unexpected(got: &Message, wanted: &str) -> AttemptError {
     AttemptError::Protocol(format!("expected {wanted} from the proxy, got {got:?}"))
 }
 
-/// Serves a bound tunnel: streams from the proxy, and keepalive on the control stream.
+/// Serves a bound tunnel: streams from the proxy, and keepalive on the control stream. After a
+/// go-away the session is left to drain on `tasks`.
 async fn serve(
     bound: Bound,
     config: &Arc<ClientConfig>,
-    shutdown: &CancellationToken,
-    streams: &TaskTracker,
+    stop: &CancellationToken,
+    tasks: &StreamTasks,
 ) -> End {
     let Bound {
         session,
@@ -347,10 +368,10 @@ async fn serve(
 
     let end = loop {
         tokio::select! {
-            () = shutdown.cancelled() => break End::Shutdown,
+            () = stop.cancelled() => break End::Shutdown,
             stream = incoming.accept() => match stream {
                 Some(stream) => {
-                    streams.spawn(origin::serve_stream(stream, config.clone()));
+                    tasks.tracker.spawn(origin::serve_stream(stream, config.clone()));
                 }
                 None => break End::Lost("the proxy closed the tunnel".into()),
             },
@@ -395,16 +416,73 @@ async fn serve(
     };
     match end {
         End::GoAway => {
-            // The proxy opens no new streams here, but the ones in flight finish: keep the
-            // session until they do (the proxy closes it), while the caller reconnects.
-            streams.spawn(async move {
-                let _keep = (writer, incoming);
-                session.closed().await;
-            });
+            let draining = Draining {
+                session,
+                incoming,
+                messages,
+                writer,
+            };
+            let drain = draining.run(config.clone(), tasks.clone());
+            tasks.tracker.spawn(drain.in_current_span());
         }
         End::Lost(_) | End::Shutdown => session.close(),
     }
     end
+}
+
+/// A session the proxy is draining. It opens no new streams after its go-away, but one it had
+/// begun to open (for a visitor routed just before) may still arrive, and streams in flight run
+/// until they finish; the proxy closes the session when they are done or its drain deadline
+/// passes.
+struct Draining {
+    session: Session,
+    incoming: Incoming,
+    messages: mpsc::Receiver<Result<Message, ReadError>>,
+    writer: WriteHalf<MuxStream>,
+}
+
+impl Draining {
+    /// Serves streams as a bound tunnel does, and answers the proxy's pings, until the session
+    /// closes or the client stops. It sends no pings of its own: when the session ends is the
+    /// proxy's to decide, within its drain deadline.
+    async fn run(mut self, config: Arc<ClientConfig>, tasks: StreamTasks) {
+        let reply_limit = config.timing.keepalive_interval;
+        let mut control_open = true;
+        loop {
+            tokio::select! {
+                () = tasks.shutdown.cancelled() => {
+                    self.session.close();
+                    break;
+                }
+                stream = self.incoming.accept() => match stream {
+                    Some(stream) => {
+                        debug!("stream opened on a draining tunnel");
+                        tasks.tracker.spawn(origin::serve_stream(stream, config.clone()));
+                    }
+                    None => break,
+                },
+                message = self.messages.recv(), if control_open => match message {
+                    Some(Ok(Message::Ping { nonce })) => {
+                        let pong = Message::Pong { nonce };
+                        if let Err(err) = send(&mut self.writer, &pong, reply_limit).await {
+                            debug!(%err, "cannot answer pings on the draining tunnel");
+                            control_open = false;
+                        }
+                    }
+                    // The pong of a ping sent before the go-away, or the go-away again.
+                    Some(Ok(Message::Pong { .. } | Message::GoAway { .. })) => {}
+                    Some(Ok(other)) => {
+                        debug!(message = ?other, "the proxy broke off its drain; closing");
+                        self.session.close();
+                        break;
+                    }
+                    // The streams in flight may well outlive the control stream.
+                    Some(Err(_)) | None => control_open = false,
+                },
+            }
+        }
+        debug!("drained tunnel closed");
+    }
 }
 
 async fn send(
@@ -434,3 +512,42 @@ fn spawn_reader(mut reader: ReadHalf<MuxStream>) -> mpsc::Receiver<Result<Messag
     });
     rx
 }
+
+#[cfg(test)]
+mod bind_result_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn refused(status: BindStatus, reason: &str) -> Vec<BindOutcome> {
+        vec![BindOutcome {
+            name: "example.test".into(),
+            status,
+            reason: reason.into(),
+        }]
+    }
+
+    #[test]
+    fn a_limit_refusal_is_retried_and_says_which_limit() {
+        let names = ["example.test".to_owned()];
+        let reason = "this key already holds 2 tunnels on this proxy (--max-tunnels-per-key)";
+        let err = check_results(&refused(BindStatus::LimitReached, reason), &names).unwrap_err();
+        assert!(!err.is_permanent());
+        assert!(err.to_string().contains("--max-tunnels-per-key"), "{err}");
+        // So is a status from a newer proxy that this client does not know.
+        let err = check_results(&refused(BindStatus::Other(9), "new"), &names).unwrap_err();
+        assert!(!err.is_permanent());
+    }
+
+    #[test]
+    fn a_bind_that_alone_exceeds_a_limit_is_not_retried() {
+        let names = ["example.test".to_owned()];
+        let reason = "this bind asks for more hostnames than this proxy lets one key hold";
+        let err = check_results(&refused(BindStatus::ExceedsLimit, reason), &names).unwrap_err();
+        assert!(err.is_permanent());
+        assert!(err.to_string().contains(reason), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod tests;

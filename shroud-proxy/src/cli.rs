@@ -97,6 +97,14 @@ pub struct Cli {
     )]
     pub drain_timeout_secs: u64,
 
+    /// A visitor for a name with no tunnel waits up to this long for one to bind, when the
+    /// name is likely back soon: the proxy started less than a minute ago (its clients are
+    /// reconnecting), or the name's last tunnel left less than a minute ago. Other unknown
+    /// names are refused at once. 0 never waits.
+    #[arg(long, env = "SHROUD_ROUTE_WAIT_SECS", value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=60))]
+    pub route_wait_secs: u64,
+
     /// A tunnel whose client sends nothing (not even a keepalive) for this long is closed and
     /// unbound. Clients ping every 10 s by default.
     #[arg(long, env = "SHROUD_TUNNEL_IDLE_TIMEOUT_SECS", value_name = "SECS", default_value_t = 45,
@@ -110,6 +118,54 @@ pub struct Cli {
     /// Most connections (visitors and tunnels) served at once.
     #[arg(long, env = "SHROUD_MAX_CONNECTIONS", default_value_t = 20_000)]
     pub max_connections: usize,
+
+    /// Most connections at once from one address (an IPv4 address, or an IPv6 /64): visitors
+    /// while connected, tunnels until bound. Checked before anything is read; beyond it,
+    /// plain-HTTP visitors get 429 and TLS connections are closed
+    #[arg(long, env = "SHROUD_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N",
+          default_value_t = 512, value_parser = at_least_one())]
+    pub max_connections_per_address: usize,
+
+    /// Most visitor connections at once to one hostname; beyond it, plain-HTTP visitors get
+    /// 503 and TLS visitors a fatal internal_error alert
+    #[arg(long, env = "SHROUD_MAX_CONNECTIONS_PER_HOSTNAME", value_name = "N",
+          default_value_t = 10_000, value_parser = at_least_one())]
+    pub max_connections_per_hostname: usize,
+
+    /// Most tunnels one client key may have bound at once; a bind beyond it is refused
+    /// ("limit reached") and the client tries again later
+    #[arg(long, env = "SHROUD_MAX_TUNNELS_PER_KEY", value_name = "N", default_value_t = 8,
+          value_parser = at_least_one())]
+    pub max_tunnels_per_key: usize,
+
+    /// Most distinct hostnames one client key may have bound at once, over all its tunnels; a
+    /// name beyond it is refused ("limit reached", or for good when one bind alone asks for
+    /// more)
+    #[arg(long, env = "SHROUD_MAX_HOSTNAMES_PER_KEY", value_name = "N", default_value_t = 64,
+          value_parser = at_least_one())]
+    pub max_hostnames_per_key: usize,
+
+    /// Most bytes one tunnel stream (one visitor) may hold here received from the client but
+    /// not yet sent on: the cap on its yamux receive window, 262144 (256 KiB, the fixed
+    /// initial window) to 16777216. Above the minimum, a busy stream's window may grow
+    /// towards it, for downloads over slow, distant tunnels (Tor), at that much memory per
+    /// visitor; the copy buffers grow with it (a sixteenth, 16 to 64 KiB each way)
+    #[arg(long, env = "SHROUD_STREAM_BUFFER_BYTES", value_name = "BYTES",
+          default_value_t = shroud_mux::session::DEFAULT_STREAM_BUFFER,
+          value_parser = stream_buffer_bytes())]
+    pub stream_buffer_bytes: usize,
+}
+
+/// A count of 1 or more.
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
+}
+
+/// A stream buffer size yamux can honour; shared with the client's flag of the same name.
+pub fn stream_buffer_bytes() -> clap::builder::RangedU64ValueParser<usize> {
+    use shroud_mux::session::{MAX_STREAM_BUFFER, MIN_STREAM_BUFFER};
+    clap::builder::RangedU64ValueParser::new()
+        .range(MIN_STREAM_BUFFER as u64..=MAX_STREAM_BUFFER as u64)
 }
 
 impl Cli {
@@ -139,9 +195,15 @@ impl Cli {
         }
         let limits = Limits {
             drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            route_wait: Duration::from_secs(self.route_wait_secs),
             tunnel_idle_timeout: Duration::from_secs(self.tunnel_idle_timeout_secs),
             max_streams_per_tunnel: self.max_streams_per_tunnel,
             max_connections: self.max_connections,
+            max_connections_per_address: self.max_connections_per_address,
+            max_connections_per_hostname: self.max_connections_per_hostname,
+            max_tunnels_per_key: self.max_tunnels_per_key,
+            max_hostnames_per_key: self.max_hostnames_per_key,
+            stream_buffer: self.stream_buffer_bytes,
             ..Limits::default()
         };
         Ok(ProxyConfig {
@@ -279,4 +341,107 @@ pub async fn shutdown_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod limit_flag_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    const REQUIRED: [&str; 7] = [
+        "shroud-proxy",
+        "--tunnel-name",
+        "proxy.test",
+        "--tls-cert",
+        "/c.pem",
+        "--tls-key",
+        "/k.pem",
+    ];
+
+    fn parse(extra: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(REQUIRED.iter().chain(extra))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn limits_have_their_defaults() {
+        let cli = parse(&[]).unwrap();
+        assert_eq!(cli.max_connections_per_address, 512);
+        assert_eq!(cli.max_connections_per_hostname, 10_000);
+        assert_eq!(cli.max_tunnels_per_key, 8);
+        assert_eq!(cli.max_hostnames_per_key, 64);
+        assert_eq!(cli.stream_buffer_bytes, 256 * 1024);
+        let defaults = Limits::default();
+        assert_eq!(
+            defaults.max_connections_per_address,
+            cli.max_connections_per_address
+        );
+        assert_eq!(
+            defaults.max_connections_per_hostname,
+            cli.max_connections_per_hostname
+        );
+        assert_eq!(defaults.max_tunnels_per_key, cli.max_tunnels_per_key);
+        assert_eq!(defaults.max_hostnames_per_key, cli.max_hostnames_per_key);
+        assert_eq!(defaults.stream_buffer, cli.stream_buffer_bytes);
+    }
+
+    #[test]
+    fn limits_parse_and_are_bounded() {
+        let cli = parse(&[
+            "--max-connections-per-address=3",
+            "--max-connections-per-hostname",
+            "4",
+            "--max-tunnels-per-key=5",
+            "--max-hostnames-per-key=6",
+            "--stream-buffer-bytes=1048576",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                cli.max_connections_per_address,
+                cli.max_connections_per_hostname,
+                cli.max_tunnels_per_key,
+                cli.max_hostnames_per_key,
+                cli.stream_buffer_bytes
+            ),
+            (3, 4, 5, 6, 1 << 20)
+        );
+        for bad in [
+            "--max-connections-per-address=0",
+            "--max-connections-per-hostname=0",
+            "--max-tunnels-per-key=0",
+            "--max-hostnames-per-key=0",
+            "--stream-buffer-bytes=262143",
+            "--stream-buffer-bytes=16777217",
+            "--max-tunnels-per-key=-1",
+        ] {
+            let err = parse(&[bad]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_limit_flag_has_its_variable() {
+        let command = Cli::command();
+        for (flag, env) in [
+            ("max-connections-per-address", "SHROUD_MAX_CONNECTIONS_PER_ADDRESS"),
+            ("max-connections-per-hostname", "SHROUD_MAX_CONNECTIONS_PER_HOSTNAME"),
+            ("max-tunnels-per-key", "SHROUD_MAX_TUNNELS_PER_KEY"),
+            ("max-hostnames-per-key", "SHROUD_MAX_HOSTNAMES_PER_KEY"),
+            ("stream-buffer-bytes", "SHROUD_STREAM_BUFFER_BYTES"),
+        ] {
+            let arg = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap_or_else(|| panic!("no --{flag}"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env), "--{flag}");
+        }
+    }
 }

@@ -6,9 +6,12 @@
 //! onto it, replaying the bytes it read. Shroud clients arrive on the same TLS port, told apart
 //! by ALPN `shroud/1`; [`tunnel`] terminates their TLS, checks their bind against the
 //! [`policy`] and registers the names. [`dns_auth`] reads the client keys a name's owner lists
-//! in DNS TXT records. [`server`] owns the listeners and graceful shutdown;
-//! [`cli`] turns flags into a [`server::ProxyConfig`].
+//! in DNS TXT records. [`admission`] holds the limits on new work (connections per address
+//! and per hostname, tunnels and hostnames per key) and documents the order of every check.
+//! [`server`] owns the listeners and graceful shutdown; [`cli`] turns flags into a
+//! [`server::ProxyConfig`].
 
+pub mod admission;
 pub mod cli;
 pub mod dns_auth;
 pub mod http_sniff;

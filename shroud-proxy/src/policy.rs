@@ -122,6 +122,21 @@ impl Policy {
         false
     }
 
+    /// Whether any key at all may bind `hostname` (normalised, as for [`Policy::allows`]).
+    pub fn covers(&self, hostname: &str) -> bool {
+        if self.exact.contains_key(hostname) {
+            return true;
+        }
+        let mut rest = hostname;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if self.below.contains_key(parent) {
+                return true;
+            }
+            rest = parent;
+        }
+        false
+    }
+
     /// The number of distinct bindings (hostname or wildcard, and key).
     pub fn len(&self) -> usize {
         self.bindings
@@ -207,6 +222,17 @@ mod tests {
         assert!(!policy.allows("xexample.com", &a));
         assert!(!policy.allows("example.com.evil.test", &a));
         assert!(!policy.allows("com", &a));
+    }
+
+    #[test]
+    fn covers_names_any_key_may_bind() {
+        let policy = Policy::parse(&format!("a.test {}\n*.b.test {}\n", key(1), key(2))).unwrap();
+        assert!(policy.covers("a.test"));
+        assert!(policy.covers("x.b.test"));
+        assert!(policy.covers("y.x.b.test"));
+        assert!(!policy.covers("b.test"));
+        assert!(!policy.covers("x.a.test"));
+        assert!(!policy.covers("c.test"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
+use crate::admission::{Admission, AdmissionLimits, AddressGuard, Limit};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::{tunnel, visitor};
@@ -37,8 +39,25 @@ pub struct Limits {
     pub max_streams_per_tunnel: usize,
     /// Most connections (visitors and tunnels) being served at once; more are closed at once.
     pub max_connections: usize,
+    /// Most connections from one address (IPv4, or IPv6 /64) at once: visitors, and tunnels
+    /// until they are bound. See [`crate::admission`].
+    pub max_connections_per_address: usize,
+    /// Most visitor connections to one hostname at once.
+    pub max_connections_per_hostname: usize,
+    /// Most bound tunnels one client key may hold at once.
+    pub max_tunnels_per_key: usize,
+    /// Most distinct hostnames one client key may hold bound, over all its tunnels.
+    pub max_hostnames_per_key: usize,
+    /// Most bytes one tunnel stream may hold received but unread (its yamux window cap); the
+    /// copy buffers of a spliced visitor scale with it. See
+    /// [`shroud_mux::session::connection_receive_window`].
+    pub stream_buffer: usize,
     /// On shutdown, how long streams in flight may take to finish.
     pub drain_timeout: Duration,
+    /// How long a visitor for a name with no tunnel waits for one to bind, when the name is
+    /// likely to be bound again soon (the proxy just started, or the name's tunnel just left).
+    /// Zero refuses such visitors at once.
+    pub route_wait: Duration,
 }
 
 impl Default for Limits {
@@ -53,7 +72,25 @@ impl Default for Limits {
             tunnel_idle_timeout: Duration::from_secs(45),
             max_streams_per_tunnel: 4096,
             max_connections: 20_000,
+            max_connections_per_address: 512,
+            max_connections_per_hostname: 10_000,
+            max_tunnels_per_key: 8,
+            max_hostnames_per_key: 64,
+            stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
             drain_timeout: Duration::from_secs(30),
+            route_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits [`Admission`] enforces.
+    fn admission(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_tunnels_per_key: self.max_tunnels_per_key,
+            max_hostnames_per_key: self.max_hostnames_per_key,
+            max_connections_per_hostname: self.max_connections_per_hostname,
+            max_connections_per_address: self.max_connections_per_address,
         }
     }
 }
@@ -91,6 +128,34 @@ pub struct Shared {
     pub(crate) dns: Option<crate::dns_auth::DnsAuthorizer>,
     pub(crate) limits: Limits,
     pub(crate) registry: Registry,
+    /// The per-address, per-hostname and per-key counts (see [`crate::admission`]).
+    pub(crate) admission: Admission,
+    /// Visitors accepted and not yet routed; a draining tunnel waits for them.
+    pub(crate) routing: AtomicUsize,
+    /// Cancelled when the proxy starts shutting down.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Counts a visitor as being routed until the guard is dropped.
+    pub(crate) fn routing(self: &Arc<Self>) -> RoutingGuard {
+        self.routing.fetch_add(1, Ordering::SeqCst);
+        RoutingGuard(self.clone())
+    }
+
+    /// Whether any visitor is still between accept and route.
+    pub(crate) fn visitors_routing(&self) -> bool {
+        self.routing.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// A visitor being routed; see [`Shared::routing`].
+pub(crate) struct RoutingGuard(Arc<Shared>);
+
+impl Drop for RoutingGuard {
+    fn drop(&mut self) {
+        self.0.routing.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Listen backlog of the proxy's sockets. tokio's default (1024) overflows when a burst of
@@ -151,8 +216,11 @@ pub async fn run(
         tls_acceptor: TlsAcceptor::from(config.tls),
         policy: config.policy,
         dns: config.dns,
+        admission: Admission::new(config.limits.admission()),
         limits: config.limits,
         registry: Registry::default(),
+        routing: AtomicUsize::new(0),
+        shutdown: shutdown.clone(),
     });
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
@@ -219,7 +287,10 @@ impl Acceptor {
     async fn run(self) {
         loop {
             let accepted = tokio::select! {
-                () = self.shutdown.cancelled() => return,
+                () = self.shutdown.cancelled() => {
+                    self.take_backlog();
+                    return;
+                }
                 accepted = self.listener.accept() => accepted,
             };
             let (stream, peer) = match accepted {
@@ -231,18 +302,46 @@ impl Acceptor {
                     continue;
                 }
             };
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                debug!(%peer, "connection limit reached; closing new connection");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let shared = self.shared.clone();
-            let shutdown = self.shutdown.clone();
-            let kind = self.kind;
-            self.tracker.spawn(async move {
-                serve(kind, stream, peer, shared, shutdown).await;
-                drop(permit);
-            });
+            self.dispatch(stream, peer);
+        }
+    }
+
+    /// Serves `stream` on a task of its own, or closes it at once if the proxy is full or its
+    /// address has too many connections already: the first two checks of
+    /// [`crate::admission`], made before anything is read.
+    fn dispatch(&self, stream: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            debug!(%peer, "connection limit reached; closing new connection");
+            self.shared.admission.refused(Limit::Connections);
+            return;
+        };
+        let Some(address) = self.shared.admission.connection_from(peer.ip()) else {
+            if let Kind::Http = self.kind {
+                // Plain HTTP can be told why, cheaply and within a short deadline.
+                self.tracker.spawn(async move {
+                    visitor::refuse_http_early(stream).await;
+                    drop(permit);
+                });
+            }
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let (shared, shutdown, kind) = (self.shared.clone(), self.shutdown.clone(), self.kind);
+        self.tracker.spawn(async move {
+            serve(kind, stream, peer, address, shared, shutdown).await;
+            drop(permit);
+        });
+    }
+
+    /// On shutdown, serves the connections the kernel has already completed before the
+    /// listener closes: closing it would reset them, and they reached a live proxy.
+    fn take_backlog(&self) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..LISTEN_BACKLOG {
+            match self.listener.poll_accept(&mut cx) {
+                std::task::Poll::Ready(Ok((stream, peer))) => self.dispatch(stream, peer),
+                _ => break,
+            }
         }
     }
 }
@@ -251,15 +350,19 @@ async fn serve(
     kind: Kind,
     stream: TcpStream,
     peer: SocketAddr,
+    address: AddressGuard,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
     match kind {
-        Kind::Https => visitor::serve_https(stream, peer, shared, shutdown).await,
-        Kind::Http => visitor::serve_http(stream, peer, shared).await,
+        Kind::Https => visitor::serve_https(stream, peer, address, shared, shutdown).await,
+        Kind::Http => {
+            visitor::serve_http(stream, peer, shared).await;
+            drop(address);
+        }
         Kind::Tunnel => {
             let span = tracing::info_span!("tunnel", %peer);
-            if let Err(err) = tunnel::serve(stream, peer, shared, shutdown)
+            if let Err(err) = tunnel::serve(stream, peer, shared, shutdown, Some(address))
                 .instrument(span.clone())
                 .await
             {

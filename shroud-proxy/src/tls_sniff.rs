@@ -146,6 +146,26 @@ pub fn unrecognized_name_alert() -> [u8; 7] {
     ]
 }
 
+/// A TLS fatal alert record carrying `internal_error` (80), for the proxy to send before
+/// closing a connection it turns away because a limit is reached (too many visitors for the
+/// name, or the name's tunnel has too many streams open). TLS has no "busy, try later" alert;
+/// `internal_error` is the one RFC 8446 gives for a failure "unrelated to the peer or the
+/// correctness of the protocol", and browsers show it as a failed connection, not a
+/// certificate problem.
+pub fn internal_error_alert() -> [u8; 7] {
+    const LEVEL_FATAL: u8 = 2;
+    const INTERNAL_ERROR: u8 = 80;
+    [
+        CONTENT_ALERT,
+        0x03,
+        0x03,
+        0x00,
+        0x02,
+        LEVEL_FATAL,
+        INTERNAL_ERROR,
+    ]
+}
+
 /// Where a scan of the buffered bytes got to.
 enum Scan {
     /// The ClientHello is complete.
@@ -807,6 +827,7 @@ mod tests {
     #[test]
     fn alert_is_a_fatal_unrecognized_name_record() {
         assert_eq!(unrecognized_name_alert(), [21, 3, 3, 0, 2, 2, 112]);
+        assert_eq!(internal_error_alert(), [21, 3, 3, 0, 2, 2, 80]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admission::{AddressGuard, KeyGuard};
 use crate::dns_auth::DnsVerdict;
 use crate::registry::TunnelId;
 use crate::server::Shared;
@@ -57,12 +58,14 @@ pub enum TunnelError {
 }
 
 /// Serves one tunnel connection whose first bytes may already have been read (they are in
-/// `io`, replayed). Returns when the tunnel has ended.
+/// `io`, replayed). Returns when the tunnel has ended. `address`, if given, counts the
+/// connection against its address until it is bound; from then on the per-key limits hold it.
 pub async fn serve<IO>(
     io: IO,
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    address: Option<AddressGuard>,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -84,6 +87,7 @@ where
     let session_config = SessionConfig {
         max_streams: limits.max_streams_per_tunnel,
         accept_backlog: 4,
+        stream_buffer: limits.stream_buffer,
     };
     let (session, mut incoming) = Session::spawn(tls, Role::Proxy, session_config);
     let mut control = match tokio::time::timeout_at(deadline, incoming.accept()).await {
@@ -125,11 +129,13 @@ where
 
     let names: Vec<&str> = granted.names.iter().map(|n| n.name.as_str()).collect();
     info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
+    drop(address);
 
     let mut rechecks = DnsRechecks {
         key: granted.key,
         due: granted.dns,
         bound: granted.names.len(),
+        admitted: granted.admitted,
     };
     let result = keep_alive(
         &mut control,
@@ -155,6 +161,8 @@ struct Granted {
     key: Option<PublicKey>,
     /// Names granted by a `_shroud` TXT record, and when to check it again.
     dns: Vec<(String, Instant)>,
+    /// The tunnel and its names, counted against the key's limits while this lives.
+    admitted: Option<KeyGuard>,
 }
 
 /// Hello, challenge, bind, result. Granted names enter the registry before the result is
@@ -225,6 +233,10 @@ async fn handshake(
             }
         }
     }
+    // Last, so that only names the policy grants count against the key's limits.
+    let admitted = verified
+        .as_ref()
+        .and_then(|key| shared.admission.admit_bind(key, &mut judged));
     let names = hostnames
         .iter()
         .zip(&judged)
@@ -245,6 +257,7 @@ async fn handshake(
         names,
         key: verified,
         dns,
+        admitted,
     })
 }
 
@@ -337,8 +350,10 @@ async fn keep_alive(
             () = shutdown.cancelled() => break,
         }
     }
-    // Draining: no new visitors reach this tunnel; tell the client and let streams finish.
-    shared.registry.unbind_tunnel(tunnel);
+    // Draining: the listeners are closed, so the only visitors still to come are those
+    // accepted before and not yet routed; they may still use this tunnel (as a last resort).
+    // Tell the client, which connects anew elsewhere, and let the streams finish.
+    shared.registry.mark_draining(tunnel);
     debug!("sending go-away");
     let go_away = Message::GoAway {
         reason: "proxy shutting down".into(),
@@ -348,7 +363,10 @@ async fn keep_alive(
     }
     // Only the control stream and the visitor streams already in flight remain.
     let drain_until = Instant::now() + shared.limits.drain_timeout;
-    while session.open_streams() > 1 && Instant::now() < drain_until && !session.is_closed() {
+    while (session.open_streams() > 1 || shared.visitors_routing())
+        && Instant::now() < drain_until
+        && !session.is_closed()
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
@@ -407,6 +425,8 @@ struct DnsRechecks {
     due: Vec<(String, Instant)>,
     /// How many names the tunnel still has bound.
     bound: usize,
+    /// The tunnel's count against its key's limits; a name DNS unbinds leaves it.
+    admitted: Option<KeyGuard>,
 }
 
 /// How long a name granted by DNS stays bound when DNS cannot be asked, past its TTL.
@@ -438,6 +458,7 @@ impl DnsRechecks {
                 DnsVerdict::NotListed => {
                     info!(hostname = %name, "DNS no longer authorizes this key; unbinding");
                     shared.registry.unbind_name(tunnel, &name);
+                    release_name(&mut self.admitted, &name);
                     self.bound -= 1;
                 }
                 DnsVerdict::Unavailable(why) if now.duration_since(at) < DNS_FAILURE_GRACE => {
@@ -447,12 +468,20 @@ impl DnsRechecks {
                 DnsVerdict::Unavailable(why) => {
                     warn!(hostname = %name, %why, "DNS authorization unverifiable for too long; unbinding");
                     shared.registry.unbind_name(tunnel, &name);
+                    release_name(&mut self.admitted, &name);
                     self.bound -= 1;
                 }
             }
         }
         self.due = kept;
         self.bound
+    }
+}
+
+/// Stops counting `name` against the tunnel's key.
+fn release_name(admitted: &mut Option<KeyGuard>, name: &str) {
+    if let Some(admitted) = admitted {
+        admitted.release_name(name);
     }
 }
 

@@ -10,13 +10,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shroud_mux::header::{self, StreamHeader, StreamKind};
-use shroud_mux::Session;
-use tokio::io::AsyncWriteExt;
+use shroud_mux::{Session, SessionError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument as _};
 
+use crate::admission::{AddressGuard, Limit};
 use crate::http_sniff::{self, HttpSniffError};
 use crate::registry::Route;
 use crate::replay::Replay;
@@ -24,16 +25,22 @@ use crate::server::Shared;
 use crate::tls_sniff;
 use crate::tunnel;
 
-/// Copy buffer for each direction of a spliced connection.
-const COPY_BUFFER: usize = 16 * 1024;
+/// How long a refused plain-HTTP visitor's remaining bytes are read after its answer.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// How many of those bytes are read at most.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Handles one connection on the public HTTPS listener: a visitor or a shroud client.
+/// `address` counts the connection against its address: for as long as it lasts if it is a
+/// visitor, until it is bound if it is a tunnel.
 pub async fn serve_https(
     mut stream: TcpStream,
     peer: SocketAddr,
+    address: AddressGuard,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) {
+    let routing = shared.routing();
     let limits = &shared.limits;
     let read = timeout(
         limits.client_hello_timeout,
@@ -57,8 +64,10 @@ pub async fn serve_https(
         .as_deref()
         .is_none_or(|sni| sni == shared.tunnel_name);
     if offers_shroud && for_proxy {
+        drop(routing);
         let span = tracing::info_span!("tunnel", %peer);
-        let served = tunnel::serve(Replay::new(bytes, stream), peer, shared.clone(), shutdown)
+        let io = Replay::new(bytes, stream);
+        let served = tunnel::serve(io, peer, shared.clone(), shutdown, Some(address))
             .instrument(span.clone())
             .await;
         if let Err(err) = served {
@@ -73,11 +82,17 @@ pub async fn serve_https(
     };
     let span = tracing::debug_span!("visitor", host = %sni, %peer);
     async {
-        let Route::Tunnel(session) = shared.registry.route(&sni, false) else {
+        let route = route(&shared, &sni, false).await;
+        drop(routing);
+        let Route::Tunnel(session) = route else {
             debug!("no tunnel for this name");
             let _ = stream
                 .write_all(&tls_sniff::unrecognized_name_alert())
                 .await;
+            return;
+        };
+        let Some(_counted) = shared.admission.visitor_for(&sni) else {
+            let _ = stream.write_all(&tls_sniff::internal_error_alert()).await;
             return;
         };
         let header = StreamHeader {
@@ -86,16 +101,23 @@ pub async fn serve_https(
             visitor: peer,
             public_port: local_port(&stream),
         };
-        if let Err(err) = splice(&session, header, bytes, stream, &shared).await {
-            debug!(%err, "visitor connection ended with an error");
+        match splice(&session, header, bytes, &mut stream, &shared).await {
+            Err(SpliceError::Open(SessionError::TooManyStreams)) => {
+                refused_stream(&shared);
+                let _ = stream.write_all(&tls_sniff::internal_error_alert()).await;
+            }
+            Err(err) => debug!(%err, "visitor connection ended with an error"),
+            Ok(()) => {}
         }
     }
     .instrument(span)
-    .await
+    .await;
+    drop(address);
 }
 
 /// Handles one connection on the public HTTP listener.
 pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let routing = shared.routing();
     let limits = &shared.limits;
     let read = timeout(
         limits.http_head_timeout,
@@ -120,7 +142,9 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
     };
     let span = tracing::debug_span!("visitor", host = %head.host, %peer);
     async {
-        let session = match shared.registry.route(&head.host, true) {
+        let route = route(&shared, &head.host, true).await;
+        drop(routing);
+        let session = match route {
             Route::Tunnel(session) => session,
             Route::RedirectToHttps => {
                 let location = format!("https://{}{}", head.host, head.path);
@@ -144,18 +168,53 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
                 return;
             }
         };
+        let Some(_counted) = shared.admission.visitor_for(&head.host) else {
+            let response = http_sniff::simple_response(
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "5")],
+                "this service has too many visitors at the moment; try again shortly\n",
+            );
+            respond_and_linger(&mut stream, &response).await;
+            return;
+        };
         let header = StreamHeader {
             hostname: head.host.clone(),
             kind: StreamKind::Http,
             visitor: peer,
             public_port: local_port(&stream),
         };
-        if let Err(err) = splice(&session, header, bytes, stream, &shared).await {
-            debug!(%err, "visitor connection ended with an error");
+        match splice(&session, header, bytes, &mut stream, &shared).await {
+            Err(SpliceError::Open(SessionError::TooManyStreams)) => {
+                refused_stream(&shared);
+                let response = http_sniff::simple_response(
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", "5")],
+                    "this service has too many connections open at the moment; try again \
+                     shortly\n",
+                );
+                respond_and_linger(&mut stream, &response).await;
+            }
+            Err(err) => debug!(%err, "visitor connection ended with an error"),
+            Ok(()) => {}
         }
     }
     .instrument(span)
     .await
+}
+
+/// Finds the tunnel for `hostname`, waiting a while for one if it is expected back, unless the
+/// proxy is shutting down.
+async fn route(shared: &Shared, hostname: &str, http: bool) -> Route {
+    let bindable = shared.dns.is_some() || shared.policy.covers(hostname);
+    let wait = shared
+        .registry
+        .route_or_wait(hostname, http, shared.limits.route_wait, bindable);
+    tokio::select! {
+        route = wait => route,
+        () = shared.shutdown.cancelled() => shared.registry.route(hostname, http),
+    }
 }
 
 /// Sends the proxy's own answer to a plain-HTTP visitor and ends the connection. A visitor
@@ -164,6 +223,44 @@ async fn respond(stream: &mut TcpStream, response: &[u8]) {
     if stream.write_all(response).await.is_ok() {
         let _ = stream.shutdown().await;
     }
+}
+
+/// Answers a plain-HTTP visitor the proxy turns away, then reads and discards what it still
+/// sends for a moment before closing: closing a socket with unread bytes resets the
+/// connection, and the reset can destroy the answer before the visitor has read it.
+async fn respond_and_linger(stream: &mut TcpStream, response: &[u8]) {
+    let answer = async {
+        stream.write_all(response).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = timeout(LINGER, answer).await;
+}
+
+/// Turns away a plain-HTTP connection whose address has too many already, before reading
+/// anything from it: `429 Too Many Requests`.
+pub(crate) async fn refuse_http_early(mut stream: TcpStream) {
+    let response = http_sniff::simple_response(
+        429,
+        "Too Many Requests",
+        &[("Retry-After", "5")],
+        "too many connections from your address at once; try again shortly\n",
+    );
+    respond_and_linger(&mut stream, &response).await;
+}
+
+/// Records a visitor turned away because its tunnel has as many streams open as it may.
+fn refused_stream(shared: &Shared) {
+    debug!("stream limit of the tunnel reached; refusing the visitor");
+    shared.admission.refused(Limit::StreamsPerTunnel);
 }
 
 /// The answer to a request head the proxy could not route, if it deserves one.
@@ -198,12 +295,13 @@ pub enum SpliceError {
 }
 
 /// Opens a stream on `session`, sends the header and the bytes already read, waits for the
-/// client's acknowledgement, then copies both ways until both directions are done.
+/// client's acknowledgement, then copies both ways until both directions are done. When the
+/// stream cannot be opened, nothing has been written to `visitor`, so the caller may answer.
 async fn splice(
     session: &Session,
     header: StreamHeader,
     initial: Vec<u8>,
-    visitor: TcpStream,
+    visitor: &mut TcpStream,
     shared: &Shared,
 ) -> Result<(), SpliceError> {
     let deadline = tokio::time::Instant::now() + shared.limits.stream_open_timeout;
@@ -218,9 +316,9 @@ async fn splice(
     tokio::time::timeout_at(deadline, header::read_ack(&mut tunnel))
         .await
         .map_err(|_| SpliceError::AckTimeout)??;
-    let mut visitor = visitor;
-    tokio::io::copy_bidirectional_with_sizes(&mut visitor, &mut tunnel, COPY_BUFFER, COPY_BUFFER)
-        .await?;
+    // Per direction; with the stream's yamux window this is all one visitor holds here.
+    let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
+    tokio::io::copy_bidirectional_with_sizes(visitor, &mut tunnel, buffer, buffer).await?;
     Ok(())
 }
 

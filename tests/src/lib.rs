@@ -17,6 +17,12 @@
 //!   requests with a small response parser, and the bulk-transfer client.
 //! - [`bulk`]: the bulk-transfer protocol both ends speak and the
 //!   deterministic byte generator ([`PatternGen`]) they share.
+//! - [`load`]: steady visitor load at a fixed rate over several proxies,
+//!   trying the next proxy when one refuses (as a browser does with several
+//!   addresses), counting successes and failures per proxy and by cause.
+//! - [`scale`]: descriptor limits, process memory (RSS), visitors from
+//!   chosen loopback source addresses, a real ClientHello to dribble, and
+//!   latency percentiles, for the load and slow-peer measurements.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
 //!   serving an in-memory zone that tests change while it runs
 //!   ([`dns::TestDns`]), and counting the queries that reach it.
@@ -34,8 +40,10 @@
 
 pub mod bulk;
 pub mod dns;
+pub mod load;
 pub mod origin;
 pub mod pki;
+pub mod scale;
 pub mod stack;
 pub mod tornet;
 pub mod visitor;

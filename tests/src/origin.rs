@@ -274,6 +274,16 @@ origin_handle!(
 origin_constructors!(BulkOrigin);
 
 origin_handle!(
+    /// [`HttpOrigin`] and [`BulkOrigin`] on one port, told apart by the first byte a visitor
+    /// sends: a bulk transfer starts with the top byte of its length, zero below 2^56 bytes;
+    /// an HTTP request with a letter of its method. For a client that publishes one port and
+    /// visitors that send both kinds of traffic to it (the soak).
+    MixedOrigin,
+    Mixed
+);
+origin_constructors!(MixedOrigin);
+
+origin_handle!(
     /// Accepts connections and never reads or writes; it holds them open
     /// until dropped. For testing an origin that never answers.
     SilentOrigin,
@@ -436,6 +446,78 @@ impl Service for Bulk {
         writer.shutdown().await?;
         drain(&mut reader).await;
         Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mixed;
+
+impl Service for Mixed {
+    const NAME: &'static str = "mixed";
+
+    async fn serve<S>(self, mut stream: S) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut first = [0u8; 1];
+        if stream.read(&mut first).await? == 0 {
+            return Ok(());
+        }
+        let stream = Prefixed {
+            first: Some(first[0]),
+            inner: stream,
+        };
+        if first[0] == 0 {
+            Bulk.serve(stream).await
+        } else {
+            Http.serve(stream).await
+        }
+    }
+}
+
+/// A stream whose first byte, already read by [`Mixed`], is handed out again before the rest.
+struct Prefixed<S> {
+    first: Option<u8>,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if buf.remaining() > 0 {
+            if let Some(byte) = self.first.take() {
+                buf.put_slice(&[byte]);
+                return std::task::Poll::Ready(Ok(()));
+            }
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

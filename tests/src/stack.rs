@@ -466,6 +466,41 @@ pub fn log_addr(line: &str) -> anyhow::Result<SocketAddr> {
     Ok(field.parse()?)
 }
 
+/// Arguments for a `shroud` client binary with the direct transport, publishing `hostname`
+/// at `target` through `proxies` (name and address each), trusting the proxies' test CA,
+/// with short backoff (1 s cap) and keepalive (2 s) so tests see failures handled quickly.
+pub fn direct_client_args(
+    pki: &Pki,
+    key: &Path,
+    hostname: &str,
+    target: SocketAddr,
+    proxies: &[(&str, SocketAddr)],
+) -> Vec<String> {
+    let mut args = vec![
+        hostname.to_owned(),
+        target.to_string(),
+        "--transport".into(),
+        "direct".into(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--max-backoff-secs".into(),
+        "1".into(),
+        "--keepalive-secs".into(),
+        "2".into(),
+    ];
+    for (name, addr) in proxies {
+        args.extend([
+            "--proxy".into(),
+            format!("{name}:{}", addr.port()),
+            "--resolve".into(),
+            format!("{name}:{}:{}", addr.port(), addr.ip()),
+        ]);
+    }
+    args
+}
+
 /// A `shroud-proxy` process on loopback, with its files.
 pub struct ProxyProcess {
     /// The process.
@@ -536,7 +571,16 @@ impl ProxyProcess {
         self.process.kill();
     }
 
-    /// Starts the same proxy again on the same port.
+    /// Stops the proxy as an operator would (SIGTERM: drain, then exit), waits up to `limit`
+    /// for it to exit, and starts it again on the same port, as `systemctl restart` does.
+    pub async fn restart_gracefully(&mut self, limit: Duration) -> anyhow::Result<()> {
+        self.process.terminate();
+        let status = self.process.wait_exit(limit).await?;
+        anyhow::ensure!(status.success(), "the proxy exited with {status} on SIGTERM");
+        self.restart().await
+    }
+
+    /// Starts the same proxy again on the same port (killing it first if it still runs).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.process.kill();
         let mut args = self.args.clone();

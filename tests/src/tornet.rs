@@ -296,6 +296,39 @@ impl TorNet {
         }
     }
 
+    /// Starts again the relay `nick`, stopped through [`TorNet::kill`], from its data
+    /// directory: the same keys, ports and torrc, so the consensus still describes it and
+    /// clients may use it again. Returns its new process id, which [`TorNet::tor_pids`] and
+    /// dropping the network then cover.
+    ///
+    /// Blocking, for up to 30 s.
+    ///
+    /// # Errors
+    /// If `nick` names no relay of this network or one that was not killed, or its tor does
+    /// not start (say, a port of its was taken while it was down: try again later).
+    pub fn restart(&mut self, nick: &str) -> anyhow::Result<u32> {
+        let index = self
+            .relays
+            .iter()
+            .position(|relay| relay.nick == nick)
+            .with_context(|| format!("no relay named {nick} in this network"))?;
+        let relay = self.relays[index].clone();
+        let was_killed = self
+            .killed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&relay.pid);
+        if !was_killed || is_alive(relay.pid) {
+            bail!("{nick} (pid {}) was not killed", relay.pid);
+        }
+        // The killed daemon's PidFile must not be mistaken for the new one's.
+        let _absent = fs::remove_file(relay.pid_file());
+        let pid = await_tor(&relay, spawn_tor(&relay)?)?;
+        self.relays[index].pid = pid;
+        tracing::info!(nick, pid, "relay restarted");
+        Ok(pid)
+    }
+
     /// One attempt at [`TorNet::start`], with fresh ports.
     fn try_start(began: Instant) -> anyhow::Result<TorNet> {
         let dir = tempfile::Builder::new()

@@ -4,12 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
+use shroud_tests::load::{Load, LoadSpec};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
 const HOST: &str = "example.test";
@@ -80,21 +79,12 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
     };
 
     // Steady visitors through the second proxy for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let (addr, roots) = (two.https, pki.ca.root_store());
-        tokio::spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(180);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match https_get(addr, HOST, roots.clone(), "/steady").await {
-                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let load = Load::start(LoadSpec::get(
+        vec![two.https],
+        HOST,
+        pki.ca.root_store(),
+        20,
+    ));
 
     net.kill(exit_one);
     let killed = Instant::now();
@@ -118,13 +108,12 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
         .expect("the first proxy holds a tunnel again");
     assert_ne!(new_exit, exit_one);
 
-    stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    assert!(ok.load(Ordering::Relaxed) > 0);
+    let result = within(30, load.stop()).await;
+    assert!(result.ok() > 0, "{result}");
     assert_eq!(
-        failed.load(Ordering::Relaxed),
+        result.failed() + result.unreachable,
         0,
-        "visitors of the other proxy failed"
+        "visitors of the other proxy failed: {result}"
     );
     // The second tunnel is the very same TCP connection as before: it never dropped.
     let now_two: Vec<SocketAddr> = tunnel_peers(two.https.port())

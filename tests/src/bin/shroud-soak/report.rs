@@ -1,0 +1,801 @@
+//! Accounting: every failed request is attributed to the event that broke it, or counted as
+//! unexplained; corruption is counted apart and never excused. Then the summary.
+//!
+//! A failure is attributed to an event when the request was in flight, at the proxy it had
+//! reached, while the event was breaking that proxy's path:
+//!
+//! - a proxy killed or drained: from the signal until the process was gone;
+//! - a client killed: from the kill until that proxy logged a tunnel closing (it then routes
+//!   no visitor to the dead tunnel), and only for requests the killed client's origin answered
+//!   or whose TLS handshake had not yet shown an origin;
+//! - a relay killed: for each tunnel a client reported lost (or a proxy closed) between the kill
+//!   and the end of the event (every tunnel bound again, plus two keepalives), from the kill
+//!   until then, for requests of that client (or not yet known).
+//!
+//! Each window gets [`SLACK`] at its end for the last bytes of a dying connection to arrive.
+//! Anything else is unexplained: a request refused by a proxy that was up, one cut on a tunnel
+//! no event touched, a timeout with nothing killed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shroud_tests::load::{Outcome, Record};
+
+use crate::chaos::{stamp, Event, Kind};
+use crate::fleet::{CLIENTS, DRAIN_SECS, KEEPALIVE_SECS, MAX_BACKOFF_SECS, PROXIES};
+use crate::procs::{Note, Seen};
+use crate::traffic::KINDS;
+
+/// Added to the end of every window of an event.
+const SLACK: Duration = Duration::from_millis(1000);
+/// If no proxy logged a killed client's tunnel closing, the proxy's idle timeout (45 s) bounds
+/// how long it could have routed visitors to it.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+/// The most unexplained or corrupted requests listed one by one.
+const LISTED: usize = 40;
+
+/// Everything the summary is made from.
+pub struct Inputs<'a> {
+    /// The seed of the schedule and of the requests' work.
+    pub seed: u64,
+    /// The traffic duration asked for.
+    pub minutes: f64,
+    /// When the soak started, by the wall clock.
+    pub wall_start: SystemTime,
+    /// The soak's clock: every time is given since then (logs and journal too).
+    pub epoch: Instant,
+    /// When traffic started.
+    pub traffic_start: Instant,
+    /// When traffic was told to stop.
+    pub traffic_end: Instant,
+    /// Set if the run ended early, and why.
+    pub stopped_early: Option<String>,
+    /// How long the Tor network and the fleet took to be ready.
+    pub setup: Duration,
+    /// The events, in order.
+    pub events: &'a [Event],
+    /// Every request.
+    pub records: &'a [Record],
+    /// Every client's notes.
+    pub client_notes: &'a [Vec<Note>],
+    /// Every proxy's notes.
+    pub proxy_notes: &'a [Vec<Note>],
+    /// Where the processes' logs are.
+    pub log_dir: &'a Path,
+    /// The network's shape, for people.
+    pub network: String,
+    /// The version of the source, for people.
+    pub source: String,
+}
+
+/// A stretch of time during which an event broke paths through one proxy.
+struct Window {
+    /// Index into the events.
+    event: usize,
+    proxy: usize,
+    /// Only requests answered by this client's origin (or by no known origin yet).
+    client: Option<usize>,
+    from: Instant,
+    to: Instant,
+}
+
+/// What became of one failed request.
+enum Verdict {
+    Attributed(usize),
+    Unexplained,
+}
+
+/// The summary as Markdown, and whether the soak passed.
+pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
+    let windows = windows(inputs);
+    let mut out = String::new();
+
+    // Sort every request.
+    let mut attributed: Vec<(&Record, usize)> = Vec::new();
+    let mut unexplained: Vec<&Record> = Vec::new();
+    let mut corrupted: Vec<&Record> = Vec::new();
+    for record in inputs.records {
+        match &record.outcome {
+            Outcome::Ok => {}
+            Outcome::Corrupted(_) => corrupted.push(record),
+            Outcome::Failed(_) | Outcome::Unreachable => match attribute(record, &windows) {
+                Verdict::Attributed(event) => attributed.push((record, event)),
+                Verdict::Unexplained => unexplained.push(record),
+            },
+        }
+    }
+    let ok = inputs
+        .records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Ok)
+        .count();
+    let bytes: u64 = inputs.records.iter().map(|r| r.bytes_verified).sum();
+    let traffic = inputs
+        .traffic_end
+        .saturating_duration_since(inputs.traffic_start);
+
+    let mut reasons = Vec::new();
+    if let Some(why) = &inputs.stopped_early {
+        reasons.push(format!("the run ended early: {why}"));
+    }
+    if !corrupted.is_empty() {
+        reasons.push(format!("{} corrupted", corrupted.len()));
+    }
+    if !unexplained.is_empty() {
+        reasons.push(format!("{} unexplained failures", unexplained.len()));
+    }
+    for kind in KINDS {
+        let done = inputs
+            .records
+            .iter()
+            .filter(|r| r.request.kind() == kind && r.outcome == Outcome::Ok)
+            .count();
+        if done == 0 {
+            reasons.push(format!("no {kind} request succeeded"));
+        }
+    }
+    let pass = reasons.is_empty();
+
+    let _ = writeln!(out, "# shroud soak summary\n");
+    if pass {
+        let _ = writeln!(
+            out,
+            "**PASS**: {} requests, {ok} completed with every byte checked ({}), {} failed, \
+             each attributed to the event that broke it; 0 corrupted, 0 unexplained.\n",
+            inputs.records.len(),
+            human_bytes(bytes),
+            attributed.len()
+        );
+    } else {
+        let _ = writeln!(out, "**FAIL**: {}.\n", reasons.join("; "));
+    }
+
+    let _ = writeln!(out, "## Run\n");
+    let _ = writeln!(out, "| | |\n|---|---|");
+    let _ = writeln!(out, "| started | {} |", utc(inputs.wall_start));
+    let _ = writeln!(
+        out,
+        "| clock | times (`+12.345s`) count from the start of the soak, as in the logs |"
+    );
+    let _ = writeln!(
+        out,
+        "| traffic | {} (asked: {} min), from {} to {}, after {:.0} s of setup |",
+        minutes_seconds(traffic),
+        inputs.minutes,
+        stamp(inputs.epoch, inputs.traffic_start),
+        stamp(inputs.epoch, inputs.traffic_end),
+        inputs.setup.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "| seed | {} (replay: `soak/run.sh --minutes {} --seed {}`) |",
+        inputs.seed, inputs.minutes, inputs.seed
+    );
+    let _ = writeln!(out, "| source | {} |", inputs.source);
+    let _ = writeln!(out, "| Tor network | {} |", inputs.network);
+    let _ = writeln!(
+        out,
+        "| fleet | {PROXIES} `shroud-proxy` (drain {DRAIN_SECS} s), {CLIENTS} `shroud` clients \
+         publishing one hostname through Tor (keepalive {KEEPALIVE_SECS} s, max backoff \
+         {MAX_BACKOFF_SECS} s), one origin each |"
+    );
+    let _ = writeln!(out, "| logs | `{}` |", inputs.log_dir.display());
+    if let Some(why) = &inputs.stopped_early {
+        let _ = writeln!(out, "| stopped early | {why} |");
+    }
+
+    requests_section(&mut out, inputs, &attributed, &unexplained, &corrupted);
+    events_section(&mut out, inputs, &attributed);
+    failures_section(&mut out, inputs, &attributed, &unexplained, &corrupted);
+    recovery_section(&mut out, inputs);
+    tunnels_section(&mut out, inputs);
+
+    let _ = writeln!(
+        out,
+        "\n{}",
+        if pass {
+            "PASS: zero corrupted, zero unexplained."
+        } else {
+            "FAIL"
+        }
+    );
+    (out, pass)
+}
+
+fn requests_section(
+    out: &mut String,
+    inputs: &Inputs<'_>,
+    attributed: &[(&Record, usize)],
+    unexplained: &[&Record],
+    corrupted: &[&Record],
+) {
+    let _ = writeln!(out, "\n## Requests\n");
+    let _ = writeln!(
+        out,
+        "| kind | started | ok | failed, attributed | failed, unexplained | corrupted | bytes verified |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    let row = |kind: Option<&str>| {
+        let of = |r: &Record| kind.is_none_or(|k| r.request.kind() == k);
+        let count = |list: &[&Record]| list.iter().filter(|r| of(r)).count();
+        let started = inputs.records.iter().filter(|r| of(r)).count();
+        let ok = inputs
+            .records
+            .iter()
+            .filter(|r| of(r) && r.outcome == Outcome::Ok)
+            .count();
+        let bytes: u64 = inputs
+            .records
+            .iter()
+            .filter(|r| of(r))
+            .map(|r| r.bytes_verified)
+            .sum();
+        let att = attributed.iter().filter(|(r, _)| of(r)).count();
+        format!(
+            "| {} | {started} | {ok} | {att} | {} | {} | {} |",
+            kind.unwrap_or("**all**"),
+            count(unexplained),
+            count(corrupted),
+            human_bytes(bytes)
+        )
+    };
+    for kind in KINDS {
+        let _ = writeln!(out, "{}", row(Some(kind)));
+    }
+    let _ = writeln!(out, "{}", row(None));
+    let _ = writeln!(
+        out,
+        "\n`get`: HTTPS GET of a path of its own, answer checked; `bulk`: 1 KiB to 8 MiB each \
+         way, both directions checked (visitor's bytes by the origin's SHA-256, origin's byte \
+         by byte); `paced`: the same, 64 KiB to 1 MiB over 20 to 120 s (long-lived)."
+    );
+
+    let _ = writeln!(out, "\nBy proxy (requests whose connection it accepted):\n");
+    let _ = writeln!(
+        out,
+        "| proxy | accepted | ok | failed |\n|---|---:|---:|---:|"
+    );
+    for proxy in 0..PROXIES {
+        let at: Vec<&Record> = inputs
+            .records
+            .iter()
+            .filter(|r| r.proxy == Some(proxy))
+            .collect();
+        let ok = at.iter().filter(|r| r.outcome == Outcome::Ok).count();
+        let _ = writeln!(out, "| {proxy} | {} | {ok} | {} |", at.len(), at.len() - ok);
+    }
+    let served: Vec<String> = (0..CLIENTS)
+        .map(|client| {
+            let n = inputs
+                .records
+                .iter()
+                .filter(|r| r.outcome == Outcome::Ok && r.origin == Some(client))
+                .count();
+            format!("client {client}'s origin {n}")
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nCompleted requests by the origin that answered (told by its certificate): {}.",
+        served.join(", ")
+    );
+}
+
+fn events_section(out: &mut String, inputs: &Inputs<'_>, attributed: &[(&Record, usize)]) {
+    let events = inputs.events;
+    let _ = writeln!(out, "\n## Events\n");
+    let by_kind: Vec<String> = Kind::ALL
+        .iter()
+        .map(|kind| {
+            let n = events.iter().filter(|e| e.kind == *kind).count();
+            format!("{kind} {n}")
+        })
+        .collect();
+    let _ = writeln!(out, "{} events: {}.\n", events.len(), by_kind.join(", "));
+    if events.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "| # | at | event | target | down | all bound again after | failures attributed (get/bulk/paced) | notes |"
+    );
+    let _ = writeln!(out, "|---:|---:|---|---|---:|---:|---|---|");
+    for (i, event) in events.iter().enumerate() {
+        let down = event.restarted.map_or_else(
+            || "not restarted".to_owned(),
+            |at| {
+                format!(
+                    "{:.1} s",
+                    at.saturating_duration_since(event.at).as_secs_f64()
+                )
+            },
+        );
+        let back = event.recovered.map_or_else(
+            || "**not within 180 s**".to_owned(),
+            |at| {
+                format!(
+                    "{:.1} s",
+                    at.saturating_duration_since(event.at).as_secs_f64()
+                )
+            },
+        );
+        let counts: Vec<String> = KINDS
+            .iter()
+            .map(|kind| {
+                attributed
+                    .iter()
+                    .filter(|(r, e)| *e == i && r.request.kind() == *kind)
+                    .count()
+                    .to_string()
+            })
+            .collect();
+        let total = attributed.iter().filter(|(_, e)| *e == i).count();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {down} | {back} | {total} ({}) | {} |",
+            event.id,
+            stamp(inputs.epoch, event.at),
+            event.kind,
+            event.target,
+            counts.join("/"),
+            event.notes.join("; ")
+        );
+    }
+}
+
+fn failures_section(
+    out: &mut String,
+    inputs: &Inputs<'_>,
+    attributed: &[(&Record, usize)],
+    unexplained: &[&Record],
+    corrupted: &[&Record],
+) {
+    let _ = writeln!(out, "\n## Failures\n");
+    let _ = writeln!(out, "By attributed event kind:\n");
+    let _ = writeln!(
+        out,
+        "| event kind | events | failures | get | bulk | paced |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    for kind in Kind::ALL {
+        let of_kind: Vec<&Record> = attributed
+            .iter()
+            .filter(|(_, e)| inputs.events[*e].kind == kind)
+            .map(|(r, _)| *r)
+            .collect();
+        let per: Vec<String> = KINDS
+            .iter()
+            .map(|k| {
+                of_kind
+                    .iter()
+                    .filter(|r| r.request.kind() == *k)
+                    .count()
+                    .to_string()
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {kind} | {} | {} | {} |",
+            inputs.events.iter().filter(|e| e.kind == kind).count(),
+            of_kind.len(),
+            per.join(" | ")
+        );
+    }
+
+    let mut causes: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (record, _) in attributed {
+        causes.entry(cause(record)).or_default().0 += 1;
+    }
+    for record in unexplained {
+        causes.entry(cause(record)).or_default().1 += 1;
+    }
+    let _ = writeln!(out, "\nBy cause (numbers replaced by N):\n");
+    if causes.is_empty() {
+        let _ = writeln!(out, "No request failed.");
+    } else {
+        let _ = writeln!(out, "| cause | attributed | unexplained |\n|---|---:|---:|");
+        let mut rows: Vec<_> = causes.into_iter().collect();
+        rows.sort_by_key(|(_, (att, unex))| std::cmp::Reverse(att + unex));
+        for (cause, (att, unex)) in rows {
+            let _ = writeln!(out, "| {} | {att} | {unex} |", cause.replace('|', "/"));
+        }
+    }
+
+    let _ = writeln!(out, "\nUnexplained failures: {}.", unexplained.len());
+    list_records(out, inputs, unexplained);
+    let _ = writeln!(out, "\nCorrupted: {}.", corrupted.len());
+    list_records(out, inputs, corrupted);
+}
+
+fn list_records(out: &mut String, inputs: &Inputs<'_>, records: &[&Record]) {
+    if records.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\n| kind | # | proxy | origin | started | ended | cause |\n|---|---:|---:|---:|---:|---:|---|"
+    );
+    for record in records.iter().take(LISTED) {
+        let detail = match &record.outcome {
+            Outcome::Failed(why) | Outcome::Corrupted(why) => why.clone(),
+            Outcome::Unreachable => "no proxy accepted the connection".to_owned(),
+            Outcome::Ok => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            record.request.kind(),
+            record.index,
+            record.proxy.map_or("-".into(), |p| p.to_string()),
+            record.origin.map_or("?".into(), |o| o.to_string()),
+            stamp(inputs.epoch, record.started),
+            stamp(inputs.epoch, record.ended),
+            detail.replace('|', "/")
+        );
+    }
+    if records.len() > LISTED {
+        let _ = writeln!(out, "\n({} more not listed.)", records.len() - LISTED);
+    }
+}
+
+fn recovery_section(out: &mut String, inputs: &Inputs<'_>) {
+    let _ = writeln!(out, "\n## Recovery\n");
+    let _ = writeln!(
+        out,
+        "From the event (the signal) to the last affected tunnel bound again, as the clients \
+         logged it; for restarts also from the restart. A relay kill affects only the tunnels \
+         whose circuits crossed it.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| event kind | measured | median from event | max from event | median from restart | max from restart |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let mut untouched = 0;
+    for kind in Kind::ALL {
+        let mut from_event = Vec::new();
+        let mut from_restart = Vec::new();
+        for event in inputs.events.iter().filter(|e| e.kind == kind) {
+            match recovery(inputs, event) {
+                Recovery::Back(at) => {
+                    from_event.push(at.saturating_duration_since(event.at));
+                    if let Some(restarted) = event.restarted {
+                        from_restart.push(at.saturating_duration_since(restarted));
+                    }
+                }
+                Recovery::Untouched => untouched += 1,
+                Recovery::Never => {}
+            }
+        }
+        let _ = writeln!(
+            out,
+            "| {kind} | {} | {} | {} | {} | {} |",
+            from_event.len(),
+            median(&mut from_event),
+            max(&from_event),
+            median(&mut from_restart),
+            max(&from_restart)
+        );
+    }
+    if untouched > 0 {
+        let _ = writeln!(
+            out,
+            "\n{untouched} relay kill(s) broke no tunnel (no circuit of a tunnel crossed the relay)."
+        );
+    }
+}
+
+fn tunnels_section(out: &mut String, inputs: &Inputs<'_>) {
+    // Tunnel losses and go-aways no event explains.
+    let mut stray = Vec::new();
+    for (client, notes) in inputs.client_notes.iter().enumerate() {
+        for note in notes {
+            let (what, proxy) = match note.seen {
+                Seen::TunnelLost(p) => ("tunnel lost", p),
+                Seen::Draining(p) => ("go-away", p),
+                Seen::GaveUp(p) => ("gave up", p),
+                _ => continue,
+            };
+            if note.at < inputs.traffic_start {
+                continue;
+            }
+            let explained = inputs.events.iter().enumerate().any(|(i, event)| {
+                let end = event_end(inputs.events, i);
+                note.at >= event.at && note.at <= end
+            });
+            if !explained {
+                stray.push((note.at, client, proxy, what));
+            }
+        }
+    }
+    stray.sort();
+    let _ = writeln!(out, "\n## Tunnels\n");
+    let _ = writeln!(
+        out,
+        "Tunnel losses, go-aways and give-ups that no event explains: {}.",
+        stray.len()
+    );
+    for (at, client, proxy, what) in stray.iter().take(LISTED) {
+        let _ = writeln!(
+            out,
+            "- {}: client {client}, proxy {proxy}: {what}",
+            stamp(inputs.epoch, *at)
+        );
+    }
+    let drains: usize = inputs
+        .proxy_notes
+        .iter()
+        .map(|notes| {
+            notes
+                .iter()
+                .filter(|n| n.seen == Seen::DrainDeadline)
+                .count()
+        })
+        .sum();
+    let _ = writeln!(
+        out,
+        "\nProxy drains that reached their deadline with connections still open: {drains}."
+    );
+}
+
+/// When the effects of event `i` are over: once every tunnel is bound again (or its process
+/// is back, if not every tunnel came back), plus the time a silently dead tunnel takes to be
+/// noticed (two keepalives); at the latest when the next event starts.
+fn event_end(events: &[Event], i: usize) -> Instant {
+    let event = &events[i];
+    let settled = event
+        .recovered
+        .or(event.restarted)
+        .unwrap_or(event.gone)
+        .max(event.gone)
+        + Duration::from_secs(2 * KEEPALIVE_SECS)
+        + SLACK;
+    events
+        .get(i + 1)
+        .map_or(settled, |next| settled.min(next.at))
+}
+
+/// Every window of every event.
+fn windows(inputs: &Inputs<'_>) -> Vec<Window> {
+    let mut windows = Vec::new();
+    for (i, event) in inputs.events.iter().enumerate() {
+        let horizon = event_end(inputs.events, i);
+        let closed = |proxy: usize| {
+            first(inputs.proxy_notes, proxy, event.at, horizon, |s| {
+                *s == Seen::TunnelClosed
+            })
+        };
+        match event.kind {
+            Kind::ProxyKill | Kind::ProxyTerm => {
+                if let Some(proxy) = event.proxy {
+                    windows.push(Window {
+                        event: i,
+                        proxy,
+                        client: None,
+                        from: event.at,
+                        to: event.gone + SLACK,
+                    });
+                }
+            }
+            Kind::ClientKill => {
+                for proxy in 0..inputs.proxy_notes.len() {
+                    let to = closed(proxy).unwrap_or(event.gone + IDLE_TIMEOUT);
+                    windows.push(Window {
+                        event: i,
+                        proxy,
+                        client: event.client,
+                        from: event.at,
+                        to: to + SLACK,
+                    });
+                }
+            }
+            Kind::RelayKill => {
+                for proxy in 0..inputs.proxy_notes.len() {
+                    let closed_at = closed(proxy);
+                    let mut lost_any = false;
+                    for client in 0..inputs.client_notes.len() {
+                        let lost = first(inputs.client_notes, client, event.at, horizon, |s| {
+                            *s == Seen::TunnelLost(proxy)
+                        });
+                        if let Some(lost) = lost {
+                            lost_any = true;
+                            windows.push(Window {
+                                event: i,
+                                proxy,
+                                client: Some(client),
+                                from: event.at,
+                                to: lost.max(closed_at.unwrap_or(lost)) + SLACK,
+                            });
+                        }
+                    }
+                    if let (false, Some(closed_at)) = (lost_any, closed_at) {
+                        windows.push(Window {
+                            event: i,
+                            proxy,
+                            client: None,
+                            from: event.at,
+                            to: closed_at + SLACK,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    windows
+}
+
+/// The first note of slot `index` in `(from, to]` that `wanted` accepts.
+fn first(
+    notes: &[Vec<Note>],
+    index: usize,
+    from: Instant,
+    to: Instant,
+    wanted: impl Fn(&Seen) -> bool,
+) -> Option<Instant> {
+    notes
+        .get(index)?
+        .iter()
+        .filter(|n| n.at > from && n.at <= to && wanted(&n.seen))
+        .map(|n| n.at)
+        .min()
+}
+
+fn attribute(record: &Record, windows: &[Window]) -> Verdict {
+    let Some(proxy) = record.proxy else {
+        return Verdict::Unexplained;
+    };
+    windows
+        .iter()
+        .find(|w| {
+            w.proxy == proxy
+                && (w.client.is_none() || record.origin.is_none() || record.origin == w.client)
+                && record.started <= w.to
+                && record.ended >= w.from
+        })
+        .map_or(Verdict::Unexplained, |w| Verdict::Attributed(w.event))
+}
+
+/// How an event ended for the tunnels it broke.
+enum Recovery {
+    /// Every one was bound again at this moment.
+    Back(Instant),
+    /// It broke none.
+    Untouched,
+    /// Not every one came back.
+    Never,
+}
+
+fn recovery(inputs: &Inputs<'_>, event: &Event) -> Recovery {
+    let up_after = |client: usize, proxy: usize, after: Instant| {
+        inputs.client_notes.get(client).and_then(|notes| {
+            notes
+                .iter()
+                .filter(|n| n.at >= after && n.seen == Seen::TunnelUp(proxy))
+                .map(|n| n.at)
+                .min()
+        })
+    };
+    // (client, proxy, after which it must be up)
+    let mut needed = Vec::new();
+    match event.kind {
+        Kind::ProxyKill | Kind::ProxyTerm => {
+            let (Some(proxy), Some(restarted)) = (event.proxy, event.restarted) else {
+                return Recovery::Never;
+            };
+            needed.extend((0..inputs.client_notes.len()).map(|c| (c, proxy, restarted)));
+        }
+        Kind::ClientKill => {
+            let (Some(client), Some(restarted)) = (event.client, event.restarted) else {
+                return Recovery::Never;
+            };
+            needed.extend((0..inputs.proxy_notes.len()).map(|p| (client, p, restarted)));
+        }
+        Kind::RelayKill => {
+            let i = event.id - 1;
+            let horizon = event_end(inputs.events, i);
+            for client in 0..inputs.client_notes.len() {
+                for proxy in 0..inputs.proxy_notes.len() {
+                    if let Some(lost) = first(inputs.client_notes, client, event.at, horizon, |s| {
+                        *s == Seen::TunnelLost(proxy)
+                    }) {
+                        needed.push((client, proxy, lost));
+                    }
+                }
+            }
+            if needed.is_empty() {
+                return Recovery::Untouched;
+            }
+        }
+    }
+    let mut last = event.at;
+    for (client, proxy, after) in needed {
+        match up_after(client, proxy, after) {
+            Some(at) => last = last.max(at),
+            None => return Recovery::Never,
+        }
+    }
+    Recovery::Back(last)
+}
+
+/// A failure's cause with numbers (ports, sizes, pids) replaced by `N`, so alike causes group.
+fn cause(record: &Record) -> String {
+    let text = match &record.outcome {
+        Outcome::Failed(why) | Outcome::Corrupted(why) => why.as_str(),
+        Outcome::Unreachable => "no proxy accepted the connection",
+        Outcome::Ok => "",
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut in_number = false;
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            if !in_number {
+                out.push('N');
+            }
+            in_number = true;
+        } else {
+            in_number = false;
+            out.push(c);
+        }
+    }
+    format!("{}: {out}", record.request.kind())
+}
+
+fn median(values: &mut [Duration]) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    values.sort();
+    format!("{:.1} s", values[values.len() / 2].as_secs_f64())
+}
+
+fn max(values: &[Duration]) -> String {
+    values
+        .iter()
+        .max()
+        .map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()))
+}
+
+/// `1.5 GiB`, `12.0 MiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// `30m00s`.
+pub fn minutes_seconds(d: Duration) -> String {
+    let secs = d.as_secs();
+    format!("{}m{:02}s", secs / 60, secs % 60)
+}
+
+/// `2026-04-08 10:00:00 UTC`, from the civil calendar (no time zone database needed).
+pub fn utc(at: SystemTime) -> String {
+    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
