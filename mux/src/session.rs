@@ -517,4 +517,32 @@ mod tests {
         client.closed().await;
         assert!(client.is_closed());
     }
+
+    /// Streams the peer opens while nobody accepts wait in the backlog, in order and with their
+    /// bytes (the client counts on it while it hands a draining session to a task of its own);
+    /// one beyond the backlog is reset at once rather than left hanging.
+    #[tokio::test]
+    async fn unaccepted_streams_wait_in_the_backlog_and_one_beyond_it_is_reset() {
+        let config = SessionConfig {
+            accept_backlog: 2,
+            ..SessionConfig::default()
+        };
+        let ((_client, mut client_in), (proxy, _proxy_in)) = pair(config);
+        let mut opened = Vec::new();
+        for i in 0..3u8 {
+            let mut stream = proxy.open().await.expect("open");
+            stream.write_all(&[i]).await.expect("write");
+            opened.push(stream);
+        }
+        // Its opener reads the reset as the end of the stream.
+        let mut third = opened.pop().expect("three streams");
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), third.read(&mut buf));
+        assert_eq!(read.await.expect("reset in time").expect("read"), 0);
+        for i in 0..2u8 {
+            let mut waiting = client_in.accept().await.expect("a waiting stream");
+            waiting.read_exact(&mut buf).await.expect("its byte");
+            assert_eq!(buf[0], i);
+        }
+    }
 }

@@ -122,7 +122,7 @@ struct Bound {
 
 /// How a bound tunnel ended.
 enum End {
-    /// The proxy is draining; the session lives on until its streams finish.
+    /// The proxy is draining; the session drains on a task of its own until the proxy closes it.
     GoAway,
     /// The tunnel failed.
     Lost(String),
@@ -442,17 +442,38 @@ struct Draining {
 }
 
 impl Draining {
-    /// Serves streams as a bound tunnel does, and answers the proxy's pings, until the session
-    /// closes or the client stops. It sends no pings of its own: when the session ends is the
-    /// proxy's to decide, within its drain deadline.
+    /// Serves streams as a bound tunnel does, and keeps the keepalive going both ways, until
+    /// the session closes, the proxy stops answering, or the client stops. When the session
+    /// ends is the proxy's to decide, within its drain deadline; the pings only catch a proxy
+    /// (or path) that died silently meanwhile, which would otherwise hold the session forever.
     async fn run(mut self, config: Arc<ClientConfig>, tasks: StreamTasks) {
-        let reply_limit = config.timing.keepalive_interval;
+        let interval = config.timing.keepalive_interval;
+        let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
+        let mut outstanding: Option<(u64, Instant)> = None;
+        let mut nonce = 0u64;
         let mut control_open = true;
         loop {
             tokio::select! {
                 () = tasks.shutdown.cancelled() => {
                     self.session.close();
                     break;
+                }
+                _ = ticker.tick(), if control_open => {
+                    if let Some((_, sent)) = outstanding {
+                        if sent.elapsed() >= interval * 2 {
+                            debug!("the draining proxy stopped answering; closing");
+                            self.session.close();
+                            break;
+                        }
+                        continue;
+                    }
+                    nonce += 1;
+                    let ping = Message::Ping { nonce };
+                    if let Err(err) = send(&mut self.writer, &ping, interval).await {
+                        debug!(%err, "cannot ping the draining tunnel");
+                        control_open = false;
+                    }
+                    outstanding = Some((nonce, Instant::now()));
                 }
                 stream = self.incoming.accept() => match stream {
                     Some(stream) => {
@@ -464,13 +485,18 @@ impl Draining {
                 message = self.messages.recv(), if control_open => match message {
                     Some(Ok(Message::Ping { nonce })) => {
                         let pong = Message::Pong { nonce };
-                        if let Err(err) = send(&mut self.writer, &pong, reply_limit).await {
+                        if let Err(err) = send(&mut self.writer, &pong, interval).await {
                             debug!(%err, "cannot answer pings on the draining tunnel");
                             control_open = false;
                         }
                     }
-                    // The pong of a ping sent before the go-away, or the go-away again.
-                    Some(Ok(Message::Pong { .. } | Message::GoAway { .. })) => {}
+                    Some(Ok(Message::Pong { nonce: n })) => {
+                        if outstanding.is_some_and(|(sent, _)| sent == n) {
+                            outstanding = None;
+                        }
+                    }
+                    // The go-away again.
+                    Some(Ok(Message::GoAway { .. })) => {}
                     Some(Ok(other)) => {
                         debug!(message = ?other, "the proxy broke off its drain; closing");
                         self.session.close();

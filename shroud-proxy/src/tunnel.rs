@@ -15,7 +15,8 @@ use shroud_mux::control::{
     self, BindName, BindOutcome, BindStatus, ErrorCode, Message, ReadError, VERSION,
 };
 use shroud_mux::{hostname, MuxStream, Role, Session, SessionConfig};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -137,15 +138,7 @@ where
         bound: granted.names.len(),
         admitted: granted.admitted,
     };
-    let result = keep_alive(
-        &mut control,
-        &session,
-        tunnel,
-        &shared,
-        &shutdown,
-        &mut rechecks,
-    )
-    .await;
+    let result = keep_alive(control, &session, tunnel, &shared, &shutdown, &mut rechecks).await;
     shared.registry.unbind_tunnel(tunnel);
     match &result {
         Ok(()) => info!(tunnel, "tunnel closed"),
@@ -318,9 +311,10 @@ fn judge_bind(
     (Some(key), judged)
 }
 
-/// Answers pings until the client goes quiet, the session ends, or the proxy shuts down.
+/// Answers pings until the client goes quiet, the session ends, or the proxy shuts down; then
+/// drains: go-away, and pings still answered while the streams in flight finish.
 async fn keep_alive(
-    control: &mut MuxStream,
+    control: MuxStream,
     session: &Session,
     tunnel: TunnelId,
     shared: &Shared,
@@ -328,6 +322,8 @@ async fn keep_alive(
     rechecks: &mut DnsRechecks,
 ) -> Result<(), TunnelError> {
     let idle = shared.limits.tunnel_idle_timeout;
+    let (reader, mut writer) = tokio::io::split(control);
+    let mut messages = spawn_reader(reader);
     loop {
         let next_check = rechecks.next_due();
         tokio::select! {
@@ -336,15 +332,14 @@ async fn keep_alive(
                     return Err(TunnelError::Revoked);
                 }
             }
-            read = timeout(idle, control::read_message(control)) => match read {
+            message = timeout(idle, messages.recv()) => match message {
                 Err(_) => return Err(TunnelError::Timeout("a keepalive from the client")),
-                Ok(Err(ReadError::Closed)) => return Ok(()),
-                Ok(Err(err)) => return Err(err.into()),
-                Ok(Ok(Message::Ping { nonce })) => {
-                    control::write_message(control, &Message::Pong { nonce }).await?;
+                Ok(None) => return Ok(()),
+                Ok(Some(message)) => {
+                    if !answer(&mut writer, message?).await? {
+                        return Ok(());
+                    }
                 }
-                Ok(Ok(Message::Pong { .. })) => {}
-                Ok(Ok(other)) => return Err(unexpected(control, &other, "ping").await),
             },
             () = session.closed() => return Ok(()),
             () = shutdown.cancelled() => break,
@@ -358,28 +353,76 @@ async fn keep_alive(
     let go_away = Message::GoAway {
         reason: "proxy shutting down".into(),
     };
-    if let Err(err) = control::write_message(control, &go_away).await {
+    if let Err(err) = control::write_message(&mut writer, &go_away).await {
         warn!(%err, "could not send go-away");
     }
     // Only the control stream and the visitor streams already in flight remain.
     let drain_until = Instant::now() + shared.limits.drain_timeout;
-    while (session.open_streams() > 1 || shared.visitors_routing())
-        && Instant::now() < drain_until
-        && !session.is_closed()
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut check = tokio::time::interval(Duration::from_millis(50));
+    while (session.open_streams() > 1 || shared.visitors_routing()) && !session.is_closed() {
+        tokio::select! {
+            () = tokio::time::sleep_until(drain_until) => break,
+            _ = check.tick() => {}
+            Some(message) = messages.recv() => {
+                // A client that still pings its draining tunnel gets its answers; one that
+                // misbehaves now only ends the drain early.
+                let Ok(message) = message else { break };
+                if !answer(&mut writer, message).await.unwrap_or(false) {
+                    break;
+                }
+            }
+        }
     }
     Ok(())
 }
 
-async fn unexpected(control: &mut MuxStream, got: &Message, wanted: &str) -> TunnelError {
+/// Answers one control message of a bound tunnel. Returns false when the client is done.
+async fn answer<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: Message,
+) -> Result<bool, TunnelError> {
+    match message {
+        Message::Ping { nonce } => {
+            control::write_message(writer, &Message::Pong { nonce }).await?;
+            Ok(true)
+        }
+        Message::Pong { .. } => Ok(true),
+        other => Err(unexpected(writer, &other, "ping").await),
+    }
+}
+
+/// Reads control messages on a task of their own: reading one is not cancel-safe, so it must
+/// not sit in a `select!` that other branches may win mid-message. The task ends with the
+/// stream, after the first error, or when the receiver is dropped.
+fn spawn_reader(mut reader: ReadHalf<MuxStream>) -> mpsc::Receiver<Result<Message, ReadError>> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let message = match control::read_message(&mut reader).await {
+                Err(ReadError::Closed) => return,
+                message => message,
+            };
+            let failed = message.is_err();
+            if tx.send(message).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+async fn unexpected<W: AsyncWrite + Unpin>(
+    control: &mut W,
+    got: &Message,
+    wanted: &str,
+) -> TunnelError {
     let detail = format!("expected {wanted}, got {}", message_name(got));
     let _ = send_error(control, ErrorCode::UnexpectedMessage, &detail).await;
     TunnelError::Protocol(detail)
 }
 
-async fn send_error(
-    control: &mut MuxStream,
+async fn send_error<W: AsyncWrite + Unpin>(
+    control: &mut W,
     code: ErrorCode,
     message: &str,
 ) -> std::io::Result<()> {

@@ -39,7 +39,11 @@ impl Fleet {
     }
 
     fn addrs(&self) -> Vec<(&'static str, SocketAddr)> {
-        NAMES.iter().copied().zip(self.proxies.iter().map(|p| p.https)).collect()
+        NAMES
+            .iter()
+            .copied()
+            .zip(self.proxies.iter().map(|p| p.https))
+            .collect()
     }
 
     fn load(&self) -> Load {
@@ -89,9 +93,8 @@ async fn a_rolling_restart_of_every_proxy_loses_no_visitor() {
     load.wait_ok(u64::from(RATE), Duration::from_secs(30))
         .await
         .unwrap();
-    for i in 0..fleet.proxies.len() {
+    for (name, proxy) in NAMES.iter().zip(&mut fleet.proxies) {
         let started = Instant::now();
-        let proxy = &mut fleet.proxies[i];
         within(60, proxy.restart_gracefully(Duration::from_secs(30)))
             .await
             .unwrap();
@@ -101,8 +104,7 @@ async fn a_rolling_restart_of_every_proxy_loses_no_visitor() {
             .await
             .unwrap();
         eprintln!(
-            "proxy {} restarted and bound again in {:?}; so far: {}",
-            NAMES[i],
+            "proxy {name} restarted and bound again in {:?}; so far: {}",
             started.elapsed(),
             load.snapshot()
         );
@@ -170,10 +172,17 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
         "{} failed at the killed proxy, but only {in_flight} were in flight: {result}",
         result.proxies[0].failed
     );
-    assert_eq!(result.proxies[1].failed + result.proxies[2].failed, 0, "{result}");
+    assert_eq!(
+        result.proxies[1].failed + result.proxies[2].failed,
+        0,
+        "{result}"
+    );
     assert_eq!(result.unreachable, 0, "{result}");
     // The client's backoff cap is 1 s; allow for the proxy's start and the handshake.
-    assert!(rebound < Duration::from_secs(10), "rebound after {rebound:?}");
+    assert!(
+        rebound < Duration::from_secs(10),
+        "rebound after {rebound:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,5 +228,8 @@ async fn when_one_of_two_redundant_clients_dies_the_other_serves() {
     assert_eq!(result.unreachable, 0, "{result}");
     // Everything served since the kill went to the surviving copy of the service.
     let since = (origin_b.accepted() - served_by_b) as u64;
-    assert!(since >= (2 * u64::from(RATE)).saturating_sub(in_flight), "{since}");
+    assert!(
+        since >= (2 * u64::from(RATE)).saturating_sub(in_flight),
+        "{since}"
+    );
 }

@@ -100,11 +100,14 @@ impl Log {
     }
 
     /// Waits until the events satisfy `done`, and returns them.
-    async fn wait_for(&self, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+    #[track_caller]
+    fn wait_for(&self, done: impl Fn(&[Event]) -> bool) -> impl Future<Output = Vec<Event>> {
         let mut events = self.0.subscribe();
-        let seen = patiently(events.wait_for(|events| done(events))).await;
-        let events = seen.expect("the log's sender lives in self").clone();
-        events
+        patiently(async move {
+            let seen = events.wait_for(|events| done(events)).await;
+            seen.map(|events| events.clone())
+                .expect("the log's sender lives in self")
+        })
     }
 }
 
@@ -551,7 +554,8 @@ async fn a_go_away_restarts_the_delays_from_the_base_and_the_old_session_drains(
     );
     assert_delay(attempts[9] - attempts[8], secs(4), "refused again");
 
-    // The old session lived on until the proxy closed it, without pings from the client.
+    // The old session lived on until the proxy closed it, 5 s later, and the client did not
+    // ping it before its interval was due.
     let events = held.log.wait_for(has(6, What::Ended)).await;
     assert_eq!(time_of(&events, 6, What::Ended), Some(go_away + secs(5)));
     let late_pings = events
@@ -656,6 +660,29 @@ async fn a_draining_tunnel_outlives_its_tunnel_task_but_not_the_client() {
     assert_eq!(time_of(&events, 0, What::Ended), Some(stopped_at));
     tracker.close();
     patiently(tracker.wait()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_tunnel_whose_proxy_goes_silent_is_closed_two_intervals_after_its_ping() {
+    let plans = vec![
+        bind(|mut end| async move {
+            end.go_away().await;
+            // Neither pongs nor a close: the proxy, or the path to it, died silently.
+            end.answer_pings(0).await;
+        }),
+        bind(|mut end| async move { end.answer_pings(usize::MAX).await }),
+    ];
+    let held = Held::start(plans, timing(), NO_ORIGIN);
+    let events = held.log.wait_for(has(0, What::Ended)).await;
+    let go_away = time_of(&events, 0, What::GoAway).expect("go-away sent");
+    let late_pings: Vec<Duration> = events
+        .iter()
+        .filter(|e| e.conn == 0 && e.what == What::Ping && e.at > go_away)
+        .map(|e| e.at - go_away)
+        .collect();
+    assert_eq!(late_pings, [secs(10)]);
+    assert_eq!(time_of(&events, 0, What::Ended), Some(go_away + secs(30)));
+    assert_eq!(held.stop().await, None);
 }
 
 /// An origin that echoes what each connection sends, then closes its side.
