@@ -241,6 +241,11 @@ impl Session {
         self.closed.is_cancelled()
     }
 
+    /// Whether every stream this session may hold is open, so that opening another would fail.
+    pub fn is_full(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
+
     /// Whether `self` and `other` are handles to the same session.
     pub fn same_session(&self, other: &Session) -> bool {
         Arc::ptr_eq(&self.permits, &other.permits)
@@ -455,7 +460,10 @@ mod tests {
     fn stream_buffer_sets_the_growth_pool_and_is_clamped() {
         let base = (10 + YAMUX_STREAM_HEADROOM) * MIN_STREAM_BUFFER;
         assert_eq!(connection_receive_window(10, DEFAULT_STREAM_BUFFER), base);
-        assert_eq!(connection_receive_window(10, 1024 * 1024), base + 768 * 1024);
+        assert_eq!(
+            connection_receive_window(10, 1024 * 1024),
+            base + 768 * 1024
+        );
         // Below the yamux minimum means the minimum; above the cap means the cap.
         assert_eq!(connection_receive_window(10, 1), base);
         assert_eq!(

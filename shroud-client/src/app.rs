@@ -83,6 +83,7 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
         keepalive_interval: Duration::from_secs(run.keepalive_secs),
         backoff_cap: Duration::from_secs(run.max_backoff_secs),
         stream_buffer: run.stream_buffer_bytes,
+        max_streams: run.max_streams,
         ..default_timing
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;

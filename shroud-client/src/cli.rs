@@ -229,6 +229,18 @@ pub struct RunArgs {
         value_parser = stream_buffer_bytes()
     )]
     pub stream_buffer_bytes: usize,
+
+    /// Most streams (visitor connections, plus the control stream) open at once on each
+    /// tunnel; a stream the proxy opens beyond it is reset. Each visitor also holds a
+    /// connection to TARGET, hence a file descriptor
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 8192,
+        env = "SHROUD_MAX_STREAMS",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000)
+    )]
+    pub max_streams: usize,
 }
 
 /// A stream buffer size yamux can honour.
@@ -384,6 +396,21 @@ mod tests {
                 "h:1",
             ])
             .unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn max_streams_defaults_to_8192_and_is_bounded() {
+        let parse = |extra: &[&str]| {
+            let args = ["shroud", "--proxy=p.example", "a.example", "h:1"];
+            Cli::try_parse_from(args.iter().chain(extra))
+        };
+        assert_eq!(parse(&[]).unwrap().run.unwrap().max_streams, 8192);
+        let run = parse(&["--max-streams", "20000"]).unwrap().run.unwrap();
+        assert_eq!(run.max_streams, 20_000);
+        for bad in ["0", "1", "1000001", "many"] {
+            let err = parse(&["--max-streams", bad]).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}: {err}");
         }
     }

@@ -431,8 +431,14 @@ mod limit_flag_tests {
     fn every_limit_flag_has_its_variable() {
         let command = Cli::command();
         for (flag, env) in [
-            ("max-connections-per-address", "SHROUD_MAX_CONNECTIONS_PER_ADDRESS"),
-            ("max-connections-per-hostname", "SHROUD_MAX_CONNECTIONS_PER_HOSTNAME"),
+            (
+                "max-connections-per-address",
+                "SHROUD_MAX_CONNECTIONS_PER_ADDRESS",
+            ),
+            (
+                "max-connections-per-hostname",
+                "SHROUD_MAX_CONNECTIONS_PER_HOSTNAME",
+            ),
             ("max-tunnels-per-key", "SHROUD_MAX_TUNNELS_PER_KEY"),
             ("max-hostnames-per-key", "SHROUD_MAX_HOSTNAMES_PER_KEY"),
             ("stream-buffer-bytes", "SHROUD_STREAM_BUFFER_BYTES"),
@@ -441,7 +447,11 @@ mod limit_flag_tests {
                 .get_arguments()
                 .find(|a| a.get_long() == Some(flag))
                 .unwrap_or_else(|| panic!("no --{flag}"));
-            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env), "--{flag}");
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(env),
+                "--{flag}"
+            );
         }
     }
 }

@@ -151,7 +151,16 @@ impl Registry {
             return Route::Unknown;
         };
         let usable = |b: &&Binding| !b.session.is_closed() && (b.http || !http);
-        let mut live: Vec<&Binding> = list.iter().filter(usable).filter(|b| !b.draining).collect();
+        // Best a tunnel that is neither draining nor full, then one that is not draining (it
+        // refuses the visitor clearly), then a draining one.
+        let mut live: Vec<&Binding> = list
+            .iter()
+            .filter(usable)
+            .filter(|b| !b.draining && !b.session.is_full())
+            .collect();
+        if live.is_empty() {
+            live = list.iter().filter(usable).filter(|b| !b.draining).collect();
+        }
         if live.is_empty() {
             live = list.iter().filter(usable).collect();
         }
@@ -265,6 +274,28 @@ mod tests {
         }
         registry.unbind_tunnel(2);
         assert!(routes_to(registry.route("a.test", false), &old));
+    }
+
+    #[tokio::test]
+    async fn a_full_tunnel_is_passed_over_while_another_has_room() {
+        let registry = Registry::default();
+        let config = SessionConfig {
+            max_streams: 1,
+            ..SessionConfig::default()
+        };
+        let (near, _far) = tokio::io::duplex(1024);
+        let (full, _incoming) = Session::spawn(near, Role::Proxy, config);
+        let (roomy, _far_roomy) = session();
+        registry.bind("a.test", 1, full.clone(), false);
+        registry.bind("a.test", 2, roomy.clone(), false);
+        let _stream = full.open().await.unwrap();
+        assert!(full.is_full());
+        for _ in 0..4 {
+            assert!(routes_to(registry.route("a.test", false), &roomy));
+        }
+        // With no other choice, the full one is named: opening on it refuses the visitor.
+        registry.unbind_tunnel(2);
+        assert!(routes_to(registry.route("a.test", false), &full));
     }
 
     #[tokio::test(start_paused = true)]

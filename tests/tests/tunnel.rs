@@ -363,8 +363,12 @@ async fn a_thousand_concurrent_visitors_all_complete() {
     init();
     let pki = Pki::new().unwrap();
     let origin = EchoOrigin::plain().await.unwrap();
-    let (proxy, _client) =
-        published_with(&pki, origin.addr(), Some(origin.addr()), Limits::default()).await;
+    // All thousand come from 127.0.0.1 at once: more than one address may open by default.
+    let limits = Limits {
+        max_connections_per_address: 1000,
+        ..Limits::default()
+    };
+    let (proxy, _client) = published_with(&pki, origin.addr(), Some(origin.addr()), limits).await;
 
     // Plain-HTTP visitors to an echo origin: each sends a request head and a unique payload,
     // half-closes, and must read back exactly what it sent.
