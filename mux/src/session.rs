@@ -172,6 +172,7 @@ impl Session {
             permits: permits.clone(),
             pending_open: None,
             closing: false,
+            resets: ResetLog::default(),
         };
         let done = closed.clone();
         tokio::spawn(async move {
@@ -264,6 +265,36 @@ struct Driver<T> {
     permits: Arc<Semaphore>,
     pending_open: Option<oneshot::Sender<Result<yamux::Stream, SessionError>>>,
     closing: bool,
+    resets: ResetLog,
+}
+
+/// Warns about inbound streams reset for want of room, without a line per stream: a peer over
+/// the limit may open thousands.
+#[derive(Default)]
+struct ResetLog {
+    last_warning: Option<std::time::Instant>,
+    unreported: u64,
+}
+
+impl ResetLog {
+    /// How often at most a warning is written.
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn reset(&mut self, why: &'static str) {
+        self.unreported += 1;
+        if self
+            .last_warning
+            .is_some_and(|at| at.elapsed() < Self::EVERY)
+        {
+            return;
+        }
+        warn!(
+            streams = self.unreported,
+            "{why}; resetting new inbound streams (at most one warning a minute)"
+        );
+        self.last_warning = Some(std::time::Instant::now());
+        self.unreported = 0;
+    }
 }
 
 impl<T> Driver<T>
@@ -340,13 +371,14 @@ where
 
     fn deliver(&mut self, stream: yamux::Stream) {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            warn!("peer opened more streams than allowed; resetting the new one");
+            self.resets
+                .reset("the peer opened more streams than allowed");
             return;
         };
         match self.incoming.try_send(MuxStream::new(stream, permit)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                warn!("inbound stream backlog full; resetting the new stream");
+                self.resets.reset("the inbound stream backlog is full");
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 debug!("nobody accepts inbound streams; resetting the new stream");

@@ -282,16 +282,19 @@ async fn a_visitor_dribbling_its_client_hello_is_cut_off_and_slows_no_one() {
             "the whole ClientHello went out: {sent} bytes"
         );
         assert!(
-            lived >= CLIENT_HELLO_DEADLINE - Duration::from_millis(250)
+            // Not much before the deadline either (this side may notice its connect late).
+            lived >= CLIENT_HELLO_DEADLINE - Duration::from_secs(1)
                 && lived <= CLIENT_HELLO_DEADLINE + DEADLINE_SLACK,
             "a dribbling visitor lived {lived:?}; the ClientHello deadline is {CLIENT_HELLO_DEADLINE:?}"
         );
         lifetimes.push((lived, sent));
     }
-    let (shortest, longest) = (lifetimes.iter().min(), lifetimes.iter().max());
+    let shortest = lifetimes.iter().map(|l| l.0).min().unwrap_or_default();
+    let longest = lifetimes.iter().map(|l| l.0).max().unwrap_or_default();
+    let most_sent = lifetimes.iter().map(|l| l.1).max().unwrap_or_default();
     println!(
         "dribbled ClientHello: {DRIBBLERS} visitors closed by the proxy after {shortest:?} to \
-         {longest:?} (time, bytes sent of {})",
+         {longest:?}, having sent at most {most_sent} of its {} bytes",
         hello.len()
     );
     // Nobody dribbling reached the origin: its connections are the good visitors'.
