@@ -115,6 +115,9 @@ pub struct LoadSpec {
     pub origins: Vec<CertificateDer<'static>>,
     /// Keep a [`Record`] of every request, for [`Load::records`].
     pub keep_records: bool,
+    /// How long each visitor pauses between its TLS handshake and its request, as a person
+    /// or a slow page does: it keeps requests in flight, so that a failure has some to hit.
+    pub think: Duration,
 }
 
 impl LoadSpec {
@@ -139,6 +142,7 @@ impl LoadSpec {
             vary: None,
             origins: Vec::new(),
             keep_records: false,
+            think: Duration::ZERO,
         }
     }
 }
@@ -584,6 +588,9 @@ async fn exchange(
         .and_then(|c| c.first())
     {
         *origin = spec.origins.iter().position(|known| known == leaf);
+    }
+    if !spec.think.is_zero() {
+        tokio::time::sleep(spec.think).await;
     }
     match request {
         Request::Get { path } => {

@@ -20,6 +20,10 @@ const NAMES: [&str; 3] = ["one.proxy.test", "two.proxy.test", "three.proxy.test"
 
 /// Visitors per second in every test here: the issue's "say 200 requests/s".
 const RATE: u32 = 200;
+/// Each visitor waits this long between its handshake and its request, so that about
+/// `RATE × THINK` = 40 requests are in flight at any moment (some 13 per proxy): a failure
+/// always has requests to hit, and a drain always has streams to wait for.
+const THINK: Duration = Duration::from_millis(200);
 
 /// Three proxy processes authorizing `policy`, and one client process publishing `target`
 /// through all of them, bound everywhere.
@@ -48,7 +52,10 @@ impl Fleet {
 
     fn load(&self) -> Load {
         let proxies = self.proxies.iter().map(|p| p.https).collect();
-        Load::start(LoadSpec::get(proxies, HOST, self.pki.ca.root_store(), RATE))
+        Load::start(LoadSpec {
+            think: THINK,
+            ..LoadSpec::get(proxies, HOST, self.pki.ca.root_store(), RATE)
+        })
     }
 
     /// Starts a client publishing `target` with the key at `key`, and waits until every proxy
@@ -167,6 +174,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
          {} failed there; bound there again {rebound:?} after its restart; {result}",
         result.proxies[0].failed
     );
+    assert!(in_flight > 0, "nothing was in flight at the kill: {result}");
     assert!(
         result.proxies[0].failed <= in_flight,
         "{} failed at the killed proxy, but only {in_flight} were in flight: {result}",
@@ -220,6 +228,7 @@ async fn when_one_of_two_redundant_clients_dies_the_other_serves() {
          anywhere, {} failed; {result}",
         result.failed()
     );
+    assert!(in_flight > 0, "nothing was in flight at the kill: {result}");
     assert!(
         result.failed() <= in_flight,
         "{} failed but at most {in_flight} were in flight when the client died: {result}",

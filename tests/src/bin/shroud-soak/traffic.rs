@@ -54,6 +54,7 @@ impl Traffic {
             vary: Some(vary),
             origins: fleet.origin_certs.clone(),
             keep_records: true,
+            think: Duration::ZERO,
         };
         let get = LoadSpec {
             per_second: GET_RATE,
