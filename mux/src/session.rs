@@ -12,6 +12,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -124,6 +125,7 @@ pub struct Session {
     permits: Arc<Semaphore>,
     max_streams: usize,
     closed: CancellationToken,
+    unresponsive: Arc<AtomicBool>,
 }
 
 /// Streams the peer opened, in the order it opened them.
@@ -187,6 +189,7 @@ impl Session {
             permits,
             max_streams: config.max_streams,
             closed,
+            unresponsive: Arc::new(AtomicBool::new(false)),
         };
         let incoming = Incoming {
             streams: incoming_rx,
@@ -240,6 +243,17 @@ impl Session {
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         self.closed.is_cancelled()
+    }
+
+    /// Notes whether the peer seems not to be answering (a stream it should have acknowledged
+    /// by now, say), for those choosing between sessions. It changes nothing in the session.
+    pub fn set_unresponsive(&self, unresponsive: bool) {
+        self.unresponsive.store(unresponsive, Ordering::Relaxed);
+    }
+
+    /// What [`Session::set_unresponsive`] last noted, on any handle of this session.
+    pub fn is_unresponsive(&self) -> bool {
+        self.unresponsive.load(Ordering::Relaxed)
     }
 
     /// Whether every stream this session may hold is open, so that opening another would fail.

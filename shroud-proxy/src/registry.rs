@@ -150,20 +150,20 @@ impl Registry {
         let Some(list) = state.bindings.get(hostname) else {
             return Route::Unknown;
         };
-        let usable = |b: &&Binding| !b.session.is_closed() && (b.http || !http);
-        // Best a tunnel that is neither draining nor full, then one that is not draining (it
-        // refuses the visitor clearly), then a draining one.
-        let mut live: Vec<&Binding> = list
+        // Of the tunnels that are open and may take this visitor, the best ranked, by (most
+        // important first): not draining; responsive (an unresponsive one lately failed to
+        // acknowledge a stream: its client may be dead while its connection lingers, as a
+        // Tor circuit can); not full (a full one refuses the visitor, clearly).
+        let rank = |b: &Binding| (b.draining, b.session.is_unresponsive(), b.session.is_full());
+        let usable: Vec<&Binding> = list
             .iter()
-            .filter(usable)
-            .filter(|b| !b.draining && !b.session.is_full())
+            .filter(|b| !b.session.is_closed() && (b.http || !http))
             .collect();
-        if live.is_empty() {
-            live = list.iter().filter(usable).filter(|b| !b.draining).collect();
-        }
-        if live.is_empty() {
-            live = list.iter().filter(usable).collect();
-        }
+        let best = usable.iter().map(|b| rank(b)).min();
+        let live: Vec<&Binding> = usable
+            .into_iter()
+            .filter(|b| Some(rank(b)) == best)
+            .collect();
         if live.is_empty() {
             return if http && list.iter().any(|b| !b.session.is_closed()) {
                 Route::RedirectToHttps
@@ -173,6 +173,19 @@ impl Registry {
         }
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         Route::Tunnel(live[turn % live.len()].session.clone())
+    }
+
+    /// Whether a tunnel other than `session` could take a visitor for `hostname` now.
+    pub fn has_alternative(&self, hostname: &str, http: bool, session: &Session) -> bool {
+        let state = self.lock();
+        state.bindings.get(hostname).is_some_and(|list| {
+            list.iter().any(|b| {
+                !b.session.same_session(session)
+                    && !b.session.is_closed()
+                    && !b.session.is_unresponsive()
+                    && (b.http || !http)
+            })
+        })
     }
 
     /// Like [`Registry::route`], but a name that is likely to be bound again soon (see the
@@ -296,6 +309,26 @@ mod tests {
         // With no other choice, the full one is named: opening on it refuses the visitor.
         registry.unbind_tunnel(2);
         assert!(routes_to(registry.route("a.test", false), &full));
+    }
+
+    #[tokio::test]
+    async fn an_unresponsive_tunnel_is_avoided_until_it_answers_again() {
+        let registry = Registry::default();
+        let (dead, _far_dead) = session();
+        let (alive, _far_alive) = session();
+        registry.bind("a.test", 1, dead.clone(), false);
+        registry.bind("a.test", 2, alive.clone(), false);
+        assert!(registry.has_alternative("a.test", false, &dead));
+        dead.set_unresponsive(true);
+        assert!(!registry.has_alternative("a.test", false, &alive));
+        for _ in 0..4 {
+            assert!(routes_to(registry.route("a.test", false), &alive));
+        }
+        dead.set_unresponsive(false);
+        let picks: Vec<bool> = (0..4)
+            .map(|_| routes_to(registry.route("a.test", false), &dead))
+            .collect();
+        assert_eq!(picks.iter().filter(|&&d| d).count(), 2, "{picks:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use shroud_mux::header::{self, StreamHeader, StreamKind};
 use shroud_mux::{MuxStream, Session, SessionError};
@@ -329,19 +330,26 @@ impl SpliceError {
     /// that failed after its first bytes were sent may have reached the origin: harmless for
     /// TLS (the bytes are a ClientHello, and no request can follow without the visitor), but
     /// a plain-HTTP request might have been acted on, and must not be sent twice. A full
-    /// tunnel is not retried (routing already prefers tunnels with room), nor is a client that
-    /// did not answer in time (the visitor has waited long enough).
+    /// tunnel is not retried (routing already prefers tunnels with room). A TLS visitor whose
+    /// tunnel did not acknowledge in time was only given [`ACK_PATIENCE`] when another tunnel
+    /// could take it (see [`open`]), or the full deadline on its last attempt.
     fn is_retryable(&self, kind: StreamKind) -> bool {
         match self {
             SpliceError::Open(SessionError::Closed | SessionError::Mux(_)) => true,
-            SpliceError::Tunnel(_) => kind == StreamKind::Tls,
-            SpliceError::Open(SessionError::TooManyStreams) | SpliceError::AckTimeout => false,
+            SpliceError::Tunnel(_) | SpliceError::AckTimeout => kind == StreamKind::Tls,
+            SpliceError::Open(SessionError::TooManyStreams) => false,
         }
     }
 }
 
 /// How many tunnels one visitor is offered to at most.
 const OPEN_ATTEMPTS: usize = 3;
+
+/// How long a TLS visitor waits for a tunnel's acknowledgement when another tunnel could take
+/// it instead. Clients acknowledge at once, so even over Tor this is many round trips; a
+/// tunnel that takes longer is marked unresponsive, and routing avoids it until it
+/// acknowledges a stream again.
+const ACK_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Opens a stream for a visitor on `session`, sends the stream header and the bytes already
 /// read, and waits for the client's acknowledgement. When the stream fails before that (and
@@ -358,11 +366,25 @@ async fn open(
     let http = header.kind == StreamKind::Http;
     let mut attempt = 1;
     loop {
-        let err = match open_once(shared, &session, &first).await {
-            Ok(stream) => return Ok(stream),
+        // A TLS visitor whose tunnel is slow to acknowledge may move on to another tunnel.
+        let patience = (!http
+            && attempt < OPEN_ATTEMPTS
+            && shared
+                .registry
+                .has_alternative(&header.hostname, http, &session))
+        .then_some(ACK_PATIENCE);
+        let err = match open_once(shared, &session, &first, patience).await {
+            Ok(stream) => {
+                session.set_unresponsive(false);
+                return Ok(stream);
+            }
             Err(err) => err,
         };
-        if attempt == OPEN_ATTEMPTS || !err.is_retryable(header.kind) {
+        let waited_in_full = matches!(err, SpliceError::AckTimeout) && patience.is_none();
+        if matches!(err, SpliceError::AckTimeout) {
+            session.set_unresponsive(true);
+        }
+        if attempt == OPEN_ATTEMPTS || waited_in_full || !err.is_retryable(header.kind) {
             return Err(err);
         }
         debug!(%err, attempt, "tunnel stream failed before it was accepted; routing again");
@@ -378,8 +400,12 @@ async fn open_once(
     shared: &Shared,
     session: &Session,
     first: &[u8],
+    patience: Option<Duration>,
 ) -> Result<MuxStream, SpliceError> {
-    let deadline = tokio::time::Instant::now() + shared.limits.stream_open_timeout;
+    let limit = patience.map_or(shared.limits.stream_open_timeout, |p| {
+        p.min(shared.limits.stream_open_timeout)
+    });
+    let deadline = tokio::time::Instant::now() + limit;
     let mut tunnel = tokio::time::timeout_at(deadline, session.open())
         .await
         .map_err(|_| SpliceError::AckTimeout)??;
