@@ -161,6 +161,8 @@ pub enum Outcome {
     Corrupted(String),
     /// Every proxy refused the connection.
     Unreachable,
+    /// The load was stopped with [`Load::abort_with_records`] while it was in flight.
+    Aborted,
 }
 
 /// What happened to one request, kept when [`LoadSpec::keep_records`] is set.
@@ -343,6 +345,7 @@ impl Stats {
 pub struct Load {
     stats: Arc<Stats>,
     stop: CancellationToken,
+    abort: CancellationToken,
     task: JoinHandle<()>,
 }
 
@@ -357,9 +360,14 @@ impl Load {
             bytes_verified: AtomicU64::new(0),
             records: spec.keep_records.then(|| Mutex::new(Vec::new())),
         });
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(drive(spec, stats.clone(), stop.clone()));
-        Self { stats, stop, task }
+        let (stop, abort) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(drive(spec, stats.clone(), stop.clone(), abort.clone()));
+        Self {
+            stats,
+            stop,
+            abort,
+            task,
+        }
     }
 
     /// The counts so far.
@@ -401,9 +409,26 @@ impl Load {
 
     /// Like [`Load::stop`], and also returns every request's record (empty unless
     /// [`LoadSpec::keep_records`] was set), in the order they ended.
-    pub async fn stop_with_records(self) -> (Snapshot, Vec<Record>) {
+    pub async fn stop_with_records(mut self) -> (Snapshot, Vec<Record>) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+        self.finish()
+    }
+
+    /// Like [`Load::stop_with_records`], but gives the requests in flight only `grace` to
+    /// end; those still running then end at once, as [`Outcome::Aborted`] (counted as failed
+    /// in the [`Snapshot`], with that cause).
+    pub async fn abort_with_records(mut self, grace: Duration) -> (Snapshot, Vec<Record>) {
+        self.stop.cancel();
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            self.abort.cancel();
+            let _ = (&mut self.task).await;
+        }
+        self.finish()
+    }
+
+    /// The final counts and the records, once the driver task has ended.
+    fn finish(self) -> (Snapshot, Vec<Record>) {
         let records = self
             .stats
             .records
@@ -415,7 +440,12 @@ impl Load {
     }
 }
 
-async fn drive(spec: LoadSpec, stats: Arc<Stats>, stop: CancellationToken) {
+async fn drive(
+    spec: LoadSpec,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+    abort: CancellationToken,
+) {
     let spec = Arc::new(spec);
     let tls = client_config(spec.roots.clone(), &[]);
     let slots = Arc::new(Semaphore::new(spec.max_in_flight));
@@ -438,9 +468,9 @@ async fn drive(spec: LoadSpec, stats: Arc<Stats>, stop: CancellationToken) {
                 Err(_) => break,
             },
         };
-        let (spec, stats, tls) = (spec.clone(), stats.clone(), tls.clone());
+        let (spec, stats, tls, abort) = (spec.clone(), stats.clone(), tls.clone(), abort.clone());
         requests.spawn(async move {
-            one_request(i, &spec, &stats, tls).await;
+            one_request(i, &spec, &stats, tls, &abort).await;
             drop(slot);
         });
     }
@@ -448,7 +478,13 @@ async fn drive(spec: LoadSpec, stats: Arc<Stats>, stop: CancellationToken) {
     requests.wait().await;
 }
 
-async fn one_request(i: usize, spec: &LoadSpec, stats: &Stats, tls: Arc<ClientConfig>) {
+async fn one_request(
+    i: usize,
+    spec: &LoadSpec,
+    stats: &Stats,
+    tls: Arc<ClientConfig>,
+    abort: &CancellationToken,
+) {
     let index = i as u64;
     let request = match &spec.vary {
         Some(vary) => (vary.0)(index),
@@ -490,20 +526,26 @@ async fn one_request(i: usize, spec: &LoadSpec, stats: &Stats, tls: Arc<ClientCo
     record.proxy = Some(index);
     record.connected = Some(std::time::Instant::now());
     stats.proxies[index].started.fetch_add(1, Ordering::SeqCst);
-    let exchanged = tokio::time::timeout_at(
-        deadline,
-        exchange(spec, &record.request, tls, tcp, &mut record.origin),
-    )
-    .await;
+    let exchanged = tokio::select! {
+        exchanged = tokio::time::timeout_at(
+            deadline,
+            exchange(spec, &record.request, tls, tcp, &mut record.origin),
+        ) => Some(exchanged),
+        () = abort.cancelled() => None,
+    };
     record.ended = std::time::Instant::now();
     record.outcome = match exchanged {
-        Ok(Ok(bytes)) => {
+        None => {
+            stats.fail(Some(index), "aborted: the load was stopped".into());
+            Outcome::Aborted
+        }
+        Some(Ok(Ok(bytes))) => {
             stats.proxies[index].ok.fetch_add(1, Ordering::SeqCst);
             stats.bytes_verified.fetch_add(bytes, Ordering::SeqCst);
             record.bytes_verified = bytes;
             Outcome::Ok
         }
-        Ok(Err(err)) => {
+        Some(Ok(Err(err))) => {
             let cause = format!("{err:#}");
             stats.fail(Some(index), cause.clone());
             if corruption(&err) {
@@ -513,7 +555,7 @@ async fn one_request(i: usize, spec: &LoadSpec, stats: &Stats, tls: Arc<ClientCo
                 Outcome::Failed(cause)
             }
         }
-        Err(_) => {
+        Some(Err(_)) => {
             let cause = format!("timed out after {:?}", spec.timeout);
             stats.fail(Some(index), cause.clone());
             Outcome::Failed(cause)

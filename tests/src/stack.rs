@@ -576,7 +576,10 @@ impl ProxyProcess {
     pub async fn restart_gracefully(&mut self, limit: Duration) -> anyhow::Result<()> {
         self.process.terminate();
         let status = self.process.wait_exit(limit).await?;
-        anyhow::ensure!(status.success(), "the proxy exited with {status} on SIGTERM");
+        anyhow::ensure!(
+            status.success(),
+            "the proxy exited with {status} on SIGTERM"
+        );
         self.restart().await
     }
 

@@ -5,10 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use shroud_tests::init;
 use shroud_tests::stack::{
     authorize, binary, direct_client_args, make_key, Pki, Process, ProxyProcess, TestProxy,
 };
-use shroud_tests::init;
 
 const HOST: &str = "example.test";
 

@@ -6,9 +6,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use shroud_tests::load::{Load, LoadSpec};
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
-use shroud_tests::load::{Load, LoadSpec};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
 const HOST: &str = "example.test";

@@ -21,6 +21,8 @@
 //! first, watchdog shells kill the tors and the shroud processes it started.
 
 // The binary's own modules live in `shroud-soak/` beside this file.
+#[path = "shroud-soak/accounting.rs"]
+mod accounting;
 #[path = "shroud-soak/chaos.rs"]
 mod chaos;
 #[path = "shroud-soak/fleet.rs"]
@@ -217,6 +219,7 @@ fn run(options: &Options) -> anyhow::Result<bool> {
     ));
     runtime.shutdown_timeout(Duration::from_secs(5));
     watchdog.finish();
+    keep_tor_logs(&net, &log_dir.join("tor"));
     // Every tor, by pid.
     drop(net);
     let outcome = result?;
@@ -247,6 +250,9 @@ fn run(options: &Options) -> anyhow::Result<bool> {
         std::fs::write(path, &summary).with_context(|| format!("writing {}", path.display()))?;
         println!("shroud-soak: wrote {}", path.display());
     }
+    let csv = log_dir.join("requests.csv");
+    std::fs::write(&csv, report::requests_csv(&inputs))
+        .with_context(|| format!("writing {}", csv.display()))?;
     let copy = log_dir.join("summary.md");
     std::fs::write(&copy, &summary).with_context(|| format!("writing {}", copy.display()))?;
     Ok(pass)
@@ -343,7 +349,9 @@ async fn soak(
         "traffic stops: {}; waiting for the requests in flight",
         traffic.progress()
     ));
-    let records = traffic.stop().await;
+    // An interrupted run ends at once; a whole one lets the last transfers finish.
+    let grace = stopped_early.is_some().then_some(Duration::from_secs(5));
+    let records = traffic.stop(grace).await;
     journal.log("every request has ended; stopping the fleet");
     signals.abort();
     fleet.stop(STOP_TIMEOUT).await;
@@ -376,6 +384,23 @@ async fn stop_on_signal(cancel: CancellationToken) {
     }
     println!("shroud-soak: stopping (signal); the summary will say the run was cut short");
     cancel.cancel();
+}
+
+/// Copies every relay's notice log to `dir` (the network's own directory goes with it).
+fn keep_tor_logs(net: &Arc<Mutex<TorNet>>, dir: &Path) {
+    let net = net
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(err) = std::fs::create_dir_all(dir) {
+        tracing::warn!(%err, dir = %dir.display(), "cannot keep the relays' logs");
+        return;
+    }
+    for relay in net.relays() {
+        let to = dir.join(format!("{}.log", relay.nick));
+        if let Err(err) = std::fs::copy(relay.notice_log(), &to) {
+            tracing::warn!(%err, relay = %relay.nick, "cannot keep the relay's log");
+        }
+    }
 }
 
 /// The network's shape, for people.

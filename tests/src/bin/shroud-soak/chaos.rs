@@ -198,10 +198,7 @@ pub async fn run(
     cancel: &CancellationToken,
     journal: &Journal,
 ) -> (Vec<Event>, Option<anyhow::Error>) {
-    let mut events = Vec::new();
-    // A relay that could not be restarted stays down; another relay is killed only once it
-    // is back.
-    let mut relay_down: Option<String> = None;
+    let mut tally = Tally::default();
     loop {
         let gap = rng.pause(GAP_SECS);
         if Instant::now() + gap + EVENT_BUDGET > until {
@@ -222,33 +219,42 @@ pub async fn run(
             pick -= candidate.weight();
         }
         if kind == Kind::RelayKill {
-            if let Some(nick) = relay_down.clone() {
+            if let Some(nick) = tally.relay_down.clone() {
                 if restart_relay(net, &nick, journal).await.is_ok() {
-                    relay_down = None;
+                    tally.relay_down = None;
                 } else {
                     kind = Kind::ProxyKill;
                 }
             }
         }
-        let id = events.len() + 1;
-        let step = one_event(fleet, net, rng, id, kind, journal, &mut relay_down);
+        let id = tally.events.len() + 1;
+        // An event is recorded as soon as its signal is sent, so one cut short by a Ctrl-C
+        // still explains the failures it caused.
+        let step = one_event(fleet, net, rng, id, kind, journal, &mut tally);
         let done = tokio::select! {
             () = cancel.cancelled() => break,
             done = step => done,
         };
-        match done {
-            Ok(event) => events.push(event),
-            Err(err) => {
-                journal.log(format_args!("event #{id} ({kind}): {err:#}"));
-                return (events, Some(err));
-            }
+        if let Err(err) = done {
+            journal.log(format_args!("event #{id} ({kind}): {err:#}"));
+            return (tally.events, Some(err));
         }
     }
-    if let Some(nick) = relay_down {
+    if let Some(nick) = tally.relay_down {
         // Leave the network whole for the rest of the run if we can.
         let _ = restart_relay(net, &nick, journal).await;
     }
-    (events, None)
+    (tally.events, None)
+}
+
+/// What the schedule has done so far.
+#[derive(Default)]
+struct Tally {
+    /// Every event, recorded as soon as its signal is sent.
+    events: Vec<Event>,
+    /// A relay that could not be restarted stays down; no other relay is killed until it is
+    /// back.
+    relay_down: Option<String>,
 }
 
 /// Runs one event of `kind`, then waits until every tunnel is bound again.
@@ -259,15 +265,21 @@ async fn one_event(
     id: usize,
     kind: Kind,
     journal: &Journal,
-    relay_down: &mut Option<String>,
-) -> anyhow::Result<Event> {
-    let mut event = match kind {
-        Kind::ProxyKill | Kind::ProxyTerm => proxy_event(fleet, rng, id, kind, journal).await?,
-        Kind::ClientKill => client_event(fleet, rng, id, journal).await?,
-        Kind::RelayKill => relay_event(fleet, net, rng, id, journal, relay_down).await?,
-    };
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    match kind {
+        Kind::ProxyKill | Kind::ProxyTerm => {
+            proxy_event(fleet, rng, id, kind, journal, &mut tally.events).await?;
+        }
+        Kind::ClientKill => client_event(fleet, rng, id, journal, &mut tally.events).await?,
+        Kind::RelayKill => relay_event(fleet, net, rng, id, journal, tally).await?,
+    }
+    let event = tally
+        .events
+        .last_mut()
+        .context("the event was not recorded")?;
     // The pairs this event broke on purpose must come up again after its restart.
-    let fresh = fresh_pairs(fleet, &event);
+    let fresh = fresh_pairs(fleet, event);
     event.recovered = fleet
         .wait_all_bound(&fresh, RECOVERY_LIMIT)
         .await
@@ -281,7 +293,7 @@ async fn one_event(
             "event #{id}: NOT every tunnel bound again within {RECOVERY_LIMIT:?}"
         )),
     }
-    Ok(event)
+    Ok(())
 }
 
 /// The (client, proxy) pairs `event` broke on purpose, each with the moment after which its
@@ -308,7 +320,8 @@ async fn proxy_event(
     id: usize,
     kind: Kind,
     journal: &Journal,
-) -> anyhow::Result<Event> {
+    events: &mut Vec<Event>,
+) -> anyhow::Result<()> {
     let index = rng.below(fleet.proxies.len());
     let pause = rng.pause(if kind == Kind::ProxyKill {
         PROXY_DOWN_SECS
@@ -318,8 +331,22 @@ async fn proxy_event(
     let slot = &mut fleet.proxies[index];
     let mut proc = slot.proc.take().context("the proxy is not running")?;
     let target = format!("proxy {index} {} (pid {})", slot.addr, proc.pid());
-    let mut notes = Vec::new();
     let at = Instant::now();
+    let limit = Duration::from_secs(DRAIN_SECS + 10);
+    // Recorded before the drain, with the longest it may take, in case the run is cut short
+    // during it; corrected once the process is gone.
+    events.push(Event {
+        id,
+        kind,
+        target: target.clone(),
+        proxy: Some(index),
+        client: None,
+        at,
+        gone: at + limit,
+        restarted: None,
+        recovered: None,
+        notes: Vec::new(),
+    });
     let gone = if kind == Kind::ProxyKill {
         journal.log(format_args!("event #{id}: kill -9 {target}"));
         proc.kill()
@@ -328,19 +355,24 @@ async fn proxy_event(
             "event #{id}: SIGTERM {target} (drain up to {DRAIN_SECS} s)"
         ));
         proc.terminate();
-        let limit = Duration::from_secs(DRAIN_SECS + 10);
         match proc.wait_exit(limit).await {
             Some(status) if status.success() => Instant::now(),
             Some(status) => {
-                notes.push(format!("exited with {status} on SIGTERM"));
+                note(events, format!("exited with {status} on SIGTERM"));
                 Instant::now()
             }
             None => {
-                notes.push(format!("still running {limit:?} after SIGTERM; killed"));
+                note(
+                    events,
+                    format!("still running {limit:?} after SIGTERM; killed"),
+                );
                 proc.kill()
             }
         }
     };
+    if let Some(event) = events.last_mut() {
+        event.gone = gone;
+    }
     procs::note(&slot.history, Seen::Stopped);
     drop(proc);
     journal.log(format_args!(
@@ -354,18 +386,15 @@ async fn proxy_event(
     journal.log(format_args!(
         "event #{id}: proxy {index} restarted (pid {pid}), listening again"
     ));
-    Ok(Event {
-        id,
-        kind,
-        target,
-        proxy: Some(index),
-        client: None,
-        at,
-        gone,
-        restarted: Some(restarted),
-        recovered: None,
-        notes,
-    })
+    restarted_at(events, restarted);
+    Ok(())
+}
+
+/// Records when the last event's process was running again.
+fn restarted_at(events: &mut [Event], at: Instant) {
+    if let Some(event) = events.last_mut() {
+        event.restarted = Some(at);
+    }
 }
 
 /// Kills (SIGKILL) a random client, pauses, restarts it.
@@ -374,7 +403,8 @@ async fn client_event(
     rng: &mut Rng,
     id: usize,
     journal: &Journal,
-) -> anyhow::Result<Event> {
+    events: &mut Vec<Event>,
+) -> anyhow::Result<()> {
     let index = rng.below(fleet.clients.len());
     let pause = rng.pause(CLIENT_DOWN_SECS);
     let slot = &mut fleet.clients[index];
@@ -389,13 +419,7 @@ async fn client_event(
         "event #{id}: {target} gone; down for {:.1} s",
         pause.as_secs_f64()
     ));
-    tokio::time::sleep(pause).await;
-    let restarted = fleet.start_client(index)?;
-    let pid = fleet.clients[index].proc.as_ref().map_or(0, |p| p.pid());
-    journal.log(format_args!(
-        "event #{id}: client {index} restarted (pid {pid})"
-    ));
-    Ok(Event {
+    events.push(Event {
         id,
         kind: Kind::ClientKill,
         target,
@@ -403,10 +427,18 @@ async fn client_event(
         client: Some(index),
         at,
         gone,
-        restarted: Some(restarted),
+        restarted: None,
         recovered: None,
         notes: Vec::new(),
-    })
+    });
+    tokio::time::sleep(pause).await;
+    let restarted = fleet.start_client(index)?;
+    let pid = fleet.clients[index].proc.as_ref().map_or(0, |p| p.pid());
+    journal.log(format_args!(
+        "event #{id}: client {index} restarted (pid {pid})"
+    ));
+    restarted_at(events, restarted);
+    Ok(())
 }
 
 /// Kills (SIGKILL) a random middle or exit relay, pauses, restarts it. Authorities are never
@@ -417,8 +449,9 @@ async fn relay_event(
     rng: &mut Rng,
     id: usize,
     journal: &Journal,
-    relay_down: &mut Option<String>,
-) -> anyhow::Result<Event> {
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
+    let events = &mut tally.events;
     let candidates: Vec<(String, u32)> = {
         let net = net.lock().unwrap_or_else(PoisonError::into_inner);
         net.relays()
@@ -446,23 +479,7 @@ async fn relay_event(
         "event #{id}: {target} gone; down for {:.1} s",
         pause.as_secs_f64()
     ));
-    tokio::time::sleep(pause).await;
-    fleet.check_alive()?;
-    let mut notes = Vec::new();
-    let restarted = match restart_relay(net, &nick, journal).await {
-        Ok((at, attempts)) => {
-            if attempts > 1 {
-                notes.push(format!("restarted at attempt {attempts}"));
-            }
-            Some(at)
-        }
-        Err(err) => {
-            notes.push(format!("could not be restarted: {err:#}"));
-            *relay_down = Some(nick.clone());
-            None
-        }
-    };
-    Ok(Event {
+    events.push(Event {
         id,
         kind: Kind::RelayKill,
         target,
@@ -470,10 +487,32 @@ async fn relay_event(
         client: None,
         at,
         gone,
-        restarted,
+        restarted: None,
         recovered: None,
-        notes,
-    })
+        notes: Vec::new(),
+    });
+    tokio::time::sleep(pause).await;
+    fleet.check_alive()?;
+    match restart_relay(net, &nick, journal).await {
+        Ok((at, attempts)) => {
+            restarted_at(events, at);
+            if attempts > 1 {
+                note(events, format!("restarted at attempt {attempts}"));
+            }
+        }
+        Err(err) => {
+            note(events, format!("could not be restarted: {err:#}"));
+            tally.relay_down = Some(nick.clone());
+        }
+    }
+    Ok(())
+}
+
+/// Adds a note to the last event.
+fn note(events: &mut [Event], text: String) {
+    if let Some(event) = events.last_mut() {
+        event.notes.push(text);
+    }
 }
 
 /// Restarts relay `nick`, trying a few times (a port of its may be taken for a moment).

@@ -454,11 +454,16 @@ fn classify_proxy() -> Classify {
         if line.contains(" listening ") && line.contains("listener=\"https\"") {
             return log_addr(line).ok().map(Seen::Listening);
         }
+        // `tunnel bound tunnel=3 peer=...`, `tunnel closed tunnel=3`.
+        let tunnel = || {
+            line.split_once(" tunnel=")
+                .and_then(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        };
         if line.contains("tunnel bound") {
-            return Some(Seen::TunnelBound);
+            return tunnel().map(Seen::TunnelBound);
         }
         if line.contains("tunnel closed") {
-            return Some(Seen::TunnelClosed);
+            return tunnel().map(Seen::TunnelClosed);
         }
         if line.contains("drain deadline passed") {
             return Some(Seen::DrainDeadline);

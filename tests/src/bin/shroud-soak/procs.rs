@@ -50,10 +50,11 @@ pub enum Seen {
     Bootstrapped,
     /// Proxy: its HTTPS listener is bound here.
     Listening(SocketAddr),
-    /// Proxy: a tunnel bound.
-    TunnelBound,
-    /// Proxy: a bound tunnel closed and left the routing table.
-    TunnelClosed,
+    /// Proxy: a tunnel bound, with the proxy's number for it (numbers start again at 0 in each
+    /// process).
+    TunnelBound(u64),
+    /// Proxy: the bound tunnel of that number closed and left the routing table.
+    TunnelClosed(u64),
     /// Proxy: its drain deadline passed with connections still open.
     DrainDeadline,
 }

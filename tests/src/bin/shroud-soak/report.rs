@@ -1,38 +1,21 @@
-//! Accounting: every failed request is attributed to the event that broke it, or counted as
-//! unexplained; corruption is counted apart and never excused. Then the summary.
-//!
-//! A failure is attributed to an event when the request was in flight, at the proxy it had
-//! reached, while the event was breaking that proxy's path:
-//!
-//! - a proxy killed or drained: from the signal until the process was gone;
-//! - a client killed: from the kill until that proxy logged a tunnel closing (it then routes
-//!   no visitor to the dead tunnel), and only for requests the killed client's origin answered
-//!   or whose TLS handshake had not yet shown an origin;
-//! - a relay killed: for each tunnel a client reported lost (or a proxy closed) between the kill
-//!   and the end of the event (every tunnel bound again, plus two keepalives), from the kill
-//!   until then, for requests of that client (or not yet known).
-//!
-//! Each window gets [`SLACK`] at its end for the last bytes of a dying connection to arrive.
-//! Anything else is unexplained: a request refused by a proxy that was up, one cut on a tunnel
-//! no event touched, a timeout with nothing killed.
-
+//! The summary: what ran, what was asked of it, what happened to every request and every
+//! event, and the verdict. The accounting behind it is in [`crate::accounting`].
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use shroud_tests::load::{Outcome, Record};
+use shroud_tests::load::{Outcome, Record, Request};
 
+use crate::accounting::{
+    attribute, broken_tunnels, event_end, recovery, tunnels, windows, Recovery, Tunnel, Verdict,
+    Window,
+};
 use crate::chaos::{stamp, Event, Kind};
 use crate::fleet::{CLIENTS, DRAIN_SECS, KEEPALIVE_SECS, MAX_BACKOFF_SECS, PROXIES};
 use crate::procs::{Note, Seen};
 use crate::traffic::KINDS;
 
-/// Added to the end of every window of an event.
-const SLACK: Duration = Duration::from_millis(1000);
-/// If no proxy logged a killed client's tunnel closing, the proxy's idle timeout (45 s) bounds
-/// how long it could have routed visitors to it.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 /// The most unexplained or corrupted requests listed one by one.
 const LISTED: usize = 40;
 
@@ -70,23 +53,6 @@ pub struct Inputs<'a> {
     pub source: String,
 }
 
-/// A stretch of time during which an event broke paths through one proxy.
-struct Window {
-    /// Index into the events.
-    event: usize,
-    proxy: usize,
-    /// Only requests answered by this client's origin (or by no known origin yet).
-    client: Option<usize>,
-    from: Instant,
-    to: Instant,
-}
-
-/// What became of one failed request.
-enum Verdict {
-    Attributed(usize),
-    Unexplained,
-}
-
 /// The summary as Markdown, and whether the soak passed.
 pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
     let windows = windows(inputs);
@@ -98,7 +64,8 @@ pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
     let mut corrupted: Vec<&Record> = Vec::new();
     for record in inputs.records {
         match &record.outcome {
-            Outcome::Ok => {}
+            // Cut short by an interrupted run, which is a FAIL anyway.
+            Outcome::Ok | Outcome::Aborted => {}
             Outcome::Corrupted(_) => corrupted.push(record),
             Outcome::Failed(_) | Outcome::Unreachable => match attribute(record, &windows) {
                 Verdict::Attributed(event) => attributed.push((record, event)),
@@ -266,6 +233,18 @@ fn requests_section(
         let ok = at.iter().filter(|r| r.outcome == Outcome::Ok).count();
         let _ = writeln!(out, "| {proxy} | {} | {ok} | {} |", at.len(), at.len() - ok);
     }
+    let aborted = inputs
+        .records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Aborted)
+        .count();
+    if aborted > 0 {
+        let _ = writeln!(
+            out,
+            "\n{aborted} requests were still in flight when the interrupted run stopped them; \
+             they count as neither completed nor failed."
+        );
+    }
     let served: Vec<String> = (0..CLIENTS)
         .map(|client| {
             let n = inputs
@@ -285,6 +264,7 @@ fn requests_section(
 
 fn events_section(out: &mut String, inputs: &Inputs<'_>, attributed: &[(&Record, usize)]) {
     let events = inputs.events;
+    let tunnels = tunnels(inputs);
     let _ = writeln!(out, "\n## Events\n");
     let by_kind: Vec<String> = Kind::ALL
         .iter()
@@ -299,9 +279,9 @@ fn events_section(out: &mut String, inputs: &Inputs<'_>, attributed: &[(&Record,
     }
     let _ = writeln!(
         out,
-        "| # | at | event | target | down | all bound again after | failures attributed (get/bulk/paced) | notes |"
+        "| # | at | event | target | down | tunnels it broke | all bound again after | failures attributed (get/bulk/paced) | notes |"
     );
-    let _ = writeln!(out, "|---:|---:|---|---|---:|---:|---|---|");
+    let _ = writeln!(out, "|---:|---:|---|---|---:|---|---:|---|---|");
     for (i, event) in events.iter().enumerate() {
         let down = event.restarted.map_or_else(
             || "not restarted".to_owned(),
@@ -313,7 +293,10 @@ fn events_section(out: &mut String, inputs: &Inputs<'_>, attributed: &[(&Record,
             },
         );
         let back = event.recovered.map_or_else(
-            || "**not within 180 s**".to_owned(),
+            || match event.restarted {
+                Some(_) => "**not within 180 s**".to_owned(),
+                None => "-".to_owned(),
+            },
             |at| {
                 format!(
                     "{:.1} s",
@@ -334,14 +317,121 @@ fn events_section(out: &mut String, inputs: &Inputs<'_>, attributed: &[(&Record,
         let total = attributed.iter().filter(|(_, e)| *e == i).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {down} | {back} | {total} ({}) | {} |",
+            "| {} | {} | {} | {} | {down} | {} | {back} | {total} ({}) | {} |",
             event.id,
             stamp(inputs.epoch, event.at),
             event.kind,
             event.target,
+            broke(inputs, &tunnels, i),
             counts.join("/"),
             event.notes.join("; ")
         );
+    }
+}
+
+/// What event `i` broke, for the events table: each tunnel (`c0/p2`: client 0's at proxy 2),
+/// when its proxy closed it (and so stopped routing visitors to it) and when its client
+/// noticed.
+fn broke(inputs: &Inputs<'_>, tunnels: &[Tunnel], i: usize) -> String {
+    let event = &inputs.events[i];
+    if matches!(event.kind, Kind::ProxyKill | Kind::ProxyTerm) {
+        return "every tunnel at that proxy".into();
+    }
+    let after = |at: Option<Instant>| {
+        at.map_or_else(
+            || "never".to_owned(),
+            |at| {
+                format!(
+                    "{:.1} s",
+                    at.saturating_duration_since(event.at).as_secs_f64()
+                )
+            },
+        )
+    };
+    let parts: Vec<String> = broken_tunnels(inputs, tunnels, i)
+        .iter()
+        .map(|b| {
+            let name = format!(
+                "c{}/p{}",
+                b.client.map_or("?".into(), |c| c.to_string()),
+                b.proxy
+            );
+            if event.kind == Kind::ClientKill {
+                format!("{name} closed by the proxy after {}", after(b.closed))
+            } else {
+                format!(
+                    "{name} closed by the proxy after {}, lost by the client after {}",
+                    after(b.closed),
+                    after(b.lost)
+                )
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+/// Every request as a CSV row (with a header): what it was, where it went, when, how it
+/// ended, and what the accounting made of it.
+pub fn requests_csv(inputs: &Inputs<'_>) -> String {
+    let windows = windows(inputs);
+    let secs = |at: Instant| {
+        at.checked_duration_since(inputs.epoch)
+            .map_or(0.0, |d| d.as_secs_f64())
+    };
+    let mut out = String::from(
+        "kind,index,bytes_each_way,proxy,origin,started,connected,ended,outcome,verdict,cause\n",
+    );
+    let mut records: Vec<&Record> = inputs.records.iter().collect();
+    records.sort_by_key(|r| r.started);
+    for record in records {
+        let bytes = match &record.request {
+            Request::Get { .. } => 0,
+            Request::Bulk { bytes } | Request::PacedBulk { bytes, .. } => *bytes,
+        };
+        let (outcome, verdict, why) = match &record.outcome {
+            Outcome::Ok => ("ok", String::new(), String::new()),
+            Outcome::Aborted => ("aborted", String::new(), String::new()),
+            Outcome::Corrupted(why) => ("corrupted", "corrupted".into(), why.clone()),
+            Outcome::Failed(why) => (
+                "failed",
+                verdict_text(inputs, record, &windows),
+                why.clone(),
+            ),
+            Outcome::Unreachable => (
+                "unreachable",
+                verdict_text(inputs, record, &windows),
+                String::new(),
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "{},{},{bytes},{},{},{:.3},{},{:.3},{outcome},{verdict},\"{}\"",
+            record.request.kind(),
+            record.index,
+            record.proxy.map_or(String::new(), |p| p.to_string()),
+            record.origin.map_or(String::new(), |o| o.to_string()),
+            secs(record.started),
+            record
+                .connected
+                .map_or(String::new(), |at| format!("{:.3}", secs(at))),
+            secs(record.ended),
+            why.replace('"', "'")
+        );
+    }
+    out
+}
+
+fn verdict_text(inputs: &Inputs<'_>, record: &Record, windows: &[Window]) -> String {
+    match attribute(record, windows) {
+        Verdict::Attributed(event) => {
+            let event = &inputs.events[event];
+            format!("event {} {}", event.id, event.kind)
+        }
+        Verdict::Unexplained => "unexplained".into(),
     }
 }
 
@@ -421,7 +511,7 @@ fn list_records(out: &mut String, inputs: &Inputs<'_>, records: &[&Record]) {
         let detail = match &record.outcome {
             Outcome::Failed(why) | Outcome::Corrupted(why) => why.clone(),
             Outcome::Unreachable => "no proxy accepted the connection".to_owned(),
-            Outcome::Ok => String::new(),
+            Outcome::Ok | Outcome::Aborted => String::new(),
         };
         let _ = writeln!(
             out,
@@ -461,7 +551,8 @@ fn recovery_section(out: &mut String, inputs: &Inputs<'_>) {
             match recovery(inputs, event) {
                 Recovery::Back(at) => {
                     from_event.push(at.saturating_duration_since(event.at));
-                    if let Some(restarted) = event.restarted {
+                    // Tunnels a relay broke come back through other relays, not its restart.
+                    if let (Some(restarted), false) = (event.restarted, kind == Kind::RelayKill) {
                         from_restart.push(at.saturating_duration_since(restarted));
                     }
                 }
@@ -524,7 +615,16 @@ fn tunnels_section(out: &mut String, inputs: &Inputs<'_>) {
             stamp(inputs.epoch, *at)
         );
     }
-    let drains: usize = inputs
+    let terms: Vec<&Event> = inputs
+        .events
+        .iter()
+        .filter(|e| e.kind == Kind::ProxyTerm)
+        .collect();
+    let full = terms
+        .iter()
+        .filter(|e| e.gone.saturating_duration_since(e.at) >= Duration::from_secs(DRAIN_SECS))
+        .count();
+    let forced: usize = inputs
         .proxy_notes
         .iter()
         .map(|notes| {
@@ -536,187 +636,11 @@ fn tunnels_section(out: &mut String, inputs: &Inputs<'_>) {
         .sum();
     let _ = writeln!(
         out,
-        "\nProxy drains that reached their deadline with connections still open: {drains}."
+        "\nSIGTERM drains: {}, of which {full} ran to the {DRAIN_SECS} s deadline (streams still \
+         open then are cut, and their requests attributed to the drain); proxies that had to \
+         close connections still open after it: {forced}.",
+        terms.len()
     );
-}
-
-/// When the effects of event `i` are over: once every tunnel is bound again (or its process
-/// is back, if not every tunnel came back), plus the time a silently dead tunnel takes to be
-/// noticed (two keepalives); at the latest when the next event starts.
-fn event_end(events: &[Event], i: usize) -> Instant {
-    let event = &events[i];
-    let settled = event
-        .recovered
-        .or(event.restarted)
-        .unwrap_or(event.gone)
-        .max(event.gone)
-        + Duration::from_secs(2 * KEEPALIVE_SECS)
-        + SLACK;
-    events
-        .get(i + 1)
-        .map_or(settled, |next| settled.min(next.at))
-}
-
-/// Every window of every event.
-fn windows(inputs: &Inputs<'_>) -> Vec<Window> {
-    let mut windows = Vec::new();
-    for (i, event) in inputs.events.iter().enumerate() {
-        let horizon = event_end(inputs.events, i);
-        let closed = |proxy: usize| {
-            first(inputs.proxy_notes, proxy, event.at, horizon, |s| {
-                *s == Seen::TunnelClosed
-            })
-        };
-        match event.kind {
-            Kind::ProxyKill | Kind::ProxyTerm => {
-                if let Some(proxy) = event.proxy {
-                    windows.push(Window {
-                        event: i,
-                        proxy,
-                        client: None,
-                        from: event.at,
-                        to: event.gone + SLACK,
-                    });
-                }
-            }
-            Kind::ClientKill => {
-                for proxy in 0..inputs.proxy_notes.len() {
-                    let to = closed(proxy).unwrap_or(event.gone + IDLE_TIMEOUT);
-                    windows.push(Window {
-                        event: i,
-                        proxy,
-                        client: event.client,
-                        from: event.at,
-                        to: to + SLACK,
-                    });
-                }
-            }
-            Kind::RelayKill => {
-                for proxy in 0..inputs.proxy_notes.len() {
-                    let closed_at = closed(proxy);
-                    let mut lost_any = false;
-                    for client in 0..inputs.client_notes.len() {
-                        let lost = first(inputs.client_notes, client, event.at, horizon, |s| {
-                            *s == Seen::TunnelLost(proxy)
-                        });
-                        if let Some(lost) = lost {
-                            lost_any = true;
-                            windows.push(Window {
-                                event: i,
-                                proxy,
-                                client: Some(client),
-                                from: event.at,
-                                to: lost.max(closed_at.unwrap_or(lost)) + SLACK,
-                            });
-                        }
-                    }
-                    if let (false, Some(closed_at)) = (lost_any, closed_at) {
-                        windows.push(Window {
-                            event: i,
-                            proxy,
-                            client: None,
-                            from: event.at,
-                            to: closed_at + SLACK,
-                        });
-                    }
-                }
-            }
-        }
-    }
-    windows
-}
-
-/// The first note of slot `index` in `(from, to]` that `wanted` accepts.
-fn first(
-    notes: &[Vec<Note>],
-    index: usize,
-    from: Instant,
-    to: Instant,
-    wanted: impl Fn(&Seen) -> bool,
-) -> Option<Instant> {
-    notes
-        .get(index)?
-        .iter()
-        .filter(|n| n.at > from && n.at <= to && wanted(&n.seen))
-        .map(|n| n.at)
-        .min()
-}
-
-fn attribute(record: &Record, windows: &[Window]) -> Verdict {
-    let Some(proxy) = record.proxy else {
-        return Verdict::Unexplained;
-    };
-    windows
-        .iter()
-        .find(|w| {
-            w.proxy == proxy
-                && (w.client.is_none() || record.origin.is_none() || record.origin == w.client)
-                && record.started <= w.to
-                && record.ended >= w.from
-        })
-        .map_or(Verdict::Unexplained, |w| Verdict::Attributed(w.event))
-}
-
-/// How an event ended for the tunnels it broke.
-enum Recovery {
-    /// Every one was bound again at this moment.
-    Back(Instant),
-    /// It broke none.
-    Untouched,
-    /// Not every one came back.
-    Never,
-}
-
-fn recovery(inputs: &Inputs<'_>, event: &Event) -> Recovery {
-    let up_after = |client: usize, proxy: usize, after: Instant| {
-        inputs.client_notes.get(client).and_then(|notes| {
-            notes
-                .iter()
-                .filter(|n| n.at >= after && n.seen == Seen::TunnelUp(proxy))
-                .map(|n| n.at)
-                .min()
-        })
-    };
-    // (client, proxy, after which it must be up)
-    let mut needed = Vec::new();
-    match event.kind {
-        Kind::ProxyKill | Kind::ProxyTerm => {
-            let (Some(proxy), Some(restarted)) = (event.proxy, event.restarted) else {
-                return Recovery::Never;
-            };
-            needed.extend((0..inputs.client_notes.len()).map(|c| (c, proxy, restarted)));
-        }
-        Kind::ClientKill => {
-            let (Some(client), Some(restarted)) = (event.client, event.restarted) else {
-                return Recovery::Never;
-            };
-            needed.extend((0..inputs.proxy_notes.len()).map(|p| (client, p, restarted)));
-        }
-        Kind::RelayKill => {
-            let i = event.id - 1;
-            let horizon = event_end(inputs.events, i);
-            for client in 0..inputs.client_notes.len() {
-                for proxy in 0..inputs.proxy_notes.len() {
-                    if let Some(lost) = first(inputs.client_notes, client, event.at, horizon, |s| {
-                        *s == Seen::TunnelLost(proxy)
-                    }) {
-                        needed.push((client, proxy, lost));
-                    }
-                }
-            }
-            if needed.is_empty() {
-                return Recovery::Untouched;
-            }
-        }
-    }
-    let mut last = event.at;
-    for (client, proxy, after) in needed {
-        match up_after(client, proxy, after) {
-            Some(at) => last = last.max(at),
-            None => return Recovery::Never,
-        }
-    }
-    Recovery::Back(last)
 }
 
 /// A failure's cause with numbers (ports, sizes, pids) replaced by `N`, so alike causes group.
@@ -724,7 +648,7 @@ fn cause(record: &Record) -> String {
     let text = match &record.outcome {
         Outcome::Failed(why) | Outcome::Corrupted(why) => why.as_str(),
         Outcome::Unreachable => "no proxy accepted the connection",
-        Outcome::Ok => "",
+        Outcome::Ok | Outcome::Aborted => "",
     };
     let mut out = String::with_capacity(text.len());
     let mut in_number = false;
@@ -747,7 +671,13 @@ fn median(values: &mut [Duration]) -> String {
         return "-".into();
     }
     values.sort();
-    format!("{:.1} s", values[values.len() / 2].as_secs_f64())
+    let mid = values.len() / 2;
+    let median = if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2
+    } else {
+        values[mid]
+    };
+    format!("{:.1} s", median.as_secs_f64())
 }
 
 fn max(values: &[Duration]) -> String {

@@ -107,12 +107,28 @@ impl Traffic {
         parts.join(", ")
     }
 
-    /// Stops starting requests, waits for those in flight (each within its timeout), and
+    /// Stops starting requests (all loads at once), waits up to `grace` for those in flight
+    /// (each also within its own timeout; `None`: no other limit), ends the rest at once, and
     /// returns every request's record.
-    pub async fn stop(self) -> Vec<Record> {
+    pub async fn stop(self, grace: Option<Duration>) -> Vec<Record> {
+        let stopping: Vec<_> = self
+            .loads
+            .into_iter()
+            .map(|load| {
+                tokio::spawn(async move {
+                    match grace {
+                        Some(grace) => load.abort_with_records(grace).await.1,
+                        None => load.stop_with_records().await.1,
+                    }
+                })
+            })
+            .collect();
         let mut records = Vec::new();
-        for load in self.loads {
-            records.extend(load.stop_with_records().await.1);
+        for stop in stopping {
+            match stop.await {
+                Ok(done) => records.extend(done),
+                Err(err) => tracing::error!(%err, "a load's stop failed; its records are lost"),
+            }
         }
         records
     }
