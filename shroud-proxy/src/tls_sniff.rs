@@ -133,17 +133,8 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
 /// A TLS fatal alert record carrying `unrecognized_name` (112), for the proxy to send before
 /// closing a connection whose server name it does not serve.
 pub fn unrecognized_name_alert() -> [u8; 7] {
-    const LEVEL_FATAL: u8 = 2;
     const UNRECOGNIZED_NAME: u8 = 112;
-    [
-        CONTENT_ALERT,
-        0x03,
-        0x03,
-        0x00,
-        0x02,
-        LEVEL_FATAL,
-        UNRECOGNIZED_NAME,
-    ]
+    fatal_alert(UNRECOGNIZED_NAME)
 }
 
 /// A TLS fatal alert record carrying `internal_error` (80), for the proxy to send before
@@ -153,8 +144,14 @@ pub fn unrecognized_name_alert() -> [u8; 7] {
 /// correctness of the protocol", and browsers show it as a failed connection, not a
 /// certificate problem.
 pub fn internal_error_alert() -> [u8; 7] {
-    const LEVEL_FATAL: u8 = 2;
     const INTERNAL_ERROR: u8 = 80;
+    fatal_alert(INTERNAL_ERROR)
+}
+
+/// A plaintext alert record (legacy version TLS 1.2, as records before the handshake carry)
+/// of level fatal with `description`.
+fn fatal_alert(description: u8) -> [u8; 7] {
+    const LEVEL_FATAL: u8 = 2;
     [
         CONTENT_ALERT,
         0x03,
@@ -162,7 +159,7 @@ pub fn internal_error_alert() -> [u8; 7] {
         0x00,
         0x02,
         LEVEL_FATAL,
-        INTERNAL_ERROR,
+        description,
     ]
 }
 
