@@ -43,11 +43,12 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
         .unwrap();
 
     // Start the client until its two tunnels leave through different exits (each tunnel has
-    // its own circuit; with three exits they coincide a third of the time).
+    // its own circuit; with three exits they coincide a third of the time, more when Arti
+    // weights one exit above the others, as on a loaded machine it may).
     let mut attempt = 0;
     let (client, exit_one, peer_two) = loop {
         attempt += 1;
-        assert!(attempt <= 8, "tunnels kept sharing one exit");
+        assert!(attempt <= 20, "tunnels kept sharing one exit");
         let mut spec = ClientSpec::new(HOST, origin.addr(), vec![one.dial(), two.dial()]);
         spec.key = shroud_mux::auth::SecretKey::from_seed(&key.to_seed());
         spec.timing.keepalive_interval = Duration::from_secs(2);
