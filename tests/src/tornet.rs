@@ -1075,17 +1075,22 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
     .collect()
 }
 
-/// The process that holds the TCP socket whose local address is `local`,
-/// if any process we may inspect does (with several, one of them).
+/// The process that holds the TCP connection from `local` to `remote`, if any
+/// process we may inspect does.
+///
+/// Both ends are needed: Linux reuses an ephemeral port for connections to
+/// different destinations, so on a busy loopback (a Tor network's relays
+/// talking among themselves) a local address alone can name several sockets
+/// of several processes.
 ///
 /// Reads `/proc/net/tcp{,6}` for the socket's inode, then every
 /// `/proc/PID/fd` for a link to `socket:[INODE]`.
-pub fn socket_owner(local: SocketAddr) -> Option<u32> {
-    let local = unmapped(local);
+pub fn socket_owner(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    let (local, remote) = (unmapped(local), unmapped(remote));
     let inodes: HashSet<u64> = tcp_sockets()
         .into_iter()
         // Inode 0: a socket no process holds any more (TIME_WAIT).
-        .filter(|socket| socket.local == local && socket.inode != 0)
+        .filter(|socket| socket.local == local && socket.remote == remote && socket.inode != 0)
         .map(|socket| socket.inode)
         .collect();
     if inodes.is_empty() {

@@ -22,11 +22,11 @@ async fn network() -> &'static TorNet {
 }
 
 /// The peers of the TCP connections this process accepted on `port`.
-fn peers_on(port: u16) -> Vec<SocketAddr> {
+/// This process's connections accepted on `port`, as (local, remote).
+fn peers_on(port: u16) -> Vec<(SocketAddr, SocketAddr)> {
     tcp_connections_of(std::process::id())
         .into_iter()
         .filter(|(local, _)| local.port() == port)
-        .map(|(_, remote)| remote)
         .collect()
 }
 
@@ -117,8 +117,9 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
     for proxy in [&one, &two] {
         let peers = peers_on(proxy.https.port());
         assert!(!peers.is_empty(), "{} holds its tunnel", proxy.name);
-        for peer in peers {
-            let owner = socket_owner(peer).expect("the far end of a tunnel belongs to a process");
+        for (local, peer) in peers {
+            let owner =
+                socket_owner(peer, local).expect("the far end of a tunnel belongs to a process");
             assert_ne!(
                 owner,
                 client.pid(),

@@ -18,7 +18,7 @@ fn tunnel_peers(port: u16) -> Vec<(SocketAddr, Option<u32>)> {
     tcp_connections_of(std::process::id())
         .into_iter()
         .filter(|(local, _)| local.port() == port)
-        .map(|(_, remote)| (remote, socket_owner(remote)))
+        .map(|(local, remote)| (remote, socket_owner(remote, local)))
         .collect()
 }
 

@@ -61,7 +61,7 @@ async fn arti_reaches_local_echo_through_an_exit() -> anyhow::Result<()> {
 
     // The connection is still open: find who holds its far end.
     let peer = tcp_peer_of(echo_addr);
-    let owner = socket_owner(peer).expect("someone holds the echo server's peer socket");
+    let owner = socket_owner(peer, echo_addr).expect("someone holds the echo server's peer socket");
     let exit = net
         .relay_by_pid(owner)
         .unwrap_or_else(|| panic!("pid {owner} holding {peer} is not a tor of the network"));
@@ -102,19 +102,19 @@ async fn socket_helpers_see_a_local_connection() -> anyhow::Result<()> {
     let server_addr = listener.local_addr()?;
     let (client, accepted) = tokio::join!(TcpStream::connect(server_addr), listener.accept());
     let client = client?;
-    let (accepted, peer) = accepted?;
+    let (_accepted, peer) = accepted?;
     let client_addr = client.local_addr()?;
     assert_eq!(peer, client_addr);
 
-    assert_eq!(socket_owner(client_addr), Some(me));
-    assert_eq!(socket_owner(accepted.local_addr()?), Some(me));
+    assert_eq!(socket_owner(client_addr, server_addr), Some(me));
+    assert_eq!(socket_owner(server_addr, client_addr), Some(me));
     let conns = tcp_connections_of(me);
     assert!(conns.contains(&(client_addr, server_addr)), "{conns:?}");
     assert!(conns.contains(&(server_addr, client_addr)), "{conns:?}");
 
     // Nobody holds a port that was just released.
     let free = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    assert_eq!(socket_owner(free), None);
+    assert_eq!(socket_owner(free, server_addr), None);
     assert!(tcp_connections_of(u32::MAX).is_empty());
     Ok(())
 }

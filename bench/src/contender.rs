@@ -1,0 +1,349 @@
+//! The tunnels compared, each started in front of the same origin, with the processes whose
+//! memory is measured: the public side ("proxy") and the side next to the origin ("client").
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use shroud_tests::stack::{direct_client_args, log_addr, Pki, Process};
+use tempfile::TempDir;
+
+use crate::measure::Target;
+use crate::relay::Link;
+
+/// The name visitors ask for.
+pub const HOST: &str = "bench.test";
+/// The proxy's own name, on its certificate.
+pub const PROXY_NAME: &str = "proxy.bench.test";
+
+/// One of the tunnels compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    /// Visitors connect to the origin itself: the machine's limit.
+    NoTunnel,
+    /// shroud, client to proxy over TLS on the direct transport.
+    Shroud,
+    /// rathole with its TLS transport.
+    RatholeTls,
+    /// rathole with its plain TCP transport.
+    RatholeTcp,
+    /// bore (plain TCP).
+    Bore,
+    /// PageKite (Debian's `pagekite`), front end and back end.
+    PageKite,
+    /// OpenSSH remote forwarding, `ssh -R`.
+    SshR,
+}
+
+impl Kind {
+    /// Every contender, in the order the tables list them.
+    pub const ALL: [Kind; 7] = [
+        Kind::NoTunnel,
+        Kind::Shroud,
+        Kind::RatholeTls,
+        Kind::RatholeTcp,
+        Kind::Bore,
+        Kind::PageKite,
+        Kind::SshR,
+    ];
+
+    /// The name in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::NoTunnel => "no tunnel",
+            Kind::Shroud => "shroud",
+            Kind::RatholeTls => "rathole (TLS)",
+            Kind::RatholeTcp => "rathole (TCP)",
+            Kind::Bore => "bore",
+            Kind::PageKite => "PageKite",
+            Kind::SshR => "ssh -R",
+        }
+    }
+
+    /// The short name for `--only`.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Kind::NoTunnel => "none",
+            Kind::Shroud => "shroud",
+            Kind::RatholeTls => "rathole-tls",
+            Kind::RatholeTcp => "rathole-tcp",
+            Kind::Bore => "bore",
+            Kind::PageKite => "pagekite",
+            Kind::SshR => "ssh",
+        }
+    }
+}
+
+/// What the contenders share: where shroud's binaries are, and a scratch directory.
+pub struct Env {
+    /// The directory holding `shroud` and `shroud-proxy` (the driver's own directory).
+    pub bin_dir: PathBuf,
+    /// Certificates for shroud's proxy and rathole's TLS transport.
+    pub pki: Pki,
+    /// Scratch space for configs and keys.
+    pub dir: TempDir,
+}
+
+impl Env {
+    /// Finds shroud's binaries next to the running driver.
+    pub fn new() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating shroud-bench")?;
+        let bin_dir = exe
+            .parent()
+            .context("shroud-bench has no directory")?
+            .to_path_buf();
+        for name in ["shroud", "shroud-proxy"] {
+            anyhow::ensure!(
+                bin_dir.join(name).exists(),
+                "{name} is not built next to shroud-bench; run `cargo build --release --bins`"
+            );
+        }
+        Ok(Self {
+            bin_dir,
+            pki: Pki::new()?,
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+}
+
+/// A contender, up and carrying visitors.
+pub struct Running {
+    /// Where visitors go.
+    pub target: Target,
+    /// The public side, if any.
+    pub proxy: Option<Process>,
+    /// The side next to the origin, if any.
+    pub client: Option<Process>,
+    /// Anything else it needs running (a delay relay, say), stopped with it.
+    _helpers: Vec<Process>,
+}
+
+impl Running {
+    /// Resident memory of the public side (with its child processes), in KiB.
+    pub fn proxy_rss_kib(&self) -> anyhow::Result<u64> {
+        let proxy = self.proxy.as_ref().context("no proxy process")?;
+        crate::measure::tree_rss_kib(proxy.pid())
+    }
+
+    /// Resident memory of the origin side, in KiB.
+    pub fn client_rss_kib(&self) -> anyhow::Result<u64> {
+        let client = self.client.as_ref().context("no client process")?;
+        crate::measure::tree_rss_kib(client.pid())
+    }
+}
+
+/// Tuning every contender gets alike: no limit of theirs should be what a bench of 10,000
+/// idle visitors measures.
+pub struct Options {
+    /// shroud's per-stream buffer (`--stream-buffer-bytes` on both sides); `None` for the default.
+    pub stream_buffer: Option<usize>,
+}
+
+/// Starts `kind` in front of `origin`, its client dialling the proxy through `via` when given
+/// (a delay relay in front of the proxy), and waits until a request passes through it.
+pub async fn start(
+    env: &Env,
+    kind: Kind,
+    origin: SocketAddr,
+    options: &Options,
+) -> anyhow::Result<Running> {
+    let running = match kind {
+        Kind::NoTunnel => Running {
+            target: Target {
+                addr: origin,
+                host: HOST.into(),
+            },
+            proxy: None,
+            client: None,
+            _helpers: Vec::new(),
+        },
+        Kind::Shroud => start_shroud(env, origin, options, None).await?,
+        other => bail!("{} is not wired up yet", other.name()),
+    };
+    wait_serving(&running.target, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("{} did not carry a request", kind.name()))?;
+    Ok(running)
+}
+
+/// A shroud proxy and client; with `link`, the client reaches the proxy through a delay relay.
+pub async fn start_shroud(
+    env: &Env,
+    origin: SocketAddr,
+    options: &Options,
+    link: Option<Link>,
+) -> anyhow::Result<Running> {
+    let key = env.dir.path().join("shroud-client.key");
+    let public_key = shroud_key(env, &key)?;
+    let ShroudProxy {
+        process: proxy,
+        https,
+        http,
+    } = start_shroud_proxy(env, &format!("{HOST} {public_key}\n"), options).await?;
+
+    let mut others = Vec::new();
+    let dial = match link {
+        Some(link) => {
+            let (relay, addr) = start_relay(https, link).await?;
+            others.push(relay);
+            addr
+        }
+        None => https,
+    };
+    let mut client_args = direct_client_args(&env.pki, &key, HOST, origin, &[(PROXY_NAME, dial)]);
+    client_args.extend([
+        "--http-target".into(),
+        origin.to_string(),
+        "--max-streams".into(),
+        "20000".into(),
+    ]);
+    if let Some(bytes) = options.stream_buffer {
+        client_args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
+    }
+    let mut client = Process::spawn(&env.bin(CLIENT_BIN), &client_args)?;
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(20))
+        .await
+        .context("the shroud client did not bring its tunnel up")?;
+    Ok(Running {
+        target: Target {
+            addr: http,
+            host: HOST.into(),
+        },
+        proxy: Some(proxy),
+        client: Some(client),
+        _helpers: others,
+    })
+}
+
+/// Starts a delay relay (this program's `relay` command) in front of `upstream`.
+pub async fn start_relay(
+    upstream: SocketAddr,
+    link: Link,
+) -> anyhow::Result<(Process, SocketAddr)> {
+    let exe = std::env::current_exe().context("locating shroud-bench")?;
+    let args = [
+        "relay".to_owned(),
+        "--to".into(),
+        upstream.to_string(),
+        "--rtt-ms".into(),
+        link.rtt.as_millis().to_string(),
+        "--rate-bytes".into(),
+        link.rate.to_string(),
+    ];
+    let mut relay = Process::spawn(&exe, &args)?;
+    let line = relay
+        .wait_for_line("relay listening", Duration::from_secs(10))
+        .await?;
+    let addr = log_addr(&line)?;
+    Ok((relay, addr))
+}
+
+/// A running `shroud-proxy`.
+pub struct ShroudProxy {
+    /// The process.
+    pub process: Process,
+    /// Where clients' tunnels connect.
+    pub https: SocketAddr,
+    /// Where plain-HTTP visitors connect.
+    pub http: SocketAddr,
+}
+
+/// Starts `shroud-proxy` on loopback with `authorized` as its policy and limits raised above
+/// anything the bench reaches.
+pub async fn start_shroud_proxy(
+    env: &Env,
+    authorized: &str,
+    options: &Options,
+) -> anyhow::Result<ShroudProxy> {
+    let policy = env.dir.path().join("authorized");
+    std::fs::write(&policy, authorized)?;
+    let (cert, cert_key) = env.pki.issue_files(PROXY_NAME)?;
+    let mut args: Vec<String> = [
+        "--listen-https",
+        "127.0.0.1:0",
+        "--listen-http",
+        "127.0.0.1:0",
+        "--tunnel-name",
+        PROXY_NAME,
+        "--max-connections",
+        "50000",
+        "--max-connections-per-address",
+        "50000",
+        "--max-connections-per-hostname",
+        "50000",
+        "--max-streams-per-tunnel",
+        "20000",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        cert_key.display().to_string(),
+        "--authorized".into(),
+        policy.display().to_string(),
+    ]);
+    if let Some(bytes) = options.stream_buffer {
+        args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
+    }
+    let mut process = Process::spawn(&env.bin(PROXY_BIN), &args)?;
+    let mut https = None;
+    let mut http = None;
+    while https.is_none() || http.is_none() {
+        let line = process
+            .wait_for_line("listening", Duration::from_secs(20))
+            .await?;
+        let addr = log_addr(&line)?;
+        if line.contains("listener=\"https\"") {
+            https = Some(addr);
+        } else if line.contains("listener=\"http\"") {
+            http = Some(addr);
+        }
+    }
+    Ok(ShroudProxy {
+        process,
+        https: https.context("no https listener")?,
+        http: http.context("no http listener")?,
+    })
+}
+
+const PROXY_BIN: &str = "shroud-proxy";
+const CLIENT_BIN: &str = "shroud";
+
+fn shroud_key(env: &Env, path: &Path) -> anyhow::Result<String> {
+    let output = std::process::Command::new(env.bin(CLIENT_BIN))
+        .arg("key")
+        .arg("--key")
+        .arg(path)
+        .output()
+        .context("running shroud key")?;
+    anyhow::ensure!(output.status.success(), "shroud key failed: {output:?}");
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Polls with a GET until one passes through `target`, for up to `limit`.
+pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut last_error = None;
+    while started.elapsed() < limit {
+        match tokio::time::timeout(Duration::from_secs(2), crate::measure::get_page(target)).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(err)) => last_error = Some(err),
+            Err(_) => last_error = Some(anyhow::anyhow!("a GET took over 2 s")),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+        .context(format!("no GET passed within {limit:?}"))
+}

@@ -1,0 +1,494 @@
+//! BENCHMARKS.md and its charts, from a run's [`Results`].
+//!
+//! Every figure is the median over runs and is shown beside its ratio to the no-tunnel figure
+//! of the same run, so that two reports from different machines compare by their ratios.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::contender::Kind;
+use crate::measure::{median, percentile, Series};
+use crate::run::{ContenderResults, Results};
+
+/// Targets the report measures shroud against.
+const TARGET_THROUGHPUT_VS_RATHOLE: f64 = 1.25;
+const TARGET_RPS_VS_RATHOLE: f64 = 1.25;
+const TARGET_KIB_PER_VISITOR: f64 = 16.0;
+const TARGET_KIB_PER_TUNNEL: f64 = 64.0;
+const TARGET_RTT_MS: u64 = 300;
+const TARGET_RTT_SHARE: f64 = 0.8;
+/// The window of the high-RTT downloads the target reads: after 10 s.
+const RTT_FROM: Duration = Duration::from_secs(10);
+
+/// Writes the report to `out` and the charts into `charts`.
+pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(charts).with_context(|| format!("creating {}", charts.display()))?;
+    let base = out.parent().unwrap_or(Path::new("."));
+    let chart_dir = relative(charts, base);
+    let chart_link = |name: &str| -> String { chart_dir.join(name).display().to_string() };
+    let mut md = String::new();
+    let plan = results.plan.as_ref().context("results without a plan")?;
+    let none = find(results, Kind::NoTunnel);
+
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `bench/run.sh` (see [bench/README.md](bench/README.md) for what each figure \
+         measures and how). Everything ran on loopback on one machine: {}. The run took {:.0} s.\n",
+        results.machine, results.elapsed_secs
+    );
+    let _ = writeln!(
+        md,
+        "Each figure is the median of {} runs; `×` is its ratio to the no-tunnel figure of the \
+         same run. Visitors fetch over plain HTTP, so that every contender (shroud and PageKite \
+         route by the `Host` header) carries the same bytes; the tunnels' own links are TLS for \
+         shroud and rathole (TLS), plain TCP for the others, and SSH for `ssh -R`.\n",
+        plan.runs
+    );
+    if let Some(mbs) = results.iperf3_mbs {
+        let _ = writeln!(
+            md,
+            "For scale: iperf3, one stream on loopback with no HTTP at all, moved {:.0} MB/s.\n",
+            mbs
+        );
+    }
+
+    // Targets first: they are what the run is for.
+    let _ = writeln!(md, "## Against the targets\n");
+    let _ = writeln!(md, "| target | measured | met |\n|---|---|---|");
+    for (target, measured, met) in targets(results) {
+        let _ = writeln!(md, "| {target} | {measured} | {} |", yes_no(met));
+    }
+    let _ = writeln!(md);
+
+    let _ = writeln!(md, "## Throughput\n");
+    let _ = writeln!(
+        md,
+        "A download of an endless body, {} s after 1 s of warm-up, MB/s (10⁶ bytes per second); \
+         one connection, then {} at once.\n",
+        plan.seconds, plan.parallel
+    );
+    let _ = writeln!(
+        md,
+        "| contender | 1 stream, MB/s | × | {} streams, MB/s | × |\n|---|---:|---:|---:|---:|",
+        plan.parallel
+    );
+    for entry in &results.contenders {
+        let single = median(&entry.single_mbs);
+        let parallel = median(&entry.parallel_mbs);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            entry.kind.name(),
+            num(single, 0),
+            ratio(single, none.map(|n| median(&n.single_mbs))),
+            num(parallel, 0),
+            ratio(parallel, none.map(|n| median(&n.parallel_mbs))),
+        );
+    }
+    let _ = writeln!(md, "\n![throughput]({})\n", chart_link("throughput.png"));
+
+    let _ = writeln!(md, "## HTTP requests\n");
+    let _ = writeln!(
+        md,
+        "wrk, 2 threads, {} connections, {} s, for a 612-byte page; with keep-alive, then with a \
+         new connection for every request (`Connection: close`). Latencies in ms.\n",
+        plan.wrk_connections, plan.seconds
+    );
+    let _ = writeln!(
+        md,
+        "| contender | keep-alive req/s | × | p50 | p99 | new-connection req/s | × | p50 | p99 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for entry in &results.contenders {
+        let ka = wrk_medians(&entry.wrk_keepalive);
+        let nc = wrk_medians(&entry.wrk_close);
+        let none_ka = none.map(|n| wrk_medians(&n.wrk_keepalive).0);
+        let none_nc = none.map(|n| wrk_medians(&n.wrk_close).0);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            entry.kind.name(),
+            num(ka.0, 0),
+            ratio(ka.0, none_ka),
+            num(ka.1, 2),
+            num(ka.2, 2),
+            num(nc.0, 0),
+            ratio(nc.0, none_nc),
+            num(nc.1, 2),
+            num(nc.2, 2),
+        );
+    }
+    let errors: Vec<String> = results
+        .contenders
+        .iter()
+        .filter_map(|e| {
+            let n: u64 = e
+                .wrk_keepalive
+                .iter()
+                .chain(&e.wrk_close)
+                .map(|w| w.errors)
+                .sum();
+            (n > 0).then(|| format!("{} {n}", e.kind.name()))
+        })
+        .collect();
+    if !errors.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nwrk counted errors (socket errors and non-2xx answers, all runs): {}.",
+            errors.join(", ")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n![HTTP requests per second]({})\n",
+        chart_link("http.png")
+    );
+
+    let _ = writeln!(md, "## Connection setup\n");
+    let _ = writeln!(
+        md,
+        "From the visitor's `connect()` to the origin reading the first byte of the request sent \
+         right after it, one connection at a time, {} per run. Microseconds.\n",
+        plan.setup_samples
+    );
+    let _ = writeln!(
+        md,
+        "| contender | p50 µs | p99 µs | added at p50, µs |\n|---|---:|---:|---:|"
+    );
+    let none_setup = none.map(|n| median(&n.setup_us));
+    for entry in &results.contenders {
+        let p50 = median(&entry.setup_us);
+        let p99 = percentile(&entry.setup_us, 99.0);
+        let added = none_setup.map_or(f64::NAN, |n| p50 - n);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            entry.kind.name(),
+            num(p50, 0),
+            num(p99, 0),
+            num(added, 0)
+        );
+    }
+    let _ = writeln!(md);
+
+    memory_section(&mut md, results, plan.idle_steps.last().copied());
+    if !plan.idle_steps.is_empty() {
+        let _ = writeln!(
+            md,
+            "![memory per idle visitor]({})\n",
+            chart_link("memory.png")
+        );
+    }
+
+    rtt_section(&mut md, results);
+    if !results.rtt.is_empty() {
+        let _ = writeln!(
+            md,
+            "![single stream over a long link]({})\n",
+            chart_link("rtt.png")
+        );
+    }
+
+    let failures: Vec<String> = results
+        .contenders
+        .iter()
+        .flat_map(|e| {
+            e.errors
+                .iter()
+                .map(move |err| format!("- {}: {err}", e.kind.name()))
+        })
+        .chain(results.rtt.iter().flat_map(|r| {
+            r.errors
+                .iter()
+                .map(move |err| format!("- {} ms RTT: {err}", r.rtt_ms))
+        }))
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(md, "## What failed in this run\n");
+        for line in failures {
+            let _ = writeln!(md, "{}", line.replace('\n', " "));
+        }
+        let _ = writeln!(md);
+    }
+
+    std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))?;
+    if let Err(err) = crate::report::charts::draw(results, charts) {
+        eprintln!("shroud-bench: charts: {err:#}");
+        anyhow::bail!("the report is written, but its charts are not: {err:#}");
+    }
+    Ok(())
+}
+
+fn memory_section(md: &mut String, results: &Results, last_step: Option<usize>) {
+    let Some(last) = last_step else { return };
+    let _ = writeln!(md, "## Memory\n");
+    let _ = writeln!(
+        md,
+        "Resident memory (RSS, with child processes) of the public side (\"proxy\": shroud-proxy, \
+         rathole server, bore server, PageKite front end, sshd) and of the side next to the \
+         origin (\"client\"), with the tunnel up and idle, then with idle visitor connections \
+         held open, each having fetched one page first. MiB, and KiB per visitor connection \
+         over the idle figure.\n"
+    );
+    let steps: Vec<usize> = results
+        .contenders
+        .iter()
+        .filter_map(|e| e.memory.as_ref())
+        .flat_map(|m| m.steps.iter().map(|s| s.0))
+        .fold(Vec::new(), |mut acc, n| {
+            if !acc.contains(&n) {
+                acc.push(n);
+            }
+            acc
+        });
+    let mut header = String::from("| contender | proxy idle |");
+    let mut rule = String::from("|---|---:|");
+    for n in &steps {
+        let _ = write!(header, " proxy, {n} |");
+        rule.push_str("---:|");
+    }
+    let _ = write!(header, " KiB per visitor (proxy) | client idle |");
+    rule.push_str("---:|---:|");
+    for n in &steps {
+        let _ = write!(header, " client, {n} |");
+        rule.push_str("---:|");
+    }
+    header.push_str(" KiB per visitor (client) |");
+    rule.push_str("---:|");
+    let _ = writeln!(md, "{header}\n{rule}");
+    for entry in &results.contenders {
+        let Some(memory) = &entry.memory else {
+            continue;
+        };
+        let mut row = format!("| {} | {} |", entry.kind.name(), mib(memory.proxy_idle));
+        for n in &steps {
+            let at = memory.steps.iter().find(|s| s.0 == *n).and_then(|s| s.1);
+            let _ = write!(row, " {} |", mib(at));
+        }
+        let _ = write!(
+            row,
+            " {} | {} |",
+            num(per_visitor(memory.proxy_idle, memory, last, |s| s.1), 1),
+            mib(memory.client_idle)
+        );
+        for n in &steps {
+            let at = memory.steps.iter().find(|s| s.0 == *n).and_then(|s| s.2);
+            let _ = write!(row, " {} |", mib(at));
+        }
+        let _ = write!(
+            row,
+            " {} |",
+            num(per_visitor(memory.client_idle, memory, last, |s| s.2), 1)
+        );
+        let _ = writeln!(md, "{row}");
+    }
+    if let Some(t) = &results.tunnels {
+        let _ = writeln!(
+            md,
+            "\nshroud's proxy with no tunnel: {}; with {} idle tunnels: {}, so {:.1} KiB per idle tunnel.",
+            mib(Some(t.rss_none)),
+            t.tunnels,
+            mib(Some(t.rss_many)),
+            per_tunnel_kib(t),
+        );
+    }
+    let _ = writeln!(md);
+}
+
+fn rtt_section(md: &mut String, results: &Results) {
+    if results.rtt.is_empty() {
+        return;
+    }
+    let plan = results.plan.as_ref();
+    let rate = plan.map_or(0.0, |p| p.link_rate as f64 / 1e6);
+    let seconds = plan.map_or(0, |p| p.rtt_seconds);
+    let _ = writeln!(md, "## One stream over a long link\n");
+    let _ = writeln!(
+        md,
+        "The client reaches the proxy through a relay that adds the round trip (half each way) \
+         and carries {rate:.0} MB/s each way, with buffers of twice the bandwidth-delay product. \
+         The baseline is a plain TCP download through the same relay. {seconds} s downloads; MB/s \
+         in the first 2 s and from 10 s on.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| RTT | plain TCP, 0–2 s | plain TCP, 10 s on | shroud, 0–2 s | shroud, 10 s on | shroud ÷ plain, 10 s on |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let end = Duration::from_secs(seconds);
+    for r in &results.rtt {
+        let early = |s: &Option<Series>| {
+            s.as_ref().map_or(f64::NAN, |s| {
+                s.rate_mbs(Duration::ZERO, Duration::from_secs(2))
+            })
+        };
+        let late = |s: &Option<Series>| s.as_ref().map_or(f64::NAN, |s| s.rate_mbs(RTT_FROM, end));
+        let _ = writeln!(
+            md,
+            "| {} ms | {} | {} | {} | {} | {} |",
+            r.rtt_ms,
+            num(early(&r.plain), 1),
+            num(late(&r.plain), 1),
+            num(early(&r.shroud), 1),
+            num(late(&r.shroud), 1),
+            num(late(&r.shroud) / late(&r.plain), 2),
+        );
+    }
+    let _ = writeln!(md);
+}
+
+/// The targets, each with what was measured and whether it was met (`None`: not measured).
+fn targets(results: &Results) -> Vec<(String, String, Option<bool>)> {
+    let shroud = find(results, Kind::Shroud);
+    let rathole = find(results, Kind::RatholeTls);
+    let mut rows = Vec::new();
+
+    let single = |e: Option<&ContenderResults>| e.map_or(f64::NAN, |e| median(&e.single_mbs));
+    let r = single(shroud) / single(rathole);
+    rows.push((
+        format!("single-stream throughput ≥ {TARGET_THROUGHPUT_VS_RATHOLE}× rathole (TLS)"),
+        format!(
+            "{}× ({} vs {} MB/s)",
+            num(r, 2),
+            num(single(shroud), 0),
+            num(single(rathole), 0)
+        ),
+        known(r).map(|r| r >= TARGET_THROUGHPUT_VS_RATHOLE),
+    ));
+
+    let keepalive = |e: &ContenderResults| wrk_medians(&e.wrk_keepalive);
+    let close = |e: &ContenderResults| wrk_medians(&e.wrk_close);
+    type Figures<'a> = &'a dyn Fn(&ContenderResults) -> (f64, f64, f64);
+    let modes: [(&str, Figures); 2] = [("keep-alive", &keepalive), ("new-connection", &close)];
+    for (label, figures) in modes {
+        let unknown = (f64::NAN, f64::NAN, f64::NAN);
+        let (s, t) = (
+            shroud.map_or(unknown, figures),
+            rathole.map_or(unknown, figures),
+        );
+        let r = s.0 / t.0;
+        rows.push((
+            format!("HTTP {label} req/s ≥ {TARGET_RPS_VS_RATHOLE}× rathole (TLS)"),
+            format!("{}× ({} vs {})", num(r, 2), num(s.0, 0), num(t.0, 0)),
+            known(r).map(|r| r >= TARGET_RPS_VS_RATHOLE),
+        ));
+        rows.push((
+            format!("HTTP {label} p99 no worse than rathole (TLS)"),
+            format!("{} vs {} ms", num(s.2, 2), num(t.2, 2)),
+            known(s.2 - t.2).map(|d| d <= 0.0),
+        ));
+    }
+
+    let per_visitor_kib = shroud.and_then(|e| e.memory.as_ref()).and_then(|m| {
+        let last = m.steps.last()?.0;
+        known(per_visitor(m.proxy_idle, m, last, |s| s.1))
+    });
+    rows.push((
+        format!("proxy ≤ {TARGET_KIB_PER_VISITOR} KiB per idle visitor connection"),
+        per_visitor_kib.map_or("not measured".into(), |k| format!("{k:.1} KiB")),
+        per_visitor_kib.map(|k| k <= TARGET_KIB_PER_VISITOR),
+    ));
+    let per_tunnel = results.tunnels.as_ref().map(per_tunnel_kib);
+    rows.push((
+        format!("proxy ≤ {TARGET_KIB_PER_TUNNEL} KiB per idle tunnel"),
+        per_tunnel.map_or("not measured".into(), |k| format!("{k:.1} KiB")),
+        per_tunnel.map(|k| k <= TARGET_KIB_PER_TUNNEL),
+    ));
+
+    let at_target = results.rtt.iter().find(|r| r.rtt_ms == TARGET_RTT_MS);
+    let share = at_target.and_then(|r| {
+        let end = Duration::from_secs(results.plan.as_ref()?.rtt_seconds);
+        let plain = r.plain.as_ref()?.rate_mbs(RTT_FROM, end);
+        let shroud = r.shroud.as_ref()?.rate_mbs(RTT_FROM, end);
+        known(shroud / plain)
+    });
+    rows.push((
+        format!(
+            "at {TARGET_RTT_MS} ms, one stream within {:.0}% of plain TCP after 10 s",
+            (1.0 - TARGET_RTT_SHARE) * 100.0
+        ),
+        share.map_or("not measured".into(), |s| {
+            format!("{:.0}% of plain TCP", s * 100.0)
+        }),
+        share.map(|s| s >= TARGET_RTT_SHARE),
+    ));
+    rows
+}
+
+fn per_tunnel_kib(t: &crate::run::TunnelMemory) -> f64 {
+    (t.rss_many as f64 - t.rss_none as f64) / t.tunnels as f64
+}
+
+/// KiB per visitor between idle and the step with `last` visitors.
+fn per_visitor(
+    idle: Option<u64>,
+    memory: &crate::run::Memory,
+    last: usize,
+    side: impl Fn(&(usize, Option<u64>, Option<u64>)) -> Option<u64>,
+) -> f64 {
+    let at = memory.steps.iter().find(|s| s.0 == last).and_then(&side);
+    match (idle, at) {
+        (Some(idle), Some(at)) => (at as f64 - idle as f64) / last as f64,
+        _ => f64::NAN,
+    }
+}
+
+fn find(results: &Results, kind: Kind) -> Option<&ContenderResults> {
+    results.contenders.iter().find(|e| e.kind == kind)
+}
+
+/// Medians of (req/s, p50, p99) over runs.
+fn wrk_medians(runs: &[crate::measure::WrkResult]) -> (f64, f64, f64) {
+    let rps: Vec<f64> = runs.iter().map(|w| w.rps).collect();
+    let p50: Vec<f64> = runs.iter().map(|w| w.p50_ms).collect();
+    let p99: Vec<f64> = runs.iter().map(|w| w.p99_ms).collect();
+    (median(&rps), median(&p50), median(&p99))
+}
+
+fn known(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+fn num(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
+fn ratio(x: f64, base: Option<f64>) -> String {
+    match base {
+        Some(base) if base > 0.0 && x.is_finite() => format!("{:.2}", x / base),
+        _ => "—".into(),
+    }
+}
+
+fn mib(kib: Option<u64>) -> String {
+    kib.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+}
+
+fn yes_no(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "not measured",
+    }
+}
+
+/// `path` relative to `base` when it lies below it, else as given.
+fn relative(path: &Path, base: &Path) -> PathBuf {
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    match (path.canonicalize(), base.canonicalize()) {
+        (Ok(p), Ok(b)) => p.strip_prefix(&b).map(Path::to_path_buf).unwrap_or(p),
+        _ => path.to_path_buf(),
+    }
+}
+
+pub mod charts;
