@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use shroud_tests::stack::{direct_client_args, log_addr, Pki, Process};
+use shroud_tests::stack::{direct_client_args, log_addr, Pki};
+
+use crate::process::Process;
 use tempfile::TempDir;
 
 use crate::measure::Target;
@@ -83,11 +85,13 @@ pub struct Env {
     pub pki: Pki,
     /// Scratch space for configs and keys.
     pub dir: TempDir,
+    /// Where the processes' output goes.
+    pub logs: PathBuf,
 }
 
 impl Env {
     /// Finds shroud's binaries next to the running driver.
-    pub fn new() -> anyhow::Result<Self> {
+    pub fn new(logs: PathBuf) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating shroud-bench")?;
         let bin_dir = exe
             .parent()
@@ -103,7 +107,13 @@ impl Env {
             bin_dir,
             pki: Pki::new()?,
             dir: tempfile::tempdir()?,
+            logs,
         })
+    }
+
+    /// The log file for processes named `name`.
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
     }
 
     fn bin(&self, name: &str) -> PathBuf {
@@ -163,6 +173,10 @@ pub async fn start(
             _helpers: Vec::new(),
         },
         Kind::Shroud => start_shroud(env, origin, options, None).await?,
+        Kind::RatholeTls => start_rathole(env, origin, true).await?,
+        Kind::RatholeTcp => start_rathole(env, origin, false).await?,
+        Kind::Bore => start_bore(env, origin).await?,
+        Kind::SshR => start_ssh(env, origin).await?,
         other => bail!("{} is not wired up yet", other.name()),
     };
     wait_serving(&running.target, Duration::from_secs(30))
@@ -189,7 +203,7 @@ pub async fn start_shroud(
     let mut others = Vec::new();
     let dial = match link {
         Some(link) => {
-            let (relay, addr) = start_relay(https, link).await?;
+            let (relay, addr) = start_relay(env, https, link).await?;
             others.push(relay);
             addr
         }
@@ -205,7 +219,7 @@ pub async fn start_shroud(
     if let Some(bytes) = options.stream_buffer {
         client_args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut client = Process::spawn(&env.bin(CLIENT_BIN), &client_args)?;
+    let mut client = Process::spawn(&env.bin(CLIENT_BIN), &client_args, &env.log("shroud"))?;
     client
         .wait_for_line("tunnel up", Duration::from_secs(20))
         .await
@@ -223,6 +237,7 @@ pub async fn start_shroud(
 
 /// Starts a delay relay (this program's `relay` command) in front of `upstream`.
 pub async fn start_relay(
+    env: &Env,
     upstream: SocketAddr,
     link: Link,
 ) -> anyhow::Result<(Process, SocketAddr)> {
@@ -236,7 +251,7 @@ pub async fn start_relay(
         "--rate-bytes".into(),
         link.rate.to_string(),
     ];
-    let mut relay = Process::spawn(&exe, &args)?;
+    let mut relay = Process::spawn(&exe, &args, &env.log("relay"))?;
     let line = relay
         .wait_for_line("relay listening", Duration::from_secs(10))
         .await?;
@@ -293,7 +308,7 @@ pub async fn start_shroud_proxy(
     if let Some(bytes) = options.stream_buffer {
         args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut process = Process::spawn(&env.bin(PROXY_BIN), &args)?;
+    let mut process = Process::spawn(&env.bin(PROXY_BIN), &args, &env.log("shroud-proxy"))?;
     let mut https = None;
     let mut http = None;
     while https.is_none() || http.is_none() {
@@ -346,4 +361,236 @@ pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
         .context(format!("no GET passed within {limit:?}"))
+}
+
+/// A port free right now on 127.0.0.1, for the tools whose configs cannot say "any port"
+/// (rathole, sshd). Another process could take it before the tool binds it; the tool then
+/// fails to start and the run reports that.
+fn free_port() -> anyhow::Result<u16> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.port())
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// rathole server and client, one service, over TLS (native-tls: OpenSSL, with a throwaway CA
+/// from bench/contenders/make-certs.sh) or plain TCP.
+async fn start_rathole(env: &Env, origin: SocketAddr, tls: bool) -> anyhow::Result<Running> {
+    let dir = env
+        .dir
+        .path()
+        .join(if tls { "rathole-tls" } else { "rathole-tcp" });
+    std::fs::create_dir_all(&dir)?;
+    let (control, public) = (free_port()?, free_port()?);
+    let (server_transport, client_transport) = if tls {
+        let certs = dir.join("certs");
+        let status = std::process::Command::new("sh")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/contenders/make-certs.sh"
+            ))
+            .arg(&certs)
+            .arg(RATHOLE_P12_PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running make-certs.sh (needs openssl)")?;
+        anyhow::ensure!(status.success(), "make-certs.sh failed");
+        (
+            format!(
+                "[server.transport]\ntype = \"tls\"\n[server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"{RATHOLE_P12_PASSWORD}\"\n",
+                certs.join("server.p12").display()
+            ),
+            format!(
+                "[client.transport]\ntype = \"tls\"\n[client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
+                certs.join("ca.pem").display()
+            ),
+        )
+    } else {
+        (
+            "[server.transport]\ntype = \"tcp\"\n".to_owned(),
+            "[client.transport]\ntype = \"tcp\"\n".to_owned(),
+        )
+    };
+    let server_config = dir.join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\ndefault_token = \"{RATHOLE_TOKEN}\"\n{server_transport}[server.services.bench]\nbind_addr = \"127.0.0.1:{public}\"\n"
+        ),
+    )?;
+    let client_config = dir.join("client.toml");
+    std::fs::write(
+        &client_config,
+        format!(
+            "[client]\nremote_addr = \"localhost:{control}\"\ndefault_token = \"{RATHOLE_TOKEN}\"\n{client_transport}[client.services.bench]\nlocal_addr = \"{origin}\"\n"
+        ),
+    )?;
+    let proxy = Process::spawn(
+        Path::new("rathole"),
+        &["--server".into(), server_config.display().to_string()],
+        &env.log("rathole-server"),
+    )
+    .context("starting rathole (is it installed? bench/run.sh installs it)")?;
+    let client = Process::spawn(
+        Path::new("rathole"),
+        &["--client".into(), client_config.display().to_string()],
+        &env.log("rathole-client"),
+    )?;
+    Ok(Running {
+        target: Target {
+            addr: loopback(public),
+            host: HOST.into(),
+        },
+        proxy: Some(proxy),
+        client: Some(client),
+        _helpers: Vec::new(),
+    })
+}
+
+const RATHOLE_TOKEN: &str = "bench-token";
+const RATHOLE_P12_PASSWORD: &str = "benchpass";
+
+/// bore server and `bore local`. bore's control port is fixed at 7835, so two benches cannot
+/// run at once; the public port is whatever the server gives and `bore local` prints.
+async fn start_bore(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
+    let proxy = Process::spawn(
+        Path::new("bore"),
+        &[
+            "server".into(),
+            "--bind-addr".into(),
+            "127.0.0.1".into(),
+            "--secret".into(),
+            BORE_SECRET.into(),
+        ],
+        &env.log("bore-server"),
+    )
+    .context("starting bore server (is it installed? bench/run.sh installs it)")?;
+    let mut proxy = proxy;
+    proxy
+        .wait_for_line("server listening", Duration::from_secs(10))
+        .await
+        .context("bore server did not listen")?;
+    let mut client = Process::spawn(
+        Path::new("bore"),
+        &[
+            "local".into(),
+            origin.port().to_string(),
+            "--local-host".into(),
+            origin.ip().to_string(),
+            "--to".into(),
+            "127.0.0.1".into(),
+            "--secret".into(),
+            BORE_SECRET.into(),
+        ],
+        &env.log("bore-local"),
+    )?;
+    let line = client
+        .wait_for_line("listening at", Duration::from_secs(10))
+        .await
+        .context("bore local did not report its public port")?;
+    let port: u16 = line
+        .rsplit(':')
+        .next()
+        .map(|p| p.trim().trim_end_matches(|c: char| !c.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {line:?}"))?;
+    Ok(Running {
+        target: Target {
+            addr: loopback(port),
+            host: HOST.into(),
+        },
+        proxy: Some(proxy),
+        client: Some(client),
+        _helpers: Vec::new(),
+    })
+}
+
+const BORE_SECRET: &str = "bench-secret";
+
+/// A private sshd (own config, host key and authorized key, on loopback) and `ssh -N -R`.
+async fn start_ssh(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
+    let dir = env.dir.path().join("ssh");
+    std::fs::create_dir_all(&dir)?;
+    for (key, kind) in [("host_key", "ed25519"), ("user_key", "ed25519")] {
+        let path = dir.join(key);
+        if !path.exists() {
+            let status = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", kind, "-N", "", "-f"])
+                .arg(&path)
+                .status()
+                .context("running ssh-keygen")?;
+            anyhow::ensure!(status.success(), "ssh-keygen failed");
+        }
+    }
+    std::fs::copy(dir.join("user_key.pub"), dir.join("authorized_keys"))?;
+    // sshd refuses to start without its privilege-separation directory.
+    std::fs::create_dir_all("/run/sshd")?;
+    let port = free_port()?;
+    let config = dir.join("sshd_config");
+    std::fs::write(
+        &config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nAllowTcpForwarding remote\nMaxStartups 100\nLogLevel INFO\n",
+            dir.join("host_key").display(),
+            dir.join("authorized_keys").display()
+        ),
+    )?;
+    let mut proxy = Process::spawn(
+        Path::new("/usr/sbin/sshd"),
+        &[
+            "-D".into(),
+            "-e".into(),
+            "-f".into(),
+            config.display().to_string(),
+        ],
+        &env.log("sshd"),
+    )
+    .context("starting sshd (is openssh-server installed?)")?;
+    proxy
+        .wait_for_line("Server listening on", Duration::from_secs(10))
+        .await
+        .context("sshd did not listen")?;
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let mut client = Process::spawn(
+        Path::new("ssh"),
+        &[
+            "-N".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "ExitOnForwardFailure=yes".into(),
+            "-i".into(),
+            dir.join("user_key").display().to_string(),
+            "-p".into(),
+            port.to_string(),
+            "-R".into(),
+            format!("127.0.0.1:0:{origin}"),
+            format!("{user}@127.0.0.1"),
+        ],
+        &env.log("ssh"),
+    )?;
+    let line = client
+        .wait_for_line("Allocated port", Duration::from_secs(15))
+        .await
+        .context("ssh did not report its forwarded port")?;
+    let public: u16 = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no port in {line:?}"))?;
+    Ok(Running {
+        target: Target {
+            addr: loopback(public),
+            host: HOST.into(),
+        },
+        proxy: Some(proxy),
+        client: Some(client),
+        _helpers: Vec::new(),
+    })
 }

@@ -16,6 +16,7 @@ mod clock;
 mod contender;
 mod measure;
 mod origin;
+mod process;
 mod relay;
 mod report;
 mod run;
@@ -64,6 +65,9 @@ struct RunArgs {
     /// Where to write the charts (PNG), referenced from the report by a path relative to it.
     #[arg(long, default_value = "bench/charts")]
     charts: PathBuf,
+    /// Where the started processes' output goes (one log file each).
+    #[arg(long, default_value = "bench/logs")]
+    logs: PathBuf,
     /// Where to write every raw figure, as JSON.
     #[arg(long, default_value = "bench/results.json")]
     json: PathBuf,
@@ -77,14 +81,15 @@ struct RunArgs {
     /// pagekite, ssh.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Idle visitor connections at which memory is read (comma-separated; empty to skip).
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    /// Idle visitor connections at which memory is read (comma-separated; the flag alone
+    /// skips the memory figures).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1000,10000")]
     idle: Vec<usize>,
     /// Idle tunnels at which shroud's proxy memory is read (0 to skip).
     #[arg(long, default_value_t = 200)]
     idle_tunnels: usize,
-    /// Round trips, ms, of the high-RTT figure (comma-separated; empty to skip).
-    #[arg(long, value_delimiter = ',', default_value = "100,300,800")]
+    /// Round trips, ms, of the high-RTT figure (comma-separated; the flag alone skips it).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "100,300,800")]
     rtt_ms: Vec<u64>,
     /// The delay relay's rate, Mbit/s each way.
     #[arg(long, default_value_t = 200)]
@@ -162,7 +167,8 @@ async fn run_and_report(args: RunArgs) -> anyhow::Result<()> {
         rtt_seconds: args.rtt_seconds,
         stream_buffer: args.stream_buffer,
     };
-    let results = run::run(plan).await?;
+    std::fs::create_dir_all(&args.logs)?;
+    let results = run::run(plan, args.logs.clone()).await?;
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir)?;
     }

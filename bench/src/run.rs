@@ -1,11 +1,14 @@
 //! One full run: every contender, every figure, several times, into a [`Results`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use shroud_tests::stack::{authorize, log_addr, ClientSpec, Process, TestClient};
+use shroud_tests::stack::{authorize, log_addr, ClientSpec, TestClient};
+
+use crate::process::Process;
 
 use crate::contender::{self, Env, Kind, Options, Running, HOST};
 use crate::measure::{self, IdleVisitors, Series, Target, WrkResult};
@@ -120,10 +123,10 @@ const SERIES_INTERVAL: Duration = Duration::from_millis(250);
 const WARMUP: Duration = Duration::from_secs(1);
 
 /// Runs `plan` against an origin started here; progress goes to stdout.
-pub async fn run(plan: Plan) -> anyhow::Result<Results> {
+pub async fn run(plan: Plan, logs: PathBuf) -> anyhow::Result<Results> {
     let started = Instant::now();
-    let env = Env::new()?;
-    let (_origin, origin) = start_origin().await?;
+    let env = Env::new(logs)?;
+    let (_origin, origin) = start_origin(&env).await?;
     let options = Options {
         stream_buffer: plan.stream_buffer,
     };
@@ -304,7 +307,7 @@ async fn high_rtt(
         errors: Vec::new(),
     };
     let plain = async {
-        let (_relay, addr) = contender::start_relay(origin, link).await?;
+        let (_relay, addr) = contender::start_relay(env, origin, link).await?;
         let target = Target {
             addr,
             host: HOST.into(),
@@ -328,9 +331,9 @@ async fn high_rtt(
 }
 
 /// Starts the origin (this program's `origin` command).
-async fn start_origin() -> anyhow::Result<(Process, SocketAddr)> {
+async fn start_origin(env: &Env) -> anyhow::Result<(Process, SocketAddr)> {
     let exe = std::env::current_exe().context("locating shroud-bench")?;
-    let mut origin = Process::spawn(&exe, &["origin".to_owned()])?;
+    let mut origin = Process::spawn(&exe, &["origin".to_owned()], &env.log("origin"))?;
     let line = origin
         .wait_for_line("origin listening", Duration::from_secs(10))
         .await?;
