@@ -6,6 +6,7 @@
 //! - [`control`]: the control stream's messages and their framing.
 //! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
+//! - [`splice`]: copying both ways between a visitor's connection and its stream.
 //!
 //! No CLI, configuration or transport lives here: callers bring a connected, TLS-protected byte
 //! stream and get a session back.
@@ -21,6 +22,7 @@ mod codec;
 pub mod control;
 pub mod header;
 pub mod session;
+pub mod splice;
 
 pub use codec::DecodeError;
 pub use session::{Incoming, MuxStream, Role, Session, SessionConfig, SessionError};

@@ -115,14 +115,14 @@ async fn dial(target: &Target, config: &ClientConfig) -> std::io::Result<TcpStre
     Ok(stream)
 }
 
-/// Copies both ways, with a buffer per direction that scales with the stream buffer: with the
-/// stream's yamux window, that is all one visitor holds here.
+/// Copies both ways, with a burst buffer per direction that scales with the stream buffer (held
+/// only while data flows): with the stream's yamux window, that is all one visitor holds here.
 async fn splice<A, B>(mut a: A, mut b: B, config: &ClientConfig) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let buffer = shroud_mux::session::copy_buffer_len(config.timing.stream_buffer);
-    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer, buffer).await?;
+    shroud_mux::splice::splice(&mut a, &mut b, buffer).await?;
     Ok(())
 }

@@ -424,9 +424,10 @@ async fn copy(
     mut tunnel: MuxStream,
     shared: &Shared,
 ) -> std::io::Result<()> {
-    // Per direction; with the stream's yamux window this is all one visitor holds here.
+    // Per direction, while data flows; with the stream's yamux window this is all one visitor
+    // holds here.
     let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
-    tokio::io::copy_bidirectional_with_sizes(visitor, &mut tunnel, buffer, buffer).await?;
+    shroud_mux::splice::splice(visitor, &mut tunnel, buffer).await?;
     Ok(())
 }
 
