@@ -38,7 +38,19 @@ tools="$PWD/target/bench-tools"
 export PATH="$tools/bin:$PATH"
 # rathole 0.5.0's TLS transport is native-tls (OpenSSL): hence libssl-dev above. It is the
 # contender's choice, not shroud's; shroud itself never links OpenSSL.
-command -v rathole >/dev/null || cargo install --locked --root "$tools" rathole@0.5.0
+if ! command -v rathole >/dev/null; then
+    # rathole 0.5.0's lock file pins time 0.3.29, which no longer compiles on current Rust
+    # (E0282 in time's format_description parser). Install from a copy of its source with
+    # only `time` raised to 0.3.36, still --locked.
+    if ! cargo install --locked --root "$tools" rathole@0.5.0; then
+        src=$(ls -d "$HOME"/.cargo/registry/src/*/rathole-0.5.0 | head -1)
+        build=$(mktemp -d)
+        cp -r "$src"/. "$build"/
+        (cd "$build" && cargo update -p time --precise 0.3.36 &&
+            cargo install --locked --root "$tools" --path .)
+        rm -rf "$build"
+    fi
+fi
 command -v bore >/dev/null || cargo install --locked --root "$tools" bore-cli@0.6.0
 rathole --version
 bore --version

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use shroud_tests::stack::{direct_client_args, log_addr, Pki};
 
 use crate::process::Process;
@@ -140,6 +140,15 @@ impl Running {
         crate::measure::tree_rss_kib(proxy.pid())
     }
 
+    /// CPU seconds used so far by both sides together (and their children).
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for process in self.proxy.iter().chain(&self.client) {
+            total += crate::measure::tree_cpu_secs(process.pid())?;
+        }
+        Ok(total)
+    }
+
     /// Resident memory of the origin side, in KiB.
     pub fn client_rss_kib(&self) -> anyhow::Result<u64> {
         let client = self.client.as_ref().context("no client process")?;
@@ -177,7 +186,7 @@ pub async fn start(
         Kind::RatholeTcp => start_rathole(env, origin, false).await?,
         Kind::Bore => start_bore(env, origin).await?,
         Kind::SshR => start_ssh(env, origin).await?,
-        other => bail!("{} is not wired up yet", other.name()),
+        Kind::PageKite => start_pagekite(env, origin).await?,
     };
     wait_serving(&running.target, Duration::from_secs(30))
         .await
@@ -594,3 +603,77 @@ async fn start_ssh(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
         _helpers: Vec::new(),
     })
 }
+
+/// Debian's PageKite: a front end and a back end over one plain TCP link, routing visitors by
+/// their `Host` header.
+///
+/// Two flags leave its defaults, both for correctness under many connections: PageKite 1.5.2
+/// kills its tunnel when one read holds over 150 chunks (`BugFoundError('Too much data')`),
+/// which default settings reach after about a thousand quick connections; `--nozchunks` on
+/// the back end and `--max_read_bytes=16000x1` on both keep reads under that. Its default
+/// pacing (`--select_loop_min_ms=5`, which caps a tunnel's bandwidth by design) is kept.
+async fn start_pagekite(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
+    let home = env.dir.path().join("pagekite-home");
+    std::fs::create_dir_all(&home)?;
+    let public = free_port()?;
+    let common = |args: &[String]| -> Vec<String> {
+        let mut all: Vec<String> = ["--clean", "--nullui", "--logfile=stdio"]
+            .map(String::from)
+            .to_vec();
+        all.extend_from_slice(args);
+        all
+    };
+    let front_args = common(&[
+        "--isfrontend".into(),
+        "--host=127.0.0.1".into(),
+        format!("--ports={public}"),
+        "--protos=http".into(),
+        format!("--domain=http:{HOST}:{PAGEKITE_SECRET}"),
+        "--max_read_bytes=16000x1".into(),
+    ]);
+    let back_args = common(&[
+        format!("--frontend=127.0.0.1:{public}"),
+        format!(
+            "--service_on=http:{HOST}:{}:{}:{PAGEKITE_SECRET}",
+            origin.ip(),
+            origin.port()
+        ),
+        "--nozchunks".into(),
+        "--max_read_bytes=16000x1".into(),
+    ]);
+    let mut proxy = Process::spawn_with_env(
+        Path::new("pagekite"),
+        &front_args,
+        &env.log("pagekite-front"),
+        &[("HOME", home.as_os_str())],
+    )
+    .context("starting pagekite (is it installed? bench/run.sh installs it)")?;
+    proxy
+        .wait_for_line(
+            &format!("listen=127.0.0.1:{public}"),
+            Duration::from_secs(15),
+        )
+        .await
+        .context("the PageKite front end did not listen")?;
+    let mut client = Process::spawn_with_env(
+        Path::new("pagekite"),
+        &back_args,
+        &env.log("pagekite-back"),
+        &[("HOME", home.as_os_str())],
+    )?;
+    client
+        .wait_for_line(&format!("domain={HOST}; ssl="), Duration::from_secs(30))
+        .await
+        .context("the PageKite back end did not register")?;
+    Ok(Running {
+        target: Target {
+            addr: loopback(public),
+            host: HOST.into(),
+        },
+        proxy: Some(proxy),
+        client: Some(client),
+        _helpers: Vec::new(),
+    })
+}
+
+const PAGEKITE_SECRET: &str = "bench-secret";

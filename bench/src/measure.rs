@@ -277,6 +277,29 @@ pub fn tree_rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(total)
 }
 
+/// CPU time (user and system) used so far by `pid` and every process below it, in seconds.
+pub fn tree_cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
+    let mut ticks = 0u64;
+    let mut found = false;
+    for pid in process_tree(pid) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name: state is the first; utime and stime the 12th and 13th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        if let (Some(user), Some(system)) = (fields.get(11), fields.get(12)) {
+            ticks += user.parse::<u64>().unwrap_or(0) + system.parse::<u64>().unwrap_or(0);
+            found = true;
+        }
+    }
+    anyhow::ensure!(found, "process {pid} is gone");
+    Ok(ticks as f64 / ticks_per_second)
+}
+
 /// `pid` and its descendants, read off /proc.
 fn process_tree(root: u32) -> Vec<u32> {
     let mut parents = Vec::new();

@@ -19,8 +19,19 @@ pub struct Process {
 impl Process {
     /// Starts `program` with `args`; its output goes to `log`.
     pub fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with_env(program, args, log, &[])
+    }
+
+    /// Like [`Process::spawn`], with `env` added to its environment.
+    pub fn spawn_with_env(
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

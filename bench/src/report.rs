@@ -73,7 +73,12 @@ pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()>
     );
     let _ = writeln!(
         md,
-        "| contender | 1 stream, MB/s | × | {} streams, MB/s | × |\n|---|---:|---:|---:|---:|",
+        "CPU s/GB: CPU time both sides of the tunnel spent (user and system, with child processes) \
+         per GB of the single-stream download; what the tunnel costs to run, whatever the speed.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| contender | 1 stream, MB/s | × | {} streams, MB/s | × | CPU s/GB |\n|---|---:|---:|---:|---:|---:|",
         plan.parallel
     );
     for entry in &results.contenders {
@@ -81,12 +86,13 @@ pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()>
         let parallel = median(&entry.parallel_mbs);
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             entry.kind.name(),
             num(single, 0),
             ratio(single, none.map(|n| median(&n.single_mbs))),
             num(parallel, 0),
             ratio(parallel, none.map(|n| median(&n.parallel_mbs))),
+            num(median(&entry.single_cpu_per_gb), 2),
         );
     }
     let _ = writeln!(md, "\n![throughput]({})\n", chart_link("throughput.png"));
@@ -174,7 +180,7 @@ pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()>
     }
     let _ = writeln!(md);
 
-    memory_section(&mut md, results, plan.idle_steps.last().copied());
+    memory_section(&mut md, results, &plan.idle_steps);
     if !plan.idle_steps.is_empty() {
         let _ = writeln!(
             md,
@@ -222,8 +228,10 @@ pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
-fn memory_section(md: &mut String, results: &Results, last_step: Option<usize>) {
-    let Some(last) = last_step else { return };
+fn memory_section(md: &mut String, results: &Results, steps: &[usize]) {
+    if steps.is_empty() {
+        return;
+    }
     let _ = writeln!(md, "## Memory\n");
     let _ = writeln!(
         md,
@@ -231,28 +239,18 @@ fn memory_section(md: &mut String, results: &Results, last_step: Option<usize>) 
          rathole server, bore server, PageKite front end, sshd) and of the side next to the \
          origin (\"client\"), with the tunnel up and idle, then with idle visitor connections \
          held open, each having fetched one page first. MiB, and KiB per visitor connection \
-         over the idle figure.\n"
+         from idle to the last step. Where a contender held fewer connections than asked, the \
+         count it held is in brackets.\n"
     );
-    let steps: Vec<usize> = results
-        .contenders
-        .iter()
-        .filter_map(|e| e.memory.as_ref())
-        .flat_map(|m| m.steps.iter().map(|s| s.0))
-        .fold(Vec::new(), |mut acc, n| {
-            if !acc.contains(&n) {
-                acc.push(n);
-            }
-            acc
-        });
     let mut header = String::from("| contender | proxy idle |");
     let mut rule = String::from("|---|---:|");
-    for n in &steps {
+    for n in steps {
         let _ = write!(header, " proxy, {n} |");
         rule.push_str("---:|");
     }
     let _ = write!(header, " KiB per visitor (proxy) | client idle |");
     rule.push_str("---:|---:|");
-    for n in &steps {
+    for n in steps {
         let _ = write!(header, " client, {n} |");
         rule.push_str("---:|");
     }
@@ -263,25 +261,29 @@ fn memory_section(md: &mut String, results: &Results, last_step: Option<usize>) 
         let Some(memory) = &entry.memory else {
             continue;
         };
+        let cell = |i: usize, side: fn(&crate::run::Step) -> Option<u64>| match memory.steps.get(i)
+        {
+            Some(step) if step.0 == steps[i] => mib(side(step)),
+            Some(step) => format!("{} ({})", mib(side(step)), step.0),
+            None => "—".into(),
+        };
         let mut row = format!("| {} | {} |", entry.kind.name(), mib(memory.proxy_idle));
-        for n in &steps {
-            let at = memory.steps.iter().find(|s| s.0 == *n).and_then(|s| s.1);
-            let _ = write!(row, " {} |", mib(at));
+        for i in 0..steps.len() {
+            let _ = write!(row, " {} |", cell(i, |s| s.1));
         }
         let _ = write!(
             row,
             " {} | {} |",
-            num(per_visitor(memory.proxy_idle, memory, last, |s| s.1), 1),
+            num(per_visitor(memory.proxy_idle, memory, |s| s.1), 1),
             mib(memory.client_idle)
         );
-        for n in &steps {
-            let at = memory.steps.iter().find(|s| s.0 == *n).and_then(|s| s.2);
-            let _ = write!(row, " {} |", mib(at));
+        for i in 0..steps.len() {
+            let _ = write!(row, " {} |", cell(i, |s| s.2));
         }
         let _ = write!(
             row,
             " {} |",
-            num(per_visitor(memory.client_idle, memory, last, |s| s.2), 1)
+            num(per_visitor(memory.client_idle, memory, |s| s.2), 1)
         );
         let _ = writeln!(md, "{row}");
     }
@@ -381,10 +383,9 @@ fn targets(results: &Results) -> Vec<(String, String, Option<bool>)> {
         ));
     }
 
-    let per_visitor_kib = shroud.and_then(|e| e.memory.as_ref()).and_then(|m| {
-        let last = m.steps.last()?.0;
-        known(per_visitor(m.proxy_idle, m, last, |s| s.1))
-    });
+    let per_visitor_kib = shroud
+        .and_then(|e| e.memory.as_ref())
+        .and_then(|m| known(per_visitor(m.proxy_idle, m, |s| s.1)));
     rows.push((
         format!("proxy ≤ {TARGET_KIB_PER_VISITOR} KiB per idle visitor connection"),
         per_visitor_kib.map_or("not measured".into(), |k| format!("{k:.1} KiB")),
@@ -421,16 +422,17 @@ fn per_tunnel_kib(t: &crate::run::TunnelMemory) -> f64 {
     (t.rss_many as f64 - t.rss_none as f64) / t.tunnels as f64
 }
 
-/// KiB per visitor between idle and the step with `last` visitors.
-fn per_visitor(
+/// KiB per visitor from idle to the last step reached.
+pub(crate) fn per_visitor(
     idle: Option<u64>,
     memory: &crate::run::Memory,
-    last: usize,
-    side: impl Fn(&(usize, Option<u64>, Option<u64>)) -> Option<u64>,
+    side: impl Fn(&crate::run::Step) -> Option<u64>,
 ) -> f64 {
-    let at = memory.steps.iter().find(|s| s.0 == last).and_then(&side);
-    match (idle, at) {
-        (Some(idle), Some(at)) => (at as f64 - idle as f64) / last as f64,
+    let Some(last) = memory.steps.last() else {
+        return f64::NAN;
+    };
+    match (idle, side(last)) {
+        (Some(idle), Some(at)) if last.0 > 0 => (at as f64 - idle as f64) / last.0 as f64,
         _ => f64::NAN,
     }
 }

@@ -69,6 +69,8 @@ pub struct ContenderResults {
     pub kind: Kind,
     /// Single-stream download, MB/s.
     pub single_mbs: Vec<f64>,
+    /// CPU seconds both sides spent per GB of the single-stream download.
+    pub single_cpu_per_gb: Vec<f64>,
     /// `parallel` downloads together, MB/s.
     pub parallel_mbs: Vec<f64>,
     /// wrk with keep-alive.
@@ -90,9 +92,12 @@ pub struct Memory {
     pub proxy_idle: Option<u64>,
     /// The origin side, likewise.
     pub client_idle: Option<u64>,
-    /// `(visitors, proxy KiB, client KiB)` at each step reached.
-    pub steps: Vec<(usize, Option<u64>, Option<u64>)>,
+    /// Each step reached.
+    pub steps: Vec<Step>,
 }
+
+/// `(visitors held, proxy KiB, client KiB)`.
+pub type Step = (usize, Option<u64>, Option<u64>);
 
 /// The proxy's memory with one tunnel and with many.
 #[derive(Debug, Serialize)]
@@ -147,6 +152,7 @@ pub async fn run(plan: Plan, logs: PathBuf) -> anyhow::Result<Results> {
         .map(|&kind| ContenderResults {
             kind,
             single_mbs: Vec::new(),
+            single_cpu_per_gb: Vec::new(),
             parallel_mbs: Vec::new(),
             wrk_keepalive: Vec::new(),
             wrk_close: Vec::new(),
@@ -203,8 +209,17 @@ async fn throughput_and_http(plan: &Plan, running: &Running, entry: &mut Contend
     let target = &running.target;
     let duration = Duration::from_secs(plan.seconds) + WARMUP;
     let to = Duration::from_secs(plan.seconds) + WARMUP;
+    let cpu_before = running.cpu_secs();
     match measure::download(target, duration, SERIES_INTERVAL).await {
-        Ok(series) => entry.single_mbs.push(series.rate_mbs(WARMUP, to)),
+        Ok(series) => {
+            entry.single_mbs.push(series.rate_mbs(WARMUP, to));
+            let gb = series.bytes.iter().sum::<u64>() as f64 / 1e9;
+            if let (Ok(before), Ok(after)) = (cpu_before, running.cpu_secs()) {
+                if gb > 0.0 && running.proxy.is_some() {
+                    entry.single_cpu_per_gb.push((after - before) / gb);
+                }
+            }
+        }
         Err(err) => entry.errors.push(format!("single stream: {err:#}")),
     }
     match measure::parallel_download(target, plan.parallel, duration, SERIES_INTERVAL).await {
@@ -242,15 +257,18 @@ async fn memory(plan: &Plan, running: &Running, errors: &mut Vec<String>) -> Mem
         )
         .await
         .unwrap_or_else(|_| Err(anyhow::anyhow!("{step} idle connections took over 120 s")));
+        // A contender that drops some connections is still measured with those it holds.
+        if visitors.len() > 0 {
+            memory.steps.push((
+                visitors.len(),
+                running.proxy_rss_kib().ok(),
+                running.client_rss_kib().ok(),
+            ));
+        }
         if let Err(err) = opened {
             errors.push(format!("{step} idle visitors: {err:#}"));
             break;
         }
-        memory.steps.push((
-            visitors.len(),
-            running.proxy_rss_kib().ok(),
-            running.client_rss_kib().ok(),
-        ));
     }
     memory
 }

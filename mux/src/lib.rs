@@ -18,6 +18,7 @@ pub mod keyfile;
 /// The ALPN protocol identifier a client offers, and the proxy uses to recognise tunnels.
 pub const ALPN: &[u8] = b"shroud/1";
 
+mod coalesce;
 mod codec;
 pub mod control;
 pub mod header;

@@ -43,19 +43,12 @@ pub fn draw(results: &Results, dir: &Path) -> anyhow::Result<()> {
     let mut data = String::new();
     for e in &results.contenders {
         let Some(m) = &e.memory else { continue };
-        let Some(&(n, proxy, client)) = m.steps.last() else {
-            continue;
-        };
-        let per = |idle: Option<u64>, at: Option<u64>| match (idle, at) {
-            (Some(i), Some(a)) => (a as f64 - i as f64) / n as f64,
-            _ => f64::NAN,
-        };
         let _ = writeln!(
             data,
             "\"{}\" {} {}",
             e.kind.name(),
-            value(per(m.proxy_idle, proxy)),
-            value(per(m.client_idle, client))
+            value(super::per_visitor(m.proxy_idle, m, |s| s.1)),
+            value(super::per_visitor(m.client_idle, m, |s| s.2))
         );
     }
     let visitors = results
