@@ -58,8 +58,12 @@ impl Default for SessionConfig {
 /// The smallest per-stream buffer: yamux's initial stream window (256 KiB), which the yamux
 /// spec fixes and rust-yamux never shrinks below.
 pub const MIN_STREAM_BUFFER: usize = yamux::DEFAULT_CREDIT as usize;
-/// The default per-stream buffer: the initial window, so no stream's window grows.
-pub const DEFAULT_STREAM_BUFFER: usize = MIN_STREAM_BUFFER;
+/// The default per-stream buffer: the largest, so that one stream over a long path (Tor's
+/// round trips are hundreds of milliseconds) is not held to 256 KiB per round trip. It costs
+/// little: growth comes from one pool per session (see [`connection_receive_window`]), so a
+/// session holds at most this much beyond 256 KiB per stream, and only while its peer sends
+/// faster than the data is passed on.
+pub const DEFAULT_STREAM_BUFFER: usize = MAX_STREAM_BUFFER;
 /// The largest per-stream buffer accepted: 16 MiB, a window that fills 1 Gbit/s at 130 ms.
 pub const MAX_STREAM_BUFFER: usize = 16 * 1024 * 1024;
 
@@ -71,7 +75,7 @@ pub const MAX_STREAM_BUFFER: usize = 16 * 1024 * 1024;
 /// it offers is on the sum over the connection: each stream keeps its 256 KiB, and growth
 /// comes out of a pool of what the connection window leaves above `streams × 256 KiB`. Making
 /// that pool `stream_buffer − 256 KiB` caps any one stream's window at `stream_buffer`, and the
-/// whole session's at `streams × 256 KiB + (stream_buffer − 256 KiB)`; at the default no
+/// whole session's at `streams × 256 KiB + (stream_buffer − 256 KiB)`; at the minimum no
 /// window grows at all.
 ///
 /// What this bounds: bytes the peer may send on a stream that the local side has not read (a
@@ -519,7 +523,7 @@ mod tests {
     #[test]
     fn stream_buffer_sets_the_growth_pool_and_is_clamped() {
         let base = (10 + YAMUX_STREAM_HEADROOM) * MIN_STREAM_BUFFER;
-        assert_eq!(connection_receive_window(10, DEFAULT_STREAM_BUFFER), base);
+        assert_eq!(connection_receive_window(10, MIN_STREAM_BUFFER), base);
         assert_eq!(
             connection_receive_window(10, 1024 * 1024),
             base + 768 * 1024
@@ -530,7 +534,7 @@ mod tests {
             connection_receive_window(10, usize::MAX),
             base + MAX_STREAM_BUFFER - MIN_STREAM_BUFFER
         );
-        assert_eq!(copy_buffer_len(DEFAULT_STREAM_BUFFER), 16 * 1024);
+        assert_eq!(copy_buffer_len(MIN_STREAM_BUFFER), 16 * 1024);
         assert_eq!(copy_buffer_len(512 * 1024), 32 * 1024);
         assert_eq!(copy_buffer_len(MAX_STREAM_BUFFER), 64 * 1024);
     }

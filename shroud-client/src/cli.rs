@@ -219,8 +219,10 @@ pub struct RunArgs {
 
     /// Most bytes one visitor's stream may hold here received from the proxy but not yet
     /// passed to TARGET: the cap on its yamux receive window, 262144 (256 KiB, the fixed
-    /// initial window) to 16777216. Above the minimum, a busy stream's window may grow towards
-    /// it, for uploads over slow, distant tunnels (Tor), at that much memory per visitor
+    /// initial window) to 16777216. A stream's window grows from 256 KiB towards it only while
+    /// the stream is read quickly, so that one upload over a slow, distant tunnel (Tor) is not
+    /// held to 256 KiB per round trip; growth comes from one pool per tunnel, so a tunnel
+    /// holds at most this much more than 256 KiB per stream
     #[arg(
         long,
         value_name = "BYTES",
@@ -381,7 +383,7 @@ mod tests {
         assert_eq!(run.connect_timeout_secs, None);
         assert_eq!(run.keepalive_secs, 10);
         assert_eq!(run.max_backoff_secs, 60);
-        assert_eq!(run.stream_buffer_bytes, 256 * 1024);
+        assert_eq!(run.stream_buffer_bytes, 16 * 1024 * 1024);
     }
 
     #[test]

@@ -147,9 +147,11 @@ pub struct Cli {
 
     /// Most bytes one tunnel stream (one visitor) may hold here received from the client but
     /// not yet sent on: the cap on its yamux receive window, 262144 (256 KiB, the fixed
-    /// initial window) to 16777216. Above the minimum, a busy stream's window may grow
-    /// towards it, for downloads over slow, distant tunnels (Tor), at that much memory per
-    /// visitor; the copy buffers grow with it (a sixteenth, 16 to 64 KiB each way)
+    /// initial window) to 16777216. A stream's window grows from 256 KiB towards it only
+    /// while the stream is read quickly, so that one download over a slow, distant tunnel
+    /// (Tor) is not held to 256 KiB per round trip; growth comes from one pool per tunnel,
+    /// so a tunnel holds at most this much more than 256 KiB per stream. Burst copy buffers
+    /// are a sixteenth of it, 16 to 64 KiB
     #[arg(long, env = "SHROUD_STREAM_BUFFER_BYTES", value_name = "BYTES",
           default_value_t = shroud_mux::session::DEFAULT_STREAM_BUFFER,
           value_parser = stream_buffer_bytes())]
@@ -377,7 +379,7 @@ mod limit_flag_tests {
         assert_eq!(cli.max_connections_per_hostname, 10_000);
         assert_eq!(cli.max_tunnels_per_key, 8);
         assert_eq!(cli.max_hostnames_per_key, 64);
-        assert_eq!(cli.stream_buffer_bytes, 256 * 1024);
+        assert_eq!(cli.stream_buffer_bytes, 16 * 1024 * 1024);
         let defaults = Limits::default();
         assert_eq!(
             defaults.max_connections_per_address,
