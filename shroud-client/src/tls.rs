@@ -79,8 +79,15 @@ pub enum TlsSetupError {
     Rustls(#[source] rustls::Error),
 }
 
+/// aws-lc-rs, offering AES-128-GCM first: the suite TLS 1.3 makes every peer support, and with
+/// four fewer AES rounds than AES-256-GCM (aws-lc-rs's first choice) the cheapest on the bulk
+/// of a tunnel's bytes. The proxy (rustls) follows the client's order.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// The TLS settings for connections to proxies: verify against the web's roots plus every

@@ -78,12 +78,17 @@ set output "http.png"
 set title "HTTP requests per second, wrk, median of {runs} runs (higher is better)"
 set ylabel "requests/s"
 plot "http.dat" using 2:xtic(1) title "keep-alive", "" using 3 title "new connection per request"
-set output "memory.png"
-set title "Resident memory per idle visitor connection, at {visitors} (lower is better)"
-set ylabel "KiB per connection"
-plot "memory.dat" using 2:xtic(1) title "public side (proxy)", "" using 3 title "origin side (client)"
 "#
     );
+    if visitors > 0 {
+        let _ = writeln!(
+            script,
+            r#"set output "memory.png"
+set title "Resident memory per idle visitor connection, at {visitors} (lower is better)"
+set ylabel "KiB per connection"
+plot "memory.dat" using 2:xtic(1) title "public side (proxy)", "" using 3 title "origin side (client)""#
+        );
+    }
 
     if !results.rtt.is_empty() {
         let _ = writeln!(
