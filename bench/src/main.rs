@@ -75,7 +75,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
     runs: u64,
     /// Seconds each throughput and wrk measurement lasts.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=60))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
     seconds: u64,
     /// Only these contenders (comma-separated): none, shroud, rathole-tls, rathole-tcp, bore,
     /// pagekite, ssh.
@@ -95,7 +95,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 200)]
     link_mbit: u64,
     /// Seconds each high-RTT download lasts.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, default_value_t = 14)]
     rtt_seconds: u64,
     /// shroud's --stream-buffer-bytes on both sides, instead of its default.
     #[arg(long)]

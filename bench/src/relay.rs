@@ -105,3 +105,60 @@ async fn direction(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, link: Link) 
     reader.abort();
     let _ = to.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on loopback; returns its address.
+    async fn echo() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut read, mut write) = stream.into_split();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Bytes cross intact, and no reply comes back sooner than the round trip: the relay
+    /// holds each direction back by half of it.
+    #[tokio::test]
+    async fn echoes_intact_and_never_sooner_than_the_round_trip() {
+        let upstream = echo().await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let link = Link {
+            rtt: Duration::from_millis(120),
+            rate: 50_000_000,
+        };
+        tokio::spawn(async move {
+            while let Ok((visitor, _)) = listener.accept().await {
+                tokio::spawn(relay(visitor, upstream, link));
+            }
+        });
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        stream.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        stream.read_exact(&mut one).await.unwrap();
+        assert!(
+            started.elapsed() >= link.rtt,
+            "the echo came back after {:?}",
+            started.elapsed()
+        );
+
+        let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut read, mut write) = stream.into_split();
+        let sent = payload.clone();
+        let writer = tokio::spawn(async move { write.write_all(&sent).await });
+        let mut got = vec![0u8; payload.len()];
+        read.read_exact(&mut got).await.unwrap();
+        writer.await.unwrap().unwrap();
+        assert!(got == payload, "the relay altered the bytes");
+    }
+}
