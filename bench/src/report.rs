@@ -27,7 +27,17 @@ const RTT_FROM: Duration = Duration::from_secs(10);
 pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(charts).with_context(|| format!("creating {}", charts.display()))?;
     let base = out.parent().unwrap_or(Path::new("."));
-    let chart_dir = relative(charts, base);
+    let md = render(results, &relative(charts, base))?;
+    std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))?;
+    if let Err(err) = crate::report::charts::draw(results, charts) {
+        eprintln!("shroud-bench: charts: {err:#}");
+        anyhow::bail!("the report is written, but its charts are not: {err:#}");
+    }
+    Ok(())
+}
+
+/// The report's Markdown, its charts linked under `chart_dir`.
+fn render(results: &Results, chart_dir: &Path) -> anyhow::Result<String> {
     let chart_link = |name: &str| -> String { chart_dir.join(name).display().to_string() };
     let mut md = String::new();
     let plan = results.plan.as_ref().context("results without a plan")?;
@@ -220,12 +230,7 @@ pub fn write(results: &Results, out: &Path, charts: &Path) -> anyhow::Result<()>
         let _ = writeln!(md);
     }
 
-    std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))?;
-    if let Err(err) = crate::report::charts::draw(results, charts) {
-        eprintln!("shroud-bench: charts: {err:#}");
-        anyhow::bail!("the report is written, but its charts are not: {err:#}");
-    }
-    Ok(())
+    Ok(md)
 }
 
 fn memory_section(md: &mut String, results: &Results, steps: &[usize]) {
@@ -494,3 +499,127 @@ fn relative(path: &Path, base: &Path) -> PathBuf {
 }
 
 pub mod charts;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::measure::WrkResult;
+    use crate::run::{ContenderResults, Memory, Plan, RttResult, TunnelMemory};
+
+    fn contender(kind: Kind, mbs: f64, rps: f64, p99: f64) -> ContenderResults {
+        let wrk = WrkResult {
+            rps,
+            p50_ms: 1.0,
+            p99_ms: p99,
+            errors: 0,
+        };
+        ContenderResults {
+            kind,
+            single_mbs: vec![mbs, mbs * 0.9, mbs * 1.1],
+            single_cpu_per_gb: vec![2.0],
+            parallel_mbs: vec![mbs],
+            wrk_keepalive: vec![wrk.clone()],
+            wrk_close: vec![wrk],
+            setup_us: vec![100.0, 200.0],
+            memory: None,
+            errors: Vec::new(),
+        }
+    }
+
+    fn results(shroud_mbs: f64) -> Results {
+        let mut shroud = contender(Kind::Shroud, shroud_mbs, 30_000.0, 2.0);
+        shroud.memory = Some(Memory {
+            proxy_idle: Some(10_000),
+            client_idle: Some(12_000),
+            // 100 visitors: 15 KiB each at the proxy.
+            steps: vec![(100, Some(11_500), Some(14_000))],
+        });
+        let series = |rate: u64| Series {
+            interval_ms: 1000,
+            bytes: vec![rate; 14],
+        };
+        Results {
+            machine: "test".into(),
+            plan: Some(Plan {
+                kinds: vec![Kind::NoTunnel, Kind::Shroud, Kind::RatholeTls],
+                runs: 3,
+                seconds: 3,
+                parallel: 8,
+                wrk_connections: 32,
+                setup_samples: 2,
+                idle_steps: vec![100],
+                idle_tunnels: 10,
+                rtts_ms: vec![300],
+                link_rate: 25_000_000,
+                rtt_seconds: 14,
+                stream_buffer: None,
+            }),
+            iperf3_mbs: None,
+            contenders: vec![
+                contender(Kind::NoTunnel, 4000.0, 100_000.0, 1.0),
+                shroud,
+                contender(Kind::RatholeTls, 500.0, 20_000.0, 5.0),
+            ],
+            tunnels: Some(TunnelMemory {
+                tunnels: 10,
+                rss_none: 1000,
+                rss_many: 2000,
+            }),
+            rtt: vec![RttResult {
+                rtt_ms: 300,
+                plain: Some(series(25_000_000)),
+                shroud: Some(series(21_000_000)),
+                errors: Vec::new(),
+            }],
+            elapsed_secs: 1.0,
+        }
+    }
+
+    fn target_row<'a>(md: &'a str, starts: &str) -> &'a str {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {starts}")))
+            .unwrap_or_else(|| panic!("no row for {starts:?} in\n{md}"))
+    }
+
+    #[test]
+    fn targets_say_met_or_not_from_the_figures() {
+        let md = render(&results(700.0), Path::new("charts")).unwrap();
+        // 700 / 500 = 1.40x.
+        let row = target_row(&md, "single-stream throughput");
+        assert!(row.contains("1.40×") && row.ends_with("| yes |"), "{row}");
+        let row = target_row(&md, "HTTP keep-alive req/s");
+        assert!(row.contains("1.50×") && row.ends_with("| yes |"), "{row}");
+        let row = target_row(&md, "proxy ≤ 16 KiB per idle visitor");
+        assert!(
+            row.contains("15.0 KiB") && row.ends_with("| yes |"),
+            "{row}"
+        );
+        let row = target_row(&md, "proxy ≤ 64 KiB per idle tunnel");
+        assert!(
+            row.contains("100.0 KiB") && row.ends_with("| **no** |"),
+            "{row}"
+        );
+        let row = target_row(&md, "at 300 ms");
+        assert!(row.contains("84%") && row.ends_with("| yes |"), "{row}");
+
+        let md = render(&results(600.0), Path::new("charts")).unwrap();
+        let row = target_row(&md, "single-stream throughput");
+        assert!(
+            row.contains("1.20×") && row.ends_with("| **no** |"),
+            "{row}"
+        );
+        assert!(
+            md.contains("](charts/throughput.png)"),
+            "the chart link is missing"
+        );
+    }
+
+    #[test]
+    fn a_missing_contender_is_not_measured_rather_than_met() {
+        let mut results = results(700.0);
+        results.contenders.retain(|c| c.kind != Kind::RatholeTls);
+        let md = render(&results, Path::new("charts")).unwrap();
+        let row = target_row(&md, "single-stream throughput");
+        assert!(row.ends_with("| not measured |"), "{row}");
+    }
+}
