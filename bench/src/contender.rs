@@ -134,6 +134,19 @@ pub struct Running {
 }
 
 impl Running {
+    /// A contender whose visitors dial `addr`, with its two sides.
+    fn new(addr: SocketAddr, proxy: Process, client: Process) -> Self {
+        Self {
+            target: Target {
+                addr,
+                host: HOST.into(),
+            },
+            proxy: Some(proxy),
+            client: Some(client),
+            _helpers: Vec::new(),
+        }
+    }
+
     /// Resident memory of the public side (with its child processes), in KiB.
     pub fn proxy_rss_kib(&self) -> anyhow::Result<u64> {
         let proxy = self.proxy.as_ref().context("no proxy process")?;
@@ -234,13 +247,8 @@ pub async fn start_shroud(
         .await
         .context("the shroud client did not bring its tunnel up")?;
     Ok(Running {
-        target: Target {
-            addr: http,
-            host: HOST.into(),
-        },
-        proxy: Some(proxy),
-        client: Some(client),
         _helpers: others,
+        ..Running::new(http, proxy, client)
     })
 }
 
@@ -250,7 +258,6 @@ pub async fn start_relay(
     upstream: SocketAddr,
     link: Link,
 ) -> anyhow::Result<(Process, SocketAddr)> {
-    let exe = std::env::current_exe().context("locating shroud-bench")?;
     let args = [
         "relay".to_owned(),
         "--to".into(),
@@ -260,12 +267,23 @@ pub async fn start_relay(
         "--rate-bytes".into(),
         link.rate.to_string(),
     ];
-    let mut relay = Process::spawn(&exe, &args, &env.log("relay"))?;
-    let line = relay
-        .wait_for_line("relay listening", Duration::from_secs(10))
+    start_own(env, &args, "relay").await
+}
+
+/// Starts this program with `args` (its `origin` or `relay` command), logging to `name`'s
+/// log, and waits for the `NAME listening addr=...` line it prints once bound.
+pub async fn start_own(
+    env: &Env,
+    args: &[String],
+    name: &str,
+) -> anyhow::Result<(Process, SocketAddr)> {
+    let exe = std::env::current_exe().context("locating shroud-bench")?;
+    let mut process = Process::spawn(&exe, args, &env.log(name))?;
+    let line = process
+        .wait_for_line(&format!("{name} listening"), Duration::from_secs(10))
         .await?;
     let addr = log_addr(&line)?;
-    Ok((relay, addr))
+    Ok((process, addr))
 }
 
 /// A running `shroud-proxy`.
@@ -375,7 +393,7 @@ pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()
 /// A port free right now on 127.0.0.1, for the tools whose configs cannot say "any port"
 /// (rathole, sshd). Another process could take it before the tool binds it; the tool then
 /// fails to start and the run reports that.
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(probe.local_addr()?.port())
 }
@@ -447,15 +465,7 @@ async fn start_rathole(env: &Env, origin: SocketAddr, tls: bool) -> anyhow::Resu
         &["--client".into(), client_config.display().to_string()],
         &env.log("rathole-client"),
     )?;
-    Ok(Running {
-        target: Target {
-            addr: loopback(public),
-            host: HOST.into(),
-        },
-        proxy: Some(proxy),
-        client: Some(client),
-        _helpers: Vec::new(),
-    })
+    Ok(Running::new(loopback(public), proxy, client))
 }
 
 const RATHOLE_TOKEN: &str = "bench-token";
@@ -505,15 +515,7 @@ async fn start_bore(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
         .map(|p| p.trim().trim_end_matches(|c: char| !c.is_ascii_digit()))
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no port in {line:?}"))?;
-    Ok(Running {
-        target: Target {
-            addr: loopback(port),
-            host: HOST.into(),
-        },
-        proxy: Some(proxy),
-        client: Some(client),
-        _helpers: Vec::new(),
-    })
+    Ok(Running::new(loopback(port), proxy, client))
 }
 
 const BORE_SECRET: &str = "bench-secret";
@@ -593,15 +595,7 @@ async fn start_ssh(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
         .nth(2)
         .and_then(|p| p.parse().ok())
         .with_context(|| format!("no port in {line:?}"))?;
-    Ok(Running {
-        target: Target {
-            addr: loopback(public),
-            host: HOST.into(),
-        },
-        proxy: Some(proxy),
-        client: Some(client),
-        _helpers: Vec::new(),
-    })
+    Ok(Running::new(loopback(public), proxy, client))
 }
 
 /// Debian's PageKite: a front end and a back end over one plain TCP link, routing visitors by
@@ -665,15 +659,7 @@ async fn start_pagekite(env: &Env, origin: SocketAddr) -> anyhow::Result<Running
         .wait_for_line(&format!("domain={HOST}; ssl="), Duration::from_secs(30))
         .await
         .context("the PageKite back end did not register")?;
-    Ok(Running {
-        target: Target {
-            addr: loopback(public),
-            host: HOST.into(),
-        },
-        proxy: Some(proxy),
-        client: Some(client),
-        _helpers: Vec::new(),
-    })
+    Ok(Running::new(loopback(public), proxy, client))
 }
 
 const PAGEKITE_SECRET: &str = "bench-secret";

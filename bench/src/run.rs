@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde::Serialize;
-use shroud_tests::stack::{authorize, log_addr, ClientSpec, TestClient};
+use shroud_tests::stack::{authorize, ClientSpec, TestClient};
 
 use crate::process::Process;
 
@@ -350,13 +350,7 @@ async fn high_rtt(
 
 /// Starts the origin (this program's `origin` command).
 async fn start_origin(env: &Env) -> anyhow::Result<(Process, SocketAddr)> {
-    let exe = std::env::current_exe().context("locating shroud-bench")?;
-    let mut origin = Process::spawn(&exe, &["origin".to_owned()], &env.log("origin"))?;
-    let line = origin
-        .wait_for_line("origin listening", Duration::from_secs(10))
-        .await?;
-    let addr = log_addr(&line)?;
-    Ok((origin, addr))
+    contender::start_own(env, &["origin".to_owned()], "origin").await
 }
 
 fn machine() -> String {
