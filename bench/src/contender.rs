@@ -394,8 +394,20 @@ pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()
 /// (rathole, sshd). Another process could take it before the tool binds it; the tool then
 /// fails to start and the run reports that.
 pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(probe.local_addr()?.port())
+    let [port] = free_ports()?;
+    Ok(port)
+}
+
+/// `N` distinct free ports: every probe stays bound until all are chosen, so no two are equal.
+fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
+    let probes = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0; N];
+    for (port, probe) in ports.iter_mut().zip(&probes) {
+        *port = probe.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -410,7 +422,7 @@ async fn start_rathole(env: &Env, origin: SocketAddr, tls: bool) -> anyhow::Resu
         .path()
         .join(if tls { "rathole-tls" } else { "rathole-tcp" });
     std::fs::create_dir_all(&dir)?;
-    let (control, public) = (free_port()?, free_port()?);
+    let [control, public] = free_ports()?;
     let (server_transport, client_transport) = if tls {
         let certs = dir.join("certs");
         let status = std::process::Command::new("sh")
