@@ -69,7 +69,7 @@ pub async fn serve<IO>(
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-    address: Option<AddressGuard>,
+    mut address: Option<AddressGuard>,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -111,7 +111,14 @@ where
     let tunnel = shared.registry.new_tunnel_id();
     let handshake = tokio::time::timeout_at(
         deadline,
-        handshake(&mut control, &exporter, &shared, tunnel, &session),
+        handshake(
+            &mut control,
+            &exporter,
+            &shared,
+            tunnel,
+            &session,
+            &mut address,
+        ),
     );
     let granted = match handshake.await {
         Ok(Ok(granted)) => granted,
@@ -136,7 +143,6 @@ where
 
     let names: Vec<&str> = granted.names.iter().map(|n| n.name.as_str()).collect();
     info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
-    drop(address);
 
     let mut rechecks = DnsRechecks {
         key: granted.key,
@@ -165,14 +171,17 @@ struct Granted {
 }
 
 /// Hello, challenge, bind, result. Granted names enter the registry before the result is
-/// sent, so a visitor who arrives the moment the client learns it is bound is routed. Returns
-/// what was bound; the caller unbinds `tunnel` if this fails.
+/// sent, so a visitor who arrives the moment the client learns it is bound is routed; for the
+/// same reason a bound connection stops counting against its `address` (the guard is dropped)
+/// before the result is sent, not after. Returns what was bound; the caller unbinds `tunnel`
+/// if this fails.
 async fn handshake(
     control: &mut MuxStream,
     exporter: &[u8; EXPORTER_LEN],
     shared: &Shared,
     tunnel: TunnelId,
     session: &Session,
+    address: &mut Option<AddressGuard>,
 ) -> Result<Granted, TunnelError> {
     match control::read_message(control).await? {
         Message::Hello { versions } if versions.contains(&VERSION) => {}
@@ -236,7 +245,7 @@ async fn handshake(
     let admitted = verified
         .as_ref()
         .and_then(|key| shared.admission.admit_bind(key, &mut judged));
-    let names = hostnames
+    let names: Vec<BindName> = hostnames
         .iter()
         .zip(&judged)
         .filter(|(_, outcome)| outcome.status == BindStatus::Bound)
@@ -250,6 +259,10 @@ async fn handshake(
         shared
             .registry
             .bind(&name.name, tunnel, session.clone(), name.http);
+    }
+    if !names.is_empty() {
+        // From here the per-key limits hold this connection.
+        address.take();
     }
     control::write_message(control, &Message::BindResult { results: judged }).await?;
     Ok(Granted {
