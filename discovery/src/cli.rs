@@ -267,7 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "starting"
             );
             let shutdown = CancellationToken::new();
-            tokio::spawn(shutdown_on_signal(shutdown.clone()));
+            tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
             server::run(listener, config, shutdown).await
         }
         (None, None) => {
@@ -278,33 +278,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// `shroud-discovery key`: the public key alone on stdout's first line, then how to use it.
 fn print_key(path: &Path) -> anyhow::Result<()> {
-    let (secret, created) = shroud_mux::keyfile::load_or_create(path)?;
-    let public = secret.public();
-    println!("{public}");
-    println!(
-        "# {} signing key file: {}",
-        if created { "new" } else { "existing" },
-        path.display()
-    );
-    println!("# Clients pin this key with --discovery-key {public}");
+    shroud_process::key::print_public(path, "signing key", |public| {
+        vec![format!(
+            "Clients pin this key with --discovery-key {public}"
+        )]
+    })?;
     Ok(())
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-pub async fn shutdown_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the service with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }
 
 #[cfg(test)]

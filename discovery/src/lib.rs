@@ -35,16 +35,3 @@ pub mod ratelimit;
 pub mod secret;
 pub mod server;
 pub mod signed;
-
-/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`), with colours only on a
-/// terminal.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A subscriber already installed (by a test, say) is fine to keep.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
-}

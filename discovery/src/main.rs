@@ -7,12 +7,6 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = shroud_discovery::cli::Cli::parse();
-    shroud_discovery::init_logging();
-    match shroud_discovery::cli::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("shroud-discovery: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shroud_process::logging::init("info");
+    shroud_process::exit::status("shroud-discovery", shroud_discovery::cli::run(cli).await)
 }

@@ -9,8 +9,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::cli::{self, Cli, Command, RunArgs};
-use crate::client::{Client, ClientConfig, ProxyAddr, ProxySource, Target, Timing};
+use crate::client::Client;
 use crate::discovery::DiscoverySource;
+use crate::fleet::ProxySource;
+use crate::shared::{ClientConfig, ProxyAddr, Target, Timing};
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
@@ -23,9 +25,9 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         (Some(Command::Key(args)), _) => print_key(args.key),
         (None, Some(run)) => {
             let shutdown = CancellationToken::new();
-            tokio::spawn(shutdown_on_signal(shutdown.clone()));
-            let config = config(&run).await?;
-            Client::spawn(config, shutdown)?.join().await?;
+            tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
+            let (config, source) = config(&run).await?;
+            Client::spawn(config, source, shutdown)?.join().await?;
             Ok(())
         }
         (None, None) => anyhow::bail!("give HOSTNAME and TARGET, or a subcommand; see --help"),
@@ -35,18 +37,14 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
 /// `shroud key`: the public key alone on stdout's first line, then how to use it.
 fn print_key(path: Option<PathBuf>) -> anyhow::Result<()> {
     let path = key_path(path)?;
-    let (secret, created) = key::load_or_create(&path)?;
-    let public = secret.public();
-    println!("{public}");
-    println!(
-        "# {} key file: {}",
-        if created { "new" } else { "existing" },
-        path.display()
-    );
-    println!(
-        "# To let this client publish example.com, add this line to the proxy's --authorized file:"
-    );
-    println!("# example.com {public}");
+    shroud_process::key::print_public(&path, "key", |public| {
+        vec![
+            "To let this client publish example.com, add this line to the proxy's --authorized \
+             file:"
+                .to_owned(),
+            format!("example.com {public}"),
+        ]
+    })?;
     Ok(())
 }
 
@@ -57,9 +55,9 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Turns the run arguments into a client configuration, loading the files they name. With the
-/// tor transport this bootstraps Tor, which can take a while.
-pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
+/// Turns the run arguments into a client configuration and the source of its proxies, loading
+/// the files they name. With the tor transport this bootstraps Tor, which can take a while.
+pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)> {
     let hostname = shroud_mux::hostname::normalize(&run.hostname)
         .with_context(|| format!("HOSTNAME {:?}", run.hostname))?;
     let target = parse_target(&run.target, "TARGET")?;
@@ -115,17 +113,17 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<ClientConfig> {
             Arc::new(TorTransport::bootstrap(options).await?)
         }
     };
-    Ok(ClientConfig {
+    let config = ClientConfig {
         hostname,
         target,
         http_target,
         origin_tls,
-        source,
         transport,
         tls,
         key,
         timing,
-    })
+    };
+    Ok((config, source))
 }
 
 /// Where the proxies come from: `--proxy` over `--discovery` over `--srv`.
@@ -204,21 +202,4 @@ fn first_system_nameserver() -> anyhow::Result<std::net::SocketAddr> {
 fn parse_target(text: &str, what: &str) -> anyhow::Result<Target> {
     let (host, port) = cli::parse_target(text).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     Ok(Target { host, port })
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn shutdown_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }

@@ -5,174 +5,20 @@
 //! for again before it goes stale; tunnels to proxies that joined are opened, and tunnels to
 //! proxies that left are closed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
-use shroud_mux::auth::SecretKey;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
-use crate::transport::Transport;
-use crate::tunnel::{self, StreamTasks, TunnelState};
-
-/// A proxy to hold a tunnel to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ProxyAddr {
-    /// Hostname, checked against the proxy's certificate.
-    pub name: String,
-    /// TCP port.
-    pub port: u16,
-}
-
-impl std::fmt::Display for ProxyAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.name, self.port)
-    }
-}
-
-/// Where the client sends visitors' connections. Never logged at info level: it is the address
-/// shroud exists to hide.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Host name or IP address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-}
-
-impl std::fmt::Debug for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Target(<hidden>)")
-    }
-}
-
-/// Timeouts and intervals of a client.
-#[derive(Debug, Clone)]
-pub struct Timing {
-    /// Reaching the proxy through the transport.
-    pub connect_timeout: Duration,
-    /// From the connection to a completed bind.
-    pub handshake_timeout: Duration,
-    /// How often the client pings; two intervals without a pong mark the tunnel dead.
-    pub keepalive_interval: Duration,
-    /// First reconnect delay.
-    pub backoff_base: Duration,
-    /// Longest reconnect delay.
-    pub backoff_cap: Duration,
-    /// A tunnel up this long resets the backoff.
-    pub stable_after: Duration,
-    /// Writing the acknowledgement and reading a stream's header.
-    pub stream_header_timeout: Duration,
-    /// Connecting to the origin.
-    pub origin_connect_timeout: Duration,
-    /// Most streams open on one tunnel.
-    pub max_streams: usize,
-    /// Most bytes one stream (one visitor) may hold here received from the proxy but not yet
-    /// passed to the origin: the cap on its yamux receive window; the copy buffers grow with
-    /// it. See [`shroud_mux::session::connection_receive_window`].
-    pub stream_buffer: usize,
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(15),
-            handshake_timeout: Duration::from_secs(20),
-            keepalive_interval: Duration::from_secs(10),
-            backoff_base: crate::backoff::DEFAULT_BASE,
-            backoff_cap: crate::backoff::DEFAULT_CAP,
-            stable_after: crate::backoff::DEFAULT_STABLE_AFTER,
-            stream_header_timeout: Duration::from_secs(10),
-            origin_connect_timeout: Duration::from_secs(10),
-            max_streams: 8192,
-            stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
-        }
-    }
-}
-
-impl Timing {
-    /// Defaults for the Tor transport: circuits take seconds to build, and each round trip
-    /// crosses three relays.
-    pub fn tor() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(30),
-            stream_header_timeout: Duration::from_secs(20),
-            ..Self::default()
-        }
-    }
-}
-
-/// Where the list of proxies comes from.
-pub enum ProxySource {
-    /// A fixed list, as `--proxy` gives.
-    Static(Vec<ProxyAddr>),
-    /// A list that is asked for again: discovery, or DNS SRV records.
-    Dynamic(Box<dyn FleetSource>),
-}
-
-/// A source of proxy lists that changes over time.
-pub trait FleetSource: Send + Sync + 'static {
-    /// Fetches the current list, through `transport` where it goes over the network.
-    fn fetch<'a>(
-        &'a mut self,
-        transport: &'a dyn Transport,
-    ) -> BoxFuture<'a, Result<Fleet, FleetError>>;
-
-    /// What this source is, for logs (never secret).
-    fn describe(&self) -> String;
-}
-
-/// One answer of a [`FleetSource`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fleet {
-    /// The proxies to hold tunnels to now.
-    pub proxies: Vec<ProxyAddr>,
-    /// When to ask again.
-    pub refresh_after: Duration,
-}
-
-/// Why a [`FleetSource`] could not answer.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct FleetError {
-    /// Whether asking again cannot help (a forged or wrongly signed answer, say).
-    pub permanent: bool,
-    /// What went wrong.
-    pub message: String,
-}
-
-/// Everything a running client needs.
-pub struct ClientConfig {
-    /// The normalised hostname to publish.
-    pub hostname: String,
-    /// Where visitors' TLS connections go.
-    pub target: Target,
-    /// Where plain-HTTP visitors go; without it the proxy redirects them to HTTPS.
-    pub http_target: Option<Target>,
-    /// Terminate visitors' TLS here (and send plaintext to `target`).
-    pub origin_tls: Option<TlsAcceptor>,
-    /// Where the proxies to hold tunnels to come from.
-    pub source: ProxySource,
-    /// How proxies are reached.
-    pub transport: Arc<dyn Transport>,
-    /// TLS toward proxies (roots, ALPN).
-    pub tls: Arc<rustls::ClientConfig>,
-    /// The client's identity.
-    pub key: SecretKey,
-    /// Timeouts and intervals.
-    pub timing: Timing,
-}
-
-/// The tunnels' states, by proxy.
-pub type States = BTreeMap<ProxyAddr, TunnelState>;
+use crate::fleet::{FleetError, FleetSource, ProxySource};
+use crate::shared::{ClientConfig, ProxyAddr, StateReporter, States, StreamTasks, TunnelState};
+use crate::tunnel;
 
 /// Why a client stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -195,15 +41,19 @@ pub struct Client {
 }
 
 impl Client {
-    /// Starts the client on the current runtime. It runs until `shutdown` is cancelled, until
-    /// every proxy of a fixed list has refused for good, or until its list of proxies cannot
-    /// be had at all.
-    pub fn spawn(config: ClientConfig, shutdown: CancellationToken) -> Result<Client, ClientError> {
-        if matches!(&config.source, ProxySource::Static(list) if list.is_empty()) {
+    /// Starts the client on the current runtime, holding tunnels to the proxies `source`
+    /// names. It runs until `shutdown` is cancelled, until every proxy of a fixed list has
+    /// refused for good, or until its list of proxies cannot be had at all.
+    pub fn spawn(
+        config: ClientConfig,
+        source: ProxySource,
+        shutdown: CancellationToken,
+    ) -> Result<Client, ClientError> {
+        if matches!(&source, ProxySource::Static(list) if list.is_empty()) {
             return Err(ClientError::NoProxies);
         }
         let (states_tx, states) = watch::channel(States::new());
-        let task = tokio::spawn(supervise(config, states_tx, shutdown));
+        let task = tokio::spawn(supervise(Arc::new(config), source, states_tx, shutdown));
         Ok(Client { states, task })
     }
 
@@ -253,39 +103,6 @@ impl Client {
             Ok(result) => result,
             Err(err) => Err(ClientError::AllFailed(vec![format!("client task: {err}")])),
         }
-    }
-}
-
-/// Reports one tunnel's state into the client's map; made by the client for each tunnel task.
-pub struct StateReporter {
-    states: watch::Sender<States>,
-    proxy: ProxyAddr,
-    /// Set when the proxy left the list: the tunnel's last words must not bring it back.
-    retired: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl StateReporter {
-    /// A reporter of `proxy`'s tunnel into `states`, and the flag that retires it.
-    pub(crate) fn new(
-        states: watch::Sender<States>,
-        proxy: ProxyAddr,
-    ) -> (Self, Arc<std::sync::atomic::AtomicBool>) {
-        let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reporter = Self {
-            states,
-            proxy,
-            retired: retired.clone(),
-        };
-        (reporter, retired)
-    }
-
-    /// Sets this tunnel's state, unless its proxy has left the list.
-    pub fn send_replace(&self, state: TunnelState) {
-        self.states.send_modify(|states| {
-            if !self.retired.load(std::sync::atomic::Ordering::SeqCst) {
-                states.insert(self.proxy.clone(), state);
-            }
-        });
     }
 }
 
@@ -374,33 +191,11 @@ impl Tunnels {
 }
 
 async fn supervise(
-    config: ClientConfig,
+    config: Arc<ClientConfig>,
+    source: ProxySource,
     states: watch::Sender<States>,
     shutdown: CancellationToken,
 ) -> Result<(), ClientError> {
-    let ClientConfig {
-        hostname,
-        target,
-        http_target,
-        origin_tls,
-        source,
-        transport,
-        tls,
-        key,
-        timing,
-    } = config;
-    // The tunnels share everything but the source of the list.
-    let config = Arc::new(ClientConfig {
-        hostname,
-        target,
-        http_target,
-        origin_tls,
-        source: ProxySource::Static(Vec::new()),
-        transport,
-        tls,
-        key,
-        timing,
-    });
     let mut tunnels = Tunnels {
         config: config.clone(),
         states,

@@ -16,7 +16,8 @@ use shroud_mux::auth::PublicKey;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 
-use crate::client::{Fleet, FleetError, FleetSource, ProxyAddr};
+use crate::fleet::{Fleet, FleetError, FleetSource};
+use crate::shared::ProxyAddr;
 use crate::transport::Transport;
 
 /// Largest discovery response read.

@@ -12,26 +12,12 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod discovery;
+pub mod fleet;
 pub mod key;
 pub mod origin;
+pub mod shared;
 pub mod srv;
 pub mod tls;
 pub mod tor;
 pub mod transport;
 pub mod tunnel;
-
-/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    init_logging_with("info");
-}
-
-/// Sets up logging to stderr, filtered by `RUST_LOG`, or by `default` when it is unset.
-pub fn init_logging_with(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
-}

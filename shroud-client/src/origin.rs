@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::{debug, Instrument as _};
 
-use crate::client::{ClientConfig, Target};
+use crate::shared::{ClientConfig, Target};
 
 /// What a plain-HTTP visitor gets when the origin cannot be reached.
 const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\n\

@@ -387,16 +387,15 @@ impl SrvSource {
     }
 }
 
-impl crate::client::FleetSource for SrvSource {
+impl crate::fleet::FleetSource for SrvSource {
     fn fetch<'a>(
         &'a mut self,
         transport: &'a dyn Transport,
-    ) -> futures::future::BoxFuture<'a, Result<crate::client::Fleet, crate::client::FleetError>>
-    {
+    ) -> futures::future::BoxFuture<'a, Result<crate::fleet::Fleet, crate::fleet::FleetError>> {
         Box::pin(async move {
             let answer = lookup_srv(transport, self.dns_server, &self.hostname, self.timeout)
                 .await
-                .map_err(|err| crate::client::FleetError {
+                .map_err(|err| crate::fleet::FleetError {
                     permanent: false,
                     message: format!("SRV lookup for {}: {err}", self.hostname),
                 })?;
@@ -404,12 +403,12 @@ impl crate::client::FleetSource for SrvSource {
                 .targets
                 .into_iter()
                 .take(self.max_proxies)
-                .map(|t| crate::client::ProxyAddr {
+                .map(|t| crate::shared::ProxyAddr {
                     name: t.name,
                     port: t.port,
                 })
                 .collect();
-            Ok(crate::client::Fleet {
+            Ok(crate::fleet::Fleet {
                 proxies,
                 refresh_after: answer
                     .ttl

@@ -22,33 +22,11 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
-use crate::client::{ClientConfig, ProxyAddr, StateReporter};
 use crate::origin;
-
-/// What a tunnel task is doing now, as shown to whoever watches the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TunnelState {
-    /// Connecting or binding.
-    Connecting,
-    /// Bound: the proxy sends this tunnel visitors.
-    Bound,
-    /// Waiting before the next attempt.
-    Waiting {
-        /// Why the last attempt or tunnel ended.
-        reason: String,
-    },
-    /// Gave up: retrying cannot help.
-    Failed {
-        /// Why.
-        reason: String,
-    },
-    /// The client is shutting down.
-    Stopped,
-}
+use crate::shared::{ClientConfig, ProxyAddr, StateReporter, StreamTasks, TunnelState};
 
 /// Why an attempt to bring a tunnel up failed.
 #[derive(Debug, thiserror::Error)]
@@ -99,18 +77,6 @@ impl From<std::io::Error> for AttemptError {
     fn from(err: std::io::Error) -> Self {
         Self::Protocol(format!("control stream: {err}"))
     }
-}
-
-/// Where the streams of a client's tunnels run, and what ends them: the client's own tracker
-/// and shutdown, not one tunnel task's. Sessions the proxy is draining run there too, so they
-/// outlive their tunnel task's reconnect, and the proxy leaving the list (as a draining proxy
-/// soon does), and end when the proxy closes them or the client stops.
-#[derive(Debug, Clone)]
-pub struct StreamTasks {
-    /// Every visitor stream and draining session, for the client to wait on when it stops.
-    pub tracker: TaskTracker,
-    /// The client's shutdown.
-    pub shutdown: CancellationToken,
 }
 
 /// A tunnel that is up and bound.

@@ -52,6 +52,25 @@ fn key_prints_the_public_key_first_and_creates_a_private_file() {
 }
 
 #[test]
+fn key_into_a_closed_pipe_exits_cleanly() {
+    // `shroud key | head -1`, with the reader gone before the first write: stdout fails with
+    // EPIPE, which must not panic (Rust ignores SIGPIPE, so println! would).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("client.key");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_shroud"))
+        .args(["key", "--key", path.to_str().unwrap()])
+        .env_remove("SHROUD_KEY")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("panicked"), "{}", stderr(&output));
+    assert!(path.exists(), "the key was still made");
+}
+
+#[test]
 fn a_key_file_others_can_read_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("client.key");

@@ -12,7 +12,8 @@ use tracing::info;
 
 use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
 use crate::policy::Policy;
-use crate::server::{self, Limits, Listeners, ProxyConfig};
+use crate::server::{self, Listeners};
+use crate::shared::{Limits, ProxyConfig};
 
 /// A shroud proxy: publishes services whose clients hold tunnels to it, routing visitors by TLS
 /// SNI or HTTP Host without decrypting their traffic.
@@ -251,7 +252,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         "starting"
     );
     let shutdown = CancellationToken::new();
-    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
     let announce = cli
         .announcement()?
         .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
@@ -326,23 +327,6 @@ impl Cli {
             interval: Duration::from_secs(self.heartbeat_secs),
         }))
     }
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT.
-pub async fn shutdown_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the proxy with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }
 
 #[cfg(test)]

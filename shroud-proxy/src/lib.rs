@@ -8,8 +8,9 @@
 //! [`policy`] and registers the names. [`dns_auth`] reads the client keys a name's owner lists
 //! in DNS TXT records. [`admission`] holds the limits on new work (connections per address
 //! and per hostname, tunnels and hostnames per key) and documents the order of every check.
-//! [`server`] owns the listeners and graceful shutdown; [`cli`] turns flags into a
-//! [`server::ProxyConfig`].
+//! [`shared`] holds what every task shares (configuration, limits, routing table, admission
+//! counts) and imports none of them; [`server`] owns the listeners and graceful shutdown;
+//! [`cli`] turns flags into a [`shared::ProxyConfig`].
 
 pub mod admission;
 pub mod cli;
@@ -19,17 +20,7 @@ pub mod policy;
 pub mod registry;
 pub mod replay;
 pub mod server;
+pub mod shared;
 pub mod tls_sniff;
 pub mod tunnel;
 pub mod visitor;
-
-/// Sets up logging to stderr, filtered by `RUST_LOG` (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
-}

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::admission::{AddressGuard, KeyGuard};
 use crate::dns_auth::DnsVerdict;
 use crate::registry::TunnelId;
-use crate::server::Shared;
+use crate::shared::Shared;
 
 /// Why a tunnel ended before it was bound, or while it was up.
 #[derive(Debug, thiserror::Error)]

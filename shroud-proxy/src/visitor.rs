@@ -22,7 +22,7 @@ use crate::admission::{AddressGuard, Limit};
 use crate::http_sniff::{self, HttpSniffError};
 use crate::registry::Route;
 use crate::replay::Replay;
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::tls_sniff;
 use crate::tunnel;
 

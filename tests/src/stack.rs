@@ -15,12 +15,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use shroud_client::client::{Client, ClientConfig, ProxyAddr, Target, Timing};
+use shroud_client::client::Client;
+use shroud_client::shared::{ClientConfig, ProxyAddr, Target, Timing};
 use shroud_client::transport::{DirectTransport, Resolve};
 use shroud_mux::auth::SecretKey;
 use shroud_proxy::policy::Policy;
 use shroud_proxy::server::bind_listener;
-use shroud_proxy::server::{Limits, Listeners, ProxyConfig};
+use shroud_proxy::server::Listeners;
+use shroud_proxy::shared::{Limits, ProxyConfig};
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
@@ -187,7 +189,7 @@ pub struct ClientSpec {
     pub origin_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Where the list of proxies comes from, when not `proxies` (which then only says where
     /// each name resolves, as `--resolve` does).
-    pub fleet: Option<Box<dyn shroud_client::client::FleetSource>>,
+    pub fleet: Option<Box<dyn shroud_client::fleet::FleetSource>>,
     /// Timeouts; tests shorten the backoff so reconnects happen quickly.
     pub timing: Timing,
 }
@@ -259,17 +261,17 @@ impl TestClient {
             target: target(spec.target),
             http_target: spec.http_target.map(target),
             origin_tls: spec.origin_tls,
-            source: match spec.fleet {
-                Some(fleet) => shroud_client::client::ProxySource::Dynamic(fleet),
-                None => shroud_client::client::ProxySource::Static(proxies),
-            },
             transport,
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,
             timing: spec.timing,
         };
+        let source = match spec.fleet {
+            Some(fleet) => shroud_client::fleet::ProxySource::Dynamic(fleet),
+            None => shroud_client::fleet::ProxySource::Static(proxies),
+        };
         let shutdown = CancellationToken::new();
-        let client = Client::spawn(config, shutdown.clone())?;
+        let client = Client::spawn(config, source, shutdown.clone())?;
         Ok(Self {
             client,
             guard: shutdown.drop_guard(),

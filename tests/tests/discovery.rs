@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hickory_proto::rr::RecordType;
-use shroud_client::client::FleetSource as _;
 use shroud_client::discovery::DiscoverySource;
+use shroud_client::fleet::FleetSource as _;
+use shroud_client::shared::TunnelState;
 use shroud_client::transport::{DirectTransport, Resolve};
-use shroud_client::tunnel::TunnelState;
 use shroud_discovery::fleet::{Fleet, FleetFile};
 use shroud_discovery::secret::FleetSecret;
 use shroud_discovery::server::{RequireCname, ServerConfig};

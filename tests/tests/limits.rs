@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
-use shroud_client::tunnel::TunnelState;
+use shroud_client::shared::TunnelState;
 use shroud_mux::auth::SecretKey;
-use shroud_proxy::server::Limits;
+use shroud_proxy::shared::Limits;
 use shroud_tests::stack::{ClientSpec, Pki, ProxyProcess, TestClient, TestProxy};
 use shroud_tests::{
     bulk_transfer, client_config, http_exchange, http_get, https_get, init, tls_connect, within,

@@ -10,8 +10,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use shroud_client::shared::TunnelState;
 use shroud_client::transport::{BoxStream, DirectTransport, Resolve, Transport};
-use shroud_client::tunnel::TunnelState;
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::{
     client_config, http_get, https_get, init, tls_connect, within, HttpOrigin, SilentOrigin,

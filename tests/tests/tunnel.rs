@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use shroud_client::tunnel::TunnelState;
-use shroud_proxy::server::Limits;
+use shroud_client::shared::TunnelState;
+use shroud_proxy::shared::Limits;
 use shroud_tests::stack::{authorize, ClientSpec, FreezableRelay, Pki, TestClient, TestProxy};
 use shroud_tests::{
     bulk_transfer, http_get, https_get, init, raw_http, tls_connect, within, BulkOrigin,

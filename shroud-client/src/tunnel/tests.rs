@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use super::*;
-use crate::client::{ProxySource, States, Target, Timing};
+use tokio_util::task::TaskTracker;
+
+use crate::shared::{States, Target, Timing};
 use crate::transport::{BoxStream, Transport};
 
 const HOST: &str = "example.test";
@@ -413,7 +415,6 @@ impl Held {
             target: target.clone(),
             http_target: Some(target),
             origin_tls: None,
-            source: ProxySource::Static(Vec::new()),
             transport: Arc::new(fake),
             tls: client_tls,
             key: SecretKey::from_seed(&[7; 32]),

@@ -38,7 +38,7 @@ async fn main() -> ExitCode {
     }
     // A private network of eight relays makes Arti warn that it is small; true, and beside the
     // point here.
-    shroud_client::init_logging_with("info,tor_netdir=error");
+    shroud_process::logging::init("info,tor_netdir=error");
     match demo(check, tor).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

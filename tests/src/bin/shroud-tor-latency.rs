@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, ensure, Context as _};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
-use shroud_client::client::Timing;
+use shroud_client::shared::Timing;
 use shroud_client::tor::{TorOptions, TorTransport};
 use shroud_client::transport::Resolve;
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};

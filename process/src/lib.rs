@@ -1,0 +1,16 @@
+//! What every shroud binary does as a process, apart from its own work.
+//!
+//! `shroud`, `shroud-proxy` and `shroud-discovery` each parse their command line, set up
+//! [`logging`], raise their [`limits`], stop on a [`signal`], and end with an [`exit`] status.
+//! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
+//! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
+//! these is written once here, so that the binaries cannot drift apart.
+
+#![forbid(unsafe_code)]
+
+pub mod exit;
+pub mod key;
+pub mod limits;
+pub mod logging;
+pub mod signal;
+pub mod tls;
