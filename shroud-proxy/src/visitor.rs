@@ -434,3 +434,6 @@ async fn copy(
 fn local_port(stream: &TcpStream) -> u16 {
     stream.local_addr().map(|a| a.port()).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests;
