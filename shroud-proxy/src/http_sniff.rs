@@ -219,11 +219,9 @@ pub fn simple_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::OneByte;
 
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    use tokio::io::{AsyncWriteExt, ReadBuf};
+    use tokio::io::AsyncWriteExt;
 
     const MAX: usize = 8 * 1024;
 
@@ -240,23 +238,6 @@ mod tests {
         match read(bytes.as_bytes()).await {
             Err(HttpSniffError::BadHost(why)) => why,
             other => panic!("expected BadHost for {bytes:?}, got {other:?}"),
-        }
-    }
-
-    /// Yields at most one byte per read.
-    struct OneByte<'a>(&'a [u8]);
-
-    impl AsyncRead for OneByte<'_> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            if let Some((first, rest)) = self.0.split_first() {
-                buf.put_slice(&[*first]);
-                self.0 = rest;
-            }
-            Poll::Ready(Ok(()))
         }
     }
 

@@ -21,6 +21,8 @@ pub mod registry;
 pub mod replay;
 pub mod server;
 pub mod shared;
+#[cfg(test)]
+mod testing;
 pub mod tls_sniff;
 pub mod tunnel;
 pub mod visitor;

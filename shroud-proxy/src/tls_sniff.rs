@@ -400,13 +400,12 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::OneByte;
 
-    use std::pin::Pin;
     use std::sync::Arc;
-    use std::task::{Context, Poll};
 
     use rustls::pki_types::ServerName;
-    use tokio::io::{AsyncWriteExt, ReadBuf};
+    use tokio::io::AsyncWriteExt;
 
     /// Default cap used in the tests, as the proxy would use it.
     const MAX: usize = 16 * 1024;
@@ -490,23 +489,6 @@ mod tests {
         match parse_client_hello(buf) {
             Err(SniffError::Malformed(why)) => why,
             other => panic!("expected Malformed, got {other:?}"),
-        }
-    }
-
-    /// Yields at most one byte per read.
-    struct OneByte<'a>(&'a [u8]);
-
-    impl AsyncRead for OneByte<'_> {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            if let Some((first, rest)) = self.0.split_first() {
-                buf.put_slice(&[*first]);
-                self.0 = rest;
-            }
-            Poll::Ready(Ok(()))
         }
     }
 

@@ -22,7 +22,7 @@ use crate::admission::{AddressGuard, Limit};
 use crate::http_sniff::{self, HttpSniffError};
 use crate::registry::Route;
 use crate::replay::Replay;
-use crate::shared::Shared;
+use crate::shared::{RoutingGuard, Shared};
 use crate::tls_sniff;
 use crate::tunnel;
 
@@ -83,39 +83,19 @@ pub async fn serve_https(
     };
     let span = tracing::debug_span!("visitor", host = %sni, %peer);
     async {
-        let route = route(&shared, &sni, false).await;
-        drop(routing);
-        let Route::Tunnel(session) = route else {
-            debug!("no tunnel for this name");
-            let _ = stream
-                .write_all(&tls_sniff::unrecognized_name_alert())
-                .await;
-            return;
-        };
-        let Some(_counted) = shared.admission.visitor_for(&sni) else {
-            let _ = stream.write_all(&tls_sniff::internal_error_alert()).await;
-            return;
-        };
         let header = StreamHeader {
             hostname: sni,
             kind: StreamKind::Tls,
             visitor: peer,
             public_port: local_port(&stream),
         };
-        let tunnel = match open(&shared, session, &header, &bytes).await {
-            Ok(tunnel) => tunnel,
-            Err(err) => {
-                debug!(%err, "no tunnel stream for the visitor");
-                if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
-                    refused_stream(&shared);
-                }
-                let _ = stream.write_all(&tls_sniff::internal_error_alert()).await;
-                return;
-            }
-        };
-        drop(bytes);
-        if let Err(err) = copy(&mut stream, tunnel, &shared).await {
-            debug!(%err, "visitor connection ended with an error");
+        if let Err(refusal) = splice_visitor(&mut stream, &shared, routing, header, bytes).await {
+            // A TLS visitor can only be told with an alert; which one is all it learns.
+            let alert = match refusal {
+                Refusal::NoTunnel(_) => tls_sniff::unrecognized_name_alert(),
+                Refusal::HostnameFull | Refusal::Open(_) => tls_sniff::internal_error_alert(),
+            };
+            let _ = stream.write_all(&alert).await;
         }
     }
     .instrument(span)
@@ -150,11 +130,18 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
     };
     let span = tracing::debug_span!("visitor", host = %head.host, %peer);
     async {
-        let route = route(&shared, &head.host, true).await;
-        drop(routing);
-        let session = match route {
-            Route::Tunnel(session) => session,
-            Route::RedirectToHttps => {
+        let header = StreamHeader {
+            hostname: head.host.clone(),
+            kind: StreamKind::Http,
+            visitor: peer,
+            public_port: local_port(&stream),
+        };
+        let Err(refusal) = splice_visitor(&mut stream, &shared, routing, header, bytes).await
+        else {
+            return;
+        };
+        let response = match refusal {
+            Refusal::NoTunnel(Route::RedirectToHttps) => {
                 let location = format!("https://{}{}", head.host, head.path);
                 let response = http_sniff::simple_response(
                     308,
@@ -162,75 +149,103 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
                     &[("Location", &location)],
                     &format!("moved to {location}\n"),
                 );
-                respond(&mut stream, &response).await;
-                return;
+                return respond(&mut stream, &response).await;
             }
-            Route::Unknown => {
+            Refusal::NoTunnel(_) => {
                 let response = http_sniff::simple_response(
                     404,
                     "Not Found",
                     &[],
                     "no service is published under this name here\n",
                 );
-                respond(&mut stream, &response).await;
-                return;
+                return respond(&mut stream, &response).await;
             }
-        };
-        let Some(_counted) = shared.admission.visitor_for(&head.host) else {
-            let response = http_sniff::simple_response(
+            Refusal::HostnameFull => http_sniff::simple_response(
                 503,
                 "Service Unavailable",
                 &[("Retry-After", "5")],
                 "this service has too many visitors at the moment; try again shortly\n",
-            );
-            respond_and_linger(&mut stream, &response).await;
-            return;
-        };
-        let header = StreamHeader {
-            hostname: head.host.clone(),
-            kind: StreamKind::Http,
-            visitor: peer,
-            public_port: local_port(&stream),
-        };
-        let tunnel = match open(&shared, session, &header, &bytes).await {
-            Ok(tunnel) => tunnel,
-            Err(err) => {
-                debug!(%err, "no tunnel stream for the visitor");
-                let response = match err {
-                    SpliceError::Open(SessionError::TooManyStreams) => {
-                        refused_stream(&shared);
-                        http_sniff::simple_response(
-                            503,
-                            "Service Unavailable",
-                            &[("Retry-After", "5")],
-                            "this service has too many connections open at the moment; try \
-                             again shortly\n",
-                        )
-                    }
-                    SpliceError::AckTimeout => http_sniff::simple_response(
-                        504,
-                        "Gateway Timeout",
-                        &[],
-                        "the service did not answer in time\n",
-                    ),
-                    SpliceError::Open(_) | SpliceError::Tunnel(_) => http_sniff::simple_response(
-                        502,
-                        "Bad Gateway",
-                        &[("Retry-After", "5")],
-                        "the service's tunnel failed; try again shortly\n",
-                    ),
-                };
-                respond_and_linger(&mut stream, &response).await;
-                return;
+            ),
+            Refusal::Open(SpliceError::Open(SessionError::TooManyStreams)) => {
+                http_sniff::simple_response(
+                    503,
+                    "Service Unavailable",
+                    &[("Retry-After", "5")],
+                    "this service has too many connections open at the moment; try again \
+                     shortly\n",
+                )
+            }
+            Refusal::Open(SpliceError::AckTimeout) => http_sniff::simple_response(
+                504,
+                "Gateway Timeout",
+                &[],
+                "the service did not answer in time\n",
+            ),
+            Refusal::Open(SpliceError::Open(_) | SpliceError::Tunnel(_)) => {
+                http_sniff::simple_response(
+                    502,
+                    "Bad Gateway",
+                    &[("Retry-After", "5")],
+                    "the service's tunnel failed; try again shortly\n",
+                )
             }
         };
-        drop(bytes);
-        if let Err(err) = copy(&mut stream, tunnel, &shared).await {
-            debug!(%err, "visitor connection ended with an error");
-        }
+        respond_and_linger(&mut stream, &response).await;
     }
     .instrument(span)
     .await
+}
+
+/// Why a visitor was not spliced onto a tunnel. Nothing has been written to it then, so the
+/// caller may still answer it, each kind of visitor in its own way.
+enum Refusal {
+    /// No tunnel serves the name (or, for plain HTTP, only tunnels that want HTTPS do).
+    NoTunnel(Route),
+    /// The name has as many visitors as it may.
+    HostnameFull,
+    /// No tunnel stream could be made ready.
+    Open(SpliceError),
+}
+
+/// What is the same for TLS and plain-HTTP visitors once their first bytes are read: route by
+/// `header.hostname`, count the visitor against its name, open a tunnel stream carrying the
+/// header and the `bytes` already read, then copy both ways until both directions are done.
+/// `routing` counts the visitor as not yet routed, for draining tunnels to wait on.
+async fn splice_visitor(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    routing: RoutingGuard,
+    header: StreamHeader,
+    bytes: Vec<u8>,
+) -> Result<(), Refusal> {
+    let http = header.kind == StreamKind::Http;
+    let route = route(shared, &header.hostname, http).await;
+    drop(routing);
+    let session = match route {
+        Route::Tunnel(session) => session,
+        other => {
+            debug!("no tunnel for this name");
+            return Err(Refusal::NoTunnel(other));
+        }
+    };
+    let Some(_counted) = shared.admission.visitor_for(&header.hostname) else {
+        return Err(Refusal::HostnameFull);
+    };
+    let tunnel = match open(shared, session, &header, &bytes).await {
+        Ok(tunnel) => tunnel,
+        Err(err) => {
+            debug!(%err, "no tunnel stream for the visitor");
+            if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
+                refused_stream(shared);
+            }
+            return Err(Refusal::Open(err));
+        }
+    };
+    drop(bytes);
+    if let Err(err) = copy(stream, tunnel, shared).await {
+        debug!(%err, "visitor connection ended with an error");
+    }
+    Ok(())
 }
 
 /// Finds the tunnel for `hostname`, waiting a while for one if it is expected back, unless the
