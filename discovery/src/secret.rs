@@ -4,10 +4,10 @@
 //! constant time, and never reaches a log: its `Debug` prints a mask.
 
 use std::fmt;
-use std::fs::File;
-use std::io::{self, Read as _};
-use std::os::unix::fs::PermissionsExt as _;
+use std::io;
 use std::path::{Path, PathBuf};
+
+use shroud_mux::keyfile::{read_private, PrivateFileError};
 
 /// Shortest secret accepted, in bytes: anything shorter could be guessed.
 pub const MIN_SECRET_LEN: usize = 16;
@@ -65,23 +65,17 @@ impl FleetSecret {
     /// Reads a secret from a file only its owner may access. Surrounding whitespace (a final
     /// newline) is ignored.
     pub fn load(path: &Path) -> Result<Self, SecretError> {
-        let read_error = |source| SecretError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let file = File::open(path).map_err(read_error)?;
-        let mode = file.metadata().map_err(read_error)?.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(SecretError::Permissions {
+        let bytes = read_private(path, MAX_SECRET_LEN as u64 * 2).map_err(|err| match err {
+            PrivateFileError::Io(source) => SecretError::Read {
+                path: path.to_owned(),
+                source,
+            },
+            PrivateFileError::Permissions(mode) => SecretError::Permissions {
                 path: path.to_owned(),
                 mode,
-            });
-        }
-        let mut bytes = Vec::new();
-        file.take(MAX_SECRET_LEN as u64 * 2)
-            .read_to_end(&mut bytes)
-            .map_err(read_error)?;
-        let text = String::from_utf8(bytes).map_err(|_| SecretError::Invalid)?;
+            },
+        })?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| SecretError::Invalid)?;
         Self::new(text.trim().to_owned())
     }
 
@@ -113,6 +107,7 @@ mod tests {
     use std::fs;
 
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn compares_whole_secrets_only() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use crate::auth::SecretKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
-use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
+pub use ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing;
 use ed25519_dalek::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
 
 /// A PKCS#8 PEM ed25519 key is about 120 bytes; anything far larger is not a key file.
@@ -108,25 +108,51 @@ pub fn load_or_create(path: &Path) -> Result<(SecretKey, bool), KeyError> {
     }
 }
 
-/// Loads the key at `path`, refusing a file that its group or other users have any access to.
-pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
-    let read_error = |source| KeyError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(read_error)?;
+/// Why a private file could not be read; callers name the file in their own errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivateFileError {
+    /// The file could not be opened or read.
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    /// The file grants some permission (these bits) to its group or to other users.
+    #[error("mode {0:04o} lets other users read it")]
+    Permissions(u32),
+}
+
+/// Reads at most `limit` bytes of the file at `path`, refusing a file that its group or other
+/// users have any access to, the way `ssh` treats private keys. The bytes are wiped when
+/// dropped.
+pub fn read_private(path: &Path, limit: u64) -> Result<Zeroizing<Vec<u8>>, PrivateFileError> {
+    let file = File::open(path).map_err(PrivateFileError::Io)?;
     // Check the file we opened, not the path again, so a swap in between changes nothing.
-    let mode = file.metadata().map_err(read_error)?.permissions().mode() & 0o7777;
+    let mode = file
+        .metadata()
+        .map_err(PrivateFileError::Io)?
+        .permissions()
+        .mode()
+        & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
+        return Err(PrivateFileError::Permissions(mode));
     }
     let mut contents = Zeroizing::new(Vec::new());
-    file.take(MAX_KEY_FILE_LEN + 1)
+    file.take(limit)
         .read_to_end(&mut contents)
-        .map_err(read_error)?;
+        .map_err(PrivateFileError::Io)?;
+    Ok(contents)
+}
+
+/// Loads the key at `path`, refusing a file that its group or other users have any access to.
+pub fn load(path: &Path) -> Result<SecretKey, KeyError> {
+    let contents = read_private(path, MAX_KEY_FILE_LEN + 1).map_err(|err| match err {
+        PrivateFileError::Io(source) => KeyError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        PrivateFileError::Permissions(mode) => KeyError::Permissions {
+            path: path.to_owned(),
+            mode,
+        },
+    })?;
     let parse_error = |source| KeyError::Parse {
         path: path.to_owned(),
         source,
