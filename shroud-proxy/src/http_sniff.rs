@@ -6,12 +6,12 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
+
+use crate::replay::{read_more, ReadMore};
 
 /// The most header lines a request head may have.
 const MAX_HEADERS: usize = 64;
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 4096;
 
 /// What the proxy learns from a request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,23 +70,11 @@ pub async fn read_request_head<R: AsyncRead + Unpin>(
     // That keeps a client trickling bytes in from costing quadratic work.
     let mut seen_content = false;
     loop {
-        let room = max_len.saturating_sub(buf.len()).min(READ_CHUNK);
-        if room == 0 {
-            return Err(HttpSniffError::TooLarge);
-        }
         let filled = buf.len();
-        buf.resize(filled + room, 0);
-        let read = io.read(&mut buf[filled..]).await;
-        let n = match read {
-            Ok(n) => n,
-            Err(err) => {
-                buf.truncate(filled);
-                return Err(err.into());
-            }
-        };
-        buf.truncate(filled + n);
-        if n == 0 {
-            return Err(HttpSniffError::Eof);
+        match read_more(io, &mut buf, max_len).await? {
+            ReadMore::Read(_) => {}
+            ReadMore::Full => return Err(HttpSniffError::TooLarge),
+            ReadMore::Eof => return Err(HttpSniffError::Eof),
         }
         let new = &buf[filled..];
         let first_content = !seen_content && new.iter().any(|b| !matches!(b, b'\r' | b'\n'));
@@ -221,7 +209,7 @@ mod tests {
     use super::*;
     use crate::testing::OneByte;
 
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const MAX: usize = 8 * 1024;
 

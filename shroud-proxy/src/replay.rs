@@ -1,14 +1,50 @@
-//! A stream that first yields bytes already read from it.
+//! Bytes read to route a connection, and a stream that first yields them again.
 //!
-//! The proxy reads a ClientHello or HTTP head to decide where a connection goes. Those bytes
-//! must then reach whoever handles the connection: the TLS acceptor for a tunnel, or nobody
-//! else (for a visitor they are written onto the tunnel stream directly).
+//! The proxy reads a ClientHello or HTTP head to decide where a connection goes
+//! ([`read_more`] is how both sniffers read). Those bytes must then reach whoever handles the
+//! connection: the TLS acceptor for a tunnel ([`Replay`]), or nobody else (for a visitor they
+//! are written onto the tunnel stream directly).
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+
+/// Most bytes a sniffer asks for in one read.
+const READ_CHUNK: usize = 4096;
+
+/// What [`read_more`] got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadMore {
+    /// This many bytes (at least one) were appended.
+    Read(usize),
+    /// `buf` already holds `max_len` bytes; nothing was read.
+    Full,
+    /// The peer closed the connection.
+    Eof,
+}
+
+/// Appends what `io` has next to `buf`, at most [`READ_CHUNK`] bytes and never past `max_len`
+/// in all. On an error `buf` is left as it was.
+pub async fn read_more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    max_len: usize,
+) -> io::Result<ReadMore> {
+    let room = max_len.saturating_sub(buf.len()).min(READ_CHUNK);
+    if room == 0 {
+        return Ok(ReadMore::Full);
+    }
+    let filled = buf.len();
+    buf.resize(filled + room, 0);
+    let read = io.read(&mut buf[filled..]).await;
+    buf.truncate(filled + *read.as_ref().unwrap_or(&0));
+    match read? {
+        0 => Ok(ReadMore::Eof),
+        n => Ok(ReadMore::Read(n)),
+    }
+}
 
 /// `inner`, with `prefix` read first.
 #[derive(Debug)]
@@ -90,5 +126,29 @@ mod tests {
         let mut rest = String::new();
         replay.read_to_string(&mut rest).await.unwrap();
         assert_eq!(rest, "lo world");
+    }
+
+    #[tokio::test]
+    async fn read_more_appends_within_its_bound() {
+        let mut source: &[u8] = b"abcdef";
+        let mut buf = b"xy".to_vec();
+        assert_eq!(
+            read_more(&mut source, &mut buf, 5).await.unwrap(),
+            ReadMore::Read(3)
+        );
+        assert_eq!(buf, b"xyabc");
+        assert_eq!(
+            read_more(&mut source, &mut buf, 5).await.unwrap(),
+            ReadMore::Full
+        );
+        assert_eq!(
+            read_more(&mut source, &mut buf, 64).await.unwrap(),
+            ReadMore::Read(3)
+        );
+        assert_eq!(
+            read_more(&mut source, &mut buf, 64).await.unwrap(),
+            ReadMore::Eof
+        );
+        assert_eq!(buf, b"xyabcdef", "nothing is lost or padded");
     }
 }

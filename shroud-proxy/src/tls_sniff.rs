@@ -12,7 +12,9 @@
 use std::collections::HashSet;
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
+
+use crate::replay::{read_more, ReadMore};
 
 /// TLS record content type of a handshake record.
 const CONTENT_HANDSHAKE: u8 = 22;
@@ -33,8 +35,6 @@ const EXT_SERVER_NAME: u16 = 0;
 const EXT_ALPN: u16 = 16;
 /// `NameType` of a DNS host name in the `server_name` extension.
 const NAME_TYPE_HOST_NAME: u8 = 0;
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 4096;
 
 /// What the proxy learns from a ClientHello.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,23 +109,10 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(
                 }
             }
         }
-        let room = max_len.saturating_sub(buf.len()).min(READ_CHUNK);
-        if room == 0 {
-            return Err(SniffError::TooLarge);
-        }
-        let filled = buf.len();
-        buf.resize(filled + room, 0);
-        let read = io.read(&mut buf[filled..]).await;
-        let n = match read {
-            Ok(n) => n,
-            Err(err) => {
-                buf.truncate(filled);
-                return Err(err.into());
-            }
-        };
-        buf.truncate(filled + n);
-        if n == 0 {
-            return Err(SniffError::Eof);
+        match read_more(io, &mut buf, max_len).await? {
+            ReadMore::Read(_) => {}
+            ReadMore::Full => return Err(SniffError::TooLarge),
+            ReadMore::Eof => return Err(SniffError::Eof),
         }
     }
 }
@@ -405,7 +392,7 @@ mod tests {
     use std::sync::Arc;
 
     use rustls::pki_types::ServerName;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Default cap used in the tests, as the proxy would use it.
     const MAX: usize = 16 * 1024;
