@@ -108,6 +108,11 @@ pub enum BindStatus {
     /// The bind by itself asks for more than a limit of the proxy allows (more hostnames than
     /// one key may hold), so sending it again unchanged can never bind this name.
     ExceedsLimit,
+    /// The proxy's policy does not grant this key the hostname, and the name's DNS TXT
+    /// authorization (which the proxy consults) does not list the key: not yet, or no longer.
+    /// Publishing a record changes that without the client doing anything, so it is not a
+    /// refusal for good.
+    NotListed,
     /// A status this crate does not know, from a newer peer. It is a refusal; since nothing
     /// says retrying is futile, it is treated as one that may succeed later. Never holds one
     /// of the codes above.
@@ -124,6 +129,7 @@ impl BindStatus {
             Self::BadProof => 4,
             Self::Unavailable => 5,
             Self::ExceedsLimit => 6,
+            Self::NotListed => 7,
             Self::Other(code) => code,
         }
     }
@@ -139,6 +145,7 @@ impl BindStatus {
             4 => Self::BadProof,
             5 => Self::Unavailable,
             6 => Self::ExceedsLimit,
+            7 => Self::NotListed,
             other => Self::Other(other),
         }
     }
@@ -485,6 +492,7 @@ mod tests {
             BindStatus::BadProof,
             BindStatus::Unavailable,
             BindStatus::ExceedsLimit,
+            BindStatus::NotListed,
         ];
         for (code, status) in all.into_iter().enumerate() {
             assert_eq!(status.code() as usize, code);
@@ -509,6 +517,10 @@ mod tests {
         assert!(!BindStatus::Other(42).is_permanent());
         assert!(!BindStatus::LimitReached.is_permanent());
         assert!(BindStatus::ExceedsLimit.is_permanent());
+        assert!(
+            !BindStatus::NotListed.is_permanent(),
+            "a TXT record may be published"
+        );
     }
 
     #[test]

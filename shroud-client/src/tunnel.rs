@@ -114,6 +114,7 @@ pub async fn hold(
             () = stop.cancelled() => break,
             attempt = connect_and_bind(&proxy, &config) => attempt,
         };
+        let mut attempt_failed = false;
         let reason = match attempt {
             Ok(bound) => {
                 info!("tunnel up");
@@ -144,12 +145,18 @@ pub async fn hold(
                 return Some(reason);
             }
             Err(err) => {
-                warn!(%err, "tunnel attempt failed");
+                attempt_failed = true;
                 err.to_string()
             }
         };
         let delay = backoff.next_delay();
-        debug!(?delay, "waiting before the next attempt");
+        if attempt_failed {
+            // Say when the next try is: a refusal that can change without the client (a TXT
+            // record not yet published, a limit) is waited out, not given up on.
+            warn!(err = %reason, retry_in_secs = delay.as_secs(), "tunnel attempt failed; trying again");
+        } else {
+            debug!(?delay, "waiting before the next attempt");
+        }
         state.send_replace(TunnelState::Waiting { reason });
         tokio::select! {
             () = stop.cancelled() => break,

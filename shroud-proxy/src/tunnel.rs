@@ -227,6 +227,8 @@ async fn handshake(
                     dns.push((entry.name.clone(), Instant::now() + valid_for));
                 }
                 DnsVerdict::NotListed => {
+                    // The owner may publish a record at any time: the client should retry.
+                    outcome.status = BindStatus::NotListed;
                     outcome.reason = format!(
                         "this key is not authorized for this hostname on this proxy, nor by a \
                          TXT record at _shroud.{}",
