@@ -20,6 +20,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use shroud_process::resolve::Resolve;
+
 use crate::api::{self, Heartbeat};
 use crate::http::{self, HttpError};
 use crate::secret::FleetSecret;
@@ -160,6 +162,28 @@ pub enum AnnounceError {
     Timeout,
 }
 
+/// A discovery service to announce to, and how to reach it.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// Where the service is.
+    pub url: DiscoveryUrl,
+    /// TLS toward it (roots, ALPN); see [`client_tls`].
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Addresses to dial instead of asking DNS for the URL's host (`--resolve`).
+    pub resolve: Resolve,
+}
+
+impl Endpoint {
+    /// The service at `url`, reached with `tls`, its host looked up in DNS.
+    pub fn new(url: DiscoveryUrl, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            url,
+            tls,
+            resolve: Resolve::new(),
+        }
+    }
+}
+
 /// Builds the TLS configuration for reaching the discovery service: the public web roots,
 /// plus the certificates in `extra_ca` (PEM) if given. Uses the aws-lc-rs provider.
 pub fn client_tls(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -194,31 +218,32 @@ pub fn client_tls(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientC
 
 /// Sends one heartbeat and waits for the service's 204, within [`ATTEMPT_TIMEOUT`].
 pub async fn send_heartbeat(
-    url: &DiscoveryUrl,
+    endpoint: &Endpoint,
     secret: &FleetSecret,
     heartbeat: &Heartbeat,
-    tls: Arc<rustls::ClientConfig>,
 ) -> Result<(), AnnounceError> {
-    tokio::time::timeout(ATTEMPT_TIMEOUT, exchange(url, secret, heartbeat, tls))
+    tokio::time::timeout(ATTEMPT_TIMEOUT, exchange(endpoint, secret, heartbeat))
         .await
         .map_err(|_| AnnounceError::Timeout)?
 }
 
 async fn exchange(
-    url: &DiscoveryUrl,
+    endpoint: &Endpoint,
     secret: &FleetSecret,
     heartbeat: &Heartbeat,
-    tls: Arc<rustls::ClientConfig>,
 ) -> Result<(), AnnounceError> {
+    let url = &endpoint.url;
     let server_name = ServerName::try_from(url.host.clone())
         .map_err(|_| AnnounceError::ServerName(url.host.clone()))?;
-    let tcp = TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(AnnounceError::Connect)?;
+    let tcp = match endpoint.resolve.get(&url.host, url.port) {
+        Some(addr) => TcpStream::connect(addr).await,
+        None => TcpStream::connect((url.host.as_str(), url.port)).await,
+    }
+    .map_err(AnnounceError::Connect)?;
     if let Err(err) = tcp.set_nodelay(true) {
         debug!(%err, "could not set TCP_NODELAY");
     }
-    let stream = TlsConnector::from(tls)
+    let stream = TlsConnector::from(endpoint.tls.clone())
         .connect(server_name, tcp)
         .await
         .map_err(AnnounceError::Tls)?;
@@ -254,13 +279,13 @@ async fn exchange(
 /// The first heartbeat goes out at once. Errors are logged at warn and retried on the next
 /// tick; the secret never reaches a log.
 pub async fn run(
-    url: &DiscoveryUrl,
+    endpoint: &Endpoint,
     secret: FleetSecret,
     entry: ProxyEntry,
-    tls: Arc<rustls::ClientConfig>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    let url = &endpoint.url;
     let beat = Heartbeat::new(&entry, false);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -272,7 +297,7 @@ pub async fn run(
         }
         let result = tokio::select! {
             () = shutdown.cancelled() => break,
-            result = send_heartbeat(url, &secret, &beat, tls.clone()) => result,
+            result = send_heartbeat(endpoint, &secret, &beat) => result,
         };
         match result {
             Ok(()) if !registered => {
@@ -288,7 +313,7 @@ pub async fn run(
     }
 
     let leave = Heartbeat::new(&entry, true);
-    match tokio::time::timeout(LEAVE_TIMEOUT, send_heartbeat(url, &secret, &leave, tls)).await {
+    match tokio::time::timeout(LEAVE_TIMEOUT, send_heartbeat(endpoint, &secret, &leave)).await {
         Ok(Ok(())) => info!(discovery = %url, "left the discovery service"),
         Ok(Err(err)) => {
             warn!(discovery = %url, err = %anyhow::Error::new(err), "could not tell the discovery service this proxy is leaving")

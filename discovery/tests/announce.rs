@@ -15,7 +15,7 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use shroud_discovery::announce::{self, AnnounceError, DiscoveryUrl};
+use shroud_discovery::announce::{self, AnnounceError, DiscoveryUrl, Endpoint};
 use shroud_discovery::api::Heartbeat;
 use shroud_discovery::secret::FleetSecret;
 use shroud_discovery::server;
@@ -98,10 +98,9 @@ async fn registers_at_once_and_leaves_on_shutdown() {
         let proxy = proxy.clone();
         async move {
             announce::run(
-                &loopback_url(port),
+                &Endpoint::new(loopback_url(port), tls),
                 FleetSecret::new(SECRET.into()).unwrap(),
                 proxy,
-                tls,
                 Duration::from_secs(3600),
                 shutdown,
             )
@@ -131,10 +130,9 @@ async fn failures_are_retried_on_the_next_tick() {
         let tls = pki.client_tls();
         async move {
             announce::run(
-                &loopback_url(port),
+                &Endpoint::new(loopback_url(port), tls),
                 FleetSecret::new(SECRET.into()).unwrap(),
                 entry("p1.proxy.test", 443, "eu"),
-                tls,
                 Duration::from_millis(20),
                 shutdown,
             )
@@ -156,11 +154,11 @@ async fn heartbeats_reach_the_real_service() {
     })
     .await;
     let url = loopback_url(service.addr.port());
-    let tls = service.pki.client_tls();
+    let endpoint = Endpoint::new(url.clone(), service.pki.client_tls());
     let secret = FleetSecret::new(SECRET.into()).unwrap();
     let proxy = entry("p1.proxy.test", 443, "eu");
 
-    announce::send_heartbeat(&url, &secret, &Heartbeat::new(&proxy, false), tls.clone())
+    announce::send_heartbeat(&endpoint, &secret, &Heartbeat::new(&proxy, false))
         .await
         .unwrap();
     assert_eq!(
@@ -169,7 +167,7 @@ async fn heartbeats_reach_the_real_service() {
     );
 
     let wrong = FleetSecret::new("not-the-fleet-secret-at-all".into()).unwrap();
-    let err = announce::send_heartbeat(&url, &wrong, &Heartbeat::new(&proxy, false), tls.clone())
+    let err = announce::send_heartbeat(&endpoint, &wrong, &Heartbeat::new(&proxy, false))
         .await
         .unwrap_err();
     assert!(
@@ -177,7 +175,7 @@ async fn heartbeats_reach_the_real_service() {
         "{err:?}"
     );
 
-    announce::send_heartbeat(&url, &secret, &Heartbeat::new(&proxy, true), tls.clone())
+    announce::send_heartbeat(&endpoint, &secret, &Heartbeat::new(&proxy, true))
         .await
         .unwrap();
     assert_eq!(
@@ -186,8 +184,8 @@ async fn heartbeats_reach_the_real_service() {
     );
 
     // A service whose certificate the announcer does not trust is refused.
-    let untrusting = announce::client_tls(None).unwrap();
-    let err = announce::send_heartbeat(&url, &secret, &Heartbeat::new(&proxy, false), untrusting)
+    let untrusting = Endpoint::new(url, announce::client_tls(None).unwrap());
+    let err = announce::send_heartbeat(&untrusting, &secret, &Heartbeat::new(&proxy, false))
         .await
         .unwrap_err();
     assert!(matches!(err, AnnounceError::Tls(_)), "{err:?}");

@@ -4,7 +4,7 @@
 //! [`logging`], raise their [`limits`], stop on a [`signal`], and end with an [`exit`] status.
 //! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
 //! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
-//! these is written once here, so that the binaries cannot drift apart.
+//! these, and the `--resolve` overrides ([`resolve`]), is written once here, so that the binaries cannot drift apart.
 
 #![forbid(unsafe_code)]
 
@@ -12,5 +12,6 @@ pub mod exit;
 pub mod key;
 pub mod limits;
 pub mod logging;
+pub mod resolve;
 pub mod signal;
 pub mod tls;

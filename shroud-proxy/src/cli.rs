@@ -84,6 +84,16 @@ pub struct Cli {
     #[arg(long, env = "SHROUD_DISCOVERY_CA", value_name = "FILE")]
     pub discovery_ca: Option<PathBuf>,
 
+    /// Reach NAME:PORT at ADDR instead of asking DNS, curl-style (repeatable): for a --discovery
+    /// URL whose name system DNS does not know. TLS still checks the certificate for NAME
+    #[arg(
+        long,
+        value_name = "NAME:PORT:ADDR",
+        env = "SHROUD_RESOLVE",
+        value_delimiter = ','
+    )]
+    pub resolve: Vec<String>,
+
     /// Seconds between heartbeats to the discovery service
     #[arg(long, env = "SHROUD_HEARTBEAT_SECS", value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -266,10 +276,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// What the proxy tells a discovery service about itself.
 pub struct Announcement {
-    url: shroud_discovery::announce::DiscoveryUrl,
+    endpoint: shroud_discovery::announce::Endpoint,
     secret: shroud_discovery::secret::FleetSecret,
     entry: shroud_discovery::signed::ProxyEntry,
-    tls: std::sync::Arc<rustls::ClientConfig>,
     interval: Duration,
 }
 
@@ -277,10 +286,9 @@ impl Announcement {
     /// Heartbeats until `shutdown`, then leaves.
     pub async fn run(self, shutdown: CancellationToken) {
         shroud_discovery::announce::run(
-            &self.url,
+            &self.endpoint,
             self.secret,
             self.entry,
-            self.tls,
             self.interval,
             shutdown,
         )
@@ -318,12 +326,15 @@ impl Cli {
             .clone()
             .filter(|r| !r.trim().is_empty())
             .context("--discovery needs --region")?;
-        let tls = shroud_discovery::announce::client_tls(self.discovery_ca.as_deref())?;
-        Ok(Some(Announcement {
+        let endpoint = shroud_discovery::announce::Endpoint {
             url,
+            tls: shroud_discovery::announce::client_tls(self.discovery_ca.as_deref())?,
+            resolve: shroud_process::resolve::Resolve::from_entries(&self.resolve)?,
+        };
+        Ok(Some(Announcement {
+            endpoint,
             secret,
             entry: shroud_discovery::signed::ProxyEntry { name, port, region },
-            tls,
             interval: Duration::from_secs(self.heartbeat_secs),
         }))
     }

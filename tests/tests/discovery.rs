@@ -65,8 +65,8 @@ async fn start_discovery_with(
     require_cname: Option<RequireCname>,
     heartbeat_timeout: Duration,
 ) -> Discovery {
-    // Proxies announce themselves to the IP (nothing resolves names in tests); clients use the
-    // name through --resolve. The certificate covers both.
+    // Some proxies announce themselves to the IP (nothing resolves names in tests); others,
+    // and clients, use the name through --resolve. The certificate covers both.
     let (cert, key_file) = pki
         .ca
         .issue(&[DISCOVERY, "127.0.0.1"])
@@ -158,10 +158,9 @@ async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
     let beats = heartbeats.clone();
     let announcer = tokio::spawn(async move {
         shroud_discovery::announce::run(
-            &url,
+            &shroud_discovery::announce::Endpoint::new(url, tls),
             FleetSecret::new(SECRET.to_owned()).unwrap(),
             entry,
-            tls,
             // Every request here comes from 127.0.0.1, which the service rate-limits (5/s):
             // leave the client room to fetch its list.
             Duration::from_millis(500),
@@ -508,9 +507,13 @@ async fn a_proxy_binary_announces_itself_and_leaves_at_once_on_sigterm() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
+    // The service by name, which only --resolve can find here, as an operator whose
+    // discovery name is not in DNS yet would run it.
     let extra: Vec<String> = [
         "--discovery".to_owned(),
-        format!("https://127.0.0.1:{}", discovery.addr.port()),
+        format!("https://{DISCOVERY}:{}", discovery.addr.port()),
+        "--resolve".into(),
+        format!("{DISCOVERY}:{}:127.0.0.1", discovery.addr.port()),
         "--discovery-ca".into(),
         pki.ca_path.display().to_string(),
         "--fleet-secret-file".into(),
