@@ -4,10 +4,11 @@
 //! [`logging`], raise their [`limits`], stop on a [`signal`], and end with an [`exit`] status.
 //! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
 //! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
-//! these, and the `--resolve` overrides ([`resolve`]), is written once here, so that the binaries cannot drift apart.
+//! these, the `--resolve` overrides ([`resolve`]) and the DNS resolver they fall back to ([`dns`]), is written once here, so that the binaries cannot drift apart.
 
 #![forbid(unsafe_code)]
 
+pub mod dns;
 pub mod exit;
 pub mod key;
 pub mod limits;

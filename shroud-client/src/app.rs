@@ -97,7 +97,13 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
     info!(key = %key.public(), "client identity");
     // Last, because it may take a while: every local check has passed by now.
     let transport: Arc<dyn Transport> = match run.transport {
-        TransportKind::Direct => Arc::new(DirectTransport::new(resolve, timing.connect_timeout)),
+        TransportKind::Direct => {
+            let direct = DirectTransport::new(resolve, timing.connect_timeout);
+            match run.dns_server {
+                Some(server) => Arc::new(direct.with_dns_server(server)?),
+                None => Arc::new(direct),
+            }
+        }
         TransportKind::Tor => {
             let state_dir = match &run.state_dir {
                 Some(dir) => dir.clone(),

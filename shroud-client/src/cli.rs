@@ -95,8 +95,10 @@ pub struct RunArgs {
     #[arg(long, env = "SHROUD_SRV")]
     pub srv: bool,
 
-    /// The DNS server for --srv, as IP:PORT (queried over TCP). Required with tor; with direct
-    /// the first nameserver of /etc/resolv.conf is the default
+    /// The DNS server the client asks, as IP:PORT: for --srv records (over TCP; required with
+    /// tor, where the query crosses Tor to it), and with direct also for the proxies' own
+    /// addresses (SRV targets, --proxy names), instead of the system's resolver. With direct
+    /// and no --dns-server, --srv asks the first nameserver of /etc/resolv.conf
     #[arg(long, value_name = "ADDR", env = "SHROUD_DNS_SERVER")]
     pub dns_server: Option<std::net::SocketAddr>,
 

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use hickory_resolver::TokioResolver;
 pub use shroud_process::resolve::Resolve;
 
 /// A connected byte stream, whatever carries it.
@@ -53,10 +54,22 @@ impl fmt::Display for TransportKind {
 }
 
 /// Dials proxies over TCP from this machine, so each proxy sees this machine's address.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DirectTransport {
     resolve: Resolve,
     connect_timeout: Duration,
+    /// Where names without an override are looked up, when not the system's resolver.
+    resolver: Option<TokioResolver>,
+}
+
+impl fmt::Debug for DirectTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectTransport")
+            .field("resolve", &self.resolve)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("own_resolver", &self.resolver.is_some())
+            .finish()
+    }
 }
 
 impl DirectTransport {
@@ -66,22 +79,46 @@ impl DirectTransport {
         Self {
             resolve,
             connect_timeout,
+            resolver: None,
+        }
+    }
+
+    /// Looks names up at `server` (`--dns-server`) instead of through the system's resolver.
+    /// Overrides still come first.
+    pub fn with_dns_server(
+        mut self,
+        server: SocketAddr,
+    ) -> Result<Self, shroud_process::dns::ResolverError> {
+        let try_timeout = (self.connect_timeout / 4).max(std::time::Duration::from_millis(200));
+        self.resolver = Some(shroud_process::dns::resolver(
+            Some(server),
+            try_timeout,
+            true,
+        )?);
+        Ok(self)
+    }
+
+    /// The addresses of `host:port`: an override, or a lookup at the configured server, or
+    /// the system's lookup; an IP literal is itself.
+    async fn addresses(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        if let Some(addr) = self.resolve.get(host, port) {
+            return Ok(vec![addr]);
+        }
+        match &self.resolver {
+            Some(resolver) if host.parse::<std::net::IpAddr>().is_err() => {
+                let found = resolver.lookup_ip(host).await.map_err(io::Error::other)?;
+                Ok(found.iter().map(|ip| SocketAddr::new(ip, port)).collect())
+            }
+            _ => Ok(tokio::net::lookup_host((host, port)).await?.collect()),
         }
     }
 
     async fn dial(&self, host: &str, port: u16) -> io::Result<TcpStream> {
         let deadline = Instant::now() + self.connect_timeout;
-        let addrs: Vec<SocketAddr> = match self.resolve.get(host, port) {
-            Some(addr) => vec![addr],
-            None => {
-                let lookup =
-                    tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port)));
-                match lookup.await {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    Ok(Err(err)) => return Err(dial_error(host, port, "could not resolve", err)),
-                    Err(_) => return Err(self.timed_out(host, port)),
-                }
-            }
+        let addrs = match tokio::time::timeout_at(deadline, self.addresses(host, port)).await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(err)) => return Err(dial_error(host, port, "could not resolve", err)),
+            Err(_) => return Err(self.timed_out(host, port)),
         };
         if addrs.is_empty() {
             let err = io::Error::new(io::ErrorKind::NotFound, "the name has no addresses");

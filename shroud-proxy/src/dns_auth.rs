@@ -19,9 +19,6 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hickory_resolver::config::ResolveHosts;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{Name, RData, RecordType};
@@ -85,12 +82,9 @@ pub enum DnsVerdict {
 /// Why a [`DnsAuthorizer`] could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum DnsAuthError {
-    /// No DNS server was given and the system's resolver configuration could not be read.
-    #[error("could not read the system's DNS resolver configuration (/etc/resolv.conf)")]
-    SystemConfig(#[source] NetError),
-    /// The resolver could not be built from its configuration.
-    #[error("could not set up the DNS resolver")]
-    Resolver(#[source] NetError),
+    /// The resolver could not be set up.
+    #[error(transparent)]
+    Resolver(#[from] shroud_process::dns::ResolverError),
 }
 
 /// Looks up `_shroud.HOSTNAME` TXT records and caches what they list.
@@ -117,31 +111,10 @@ impl DnsAuthorizer {
         dns_server: Option<SocketAddr>,
         limits: DnsAuthLimits,
     ) -> Result<Self, DnsAuthError> {
-        let (config, mut options) = match dns_server {
-            Some(addr) => {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = addr.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = addr.port();
-                let server = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-                (
-                    ResolverConfig::from_name_servers(vec![server]),
-                    ResolverOpts::default(),
-                )
-            }
-            None => hickory_resolver::system_conf::read_system_conf()
-                .map_err(DnsAuthError::SystemConfig)?,
-        };
-        // Three tries fit in one lookup's budget, so a lost UDP packet is retried.
-        options.timeout = (limits.timeout / 3).max(Duration::from_millis(100));
-        options.attempts = 2;
-        options.use_hosts_file = ResolveHosts::Never;
-        // This module caches answers itself, with its own bounds; see `lookup`.
-        options.cache_size = 0;
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(options)
-            .build()
-            .map_err(DnsAuthError::Resolver)?;
+        // Three tries fit in one lookup's budget, so a lost UDP packet is retried. This module
+        // caches answers itself, with its own bounds; see `lookup`.
+        let try_timeout = (limits.timeout / 3).max(Duration::from_millis(100));
+        let resolver = shroud_process::dns::resolver(dns_server, try_timeout, false)?;
         Ok(Self {
             resolver,
             limits,

@@ -1,5 +1,6 @@
 //! The client's SRV lookup (`shroud_client::srv`) against a real DNS server, over DNS-over-TCP
-//! on a stream from the direct transport.
+//! on a stream from the direct transport; and the `shroud` binary finding its proxies, names
+//! and addresses both, at the server it was given.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -9,7 +10,8 @@ use hickory_proto::rr::RecordType;
 use shroud_client::srv::{lookup_proxies, lookup_srv, SrvError, SrvTarget};
 use shroud_client::transport::{DirectTransport, Resolve};
 use shroud_tests::dns::TestDns;
-use shroud_tests::{init, within};
+use shroud_tests::stack::{binary, make_key, Pki, Process, TestProxy};
+use shroud_tests::{https_get, init, within, HttpOrigin};
 
 const SRV_NAME: &str = "_shroud._tcp.example.test";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -151,4 +153,57 @@ async fn a_server_that_is_down_cannot_be_reached() {
     .await
     .unwrap_err();
     assert!(matches!(err, SrvError::Connect { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_direct_the_srv_targets_resolve_through_the_named_server() {
+    init();
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(
+        pki.ca
+            .issue(&["example.test"])
+            .server_config(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = make_key(&key_path);
+    let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("example.test {key}\n"))
+        .await
+        .unwrap();
+    // The proxy's name exists only at this server, not in the system's resolver or /etc/hosts.
+    let dns = TestDns::start("test.").await.unwrap();
+    dns.add_srv(SRV_NAME, 10, 5, proxy.https.port(), "srv.proxy.test", 60)
+        .unwrap();
+    dns.add_a("srv.proxy.test", std::net::Ipv4Addr::LOCALHOST, 60)
+        .unwrap();
+
+    // No --proxy and no --resolve: both the SRV records and the target's address come from
+    // --dns-server.
+    let args: Vec<String> = [
+        "example.test".to_owned(),
+        origin.addr().to_string(),
+        "--transport".into(),
+        "direct".into(),
+        "--srv".into(),
+        "--dns-server".into(),
+        dns.addr.to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+    ]
+    .into();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let response = within(
+        30,
+        https_get(proxy.https, "example.test", pki.ca.root_store(), "/srv"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
 }
