@@ -9,10 +9,13 @@
 //!
 //! Any request may also get 429 when its address sends too many.
 
+use std::net::IpAddr;
+
 use serde::{Deserialize, Serialize};
 use shroud_mux::auth::PublicKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::fleet::Reach;
 use crate::http::{self, HttpError};
 use crate::signed::{self, ProxyEntry, ProxyList, VerifyError};
 
@@ -22,8 +25,9 @@ pub const PROXIES_PATH: &str = "/v1/proxies";
 pub const HEARTBEAT_PATH: &str = "/v1/heartbeat";
 /// Path of the health check.
 pub const HEALTHZ_PATH: &str = "/healthz";
-/// Largest request body the service reads, in bytes.
-pub const MAX_REQUEST_BODY: usize = 4 * 1024;
+/// Largest request body the service reads, in bytes: a heartbeat naming a few thousand bound
+/// hostnames.
+pub const MAX_REQUEST_BODY: usize = 256 * 1024;
 
 /// What a proxy posts to [`HEARTBEAT_PATH`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +42,13 @@ pub struct Heartbeat {
     /// `true` when the proxy is going away and should be delisted at once.
     #[serde(default)]
     pub leaving: bool,
+    /// The proxy's public addresses, for the service's DNS answers. Left out when empty, so
+    /// a proxy without any still speaks to services that predate the field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<IpAddr>,
+    /// The hostnames bound on the proxy now, likewise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 impl Heartbeat {
@@ -48,6 +59,16 @@ impl Heartbeat {
             port: entry.port,
             region: entry.region.clone(),
             leaving,
+            addrs: Vec::new(),
+            names: Vec::new(),
+        }
+    }
+
+    /// What the heartbeat says of where visitors reach the proxy.
+    pub fn reach(&self) -> Reach {
+        Reach {
+            addrs: self.addrs.clone(),
+            names: self.names.clone(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! over the whole fleet.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,6 +28,13 @@ pub const MAX_REGION_LEN: usize = 64;
 pub const DEFAULT_MAX_LIVE: usize = 4096;
 /// Largest fleet file read, in bytes.
 const MAX_FLEET_FILE_LEN: u64 = 1024 * 1024;
+/// Most public addresses kept for one proxy.
+pub const MAX_ADDRS_PER_PROXY: usize = 16;
+/// Most bound hostnames kept for one proxy; a heartbeat naming more is kept in part.
+pub const MAX_NAMES_PER_PROXY: usize = 4096;
+/// Most bound hostnames kept over the whole fleet; past it, heartbeats' new names are dropped
+/// (those names are then answered by rendezvous choice, as if held nowhere).
+pub const MAX_NAMES_IN_FLEET: usize = 256 * 1024;
 
 /// Why a proxy entry is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +61,12 @@ pub enum EntryError {
         name: String,
         /// The proxy's port.
         port: u16,
+    },
+    /// More public addresses than [`MAX_ADDRS_PER_PROXY`].
+    #[error("proxy {name} lists more than {MAX_ADDRS_PER_PROXY} public addresses")]
+    TooManyAddrs {
+        /// The proxy's name.
+        name: String,
     },
     /// The region is too long or holds control characters.
     #[error(
@@ -96,20 +110,59 @@ pub fn check_entry(entry: ProxyEntry) -> Result<ProxyEntry, EntryError> {
     })
 }
 
-/// The fleet file: `[[proxy]]` tables with `name`, `port` and `region`.
+/// The fleet file: `[[proxy]]` tables with `name`, `port`, `region` and, optionally, the
+/// proxy's public `addrs` (which the service's DNS answers give visitors).
 ///
 /// ```toml
 /// [[proxy]]
 /// name = "p1.example.net"
 /// port = 443
 /// region = "eu"
+/// addrs = ["192.0.2.10", "2001:db8::10"]
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetFile {
     /// The static proxies.
     #[serde(default)]
-    pub proxy: Vec<ProxyEntry>,
+    pub proxy: Vec<StaticProxy>,
+}
+
+/// One `[[proxy]]` of the fleet file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticProxy {
+    /// The proxy's hostname.
+    pub name: String,
+    /// Its tunnel port.
+    pub port: u16,
+    /// Its region label.
+    pub region: String,
+    /// Its public addresses, if the service's DNS should answer them.
+    #[serde(default)]
+    pub addrs: Vec<IpAddr>,
+}
+
+impl StaticProxy {
+    /// The entry lists carry.
+    pub fn entry(&self) -> ProxyEntry {
+        ProxyEntry {
+            name: self.name.clone(),
+            port: self.port,
+            region: self.region.clone(),
+        }
+    }
+}
+
+impl From<ProxyEntry> for StaticProxy {
+    fn from(entry: ProxyEntry) -> Self {
+        Self {
+            name: entry.name,
+            port: entry.port,
+            region: entry.region,
+            addrs: Vec::new(),
+        }
+    }
 }
 
 /// Why the fleet file could not be used.
@@ -183,8 +236,8 @@ impl FleetFile {
     pub fn validate(self) -> Result<Self, FleetError> {
         let mut seen = HashSet::new();
         let mut proxy = Vec::with_capacity(self.proxy.len());
-        for (index, entry) in self.proxy.into_iter().enumerate() {
-            let entry = check_entry(entry).map_err(|source| FleetError::Entry {
+        for (index, file_entry) in self.proxy.into_iter().enumerate() {
+            let entry = check_entry(file_entry.entry()).map_err(|source| FleetError::Entry {
                 number: index + 1,
                 source,
             })?;
@@ -194,7 +247,16 @@ impl FleetFile {
                     port: entry.port,
                 });
             }
-            proxy.push(entry);
+            if file_entry.addrs.len() > MAX_ADDRS_PER_PROXY {
+                return Err(FleetError::Entry {
+                    number: index + 1,
+                    source: EntryError::TooManyAddrs { name: entry.name },
+                });
+            }
+            proxy.push(StaticProxy {
+                addrs: file_entry.addrs,
+                ..entry.into()
+            });
         }
         Ok(Self { proxy })
     }
@@ -211,17 +273,30 @@ pub enum HeartbeatError {
     Full(usize),
 }
 
+/// What a proxy's heartbeat says besides its entry: where visitors reach it, and which
+/// hostnames it holds tunnels for now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reach {
+    /// Its public addresses.
+    pub addrs: Vec<IpAddr>,
+    /// The hostnames bound on it.
+    pub names: Vec<String>,
+}
+
 /// A live entry's state.
 #[derive(Debug, Clone)]
 struct Live {
     region: String,
     last_seen: Instant,
+    addrs: Vec<IpAddr>,
+    names: HashSet<String>,
 }
 
 /// The set of proxies the service knows, static and live.
 #[derive(Debug, Clone)]
 pub struct Fleet {
     statics: Vec<ProxyEntry>,
+    static_addrs: HashMap<(String, u16), Vec<IpAddr>>,
     live: HashMap<(String, u16), Live>,
     heartbeat_timeout: Duration,
     max_live: usize,
@@ -231,8 +306,15 @@ impl Fleet {
     /// A fleet with the static entries of `file`, which are always listed, and live entries
     /// that drop out when not heard from for `heartbeat_timeout`.
     pub fn new(file: FleetFile, heartbeat_timeout: Duration) -> Self {
+        let statics = file.proxy.iter().map(StaticProxy::entry).collect();
+        let static_addrs = file
+            .proxy
+            .into_iter()
+            .map(|p| ((p.name, p.port), p.addrs))
+            .collect();
         Self {
-            statics: file.proxy,
+            statics,
+            static_addrs,
             live: HashMap::new(),
             heartbeat_timeout,
             max_live: DEFAULT_MAX_LIVE,
@@ -250,12 +332,23 @@ impl Fleet {
         &self.statics
     }
 
-    /// Records a heartbeat from `entry` at `now`, adding it or refreshing it (and its region).
+    /// Records a heartbeat from `entry` at `now`, adding it or refreshing it (its region and
+    /// its [`Reach`]).
     ///
-    /// The entry's name is normalised first. A heartbeat for a static entry changes nothing:
-    /// static entries are always listed. Returns whether the entry is new to the fleet.
-    pub fn heartbeat(&mut self, entry: ProxyEntry, now: Instant) -> Result<bool, HeartbeatError> {
+    /// The entry's name is normalised first, and so are the names it holds; names that are not
+    /// hostnames are dropped, and so are names past [`MAX_NAMES_PER_PROXY`] or
+    /// [`MAX_NAMES_IN_FLEET`]. A heartbeat for a static entry changes nothing: static entries
+    /// are always listed. Returns whether the entry is new to the fleet.
+    pub fn heartbeat(
+        &mut self,
+        entry: ProxyEntry,
+        reach: Reach,
+        now: Instant,
+    ) -> Result<bool, HeartbeatError> {
         let entry = check_entry(entry)?;
+        if reach.addrs.len() > MAX_ADDRS_PER_PROXY {
+            return Err(EntryError::TooManyAddrs { name: entry.name }.into());
+        }
         if self.is_static(&entry.name, entry.port) {
             return Ok(false);
         }
@@ -264,14 +357,70 @@ impl Fleet {
         if !self.live.contains_key(&key) && self.live.len() >= self.max_live {
             return Err(HeartbeatError::Full(self.live.len()));
         }
+        let held_elsewhere: usize = self
+            .live
+            .iter()
+            .filter(|(other, _)| **other != key)
+            .map(|(_, live)| live.names.len())
+            .sum();
+        let room = MAX_NAMES_IN_FLEET
+            .saturating_sub(held_elsewhere)
+            .min(MAX_NAMES_PER_PROXY);
+        let names = reach
+            .names
+            .iter()
+            .filter_map(|name| shroud_mux::hostname::normalize(name).ok())
+            .take(room)
+            .collect();
         let previous = self.live.insert(
             key,
             Live {
                 region: entry.region,
                 last_seen: now,
+                addrs: reach.addrs,
+                names,
             },
         );
         Ok(previous.is_none())
+    }
+
+    /// The public addresses visitors of `host` should be sent to at `now`: those of at most
+    /// `n` healthy proxies whose heartbeats say they hold `host`, or, when none does, those of
+    /// the `n` proxies [`Fleet::select`] picks for it (where its clients are told to go).
+    /// Proxies that announced no address add none.
+    pub fn addresses(&self, host: &str, n: usize, now: Instant) -> Vec<IpAddr> {
+        let fresh =
+            |live: &&Live| now.saturating_duration_since(live.last_seen) < self.heartbeat_timeout;
+        let mut holders: Vec<(&(String, u16), &Live)> = self
+            .live
+            .iter()
+            .filter(|(_, live)| fresh(live) && live.names.contains(host))
+            .collect();
+        holders.sort_by(|a, b| a.0.cmp(b.0));
+        holders.truncate(n);
+        let addrs: Vec<IpAddr> = if holders.is_empty() {
+            self.select(host, n, now)
+                .into_iter()
+                .flat_map(|entry| {
+                    let key = (entry.name, entry.port);
+                    self.static_addrs
+                        .get(&key)
+                        .or_else(|| self.live.get(&key).map(|live| &live.addrs))
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .collect()
+        } else {
+            holders
+                .into_iter()
+                .flat_map(|(_, live)| live.addrs.iter().copied())
+                .collect()
+        };
+        let mut seen = HashSet::new();
+        addrs
+            .into_iter()
+            .filter(|addr| seen.insert(*addr))
+            .collect()
     }
 
     /// Removes the live entry `name:port` at once; returns whether there was one.
@@ -406,7 +555,8 @@ mod tests {
     }
 
     fn fleet_of(entries: Vec<ProxyEntry>) -> Fleet {
-        Fleet::new(FleetFile { proxy: entries }, Duration::from_secs(30))
+        let proxy = entries.into_iter().map(StaticProxy::from).collect();
+        Fleet::new(FleetFile { proxy }, Duration::from_secs(30))
     }
 
     #[test]
@@ -571,14 +721,18 @@ mod tests {
     fn heartbeats_expire_and_leave_removes() {
         let mut fleet = fleet_of(vec![entry("static.test", "eu")]);
         let t0 = Instant::now();
-        assert!(fleet.heartbeat(entry("Live.Test", "us"), t0).unwrap());
+        assert!(fleet
+            .heartbeat(entry("Live.Test", "us"), Reach::default(), t0)
+            .unwrap());
         assert!(fleet.healthy(t0).contains(&entry("live.test", "us")));
         assert_eq!(fleet.healthy(t0).len(), 2);
 
         // Still there just before the timeout, refreshed by a heartbeat, gone after.
         let t29 = t0 + Duration::from_secs(29);
         assert_eq!(fleet.healthy(t29).len(), 2);
-        assert!(!fleet.heartbeat(entry("live.test", "us"), t29).unwrap());
+        assert!(!fleet
+            .heartbeat(entry("live.test", "us"), Reach::default(), t29)
+            .unwrap());
         let t58 = t0 + Duration::from_secs(58);
         assert_eq!(fleet.healthy(t58).len(), 2);
         let t59 = t0 + Duration::from_secs(59);
@@ -588,12 +742,16 @@ mod tests {
         assert!(fleet.live.is_empty());
 
         // Leaving removes at once; static entries stay whatever is said.
-        fleet.heartbeat(entry("live.test", "us"), t59).unwrap();
+        fleet
+            .heartbeat(entry("live.test", "us"), Reach::default(), t59)
+            .unwrap();
         assert!(fleet.leave("LIVE.test", 443));
         assert!(!fleet.leave("live.test", 443));
         assert!(!fleet.leave("static.test", 443));
         assert_eq!(fleet.healthy(t59), vec![entry("static.test", "eu")]);
-        assert!(!fleet.heartbeat(entry("static.test", "us"), t59).unwrap());
+        assert!(!fleet
+            .heartbeat(entry("static.test", "us"), Reach::default(), t59)
+            .unwrap());
         assert_eq!(fleet.healthy(t59), vec![entry("static.test", "eu")]);
     }
 
@@ -601,19 +759,147 @@ mod tests {
     fn live_entries_are_bounded() {
         let mut fleet = fleet_of(vec![]).with_max_live(2);
         let now = Instant::now();
-        fleet.heartbeat(entry("a.test", "eu"), now).unwrap();
-        fleet.heartbeat(entry("b.test", "eu"), now).unwrap();
+        fleet
+            .heartbeat(entry("a.test", "eu"), Reach::default(), now)
+            .unwrap();
+        fleet
+            .heartbeat(entry("b.test", "eu"), Reach::default(), now)
+            .unwrap();
         assert_eq!(
-            fleet.heartbeat(entry("c.test", "eu"), now),
+            fleet.heartbeat(entry("c.test", "eu"), Reach::default(), now),
             Err(HeartbeatError::Full(2))
         );
         // A known entry may still refresh, and expired ones make room.
-        fleet.heartbeat(entry("a.test", "eu"), now).unwrap();
+        fleet
+            .heartbeat(entry("a.test", "eu"), Reach::default(), now)
+            .unwrap();
         let later = now + Duration::from_secs(31);
-        fleet.heartbeat(entry("c.test", "eu"), later).unwrap();
+        fleet
+            .heartbeat(entry("c.test", "eu"), Reach::default(), later)
+            .unwrap();
         assert!(matches!(
-            fleet.heartbeat(entry("bad name", "eu"), later),
+            fleet.heartbeat(entry("bad name", "eu"), Reach::default(), later),
             Err(HeartbeatError::Entry(EntryError::BadName { .. }))
+        ));
+    }
+
+    fn reach(addrs: &[&str], names: &[&str]) -> Reach {
+        Reach {
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+
+    fn ips(addrs: &[&str]) -> Vec<IpAddr> {
+        addrs.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn addresses_are_the_holders_or_else_the_rendezvous_choice() {
+        let file = FleetFile::parse(
+            "[[proxy]]\nname = \"static.test\"\nport = 443\nregion = \"eu\"\n\
+             addrs = [\"192.0.2.1\", \"2001:db8::1\"]\n",
+        )
+        .unwrap();
+        let mut fleet = Fleet::new(file, Duration::from_secs(30));
+        let t0 = Instant::now();
+        fleet
+            .heartbeat(
+                entry("a.test", "eu"),
+                reach(&["192.0.2.2"], &["Example.TEST"]),
+                t0,
+            )
+            .unwrap();
+        fleet
+            .heartbeat(
+                entry("b.test", "us"),
+                reach(&["192.0.2.3"], &["example.test", "x.test"]),
+                t0,
+            )
+            .unwrap();
+        fleet
+            .heartbeat(entry("c.test", "us"), reach(&["192.0.2.4"], &[]), t0)
+            .unwrap();
+
+        // Held by a and b (names are normalised): their addresses, whatever rendezvous says.
+        assert_eq!(
+            fleet.addresses("example.test", 3, t0),
+            ips(&["192.0.2.2", "192.0.2.3"])
+        );
+        assert_eq!(fleet.addresses("example.test", 1, t0), ips(&["192.0.2.2"]));
+
+        // Held nowhere: the addresses of the proxies a list for it would name.
+        let chosen = fleet.select("nowhere.test", 2, t0);
+        let expected: Vec<IpAddr> = chosen
+            .iter()
+            .flat_map(|e| match e.name.as_str() {
+                "static.test" => ips(&["192.0.2.1", "2001:db8::1"]),
+                "a.test" => ips(&["192.0.2.2"]),
+                "b.test" => ips(&["192.0.2.3"]),
+                _ => ips(&["192.0.2.4"]),
+            })
+            .collect();
+        assert_eq!(fleet.addresses("nowhere.test", 2, t0), expected);
+
+        // A holder that stops sending heartbeats stops being answered.
+        let t31 = t0 + Duration::from_secs(31);
+        fleet
+            .heartbeat(
+                entry("b.test", "us"),
+                reach(&["192.0.2.3"], &["example.test"]),
+                t0 + Duration::from_secs(10),
+            )
+            .unwrap();
+        assert_eq!(fleet.addresses("example.test", 3, t31), ips(&["192.0.2.3"]));
+    }
+
+    #[test]
+    fn reach_is_bounded() {
+        let mut fleet = fleet_of(vec![]);
+        let t0 = Instant::now();
+        let many: Vec<String> = (0..MAX_NAMES_PER_PROXY + 10)
+            .map(|i| format!("n{i}.test"))
+            .collect();
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        fleet
+            .heartbeat(entry("a.test", "eu"), reach(&[], &names), t0)
+            .unwrap();
+        assert_eq!(
+            fleet.live[&("a.test".to_owned(), 443)].names.len(),
+            MAX_NAMES_PER_PROXY
+        );
+
+        let addrs: Vec<String> = (0..=MAX_ADDRS_PER_PROXY)
+            .map(|i| format!("192.0.2.{i}"))
+            .collect();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let err = fleet
+            .heartbeat(entry("b.test", "eu"), reach(&addrs, &[]), t0)
+            .unwrap_err();
+        assert!(
+            matches!(err, HeartbeatError::Entry(EntryError::TooManyAddrs { .. })),
+            "{err}"
+        );
+        let too_many = format!(
+            "[[proxy]]\nname = \"s.test\"\nport = 1\nregion = \"x\"\naddrs = [{}]\n",
+            addrs
+                .iter()
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        assert!(matches!(
+            FleetFile::parse(&too_many),
+            Err(FleetError::Entry {
+                source: EntryError::TooManyAddrs { .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            FleetFile::parse(
+                "[[proxy]]\nname = \"s.test\"\nport = 1\nregion = \"x\"\naddrs = [\"nope\"]\n"
+            ),
+            Err(FleetError::Parse(_))
         ));
     }
 }

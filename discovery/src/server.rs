@@ -464,7 +464,7 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
         }
         return no_content();
     }
-    match fleet.heartbeat(beat.entry(), Instant::now()) {
+    match fleet.heartbeat(beat.entry(), beat.reach(), Instant::now()) {
         Ok(true) => {
             info!(name = %beat.name, port = beat.port, region = %beat.region, "proxy joined");
             no_content()

@@ -89,7 +89,8 @@ impl TestService {
         let pki = Pki::new();
         let tls = server::tls_config(&pki.cert, &pki.key).unwrap();
         let signing_key = Arc::new(SecretKey::from_seed(&[42; 32]));
-        let fleet_file = FleetFile { proxy: statics }.validate().unwrap();
+        let proxy = statics.into_iter().map(Into::into).collect();
+        let fleet_file = FleetFile { proxy }.validate().unwrap();
         let fleet = Fleet::new(fleet_file, Duration::from_secs(30));
         let mut config = ServerConfig::new(tls, signing_key.clone(), fleet);
         adjust(&mut config);
