@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use shroud_tests::stack::{authorize, ClientSpec, TestClient};
 
-use crate::process::Process;
+use shroud_tests::process::Process;
 
 use crate::contender::{self, Env, Kind, Options, Running, HOST};
 use crate::measure::{self, IdleVisitors, Series, Target, WrkResult};

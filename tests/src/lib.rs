@@ -23,6 +23,8 @@
 //! - [`scale`]: descriptor limits, process memory (RSS), visitors from
 //!   chosen loopback source addresses, a real ClientHello to dribble, and
 //!   latency percentiles, for the load and slow-peer measurements.
+//! - [`process`]: programs started by PID and killed on drop, their output
+//!   read line by line, kept and echoed or written to a log file.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
 //!   serving an in-memory zone that tests change while it runs
 //!   ([`dns::TestDns`]), and counting the queries that reach it.
@@ -43,6 +45,7 @@ pub mod dns;
 pub mod load;
 pub mod origin;
 pub mod pki;
+pub mod process;
 pub mod scale;
 pub mod stack;
 pub mod tornet;

@@ -6,12 +6,10 @@
 //! and report the addresses they bound in their log, which the harness reads; they are stopped
 //! by PID when their handle drops.
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -25,6 +23,7 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::TestCa;
+use crate::process::Process;
 
 /// Port 0 on loopback: the kernel picks a free port.
 const LOOPBACK: SocketAddr =
@@ -346,115 +345,6 @@ pub fn make_key(path: &Path) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// A process started by a test, killed by PID when dropped. Its stderr is collected line by
-/// line (and echoed to the test's output).
-pub struct Process {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Starts `program` with `args`.
-    pub fn spawn(program: &Path, args: &[String]) -> anyhow::Result<Self> {
-        let mut child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("SHROUD_TRANSPORT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, lines) = std_mpsc::channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let log_writer = log.clone();
-        let label = program
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{label} {}] {line}", std::process::id());
-                if let Ok(mut log) = log_writer.lock() {
-                    log.push(line.clone());
-                }
-                let _ = tx.send(line);
-            }
-        });
-        Ok(Self { child, lines, log })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits (on a blocking thread) for a stderr line containing `needle`, up to `limit`.
-    pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> anyhow::Result<String> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                anyhow::bail!("no line containing {needle:?} within {limit:?}");
-            }
-            let step = left.min(Duration::from_millis(50));
-            let got = tokio::task::block_in_place(|| self.lines.recv_timeout(step));
-            match got {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    anyhow::bail!("process ended before printing {needle:?}")
-                }
-            }
-        }
-    }
-
-    /// Everything the process wrote to stderr so far.
-    pub fn stderr_text(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-
-    /// Sends SIGKILL and reaps the process.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-    }
-
-    /// Waits for the process to exit, up to `limit`; kills it if it does not.
-    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // Give the reader thread a moment to drain what was written before exit.
-                let _ = tokio::task::block_in_place(|| {
-                    self.lines.recv_timeout(Duration::from_millis(100))
-                });
-                return Ok(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                self.kill();
-                anyhow::bail!("process did not exit within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// Reads the `addr=` field of a log line such as `listening addr=127.0.0.1:4000 listener="https"`.

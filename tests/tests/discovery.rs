@@ -19,10 +19,9 @@ use shroud_discovery::signed::{self, ProxyEntry, ProxyList};
 use shroud_mux::auth::SecretKey;
 use shroud_proxy::server::bind_listener;
 use shroud_tests::dns::TestDns;
+use shroud_tests::process::Process;
 use shroud_tests::stack::ProxyProcess;
-use shroud_tests::stack::{
-    authorize, binary, make_key, ClientSpec, Pki, Process, TestClient, TestProxy,
-};
+use shroud_tests::stack::{authorize, binary, make_key, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::{https_get, init, tls_connect, within, HttpOrigin};
 use tokio_util::sync::CancellationToken;
 
@@ -358,9 +357,9 @@ async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
     let status = refused.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(
-        refused.stderr_text().contains("signature"),
+        refused.output_text().contains("signature"),
         "{}",
-        refused.stderr_text()
+        refused.output_text()
     );
 
     // With no source of proxies at all: a clear error.

@@ -12,8 +12,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use shroud_tests::load::{Load, LoadSpec, Snapshot};
+use shroud_tests::process::Process;
 use shroud_tests::stack::{
-    binary, direct_client_args, make_key, FreezableRelay, Pki, Process, ProxyProcess,
+    binary, direct_client_args, make_key, FreezableRelay, Pki, ProxyProcess,
 };
 use shroud_tests::{init, within, HttpOrigin};
 

@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
+use shroud_tests::process::Process;
 use shroud_tests::scale::{self, connect_from, spread_source, Latencies};
-use shroud_tests::stack::{binary, direct_client_args, make_key, Pki, Process, ProxyProcess};
+use shroud_tests::stack::{binary, direct_client_args, make_key, Pki, ProxyProcess};
 use shroud_tests::{client_config, init, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;

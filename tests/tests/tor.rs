@@ -6,7 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shroud_tests::stack::{binary, Pki, Process, TestProxy};
+use shroud_tests::process::Process;
+use shroud_tests::stack::{binary, Pki, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
@@ -89,7 +90,7 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
         "tor: client bootstrapped in {bootstrapped:?}, both tunnels up after {:?}",
         started.elapsed()
     );
-    let log = client.stderr_text();
+    let log = client.output_text();
     assert!(
         log.contains("Tor bootstrap:"),
         "bootstrap progress is shown: {log}"
@@ -177,7 +178,7 @@ async fn a_stalled_bootstrap_fails_and_says_why() {
     let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
     let status = client.wait_exit(Duration::from_secs(60)).await.unwrap();
     assert_eq!(status.code(), Some(1));
-    let log = client.stderr_text();
+    let log = client.output_text();
     assert!(
         log.contains("Tor bootstrap did not finish within 5 s"),
         "{log}"

@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use rustls::ClientConfig;
+use shroud_tests::process::Process;
 use shroud_tests::scale::{self, spread_source};
-use shroud_tests::stack::{log_addr, Pki, Process};
+use shroud_tests::stack::{log_addr, Pki};
 use shroud_tests::{client_config, EchoOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
