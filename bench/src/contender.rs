@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use shroud_tests::stack::{direct_client_args, log_addr, Pki};
+use shroud_tests::stack::{direct_client_args, log_addr, make_key, Pki};
 
 use shroud_tests::process::{Output, Process};
 use tempfile::TempDir;
@@ -220,7 +220,7 @@ pub async fn start_shroud(
     link: Option<Link>,
 ) -> anyhow::Result<Running> {
     let key = env.dir.path().join("shroud-client.key");
-    let public_key = shroud_key(env, &key)?;
+    let public_key = make_key(&key)?;
     let ShroudProxy {
         process: proxy,
         https,
@@ -363,21 +363,6 @@ pub async fn start_shroud_proxy(
 
 const PROXY_BIN: &str = "shroud-proxy";
 const CLIENT_BIN: &str = "shroud";
-
-fn shroud_key(env: &Env, path: &Path) -> anyhow::Result<String> {
-    let output = std::process::Command::new(env.bin(CLIENT_BIN))
-        .arg("key")
-        .arg("--key")
-        .arg(path)
-        .output()
-        .context("running shroud key")?;
-    anyhow::ensure!(output.status.success(), "shroud key failed: {output:?}");
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
 
 /// Polls with a GET until one passes through `target`, for up to `limit`.
 pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()> {

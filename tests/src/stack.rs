@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -330,21 +329,13 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Creates a client key at `path` with the real `shroud key` and returns the public key it
-/// printed, as a user would copy it into an authorized file.
-pub fn make_key(path: &Path) -> String {
-    let output = Command::new(binary("shroud"))
-        .arg("key")
-        .arg("--key")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|err| panic!("running shroud key: {err}"));
-    assert!(output.status.success(), "shroud key failed: {output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+/// Creates a client key file at `path`, as `shroud key` does (PKCS#8 PEM, mode 0600; a key
+/// already there is kept), and returns its public key as a user would copy it into an
+/// authorized file.
+pub fn make_key(path: &Path) -> anyhow::Result<String> {
+    let (secret, _created) = shroud_mux::keyfile::load_or_create(path)
+        .with_context(|| format!("making a client key at {}", path.display()))?;
+    Ok(secret.public().to_string())
 }
 
 /// Reads the `addr=` field of a log line such as `listening addr=127.0.0.1:4000 listener="https"`.

@@ -308,7 +308,7 @@ async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
     let pki = Pki::new().unwrap();
     let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "one.proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();

@@ -28,7 +28,7 @@ async fn a_client_every_proxy_refuses_exits_non_zero_and_says_why() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    make_key(&key_path);
+    make_key(&key_path).unwrap();
     // The proxy authorizes some other key only.
     let other = shroud_mux::auth::SecretKey::generate().unwrap();
     let proxy = TestProxy::start(&pki, "proxy.test", &authorize(HOST, &other))
@@ -53,7 +53,7 @@ async fn a_client_that_does_not_trust_the_proxy_certificate_refuses_it() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();

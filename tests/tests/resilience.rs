@@ -94,7 +94,7 @@ async fn a_rolling_restart_of_every_proxy_loses_no_visitor() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let mut fleet = Fleet::start(pki, &format!("{HOST} {key}\n")).await;
     let origin = origin(&fleet.pki).await;
     let _client = fleet.client(&key_path, origin.addr()).await;
@@ -136,7 +136,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let mut fleet = Fleet::start(pki, &format!("{HOST} {key}\n")).await;
     let origin = origin(&fleet.pki).await;
     let mut client = fleet.client(&key_path, origin.addr()).await;
@@ -201,7 +201,11 @@ async fn when_one_of_two_redundant_clients_dies_the_other_serves() {
     init();
     let pki = Pki::new().unwrap();
     let (key_a, key_b) = (pki.dir().join("a.key"), pki.dir().join("b.key"));
-    let policy = format!("{HOST} {}\n{HOST} {}\n", make_key(&key_a), make_key(&key_b));
+    let policy = format!(
+        "{HOST} {}\n{HOST} {}\n",
+        make_key(&key_a).unwrap(),
+        make_key(&key_b).unwrap()
+    );
     let mut fleet = Fleet::start(pki, &policy).await;
     // Two machines, each with its own copy of the service.
     let (origin_a, origin_b) = (origin(&fleet.pki).await, origin(&fleet.pki).await);
@@ -254,7 +258,11 @@ async fn a_redundant_client_that_dies_silently_is_passed_over_within_seconds() {
     init();
     let pki = Pki::new().unwrap();
     let (key_a, key_b) = (pki.dir().join("a.key"), pki.dir().join("b.key"));
-    let policy = format!("{HOST} {}\n{HOST} {}\n", make_key(&key_a), make_key(&key_b));
+    let policy = format!(
+        "{HOST} {}\n{HOST} {}\n",
+        make_key(&key_a).unwrap(),
+        make_key(&key_b).unwrap()
+    );
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut proxy = ProxyProcess::start(&pki, NAMES[0], &policy, any)
         .await

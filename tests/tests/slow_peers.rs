@@ -162,7 +162,7 @@ impl Stack {
         let pki = Pki::new().unwrap();
         let origin = SinkOrigin::start(pki.ca.issue(&[HOST]).server_config(&[])).await;
         let key_path = pki.dir().join("client.key");
-        let key = make_key(&key_path);
+        let key = make_key(&key_path).unwrap();
         let proxy = ProxyProcess::start(
             &pki,
             PROXY,

@@ -40,7 +40,7 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
         .await
         .unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = shroud_tests::stack::make_key(&key_path);
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let policy = format!("{HOST} {key}\n");
     let one = TestProxy::start(&pki, "one.proxy.test", &policy)
         .await
@@ -194,7 +194,7 @@ async fn srv_records_are_looked_up_through_tor_and_name_the_proxies() {
         .await
         .unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = shroud_tests::stack::make_key(&key_path);
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();

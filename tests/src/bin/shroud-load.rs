@@ -30,7 +30,7 @@ use anyhow::{bail, ensure, Context as _};
 use rustls::ClientConfig;
 use shroud_tests::process::Process;
 use shroud_tests::scale::{self, spread_source};
-use shroud_tests::stack::{log_addr, Pki};
+use shroud_tests::stack::{log_addr, make_key, Pki};
 use shroud_tests::{client_config, EchoOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
@@ -223,18 +223,7 @@ fn run(options: Options) -> anyhow::Result<()> {
         let origin_addr = log_addr(&origin.wait_for_line("listening", START_TIMEOUT).await?)?;
 
         let key_path = pki.dir().join("client.key");
-        let output = std::process::Command::new(&client_bin)
-            .arg("key")
-            .arg("--key")
-            .arg(&key_path)
-            .output()
-            .context("running shroud key")?;
-        ensure!(output.status.success(), "shroud key failed: {output:?}");
-        let key = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+        let key = make_key(&key_path)?;
         let authorized = pki.dir().join("authorized");
         std::fs::write(&authorized, format!("{HOST} {key}\n"))?;
         let (proxy_cert, proxy_key) = pki.issue_files(PROXY_NAME)?;
