@@ -60,8 +60,8 @@ pub use bulk::{BulkError, Direction, PatternGen};
 pub use origin::{BulkOrigin, EchoOrigin, HttpOrigin, SilentOrigin};
 pub use pki::{Leaf, TestCa};
 pub use visitor::{
-    bulk_transfer, client_config, http_exchange, http_get, https_get, raw_http, tls_connect,
-    tls_connect_with, HttpResponse,
+    bulk_transfer, client_config, http_exchange, http_get, https_get, https_get_retrying, raw_http,
+    tls_connect, tls_connect_with, HttpResponse,
 };
 
 /// Per-process setup; cheap and safe to call from every test.

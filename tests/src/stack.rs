@@ -52,6 +52,12 @@ impl Pki {
         self.dir.path()
     }
 
+    /// A TLS server configuration for an origin serving `names` over HTTP/1.1, with a leaf
+    /// certificate this PKI's CA issued.
+    pub fn origin_tls(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.ca.issue(names).server_config(&[b"http/1.1"])
+    }
+
     /// Issues a certificate for `name` and writes `NAME.pem` and `NAME.key` (mode 0600).
     pub fn issue_files(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         self.ca.issue(&[name]).write_files(self.dir.path(), name)

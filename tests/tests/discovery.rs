@@ -99,10 +99,6 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn origin_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"])
-}
-
 /// A client-side discovery source for `HOST`, dialling the service on loopback.
 fn source(pki: &Pki, discovery: &Discovery) -> DiscoverySource {
     DiscoverySource::new(
@@ -128,7 +124,7 @@ fn direct_to(addrs: &[(&str, SocketAddr)]) -> DirectTransport {
 async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = SecretKey::generate().unwrap();
     let policy = authorize(HOST, &key);
     let one = TestProxy::start(&pki, "one.proxy.test", &policy)
@@ -211,7 +207,7 @@ async fn fake_discovery(
     pki: &Pki,
     bodies: Vec<Vec<u8>>,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let config = pki.ca.issue(&[DISCOVERY]).server_config(&[b"http/1.1"]);
+    let config = pki.origin_tls(&[DISCOVERY]);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -306,7 +302,7 @@ async fn the_client_refuses_forged_expired_and_replayed_lists() {
 async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
     let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "one.proxy.test", &format!("{HOST} {key}\n"))
@@ -380,7 +376,7 @@ async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
 async fn txt_records_grant_refuse_and_revoke_binds() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let dns = TestDns::start("test.").await.unwrap();
     let key = SecretKey::generate().unwrap();
     dns.add_txt("_shroud.example.test", "v=unrelated", 1)

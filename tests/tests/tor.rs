@@ -36,9 +36,7 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
     init();
     let net = network().await;
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
     let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let policy = format!("{HOST} {key}\n");
@@ -190,9 +188,7 @@ async fn srv_records_are_looked_up_through_tor_and_name_the_proxies() {
     init();
     let net = network().await;
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
     let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("{HOST} {key}\n"))

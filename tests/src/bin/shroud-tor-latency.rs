@@ -262,7 +262,7 @@ enum Route<'a> {
 
 async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     let pki = Pki::new()?;
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST]))
         .await
         .context("starting the origin")?;
     let roots = pki.ca.root_store();
