@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use shroud_tests::stack::{direct_client_args, log_addr, make_key, Pki};
 
+use shroud_tests::ports::{free_port, free_ports};
 use shroud_tests::process::{Output, Process};
 use tempfile::TempDir;
 
@@ -378,26 +379,6 @@ pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
         .context(format!("no GET passed within {limit:?}"))
-}
-
-/// A port free right now on 127.0.0.1, for the tools whose configs cannot say "any port"
-/// (rathole, sshd). Another process could take it before the tool binds it; the tool then
-/// fails to start and the run reports that.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let [port] = free_ports()?;
-    Ok(port)
-}
-
-/// `N` distinct free ports: every probe stays bound until all are chosen, so no two are equal.
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let probes = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut ports = [0; N];
-    for (port, probe) in ports.iter_mut().zip(&probes) {
-        *port = probe.local_addr()?.port();
-    }
-    Ok(ports)
 }
 
 fn loopback(port: u16) -> SocketAddr {

@@ -23,6 +23,7 @@
 //! - [`scale`]: descriptor limits, process memory (RSS), visitors from
 //!   chosen loopback source addresses, a real ClientHello to dribble, and
 //!   latency percentiles, for the load and slow-peer measurements.
+//! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
 //! - [`process`]: programs started by PID and killed on drop, their output
 //!   read line by line, kept and echoed or written to a log file.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
@@ -45,6 +46,7 @@ pub mod dns;
 pub mod load;
 pub mod origin;
 pub mod pki;
+pub mod ports;
 pub mod process;
 pub mod scale;
 pub mod stack;

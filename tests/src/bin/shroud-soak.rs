@@ -224,7 +224,7 @@ fn run(options: &Options) -> anyhow::Result<bool> {
     drop(net);
     let outcome = result?;
 
-    let inputs = report::Inputs {
+    let inputs = accounting::Inputs {
         seed: options.seed,
         minutes: options.minutes,
         wall_start,

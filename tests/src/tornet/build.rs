@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::DirBuilderExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,6 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+
+use crate::ports::free_ports;
 
 use super::config::{load_arti_config, network_toml, torrc};
 use super::lifetime::{
@@ -28,6 +30,8 @@ const SHAPE: [(RelayKind, usize); 3] = [
     (RelayKind::Middle, 2),
     (RelayKind::Exit, 3),
 ];
+/// How many relays a network has.
+const RELAYS: usize = SHAPE[0].1 + SHAPE[1].1 + SHAPE[2].1;
 /// How long the authorities get to publish a consensus listing every relay.
 const CONSENSUS_DEADLINE: Duration = Duration::from_secs(120);
 /// How often the authorities' DirPorts are asked for their consensus.
@@ -187,9 +191,10 @@ impl TorNet {
 /// Lays out the relays of one network under `root`: nicknames, free ports,
 /// data directories. Pids and identities are filled in later.
 fn plan(root: &Path) -> anyhow::Result<Vec<Relay>> {
-    let count: usize = SHAPE.iter().map(|(_, n)| n).sum();
-    let mut ports = free_ports(2 * count)?.into_iter();
-    let mut relays = Vec::with_capacity(count);
+    // An ORPort and a DirPort each. Taken before tor binds them, they are reported as
+    // [`PortTaken`] by [`await_tor`].
+    let mut ports = free_ports::<{ 2 * RELAYS }>()?.into_iter();
+    let mut relays = Vec::with_capacity(RELAYS);
     for (kind, n) in SHAPE {
         for i in 0..n {
             let nick = format!("{}{i}", kind.prefix());
@@ -215,22 +220,6 @@ fn plan(root: &Path) -> anyhow::Result<Vec<Relay>> {
         }
     }
     Ok(relays)
-}
-
-/// `n` distinct ports that were free a moment ago on 127.0.0.1.
-///
-/// They are released before tor binds them, so another process may take
-/// one first; [`await_tor`] reports that as [`PortTaken`].
-pub(super) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
-    // Hold every listener until all are bound, so the ports are distinct.
-    let listeners = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
-        .collect::<Result<Vec<_>, _>>()
-        .context("binding 127.0.0.1:0 to find free ports")?;
-    listeners
-        .iter()
-        .map(|l| Ok(l.local_addr()?.port()))
-        .collect()
 }
 
 /// Creates every relay's identity keys (and the authorities' v3 keys), all

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use super::build::free_ports;
+use crate::ports::free_port;
+
 use super::config::user_torrc;
 use super::lifetime::{is_alive, launch_tor, stop_processes, tail, PortTaken};
 use super::{TorNet, LOG_TAIL_LINES, START_ATTEMPTS};
@@ -206,11 +207,7 @@ impl TorNet {
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let mut attempt = 1;
         loop {
-            let port = if socks {
-                free_ports(1)?.first().copied()
-            } else {
-                None
-            };
+            let port = if socks { Some(free_port()?) } else { None };
             let socks_addr = port.map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
             let torrc = user_torrc(
                 &data_dir,

@@ -2,56 +2,21 @@
 //! event, and the verdict. The accounting behind it is in [`crate::accounting`].
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shroud_tests::load::{Outcome, Record, Request};
 
 use crate::accounting::{
-    attribute, broken_tunnels, event_end, recovery, tunnels, windows, Recovery, Tunnel, Verdict,
-    Window,
+    attribute, broken_tunnels, event_end, recovery, tunnels, windows, Inputs, Recovery, Tunnel,
+    Verdict, Window,
 };
 use crate::chaos::{stamp, Event, Kind};
 use crate::fleet::{CLIENTS, DRAIN_SECS, KEEPALIVE_SECS, MAX_BACKOFF_SECS, PROXIES};
-use crate::procs::{Note, Seen};
+use crate::procs::Seen;
 use crate::traffic::KINDS;
 
 /// The most unexplained or corrupted requests listed one by one.
 const LISTED: usize = 40;
-
-/// Everything the summary is made from.
-pub struct Inputs<'a> {
-    /// The seed of the schedule and of the requests' work.
-    pub seed: u64,
-    /// The traffic duration asked for.
-    pub minutes: f64,
-    /// When the soak started, by the wall clock.
-    pub wall_start: SystemTime,
-    /// The soak's clock: every time is given since then (logs and journal too).
-    pub epoch: Instant,
-    /// When traffic started.
-    pub traffic_start: Instant,
-    /// When traffic was told to stop.
-    pub traffic_end: Instant,
-    /// Set if the run ended early, and why.
-    pub stopped_early: Option<String>,
-    /// How long the Tor network and the fleet took to be ready.
-    pub setup: Duration,
-    /// The events, in order.
-    pub events: &'a [Event],
-    /// Every request.
-    pub records: &'a [Record],
-    /// Every client's notes.
-    pub client_notes: &'a [Vec<Note>],
-    /// Every proxy's notes.
-    pub proxy_notes: &'a [Vec<Note>],
-    /// Where the processes' logs are.
-    pub log_dir: &'a Path,
-    /// The network's shape, for people.
-    pub network: String,
-    /// The version of the source, for people.
-    pub source: String,
-}
 
 /// The summary as Markdown, and whether the soak passed.
 pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
