@@ -33,6 +33,8 @@
 //!   `tor` ([`tornet::TorNet`], one shared per test binary), the Arti
 //!   configuration that reaches it, and `/proc` helpers that tell which
 //!   process holds a TCP connection.
+//! - [`tool`]: what the harness's command-line tools share (flags, `main`,
+//!   dates).
 //!
 //! Call [`init`] first in every test, and wrap every await that could hang
 //! in [`within`], so a broken tunnel fails the test instead of stalling CI.
@@ -50,6 +52,7 @@ pub mod ports;
 pub mod process;
 pub mod scale;
 pub mod stack;
+pub mod tool;
 pub mod tornet;
 pub mod visitor;
 

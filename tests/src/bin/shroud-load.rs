@@ -31,6 +31,7 @@ use rustls::ClientConfig;
 use shroud_tests::process::Process;
 use shroud_tests::scale::{self, spread_source};
 use shroud_tests::stack::{log_addr, make_key, Pki};
+use shroud_tests::tool::{self, Args};
 use shroud_tests::{client_config, EchoOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
@@ -55,6 +56,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The client streams the proxy may hold beyond C (the control stream, the warm-up).
 const STREAM_HEADROOM: usize = 64;
 
+/// This program's name, in its messages.
+const NAME: &str = "shroud-load";
 const USAGE: &str = "usage: shroud-load [--connections N[,N...]] [--parallel N] [--bin-dir DIR]
 
 Opens N visitor TLS connections at once through one shroud tunnel (real shroud-proxy and
@@ -74,28 +77,19 @@ struct Options {
 
 impl Options {
     /// Parses the arguments; `None` for `--help`.
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
         let exe = std::env::current_exe().context("locating this program")?;
         let mut options = Options {
             connections: vec![1000, 10_000],
             parallel: 256,
             bin_dir: exe.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .with_context(|| format!("{flag} needs a value"))
-            };
-            match flag.as_str() {
+        let mut args = Args::new(args);
+        while let Some(flag) = args.next_flag() {
+            match flag.name.as_str() {
                 "-h" | "--help" => return Ok(None),
                 "--connections" => {
-                    let text = value()?;
+                    let text = args.value(&flag)?;
                     options.connections = text
                         .split(',')
                         .map(|n| n.trim().parse::<usize>().ok().filter(|n| *n > 0))
@@ -103,14 +97,10 @@ impl Options {
                         .with_context(|| format!("--connections {text:?}: counts above 0"))?;
                 }
                 "--parallel" => {
-                    let text = value()?;
-                    options.parallel = text
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .with_context(|| format!("--parallel {text:?}: a count above 0"))?;
+                    options.parallel = args.number(&flag)?;
+                    ensure!(options.parallel > 0, "--parallel must be above 0");
                 }
-                "--bin-dir" => options.bin_dir = PathBuf::from(value()?),
+                "--bin-dir" => options.bin_dir = PathBuf::from(args.value(&flag)?),
                 other => bail!("unknown argument {other:?}"),
             }
         }
@@ -121,30 +111,13 @@ impl Options {
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("--origin-child") {
-        return exit(origin_child(args.skip(1)));
+        return tool::exit(NAME, origin_child(args.skip(1)));
     }
-    let options = match Options::parse(args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("shroud-load: {err:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let options = match tool::options(NAME, USAGE, Options::parse(args)) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    exit(run(options))
-}
-
-fn exit(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("shroud-load: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tool::exit(NAME, run(options))
 }
 
 /// The origin, in a process of its own: a TLS echo server with the certificate and key in

@@ -63,6 +63,19 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many lines of each notice log an error message quotes.
 const LOG_TAIL_LINES: usize = 15;
 
+/// The first line `tor --version` prints (`Tor version 0.4.8.16`), without its final full
+/// stop; `None` if tor does not run.
+pub fn tor_version() -> Option<String> {
+    let out = std::process::Command::new("tor")
+        .arg("--version")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|line| line.trim().trim_end_matches('.').to_owned())
+}
+
 /// What part a relay plays in the network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RelayKind {

@@ -2,9 +2,10 @@
 //! event, and the verdict. The accounting behind it is in [`crate::accounting`].
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use shroud_tests::load::{Outcome, Record, Request};
+use shroud_tests::tool;
 
 use crate::accounting::{
     attribute, broken_tunnels, event_end, recovery, tunnels, windows, Inputs, Recovery, Tunnel,
@@ -86,7 +87,7 @@ pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
 
     let _ = writeln!(out, "## Run\n");
     let _ = writeln!(out, "| | |\n|---|---|");
-    let _ = writeln!(out, "| started | {} |", utc(inputs.wall_start));
+    let _ = writeln!(out, "| started | {} |", tool::utc(inputs.wall_start));
     let _ = writeln!(
         out,
         "| clock | times (`+12.345s`) count from the start of the soak, as in the logs |"
@@ -671,26 +672,4 @@ pub fn human_bytes(n: u64) -> String {
 pub fn minutes_seconds(d: Duration) -> String {
     let secs = d.as_secs();
     format!("{}m{:02}s", secs / 60, secs % 60)
-}
-
-/// `2026-04-08 10:00:00 UTC`, from the civil calendar (no time zone database needed).
-pub fn utc(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
