@@ -27,8 +27,6 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -37,10 +35,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bulk::{self, BulkError, PatternGen, VISITOR_SEED};
-use crate::visitor::{
-    bulk_transfer, check_origin_hash, client_config, http_exchange, receive_checked,
-};
+use crate::bulk::BulkError;
+use crate::visitor::{bulk_transfer, bulk_transfer_paced, client_config, http_exchange};
 
 /// What each request does once it has a TLS connection to the origin.
 #[derive(Debug, Clone)]
@@ -668,52 +664,10 @@ async fn exchange(
             Ok(2 * bytes)
         }
         Request::PacedBulk { bytes, chunk, tick } => {
-            paced_bulk_transfer(stream, *bytes, (*chunk).max(1), *tick)
+            bulk_transfer_paced(stream, *bytes, (*chunk).max(1), Some(*tick))
                 .await
                 .context("paced bulk transfer")?;
             Ok(2 * bytes)
         }
     }
-}
-
-/// The visitor side of the bulk protocol ([`crate::bulk`]) at a walking pace: one piece of
-/// at most `chunk` bytes sent and at most `chunk` read per `tick`, each direction on its own
-/// clock. Checks what it receives byte by byte and what it sent by the origin's SHA-256; a
-/// failed check is a [`BulkError`], as with [`bulk_transfer`].
-async fn paced_bulk_transfer<S>(
-    stream: S,
-    n: u64,
-    chunk: usize,
-    tick: Duration,
-) -> anyhow::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    use anyhow::Context as _;
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    writer
-        .write_all(&n.to_be_bytes())
-        .await
-        .context("visitor→origin: send the transfer length")?;
-    let send = async {
-        let mut pattern = PatternGen::new(VISITOR_SEED);
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; chunk];
-        let mut ticks = tokio::time::interval(tick);
-        let mut left = n;
-        while left > 0 {
-            ticks.tick().await;
-            let piece = &mut buf[..bulk::chunk_len(left, chunk)];
-            pattern.fill(piece);
-            hasher.update(&*piece);
-            writer.write_all(piece).await?;
-            writer.flush().await?;
-            left -= piece.len() as u64;
-        }
-        Ok::<_, std::io::Error>(<[u8; 32]>::from(hasher.finalize()))
-    };
-    let send = async { send.await.context("visitor→origin: send bytes") };
-    let receive = receive_checked(&mut reader, n, chunk, Some(tick));
-    let (sent_hash, ()) = tokio::try_join!(send, receive)?;
-    check_origin_hash(&mut reader, sent_hash).await
 }

@@ -301,6 +301,21 @@ pub async fn bulk_transfer<S>(stream: S, n: u64) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    bulk_transfer_paced(stream, n, BUF_LEN, None).await
+}
+
+/// [`bulk_transfer`] in pieces of at most `chunk` bytes each way and, with a `pace`, at a
+/// walking pace: one piece sent and one read per tick of it, each direction on its own
+/// clock, for a connection that stays open a long time.
+pub(crate) async fn bulk_transfer_paced<S>(
+    stream: S,
+    n: u64,
+    chunk: usize,
+    pace: Option<Duration>,
+) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut reader, mut writer) = tokio::io::split(stream);
     writer
         .write_all(&n.to_be_bytes())
@@ -308,11 +323,11 @@ where
         .context("visitor→origin: send the transfer length")?;
 
     let send = async {
-        bulk::send_pattern(&mut writer, VISITOR_SEED, n, true)
+        bulk::send_pattern(&mut writer, VISITOR_SEED, n, true, chunk, pace)
             .await
             .context("visitor→origin: send bytes")
     };
-    let receive = receive_checked(&mut reader, n, BUF_LEN, None);
+    let receive = receive_checked(&mut reader, n, chunk, pace);
     let (sent_hash, ()) = tokio::try_join!(send, receive)?;
     let sent_hash = sent_hash.ok_or_else(|| anyhow!("send_pattern returned no hash"))?;
     check_origin_hash(&mut reader, sent_hash).await
@@ -320,7 +335,7 @@ where
 
 /// Reads exactly `n` bytes, at most `chunk` at a time and, with a `pace`, one read per tick
 /// of it, and compares them with the origin's pattern.
-pub(crate) async fn receive_checked<R: AsyncRead + Unpin>(
+async fn receive_checked<R: AsyncRead + Unpin>(
     reader: &mut R,
     n: u64,
     chunk: usize,
@@ -370,7 +385,7 @@ pub(crate) async fn receive_checked<R: AsyncRead + Unpin>(
 
 /// Reads the origin's SHA-256 of what it received, the end of the bulk protocol, and checks
 /// it against `sent`, the hash of what the visitor sent.
-pub(crate) async fn check_origin_hash<R: AsyncRead + Unpin>(
+async fn check_origin_hash<R: AsyncRead + Unpin>(
     reader: &mut R,
     sent: [u8; 32],
 ) -> anyhow::Result<()> {
