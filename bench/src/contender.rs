@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use shroud_tests::stack::{direct_client_args, log_addr, make_key, Pki};
+use shroud_tests::stack::{direct_client_args, log_addr, make_key, proxy_args, Pki};
 
 use shroud_tests::ports::{free_port, free_ports};
 use shroud_tests::process::{Output, Process};
@@ -309,35 +309,24 @@ pub async fn start_shroud_proxy(
     authorized: &str,
     options: &Options,
 ) -> anyhow::Result<ShroudProxy> {
-    let policy = env.dir.path().join("authorized");
-    std::fs::write(&policy, authorized)?;
-    let (cert, cert_key) = env.pki.issue_files(PROXY_NAME)?;
-    let mut args: Vec<String> = [
-        "--listen-https",
-        "127.0.0.1:0",
-        "--listen-http",
-        "127.0.0.1:0",
-        "--tunnel-name",
-        PROXY_NAME,
-        "--max-connections",
-        "50000",
-        "--max-connections-per-address",
-        "50000",
-        "--max-connections-per-hostname",
-        "50000",
-        "--max-streams-per-tunnel",
-        "20000",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend([
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        cert_key.display().to_string(),
-        "--authorized".into(),
-        policy.display().to_string(),
-    ]);
+    let mut args = proxy_args(&env.pki, PROXY_NAME, authorized)?;
+    args.extend(
+        [
+            "--listen-https",
+            "127.0.0.1:0",
+            "--listen-http",
+            "127.0.0.1:0",
+            "--max-connections",
+            "50000",
+            "--max-connections-per-address",
+            "50000",
+            "--max-connections-per-hostname",
+            "50000",
+            "--max-streams-per-tunnel",
+            "20000",
+        ]
+        .map(String::from),
+    );
     if let Some(bytes) = options.stream_buffer {
         args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }

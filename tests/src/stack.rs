@@ -84,6 +84,22 @@ impl TestProxy {
         Self::start_with(pki, name, authorized, Limits::default()).await
     }
 
+    /// Starts one proxy for each of `names`, with default limits and the same
+    /// authorized-file text.
+    pub async fn start_each<const N: usize>(
+        pki: &Pki,
+        names: [&str; N],
+        authorized: &str,
+    ) -> anyhow::Result<[Self; N]> {
+        let mut proxies = Vec::with_capacity(N);
+        for name in names {
+            proxies.push(Self::start(pki, name, authorized).await?);
+        }
+        proxies
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("started a proxy for each name, yet not N of them"))
+    }
+
     /// Starts a proxy with explicit limits.
     pub async fn start_with(
         pki: &Pki,
@@ -388,6 +404,25 @@ pub fn direct_client_args(
     args
 }
 
+/// Arguments for a `shroud-proxy` binary named `name`, with a certificate `pki`'s CA issues
+/// for `name` and `authorized` as its policy, both written to files in `pki`'s directory. The
+/// caller adds where it listens (`--listen-https`) and anything else.
+pub fn proxy_args(pki: &Pki, name: &str, authorized: &str) -> anyhow::Result<Vec<String>> {
+    let (cert, key) = pki.issue_files(name)?;
+    let policy = pki.dir().join(format!("{name}.authorized"));
+    std::fs::write(&policy, authorized).with_context(|| format!("writing {}", policy.display()))?;
+    Ok(vec![
+        "--tunnel-name".into(),
+        name.into(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+        "--authorized".into(),
+        policy.display().to_string(),
+    ])
+}
+
 /// A `shroud-proxy` process on loopback, with its files.
 pub struct ProxyProcess {
     /// The process.
@@ -418,24 +453,10 @@ impl ProxyProcess {
         https: SocketAddr,
         extra: &[String],
     ) -> anyhow::Result<Self> {
-        let (cert, key) = pki.issue_files(name)?;
-        let policy = pki.dir().join(format!("{name}.authorized"));
-        std::fs::write(&policy, authorized)?;
-        let args = vec![
-            "--listen-https".into(),
-            https.to_string(),
-            "--tunnel-name".into(),
-            name.into(),
-            "--tls-cert".into(),
-            cert.display().to_string(),
-            "--tls-key".into(),
-            key.display().to_string(),
-            "--authorized".into(),
-            policy.display().to_string(),
-            "--drain-timeout-secs".into(),
-            "5".into(),
-        ];
-        let args = args.into_iter().chain(extra.iter().cloned()).collect();
+        let mut args = vec!["--listen-https".into(), https.to_string()];
+        args.extend(proxy_args(pki, name, authorized)?);
+        args.extend(["--drain-timeout-secs".into(), "5".into()]);
+        args.extend_from_slice(extra);
         Self::start_args(args).await
     }
 

@@ -127,10 +127,7 @@ async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
     let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = SecretKey::generate().unwrap();
     let policy = authorize(HOST, &key);
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
     // `one` is in the fleet file; `two` announces itself with heartbeats.

@@ -40,10 +40,7 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
     let key_path = pki.dir().join("client.key");
     let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let policy = format!("{HOST} {key}\n");
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
 

@@ -33,10 +33,7 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
     let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = shroud_mux::auth::SecretKey::generate().unwrap();
     let policy = authorize(HOST, &key);
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
 

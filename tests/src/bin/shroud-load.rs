@@ -30,7 +30,7 @@ use anyhow::{bail, ensure, Context as _};
 use rustls::ClientConfig;
 use shroud_tests::process::Process;
 use shroud_tests::scale::{self, spread_source};
-use shroud_tests::stack::{log_addr, make_key, Pki};
+use shroud_tests::stack::{log_addr, make_key, proxy_args, Pki};
 use shroud_tests::tool::{self, Args};
 use shroud_tests::{client_config, EchoOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -197,9 +197,8 @@ fn run(options: Options) -> anyhow::Result<()> {
 
         let key_path = pki.dir().join("client.key");
         let key = make_key(&key_path)?;
-        let authorized = pki.dir().join("authorized");
-        std::fs::write(&authorized, format!("{HOST} {key}\n"))?;
-        let (proxy_cert, proxy_key) = pki.issue_files(PROXY_NAME)?;
+        let mut base_proxy_args = vec!["--listen-https".to_owned(), "127.0.0.1:0".into()];
+        base_proxy_args.extend(proxy_args(&pki, PROXY_NAME, &format!("{HOST} {key}\n"))?);
         let proxy_help = help_text(&proxy_bin)?;
         let client_help = help_text(&client_bin)?;
         let visitors = client_config(pki.ca.root_store(), &[]);
@@ -207,24 +206,15 @@ fn run(options: Options) -> anyhow::Result<()> {
         let mut rounds = Vec::new();
         for &connections in &options.connections {
             let limit = (connections + STREAM_HEADROOM).to_string();
-            let mut proxy_args = vec![
-                "--listen-https".to_owned(),
-                "127.0.0.1:0".into(),
-                "--tunnel-name".into(),
-                PROXY_NAME.into(),
-                "--tls-cert".into(),
-                proxy_cert.display().to_string(),
-                "--tls-key".into(),
-                proxy_key.display().to_string(),
-                "--authorized".into(),
-                authorized.display().to_string(),
+            let mut proxy_args = base_proxy_args.clone();
+            proxy_args.extend([
                 "--drain-timeout-secs".into(),
                 "1".into(),
                 "--max-streams-per-tunnel".into(),
                 limit.clone(),
                 "--max-connections".into(),
                 (connections * 2 + 1024).to_string(),
-            ];
+            ]);
             // The limits per visitor address and per hostname are not what this measures.
             for flag in per_something_flags(&proxy_help) {
                 proxy_args.extend([flag, limit.clone()]);

@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{bail, ensure};
 use rustls::pki_types::CertificateDer;
 use shroud_tests::origin::MixedOrigin;
-use shroud_tests::stack::{log_addr, make_key, Pki};
+use shroud_tests::stack::{log_addr, make_key, proxy_args, Pki};
 
 use crate::procs::{self, wait_note, Classify, History, Note, Proc, Seen, Watchdog};
 
@@ -151,24 +151,8 @@ impl Fleet {
         };
         for index in 0..PROXIES {
             let name = proxy_name(index);
-            let (cert, key) = fleet.pki.issue_files(&name)?;
-            let policy = fleet.pki.dir().join(format!("{name}.authorized"));
-            std::fs::write(&policy, &authorized)
-                .with_context(|| format!("writing {}", policy.display()))?;
-            let args = [
-                "--tunnel-name",
-                &name,
-                "--tls-cert",
-                &cert.display().to_string(),
-                "--tls-key",
-                &key.display().to_string(),
-                "--authorized",
-                &policy.display().to_string(),
-                "--drain-timeout-secs",
-                &DRAIN_SECS.to_string(),
-            ]
-            .map(str::to_owned)
-            .to_vec();
+            let mut args = proxy_args(&fleet.pki, &name, &authorized)?;
+            args.extend(["--drain-timeout-secs".into(), DRAIN_SECS.to_string()]);
             let ip = Ipv4Addr::new(127, 0, 0, 2 + index as u8);
             fleet.proxies.push(ProxySlot {
                 name,
