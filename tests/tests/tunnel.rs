@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use shroud_client::tunnel::TunnelState;
 use shroud_proxy::server::Limits;
+use shroud_tests::scale::client_hello;
 use shroud_tests::stack::{authorize, ClientSpec, FreezableRelay, Pki, TestClient, TestProxy};
 use shroud_tests::{
-    bulk_transfer, http_get, https_get, https_get_retrying, init, raw_http, tls_connect, within,
-    BulkOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
+    bulk_transfer, client_config, http_get, https_get, https_get_retrying, init, raw_http,
+    tls_connect, within, BulkOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -410,7 +411,7 @@ async fn an_origin_that_never_answers_does_not_freeze_the_tunnel() {
 
     // 300 visitors whose streams the origin accepts and never answers: more than yamux's 256
     // unacknowledged streams, if the client did not acknowledge each stream at once.
-    let hello = client_hello_bytes(HOST);
+    let hello = client_hello(client_config(rustls::RootCertStore::empty(), &[]), HOST).unwrap();
     let mut stuck = Vec::new();
     for _ in 0..300 {
         let mut stream = TcpStream::connect(proxy.https).await.unwrap();
@@ -427,23 +428,6 @@ async fn an_origin_that_never_answers_does_not_freeze_the_tunnel() {
         assert_eq!(response.status, 200);
     }
     drop(stuck);
-}
-
-/// The bytes of a real ClientHello for `sni`, as a browser would send first.
-fn client_hello_bytes(sni: &str) -> Vec<u8> {
-    let roots = rustls::RootCertStore::empty();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
