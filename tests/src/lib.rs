@@ -23,6 +23,9 @@
 //! - [`scale`]: descriptor limits, process memory (RSS), visitors from
 //!   chosen loopback source addresses, a real ClientHello to dribble, and
 //!   latency percentiles, for the load and slow-peer measurements.
+//! - [`stack`]: shroud's own parts, started for a test: proxies and clients
+//!   in-process or as the real binaries, with the keys, certificates and
+//!   arguments they need.
 //! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
 //! - [`process`]: programs started by PID and killed on drop, their output
 //!   read line by line, kept and echoed or written to a log file.

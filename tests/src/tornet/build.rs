@@ -191,8 +191,8 @@ impl TorNet {
 /// Lays out the relays of one network under `root`: nicknames, free ports,
 /// data directories. Pids and identities are filled in later.
 fn plan(root: &Path) -> anyhow::Result<Vec<Relay>> {
-    // An ORPort and a DirPort each. Taken before tor binds them, they are reported as
-    // [`PortTaken`] by [`await_tor`].
+    // An ORPort and a DirPort each. One another process takes before tor binds it makes
+    // await_tor fail with PortTaken, and TorNet::start try again.
     let mut ports = free_ports::<{ 2 * RELAYS }>()?.into_iter();
     let mut relays = Vec::with_capacity(RELAYS);
     for (kind, n) in SHAPE {
