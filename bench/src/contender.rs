@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use shroud_tests::stack::{direct_client_args, log_addr, Pki};
+use shroud_tests::stack::{direct_client_args, log_addr, make_key, proxy_args, Pki};
 
-use crate::process::Process;
+use shroud_tests::ports::{free_port, free_ports};
+use shroud_tests::process::{Output, Process};
 use tempfile::TempDir;
 
 use crate::measure::Target;
@@ -116,6 +117,11 @@ impl Env {
         self.logs.join(format!("{name}.log"))
     }
 
+    /// Starts `program` with `args`, its output going to the log file for `log`.
+    pub fn spawn(&self, program: &Path, args: &[String], log: &str) -> anyhow::Result<Process> {
+        Process::spawn_with(program, args, &[], Output::File(self.log(log)))
+    }
+
     fn bin(&self, name: &str) -> PathBuf {
         self.bin_dir.join(name)
     }
@@ -215,7 +221,7 @@ pub async fn start_shroud(
     link: Option<Link>,
 ) -> anyhow::Result<Running> {
     let key = env.dir.path().join("shroud-client.key");
-    let public_key = shroud_key(env, &key)?;
+    let public_key = make_key(&key)?;
     let ShroudProxy {
         process: proxy,
         https,
@@ -241,7 +247,7 @@ pub async fn start_shroud(
     if let Some(bytes) = options.stream_buffer {
         client_args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut client = Process::spawn(&env.bin(CLIENT_BIN), &client_args, &env.log("shroud"))?;
+    let mut client = env.spawn(&env.bin(CLIENT_BIN), &client_args, "shroud")?;
     client
         .wait_for_line("tunnel up", Duration::from_secs(20))
         .await
@@ -278,7 +284,7 @@ pub async fn start_own(
     name: &str,
 ) -> anyhow::Result<(Process, SocketAddr)> {
     let exe = std::env::current_exe().context("locating shroud-bench")?;
-    let mut process = Process::spawn(&exe, args, &env.log(name))?;
+    let mut process = env.spawn(&exe, args, name)?;
     let line = process
         .wait_for_line(&format!("{name} listening"), Duration::from_secs(10))
         .await?;
@@ -303,39 +309,28 @@ pub async fn start_shroud_proxy(
     authorized: &str,
     options: &Options,
 ) -> anyhow::Result<ShroudProxy> {
-    let policy = env.dir.path().join("authorized");
-    std::fs::write(&policy, authorized)?;
-    let (cert, cert_key) = env.pki.issue_files(PROXY_NAME)?;
-    let mut args: Vec<String> = [
-        "--listen-https",
-        "127.0.0.1:0",
-        "--listen-http",
-        "127.0.0.1:0",
-        "--tunnel-name",
-        PROXY_NAME,
-        "--max-connections",
-        "50000",
-        "--max-connections-per-address",
-        "50000",
-        "--max-connections-per-hostname",
-        "50000",
-        "--max-streams-per-tunnel",
-        "20000",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend([
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        cert_key.display().to_string(),
-        "--authorized".into(),
-        policy.display().to_string(),
-    ]);
+    let mut args = proxy_args(&env.pki, PROXY_NAME, authorized)?;
+    args.extend(
+        [
+            "--listen-https",
+            "127.0.0.1:0",
+            "--listen-http",
+            "127.0.0.1:0",
+            "--max-connections",
+            "50000",
+            "--max-connections-per-address",
+            "50000",
+            "--max-connections-per-hostname",
+            "50000",
+            "--max-streams-per-tunnel",
+            "20000",
+        ]
+        .map(String::from),
+    );
     if let Some(bytes) = options.stream_buffer {
         args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut process = Process::spawn(&env.bin(PROXY_BIN), &args, &env.log("shroud-proxy"))?;
+    let mut process = env.spawn(&env.bin(PROXY_BIN), &args, "shroud-proxy")?;
     let mut https = None;
     let mut http = None;
     while https.is_none() || http.is_none() {
@@ -359,21 +354,6 @@ pub async fn start_shroud_proxy(
 const PROXY_BIN: &str = "shroud-proxy";
 const CLIENT_BIN: &str = "shroud";
 
-fn shroud_key(env: &Env, path: &Path) -> anyhow::Result<String> {
-    let output = std::process::Command::new(env.bin(CLIENT_BIN))
-        .arg("key")
-        .arg("--key")
-        .arg(path)
-        .output()
-        .context("running shroud key")?;
-    anyhow::ensure!(output.status.success(), "shroud key failed: {output:?}");
-    Ok(String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
 /// Polls with a GET until one passes through `target`, for up to `limit`.
 pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -388,26 +368,6 @@ pub async fn wait_serving(target: &Target, limit: Duration) -> anyhow::Result<()
     }
     Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
         .context(format!("no GET passed within {limit:?}"))
-}
-
-/// A port free right now on 127.0.0.1, for the tools whose configs cannot say "any port"
-/// (rathole, sshd). Another process could take it before the tool binds it; the tool then
-/// fails to start and the run reports that.
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let [port] = free_ports()?;
-    Ok(port)
-}
-
-/// `N` distinct free ports: every probe stays bound until all are chosen, so no two are equal.
-fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
-    let probes = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut ports = [0; N];
-    for (port, probe) in ports.iter_mut().zip(&probes) {
-        *port = probe.local_addr()?.port();
-    }
-    Ok(ports)
 }
 
 fn loopback(port: u16) -> SocketAddr {
@@ -466,16 +426,17 @@ async fn start_rathole(env: &Env, origin: SocketAddr, tls: bool) -> anyhow::Resu
             "[client]\nremote_addr = \"localhost:{control}\"\ndefault_token = \"{RATHOLE_TOKEN}\"\n{client_transport}[client.services.bench]\nlocal_addr = \"{origin}\"\n"
         ),
     )?;
-    let proxy = Process::spawn(
-        Path::new("rathole"),
-        &["--server".into(), server_config.display().to_string()],
-        &env.log("rathole-server"),
-    )
-    .context("starting rathole (is it installed? bench/run.sh installs it)")?;
-    let client = Process::spawn(
+    let proxy = env
+        .spawn(
+            Path::new("rathole"),
+            &["--server".into(), server_config.display().to_string()],
+            "rathole-server",
+        )
+        .context("starting rathole (is it installed? bench/run.sh installs it)")?;
+    let client = env.spawn(
         Path::new("rathole"),
         &["--client".into(), client_config.display().to_string()],
-        &env.log("rathole-client"),
+        "rathole-client",
     )?;
     Ok(Running::new(loopback(public), proxy, client))
 }
@@ -486,24 +447,25 @@ const RATHOLE_P12_PASSWORD: &str = "benchpass";
 /// bore server and `bore local`. bore's control port is fixed at 7835, so two benches cannot
 /// run at once; the public port is whatever the server gives and `bore local` prints.
 async fn start_bore(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
-    let proxy = Process::spawn(
-        Path::new("bore"),
-        &[
-            "server".into(),
-            "--bind-addr".into(),
-            "127.0.0.1".into(),
-            "--secret".into(),
-            BORE_SECRET.into(),
-        ],
-        &env.log("bore-server"),
-    )
-    .context("starting bore server (is it installed? bench/run.sh installs it)")?;
+    let proxy = env
+        .spawn(
+            Path::new("bore"),
+            &[
+                "server".into(),
+                "--bind-addr".into(),
+                "127.0.0.1".into(),
+                "--secret".into(),
+                BORE_SECRET.into(),
+            ],
+            "bore-server",
+        )
+        .context("starting bore server (is it installed? bench/run.sh installs it)")?;
     let mut proxy = proxy;
     proxy
         .wait_for_line("server listening", Duration::from_secs(10))
         .await
         .context("bore server did not listen")?;
-    let mut client = Process::spawn(
+    let mut client = env.spawn(
         Path::new("bore"),
         &[
             "local".into(),
@@ -515,7 +477,7 @@ async fn start_bore(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
             "--secret".into(),
             BORE_SECRET.into(),
         ],
-        &env.log("bore-local"),
+        "bore-local",
     )?;
     let line = client
         .wait_for_line("listening at", Duration::from_secs(10))
@@ -560,23 +522,24 @@ async fn start_ssh(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
             dir.join("authorized_keys").display()
         ),
     )?;
-    let mut proxy = Process::spawn(
-        Path::new("/usr/sbin/sshd"),
-        &[
-            "-D".into(),
-            "-e".into(),
-            "-f".into(),
-            config.display().to_string(),
-        ],
-        &env.log("sshd"),
-    )
-    .context("starting sshd (is openssh-server installed?)")?;
+    let mut proxy = env
+        .spawn(
+            Path::new("/usr/sbin/sshd"),
+            &[
+                "-D".into(),
+                "-e".into(),
+                "-f".into(),
+                config.display().to_string(),
+            ],
+            "sshd",
+        )
+        .context("starting sshd (is openssh-server installed?)")?;
     proxy
         .wait_for_line("Server listening on", Duration::from_secs(10))
         .await
         .context("sshd did not listen")?;
     let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
-    let mut client = Process::spawn(
+    let mut client = env.spawn(
         Path::new("ssh"),
         &[
             "-N".into(),
@@ -596,7 +559,7 @@ async fn start_ssh(env: &Env, origin: SocketAddr) -> anyhow::Result<Running> {
             format!("127.0.0.1:0:{origin}"),
             format!("{user}@127.0.0.1"),
         ],
-        &env.log("ssh"),
+        "ssh",
     )?;
     let line = client
         .wait_for_line("Allocated port", Duration::from_secs(15))
@@ -647,11 +610,11 @@ async fn start_pagekite(env: &Env, origin: SocketAddr) -> anyhow::Result<Running
         "--nozchunks".into(),
         "--max_read_bytes=16000x1".into(),
     ]);
-    let mut proxy = Process::spawn_with_env(
+    let mut proxy = Process::spawn_with(
         Path::new("pagekite"),
         &front_args,
-        &env.log("pagekite-front"),
         &[("HOME", home.as_os_str())],
+        Output::File(env.log("pagekite-front")),
     )
     .context("starting pagekite (is it installed? bench/run.sh installs it)")?;
     proxy
@@ -661,11 +624,11 @@ async fn start_pagekite(env: &Env, origin: SocketAddr) -> anyhow::Result<Running
         )
         .await
         .context("the PageKite front end did not listen")?;
-    let mut client = Process::spawn_with_env(
+    let mut client = Process::spawn_with(
         Path::new("pagekite"),
         &back_args,
-        &env.log("pagekite-back"),
         &[("HOME", home.as_os_str())],
+        Output::File(env.log("pagekite-back")),
     )?;
     client
         .wait_for_line(&format!("domain={HOST}; ssl="), Duration::from_secs(30))

@@ -16,7 +16,6 @@ mod clock;
 mod contender;
 mod measure;
 mod origin;
-mod process;
 mod relay;
 mod report;
 mod run;

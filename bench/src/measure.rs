@@ -444,7 +444,7 @@ fn parse_duration_ms(text: &str) -> anyhow::Result<f64> {
 /// iperf3's single-stream figure on loopback, in MB/s: what the machine's TCP stack does with
 /// no HTTP and no tunnel, to calibrate the HTTP download.
 pub async fn iperf3_loopback(duration: Duration) -> anyhow::Result<f64> {
-    let port = crate::contender::free_port()?;
+    let port = shroud_tests::ports::free_port()?;
     let mut server = tokio::process::Command::new("iperf3")
         .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())

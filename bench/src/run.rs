@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 use shroud_tests::stack::{authorize, ClientSpec, TestClient};
 
-use crate::process::Process;
+use shroud_tests::process::Process;
+use shroud_tests::tool;
 
 use crate::contender::{self, Env, Kind, Options, Running, HOST};
 use crate::measure::{self, IdleVisitors, Series, Target, WrkResult};
@@ -354,17 +355,10 @@ async fn start_origin(env: &Env) -> anyhow::Result<(Process, SocketAddr)> {
 }
 
 fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let kernel = tool::kernel_release().unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!("{cpus} CPUs ({model}), Linux {}", kernel.trim())
+    let model = tool::cpu_model().unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} CPUs ({model}), Linux {kernel}")
 }
 
 fn progress(message: &str) {

@@ -15,6 +15,7 @@
 
 use std::fmt;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -203,26 +204,36 @@ impl fmt::Display for BulkError {
 
 impl std::error::Error for BulkError {}
 
-/// Writes `n` bytes of the stream `seed` to `writer`, returning their
-/// SHA-256 if `hash` is set. Does not flush or shut down.
+/// Writes `n` bytes of the stream `seed` to `writer` in pieces of at most `chunk` bytes,
+/// returning their SHA-256 if `hash` is set. With a `pace`, one piece per tick of it, each
+/// flushed at once. Flushes at the end; does not shut down.
 pub(crate) async fn send_pattern<W: AsyncWrite + Unpin>(
     writer: &mut W,
     seed: u64,
     n: u64,
     hash: bool,
+    chunk: usize,
+    pace: Option<Duration>,
 ) -> std::io::Result<Option<[u8; 32]>> {
     let mut pattern = PatternGen::new(seed);
     let mut hasher = hash.then(Sha256::new);
-    let mut buf = vec![0u8; BUF_LEN];
+    let mut buf = vec![0u8; chunk];
+    let mut ticks = pace.map(tokio::time::interval);
     let mut left = n;
     while left > 0 {
-        let len = chunk_len(left, buf.len());
-        let chunk = &mut buf[..len];
-        pattern.fill(chunk);
-        if let Some(hasher) = hasher.as_mut() {
-            hasher.update(&*chunk);
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
         }
-        writer.write_all(chunk).await?;
+        let len = chunk_len(left, buf.len());
+        let piece = &mut buf[..len];
+        pattern.fill(piece);
+        if let Some(hasher) = hasher.as_mut() {
+            hasher.update(&*piece);
+        }
+        writer.write_all(piece).await?;
+        if ticks.is_some() {
+            writer.flush().await?;
+        }
         left -= len as u64;
     }
     writer.flush().await?;

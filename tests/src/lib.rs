@@ -23,6 +23,12 @@
 //! - [`scale`]: descriptor limits, process memory (RSS), visitors from
 //!   chosen loopback source addresses, a real ClientHello to dribble, and
 //!   latency percentiles, for the load and slow-peer measurements.
+//! - [`stack`]: shroud's own parts, started for a test: proxies and clients
+//!   in-process or as the real binaries, with the keys, certificates and
+//!   arguments they need.
+//! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
+//! - [`process`]: programs started by PID and killed on drop, their output
+//!   read line by line, kept and echoed or written to a log file.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
 //!   serving an in-memory zone that tests change while it runs
 //!   ([`dns::TestDns`]), and counting the queries that reach it.
@@ -30,6 +36,8 @@
 //!   `tor` ([`tornet::TorNet`], one shared per test binary), the Arti
 //!   configuration that reaches it, and `/proc` helpers that tell which
 //!   process holds a TCP connection.
+//! - [`tool`]: what the harness's command-line tools share (flags, `main`,
+//!   dates).
 //!
 //! Call [`init`] first in every test, and wrap every await that could hang
 //! in [`within`], so a broken tunnel fails the test instead of stalling CI.
@@ -43,8 +51,11 @@ pub mod dns;
 pub mod load;
 pub mod origin;
 pub mod pki;
+pub mod ports;
+pub mod process;
 pub mod scale;
 pub mod stack;
+pub mod tool;
 pub mod tornet;
 pub mod visitor;
 
@@ -57,8 +68,8 @@ pub use bulk::{BulkError, Direction, PatternGen};
 pub use origin::{BulkOrigin, EchoOrigin, HttpOrigin, SilentOrigin};
 pub use pki::{Leaf, TestCa};
 pub use visitor::{
-    bulk_transfer, client_config, http_exchange, http_get, https_get, raw_http, tls_connect,
-    tls_connect_with, HttpResponse,
+    bulk_transfer, client_config, http_exchange, http_get, https_get, https_get_retrying, raw_http,
+    tls_connect, tls_connect_with, HttpResponse,
 };
 
 /// Per-process setup; cheap and safe to call from every test.

@@ -27,8 +27,6 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
-use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -37,8 +35,8 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bulk::{self, BulkError, Direction, PatternGen, ORIGIN_SEED, VISITOR_SEED};
-use crate::visitor::{bulk_transfer, client_config, http_exchange};
+use crate::bulk::BulkError;
+use crate::visitor::{bulk_transfer, bulk_transfer_paced, client_config, http_exchange};
 
 /// What each request does once it has a TLS connection to the origin.
 #[derive(Debug, Clone)]
@@ -401,6 +399,13 @@ impl Load {
         Ok(())
     }
 
+    /// Waits until `n` more requests have succeeded than had when it was called, or fails
+    /// after `limit`: "a while of serving" after some event.
+    pub async fn wait_more_ok(&self, n: u64, limit: Duration) -> anyhow::Result<()> {
+        let ok = self.snapshot().ok();
+        self.wait_ok(ok + n, limit).await
+    }
+
     /// Stops starting requests, waits for those in flight (each bounded by its timeout), and
     /// returns the final counts.
     pub async fn stop(self) -> Snapshot {
@@ -659,100 +664,10 @@ async fn exchange(
             Ok(2 * bytes)
         }
         Request::PacedBulk { bytes, chunk, tick } => {
-            paced_bulk_transfer(stream, *bytes, (*chunk).max(1), *tick)
+            bulk_transfer_paced(stream, *bytes, (*chunk).max(1), Some(*tick))
                 .await
                 .context("paced bulk transfer")?;
             Ok(2 * bytes)
         }
     }
-}
-
-/// The visitor side of the bulk protocol ([`crate::bulk`]) at a walking pace: one piece of
-/// at most `chunk` bytes sent and at most `chunk` read per `tick`, each direction on its own
-/// clock. Checks what it receives byte by byte and what it sent by the origin's SHA-256; a
-/// failed check is a [`BulkError`], as with [`bulk_transfer`].
-async fn paced_bulk_transfer<S>(
-    stream: S,
-    n: u64,
-    chunk: usize,
-    tick: Duration,
-) -> anyhow::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    use anyhow::Context as _;
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    writer
-        .write_all(&n.to_be_bytes())
-        .await
-        .context("visitor→origin: send the transfer length")?;
-    let send = async {
-        let mut pattern = PatternGen::new(VISITOR_SEED);
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; chunk];
-        let mut ticks = tokio::time::interval(tick);
-        let mut left = n;
-        while left > 0 {
-            ticks.tick().await;
-            let piece = &mut buf[..bulk::chunk_len(left, chunk)];
-            pattern.fill(piece);
-            hasher.update(&*piece);
-            writer.write_all(piece).await?;
-            writer.flush().await?;
-            left -= piece.len() as u64;
-        }
-        Ok::<_, std::io::Error>(<[u8; 32]>::from(hasher.finalize()))
-    };
-    let send = async { send.await.context("visitor→origin: send bytes") };
-    let receive = async {
-        let mut expected = PatternGen::new(ORIGIN_SEED);
-        let (mut buf, mut want) = (vec![0u8; chunk], vec![0u8; chunk]);
-        let mut ticks = tokio::time::interval(tick);
-        let mut got = 0u64;
-        while got < n {
-            ticks.tick().await;
-            let len = bulk::chunk_len(n - got, chunk);
-            let read = reader
-                .read(&mut buf[..len])
-                .await
-                .context("origin→visitor: receive bytes")?;
-            if read == 0 {
-                return Err(BulkError::Truncated {
-                    direction: Direction::OriginToVisitor,
-                    received: got,
-                    expected: n,
-                }
-                .into());
-            }
-            expected.fill(&mut want[..read]);
-            if buf[..read] != want[..read] {
-                let at = buf[..read]
-                    .iter()
-                    .zip(&want[..read])
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(0);
-                return Err(BulkError::Corrupted {
-                    direction: Direction::OriginToVisitor,
-                    offset: Some(got + at as u64),
-                }
-                .into());
-            }
-            got += read as u64;
-        }
-        Ok::<_, anyhow::Error>(())
-    };
-    let (sent_hash, ()) = tokio::try_join!(send, receive)?;
-    let mut origin_hash = [0u8; 32];
-    reader.read_exact(&mut origin_hash).await.context(
-        "visitor→origin: read the origin's SHA-256 of what it received \
-         (did all the bytes reach it?)",
-    )?;
-    if origin_hash != sent_hash {
-        return Err(BulkError::Corrupted {
-            direction: Direction::VisitorToOrigin,
-            offset: None,
-        }
-        .into());
-    }
-    Ok(())
 }

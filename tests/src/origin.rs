@@ -430,7 +430,7 @@ impl Service for Bulk {
         let (mut reader, mut writer) = tokio::io::split(stream);
         let (received, _) = tokio::try_join!(
             bulk::receive_hashed(&mut reader, n),
-            bulk::send_pattern(&mut writer, ORIGIN_SEED, n, false),
+            bulk::send_pattern(&mut writer, ORIGIN_SEED, n, false, bulk::BUF_LEN, None),
         )?;
         let hash = match received {
             Received::Complete(hash) => hash,

@@ -18,9 +18,8 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
 
-use crate::visitor::{http_exchange, HttpResponse};
+use crate::visitor::{get_request, http_exchange, tls_handshake, HttpResponse};
 
 /// Raises this process's soft limit on open files to its hard limit (children started
 /// afterwards inherit it) and returns the soft limit now in force.
@@ -97,15 +96,10 @@ pub async fn tls_connect_from(
     sni: &str,
     config: Arc<ClientConfig>,
 ) -> anyhow::Result<TlsStream<TcpStream>> {
-    let name = ServerName::try_from(sni.to_owned())
-        .with_context(|| format!("{sni:?} is not a valid TLS server name"))?;
     let tcp = connect_from(source, addr)
         .await
         .with_context(|| format!("connect to {addr} from {source}"))?;
-    TlsConnector::from(config)
-        .connect(name, tcp)
-        .await
-        .with_context(|| format!("TLS handshake with {addr} for {sni}"))
+    tls_handshake(tcp, addr, sni, config).await
 }
 
 /// `GET path` over TLS from `source`, with SNI and `Host` both `sni`.
@@ -117,10 +111,7 @@ pub async fn https_get_from(
     path: &str,
 ) -> anyhow::Result<HttpResponse> {
     let stream = tls_connect_from(source, addr, sni, config).await?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {sni}\r\nUser-Agent: shroud-tests\r\nConnection: close\r\n\r\n"
-    );
-    http_exchange(stream, request.as_bytes()).await
+    http_exchange(stream, get_request(sni, path).as_bytes()).await
 }
 
 /// The bytes of the first flight a real TLS client (rustls, with `config`) sends for `sni`:

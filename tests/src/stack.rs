@@ -6,12 +6,9 @@
 //! and report the addresses they bound in their log, which the harness reads; they are stopped
 //! by PID when their handle drops.
 
-use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,6 +24,7 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 use crate::pki::TestCa;
+use crate::process::Process;
 
 /// Port 0 on loopback: the kernel picks a free port.
 const LOOPBACK: SocketAddr =
@@ -56,6 +54,12 @@ impl Pki {
         self.dir.path()
     }
 
+    /// A TLS server configuration for an origin serving `names` over HTTP/1.1, with a leaf
+    /// certificate this PKI's CA issued.
+    pub fn origin_tls(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
+        self.ca.issue(names).server_config(&[b"http/1.1"])
+    }
+
     /// Issues a certificate for `name` and writes `NAME.pem` and `NAME.key` (mode 0600).
     pub fn issue_files(&self, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
         self.ca.issue(&[name]).write_files(self.dir.path(), name)
@@ -80,6 +84,22 @@ impl TestProxy {
     /// Starts a proxy named `name` with default limits and the given authorized-file text.
     pub async fn start(pki: &Pki, name: &str, authorized: &str) -> anyhow::Result<Self> {
         Self::start_with(pki, name, authorized, Limits::default()).await
+    }
+
+    /// Starts one proxy for each of `names`, with default limits and the same
+    /// authorized-file text.
+    pub async fn start_each<const N: usize>(
+        pki: &Pki,
+        names: [&str; N],
+        authorized: &str,
+    ) -> anyhow::Result<[Self; N]> {
+        let mut proxies = Vec::with_capacity(N);
+        for name in names {
+            proxies.push(Self::start(pki, name, authorized).await?);
+        }
+        proxies
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("started a proxy for each name, yet not N of them"))
     }
 
     /// Starts a proxy with explicit limits.
@@ -333,130 +353,13 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Creates a client key at `path` with the real `shroud key` and returns the public key it
-/// printed, as a user would copy it into an authorized file.
-pub fn make_key(path: &Path) -> String {
-    let output = Command::new(binary("shroud"))
-        .arg("key")
-        .arg("--key")
-        .arg(path)
-        .output()
-        .unwrap_or_else(|err| panic!("running shroud key: {err}"));
-    assert!(output.status.success(), "shroud key failed: {output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// A process started by a test, killed by PID when dropped. Its stderr is collected line by
-/// line (and echoed to the test's output).
-pub struct Process {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Process {
-    /// Starts `program` with `args`.
-    pub fn spawn(program: &Path, args: &[String]) -> anyhow::Result<Self> {
-        let mut child = Command::new(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("SHROUD_TRANSPORT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, lines) = std_mpsc::channel();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let log_writer = log.clone();
-        let label = program
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{label} {}] {line}", std::process::id());
-                if let Ok(mut log) = log_writer.lock() {
-                    log.push(line.clone());
-                }
-                let _ = tx.send(line);
-            }
-        });
-        Ok(Self { child, lines, log })
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits (on a blocking thread) for a stderr line containing `needle`, up to `limit`.
-    pub async fn wait_for_line(&mut self, needle: &str, limit: Duration) -> anyhow::Result<String> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                anyhow::bail!("no line containing {needle:?} within {limit:?}");
-            }
-            let step = left.min(Duration::from_millis(50));
-            let got = tokio::task::block_in_place(|| self.lines.recv_timeout(step));
-            match got {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) | Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    anyhow::bail!("process ended before printing {needle:?}")
-                }
-            }
-        }
-    }
-
-    /// Everything the process wrote to stderr so far.
-    pub fn stderr_text(&self) -> String {
-        self.log.lock().map(|l| l.join("\n")).unwrap_or_default()
-    }
-
-    /// Sends SIGKILL and reaps the process.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM.
-    pub fn terminate(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-    }
-
-    /// Waits for the process to exit, up to `limit`; kills it if it does not.
-    pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                // Give the reader thread a moment to drain what was written before exit.
-                let _ = tokio::task::block_in_place(|| {
-                    self.lines.recv_timeout(Duration::from_millis(100))
-                });
-                return Ok(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                self.kill();
-                anyhow::bail!("process did not exit within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Creates a client key file at `path`, as `shroud key` does (PKCS#8 PEM, mode 0600; a key
+/// already there is kept), and returns its public key as a user would copy it into an
+/// authorized file.
+pub fn make_key(path: &Path) -> anyhow::Result<String> {
+    let (secret, _created) = shroud_mux::keyfile::load_or_create(path)
+        .with_context(|| format!("making a client key at {}", path.display()))?;
+    Ok(secret.public().to_string())
 }
 
 /// Reads the `addr=` field of a log line such as `listening addr=127.0.0.1:4000 listener="https"`.
@@ -503,6 +406,25 @@ pub fn direct_client_args(
     args
 }
 
+/// Arguments for a `shroud-proxy` binary named `name`, with a certificate `pki`'s CA issues
+/// for `name` and `authorized` as its policy, both written to files in `pki`'s directory. The
+/// caller adds where it listens (`--listen-https`) and anything else.
+pub fn proxy_args(pki: &Pki, name: &str, authorized: &str) -> anyhow::Result<Vec<String>> {
+    let (cert, key) = pki.issue_files(name)?;
+    let policy = pki.dir().join(format!("{name}.authorized"));
+    std::fs::write(&policy, authorized).with_context(|| format!("writing {}", policy.display()))?;
+    Ok(vec![
+        "--tunnel-name".into(),
+        name.into(),
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+        "--authorized".into(),
+        policy.display().to_string(),
+    ])
+}
+
 /// A `shroud-proxy` process on loopback, with its files.
 pub struct ProxyProcess {
     /// The process.
@@ -533,24 +455,10 @@ impl ProxyProcess {
         https: SocketAddr,
         extra: &[String],
     ) -> anyhow::Result<Self> {
-        let (cert, key) = pki.issue_files(name)?;
-        let policy = pki.dir().join(format!("{name}.authorized"));
-        std::fs::write(&policy, authorized)?;
-        let args = vec![
-            "--listen-https".into(),
-            https.to_string(),
-            "--tunnel-name".into(),
-            name.into(),
-            "--tls-cert".into(),
-            cert.display().to_string(),
-            "--tls-key".into(),
-            key.display().to_string(),
-            "--authorized".into(),
-            policy.display().to_string(),
-            "--drain-timeout-secs".into(),
-            "5".into(),
-        ];
-        let args = args.into_iter().chain(extra.iter().cloned()).collect();
+        let mut args = vec!["--listen-https".into(), https.to_string()];
+        args.extend(proxy_args(pki, name, authorized)?);
+        args.extend(["--drain-timeout-secs".into(), "5".into()]);
+        args.extend_from_slice(extra);
         Self::start_args(args).await
     }
 

@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context as _};
 use rustls::crypto::aws_lc_rs;
@@ -58,11 +59,22 @@ pub async fn tls_connect_with(
     sni: &str,
     config: Arc<ClientConfig>,
 ) -> anyhow::Result<TlsStream<TcpStream>> {
-    let name = ServerName::try_from(sni.to_owned())
-        .with_context(|| format!("{sni:?} is not a valid TLS server name"))?;
     let tcp = TcpStream::connect(addr)
         .await
         .with_context(|| format!("connect to {addr}"))?;
+    tls_handshake(tcp, addr, sni, config).await
+}
+
+/// Completes a TLS handshake for `sni` on `tcp`, a connection to `addr`, verifying the
+/// server's certificate with `config`.
+pub(crate) async fn tls_handshake(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    sni: &str,
+    config: Arc<ClientConfig>,
+) -> anyhow::Result<TlsStream<TcpStream>> {
+    let name = ServerName::try_from(sni.to_owned())
+        .with_context(|| format!("{sni:?} is not a valid TLS server name"))?;
     TlsConnector::from(config)
         .connect(name, tcp)
         .await
@@ -105,6 +117,24 @@ pub async fn https_get(
 ) -> anyhow::Result<HttpResponse> {
     let stream = tls_connect(addr, sni, roots).await?;
     http_exchange(stream, get_request(sni, path).as_bytes()).await
+}
+
+/// [`https_get`], tried again every `pause` until a response arrives, as a visitor reloads
+/// a page that would not load; whatever the status. It never gives up: wrap it in
+/// [`crate::within`].
+pub async fn https_get_retrying(
+    addr: SocketAddr,
+    sni: &str,
+    roots: RootCertStore,
+    path: &str,
+    pause: Duration,
+) -> HttpResponse {
+    loop {
+        match https_get(addr, sni, roots.clone(), path).await {
+            Ok(response) => return response,
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+    }
 }
 
 /// `GET path` over plain TCP to `addr`, with the given `Host` header.
@@ -159,7 +189,8 @@ where
     Ok(response)
 }
 
-fn get_request(host: &str, path: &str) -> String {
+/// A visitor's `GET path` for `host`, asking the server to close the connection after.
+pub(crate) fn get_request(host: &str, path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: shroud-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     )
@@ -270,6 +301,21 @@ pub async fn bulk_transfer<S>(stream: S, n: u64) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    bulk_transfer_paced(stream, n, BUF_LEN, None).await
+}
+
+/// [`bulk_transfer`] in pieces of at most `chunk` bytes each way and, with a `pace`, at a
+/// walking pace: one piece sent and one read per tick of it, each direction on its own
+/// clock, for a connection that stays open a long time.
+pub(crate) async fn bulk_transfer_paced<S>(
+    stream: S,
+    n: u64,
+    chunk: usize,
+    pace: Option<Duration>,
+) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let (mut reader, mut writer) = tokio::io::split(stream);
     writer
         .write_all(&n.to_be_bytes())
@@ -277,35 +323,33 @@ where
         .context("visitor→origin: send the transfer length")?;
 
     let send = async {
-        bulk::send_pattern(&mut writer, VISITOR_SEED, n, true)
+        bulk::send_pattern(&mut writer, VISITOR_SEED, n, true, chunk, pace)
             .await
             .context("visitor→origin: send bytes")
     };
-    let (sent_hash, ()) = tokio::try_join!(send, receive_checked(&mut reader, n))?;
+    let receive = receive_checked(&mut reader, n, chunk, pace);
+    let (sent_hash, ()) = tokio::try_join!(send, receive)?;
     let sent_hash = sent_hash.ok_or_else(|| anyhow!("send_pattern returned no hash"))?;
-
-    let mut origin_hash = [0u8; 32];
-    reader.read_exact(&mut origin_hash).await.context(
-        "visitor→origin: read the origin's SHA-256 of what it received \
-         (did all the bytes reach it?)",
-    )?;
-    if origin_hash != sent_hash {
-        return Err(BulkError::Corrupted {
-            direction: Direction::VisitorToOrigin,
-            offset: None,
-        }
-        .into());
-    }
-    Ok(())
+    check_origin_hash(&mut reader, sent_hash).await
 }
 
-/// Reads exactly `n` bytes and compares them with the origin's pattern.
-async fn receive_checked<R: AsyncRead + Unpin>(reader: &mut R, n: u64) -> anyhow::Result<()> {
+/// Reads exactly `n` bytes, at most `chunk` at a time and, with a `pace`, one read per tick
+/// of it, and compares them with the origin's pattern.
+async fn receive_checked<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    n: u64,
+    chunk: usize,
+    pace: Option<Duration>,
+) -> anyhow::Result<()> {
     let mut expected = PatternGen::new(ORIGIN_SEED);
-    let mut buf = vec![0u8; BUF_LEN];
-    let mut want = vec![0u8; BUF_LEN];
+    let mut buf = vec![0u8; chunk];
+    let mut want = vec![0u8; chunk];
+    let mut ticks = pace.map(tokio::time::interval);
     let mut got = 0u64;
     while got < n {
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
+        }
         let len = bulk::chunk_len(n - got, buf.len());
         let read = reader
             .read(&mut buf[..len])
@@ -335,6 +379,27 @@ async fn receive_checked<R: AsyncRead + Unpin>(reader: &mut R, n: u64) -> anyhow
             .into());
         }
         got += read as u64;
+    }
+    Ok(())
+}
+
+/// Reads the origin's SHA-256 of what it received, the end of the bulk protocol, and checks
+/// it against `sent`, the hash of what the visitor sent.
+async fn check_origin_hash<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    sent: [u8; 32],
+) -> anyhow::Result<()> {
+    let mut origin_hash = [0u8; 32];
+    reader.read_exact(&mut origin_hash).await.context(
+        "visitor→origin: read the origin's SHA-256 of what it received \
+         (did all the bytes reach it?)",
+    )?;
+    if origin_hash != sent {
+        return Err(BulkError::Corrupted {
+            direction: Direction::VisitorToOrigin,
+            offset: None,
+        }
+        .into());
     }
     Ok(())
 }

@@ -19,10 +19,9 @@ use shroud_discovery::signed::{self, ProxyEntry, ProxyList};
 use shroud_mux::auth::SecretKey;
 use shroud_proxy::server::bind_listener;
 use shroud_tests::dns::TestDns;
+use shroud_tests::process::Process;
 use shroud_tests::stack::ProxyProcess;
-use shroud_tests::stack::{
-    authorize, binary, make_key, ClientSpec, Pki, Process, TestClient, TestProxy,
-};
+use shroud_tests::stack::{authorize, binary, make_key, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::{https_get, init, tls_connect, within, HttpOrigin};
 use tokio_util::sync::CancellationToken;
 
@@ -100,10 +99,6 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn origin_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"])
-}
-
 /// A client-side discovery source for `HOST`, dialling the service on loopback.
 fn source(pki: &Pki, discovery: &Discovery) -> DiscoverySource {
     DiscoverySource::new(
@@ -129,13 +124,10 @@ fn direct_to(addrs: &[(&str, SocketAddr)]) -> DirectTransport {
 async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = SecretKey::generate().unwrap();
     let policy = authorize(HOST, &key);
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
     // `one` is in the fleet file; `two` announces itself with heartbeats.
@@ -211,7 +203,7 @@ async fn fake_discovery(
     pki: &Pki,
     bodies: Vec<Vec<u8>>,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let config = pki.ca.issue(&[DISCOVERY]).server_config(&[b"http/1.1"]);
+    let config = pki.origin_tls(&[DISCOVERY]);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -306,9 +298,9 @@ async fn the_client_refuses_forged_expired_and_replayed_lists() {
 async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "one.proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();
@@ -357,9 +349,9 @@ async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
     let status = refused.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(
-        refused.stderr_text().contains("signature"),
+        refused.output_text().contains("signature"),
         "{}",
-        refused.stderr_text()
+        refused.output_text()
     );
 
     // With no source of proxies at all: a clear error.
@@ -380,7 +372,7 @@ async fn a_client_with_only_discovery_flags_finds_its_proxies_and_serves() {
 async fn txt_records_grant_refuse_and_revoke_binds() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let dns = TestDns::start("test.").await.unwrap();
     let key = SecretKey::generate().unwrap();
     dns.add_txt("_shroud.example.test", "v=unrelated", 1)

@@ -4,8 +4,10 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use shroud_tests::bulk::{BulkError, Direction};
+use shroud_tests::load::{Load, LoadSpec, Request};
 use shroud_tests::{
     bulk_transfer, http_get, https_get, init, raw_http, tls_connect, within, BulkOrigin,
     EchoOrigin, HttpOrigin, SilentOrigin, TestCa,
@@ -183,6 +185,28 @@ async fn bulk_transfer_direct_plain_and_tls() -> anyhow::Result<()> {
     let tls = BulkOrigin::tls(ca.issue(&["bulk.test"]).server_config(&[])).await?;
     let stream = within(10, tls_connect(tls.addr(), "bulk.test", ca.root_store())).await?;
     within(60, bulk_transfer(stream, 4 * MIB)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_of_paced_bulk_requests_checks_every_byte() -> anyhow::Result<()> {
+    init();
+    let ca = TestCa::new("selftest CA");
+    let origin = BulkOrigin::tls(ca.issue(&["bulk.test"]).server_config(&[])).await?;
+    // Pieces that do not divide the length, so the last one is short.
+    let (bytes, chunk) = (10_000, 3_000);
+    let load = Load::start(LoadSpec {
+        request: Request::PacedBulk {
+            bytes,
+            chunk,
+            tick: Duration::from_millis(5),
+        },
+        ..LoadSpec::get(vec![origin.addr()], "bulk.test", ca.root_store(), 20)
+    });
+    load.wait_ok(3, Duration::from_secs(20)).await?;
+    let result = within(20, load.stop()).await;
+    assert_eq!(result.failed() + result.unreachable, 0, "{result}");
+    assert_eq!(result.bytes_verified, result.ok() * 2 * bytes, "{result}");
     Ok(())
 }
 

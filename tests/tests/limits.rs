@@ -8,18 +8,18 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use rustls::RootCertStore;
-use rustls_pki_types::ServerName;
 use shroud_client::shared::TunnelState;
 use shroud_mux::auth::SecretKey;
 use shroud_proxy::shared::Limits;
+use shroud_tests::scale::{connect_from, https_get_from};
 use shroud_tests::stack::{ClientSpec, Pki, ProxyProcess, TestClient, TestProxy};
 use shroud_tests::{
-    bulk_transfer, client_config, http_exchange, http_get, https_get, init, tls_connect, within,
-    BulkOrigin, HttpOrigin, HttpResponse,
+    bulk_transfer, client_config, http_exchange, http_get, https_get, https_get_retrying, init,
+    tls_connect, within, BulkOrigin, HttpOrigin, HttpResponse,
 };
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpSocket, TcpStream};
-use tokio_rustls::TlsConnector;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 const HOST: &str = "example.test";
 const OTHER: &str = "other.test";
@@ -68,34 +68,68 @@ fn client(
 
 /// An HTTPS origin for both test names, and a plain-HTTP one.
 async fn origins(pki: &Pki) -> (HttpOrigin, HttpOrigin) {
-    let config = pki.ca.issue(&[HOST, OTHER]).server_config(&[b"http/1.1"]);
+    let config = pki.origin_tls(&[HOST, OTHER]);
     (
         HttpOrigin::tls(config).await.unwrap(),
         HttpOrigin::plain().await.unwrap(),
     )
 }
 
-/// A TCP connection to `addr` from the loopback address `source`.
-async fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket.connect(addr).await
+/// A proxy with its limits, publishing HOST and OTHER, each through a client of its own (one
+/// key) that is bound; HOST's client also forwards plain HTTP.
+struct TwoNames {
+    host: TestClient,
+    _other: TestClient,
+    proxy: TestProxy,
+    _origins: (HttpOrigin, HttpOrigin),
+    pki: Pki,
 }
 
-/// `GET /` over TLS from `source`, verifying the origin's certificate for `sni`.
-async fn https_get_from(
-    source: IpAddr,
+/// Starts [`TwoNames`] with `limits`.
+async fn two_names(limits: Limits) -> TwoNames {
+    let pki = Pki::new().unwrap();
+    let (tls_origin, http_origin) = origins(&pki).await;
+    let key = SecretKey::generate().unwrap();
+    let proxy = TestProxy::start_with(&pki, PROXY, &authorized(&key, &[HOST, OTHER]), limits)
+        .await
+        .unwrap();
+    let mut host = client(
+        &pki,
+        &proxy,
+        HOST,
+        same(&key),
+        tls_origin.addr(),
+        Some(http_origin.addr()),
+    );
+    let mut other = client(&pki, &proxy, OTHER, key, tls_origin.addr(), None);
+    within(20, host.wait_bound(1)).await;
+    within(20, other.wait_bound(1)).await;
+    TwoNames {
+        host,
+        _other: other,
+        proxy,
+        _origins: (tls_origin, http_origin),
+        pki,
+    }
+}
+
+/// `n` TLS visitors of `sni` that hold their connections open, each handshake with the
+/// origin done.
+async fn hold_visitors(
     addr: SocketAddr,
     sni: &str,
-    roots: RootCertStore,
-) -> anyhow::Result<HttpResponse> {
-    let tcp = connect_from(source, addr).await?;
-    let name = ServerName::try_from(sni.to_owned())?;
-    let tls = TlsConnector::from(client_config(roots, &[]))
-        .connect(name, tcp)
-        .await?;
-    let request = format!("GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
-    http_exchange(tls, request.as_bytes()).await
+    roots: &RootCertStore,
+    n: usize,
+) -> Vec<TlsStream<TcpStream>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(
+            within(20, tls_connect(addr, sni, roots.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    held
 }
 
 /// `GET /` over plain HTTP from `source`.
@@ -129,17 +163,26 @@ async fn assert_tls_refused_with_alert(addr: SocketAddr, sni: &str, roots: RootC
     assert!(text.contains("InternalError"), "{text}");
 }
 
-/// Retries `GET /` for `sni` until it is served, as a visitor would after a refusal.
+/// Asserts that the next visitor of HOST is turned away: over TLS with the proxy's
+/// `internal_error` alert, over plain HTTP with a 503 that says `why`. Returns the 503.
+async fn assert_turned_away(proxy: &TestProxy, roots: &RootCertStore, why: &str) -> HttpResponse {
+    assert_tls_refused_with_alert(proxy.https, HOST, roots.clone()).await;
+    let response = within(20, http_get(proxy.http, HOST, "/")).await.unwrap();
+    assert_eq!(response.status, 503);
+    assert!(
+        response.body_text().contains(why),
+        "{}",
+        response.body_text()
+    );
+    response
+}
+
+/// Retries `GET /` for `sni` until it is answered, as a visitor would after a refusal, and
+/// asserts that it was served.
 async fn served_again(addr: SocketAddr, sni: &str, roots: RootCertStore) {
-    within(20, async {
-        loop {
-            match https_get(addr, sni, roots.clone(), "/").await {
-                Ok(response) if response.status == 200 => break,
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    })
-    .await;
+    let pause = Duration::from_millis(100);
+    let response = within(20, https_get_retrying(addr, sni, roots, "/", pause)).await;
+    assert_eq!(response.status, 200);
 }
 
 /// Waits until the client's one tunnel has been refused with a reason containing `needle`,
@@ -209,7 +252,13 @@ async fn connections_per_address_turn_away_one_address_and_spare_the_others() {
     // Visitors from another address are served all along, over TLS and plain HTTP.
     let response = within(
         20,
-        https_get_from(ELSEWHERE, proxy.https, HOST, roots.clone()),
+        https_get_from(
+            ELSEWHERE,
+            proxy.https,
+            HOST,
+            client_config(roots.clone(), &[]),
+            "/",
+        ),
     )
     .await
     .unwrap();
@@ -230,45 +279,19 @@ async fn connections_per_address_turn_away_one_address_and_spare_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_per_hostname_turn_away_that_name_only() {
     init();
-    let pki = Pki::new().unwrap();
-    let (tls_origin, http_origin) = origins(&pki).await;
-    let key = SecretKey::generate().unwrap();
-    let limits = patient(Limits {
+    let net = two_names(patient(Limits {
         max_connections_per_hostname: 2,
         ..Limits::default()
-    });
-    let proxy = TestProxy::start_with(&pki, PROXY, &authorized(&key, &[HOST, OTHER]), limits)
-        .await
-        .unwrap();
-    let mut host = client(
-        &pki,
-        &proxy,
-        HOST,
-        same(&key),
-        tls_origin.addr(),
-        Some(http_origin.addr()),
-    );
-    let mut other = client(&pki, &proxy, OTHER, key, tls_origin.addr(), None);
-    within(20, host.wait_bound(1)).await;
-    within(20, other.wait_bound(1)).await;
-    let roots = pki.ca.root_store();
+    }))
+    .await;
+    let (proxy, roots) = (&net.proxy, net.pki.ca.root_store());
 
     // Two visitors of HOST hold their connections open (the handshake with the origin done:
     // they are spliced, so counted).
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        held.push(
-            within(20, tls_connect(proxy.https, HOST, roots.clone()))
-                .await
-                .unwrap(),
-        );
-    }
+    let held = hold_visitors(proxy.https, HOST, &roots, 2).await;
 
     // A third: TLS visitors get a fatal internal_error alert, plain-HTTP ones a 503.
-    assert_tls_refused_with_alert(proxy.https, HOST, roots.clone()).await;
-    let response = within(20, http_get(proxy.http, HOST, "/")).await.unwrap();
-    assert_eq!(response.status, 503);
-    assert!(response.body_text().contains("too many visitors"));
+    let response = assert_turned_away(proxy, &roots, "too many visitors").await;
     assert_eq!(response.header("retry-after"), Some("5"));
     assert!(!response.body_text().contains(PROXY));
 
@@ -288,42 +311,16 @@ async fn connections_per_hostname_turn_away_that_name_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_tunnel_turn_visitors_away_with_a_clear_answer() {
     init();
-    let pki = Pki::new().unwrap();
-    let (tls_origin, http_origin) = origins(&pki).await;
-    let key = SecretKey::generate().unwrap();
     // The control stream counts: two visitor streams per tunnel.
-    let limits = patient(Limits {
+    let net = two_names(patient(Limits {
         max_streams_per_tunnel: 3,
         ..Limits::default()
-    });
-    let proxy = TestProxy::start_with(&pki, PROXY, &authorized(&key, &[HOST, OTHER]), limits)
-        .await
-        .unwrap();
-    let mut host = client(
-        &pki,
-        &proxy,
-        HOST,
-        same(&key),
-        tls_origin.addr(),
-        Some(http_origin.addr()),
-    );
-    let mut other = client(&pki, &proxy, OTHER, key, tls_origin.addr(), None);
-    within(20, host.wait_bound(1)).await;
-    within(20, other.wait_bound(1)).await;
-    let roots = pki.ca.root_store();
+    }))
+    .await;
+    let (proxy, roots) = (&net.proxy, net.pki.ca.root_store());
 
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        held.push(
-            within(20, tls_connect(proxy.https, HOST, roots.clone()))
-                .await
-                .unwrap(),
-        );
-    }
-    assert_tls_refused_with_alert(proxy.https, HOST, roots.clone()).await;
-    let response = within(20, http_get(proxy.http, HOST, "/")).await.unwrap();
-    assert_eq!(response.status, 503);
-    assert!(response.body_text().contains("too many connections open"));
+    let held = hold_visitors(proxy.https, HOST, &roots, 2).await;
+    assert_turned_away(proxy, &roots, "too many connections open").await;
 
     // The other tunnel has streams to spare; the full one keeps what it holds, and the
     // tunnel itself stays up.
@@ -331,7 +328,7 @@ async fn streams_per_tunnel_turn_visitors_away_with_a_clear_answer() {
         .await
         .unwrap();
     assert_eq!(response.status, 200);
-    assert_eq!(host.client.states()[0].1, TunnelState::Bound);
+    assert_eq!(net.host.client.states()[0].1, TunnelState::Bound);
 
     drop(held);
     served_again(proxy.https, HOST, roots).await;
@@ -448,9 +445,7 @@ async fn a_full_proxy_closes_new_connections_before_reading_them() {
 async fn larger_stream_buffers_carry_bulk_data_byte_exact() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = BulkOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = BulkOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = SecretKey::generate().unwrap();
     let limits = Limits {
         stream_buffer: 1024 * 1024,

@@ -89,10 +89,6 @@ impl Published {
     }
 }
 
-fn origin_tls(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"])
-}
-
 /// An origin started again at `addr`, the address an earlier one had: it answers every request
 /// `200` with the body `back\n`, over TLS if `tls` is given. Stops when the handle is dropped.
 struct Restarted(JoinHandle<()>);
@@ -150,7 +146,7 @@ where
 async fn an_origin_that_is_down_gets_visitors_a_502_or_a_close_until_it_is_back_on_its_port() {
     init();
     let pki = Pki::new().unwrap();
-    let tls_origin = HttpOrigin::tls(origin_tls(&pki)).await.unwrap();
+    let tls_origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let http_origin = HttpOrigin::plain().await.unwrap();
     let (tls_addr, http_addr) = (tls_origin.addr(), http_origin.addr());
     let published = Published::start(&pki, tls_addr, http_addr).await;
@@ -179,7 +175,7 @@ async fn an_origin_that_is_down_gets_visitors_a_502_or_a_close_until_it_is_back_
     published.assert_tunnel_untouched();
 
     // The origins come back on the same ports; visitors reach them again, on the same tunnel.
-    let _tls_back = Restarted::start(tls_addr, Some(origin_tls(&pki)));
+    let _tls_back = Restarted::start(tls_addr, Some(pki.origin_tls(&[HOST])));
     let _http_back = Restarted::start(http_addr, None);
     let response = within(20, https_get(proxy.https, HOST, roots(), "/"))
         .await

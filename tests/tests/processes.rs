@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use shroud_tests::init;
+use shroud_tests::process::Process;
 use shroud_tests::stack::{
-    authorize, binary, direct_client_args, make_key, Pki, Process, ProxyProcess, TestProxy,
+    authorize, binary, direct_client_args, make_key, Pki, ProxyProcess, TestProxy,
 };
 
 const HOST: &str = "example.test";
@@ -27,7 +28,7 @@ async fn a_client_every_proxy_refuses_exits_non_zero_and_says_why() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    make_key(&key_path);
+    make_key(&key_path).unwrap();
     // The proxy authorizes some other key only.
     let other = shroud_mux::auth::SecretKey::generate().unwrap();
     let proxy = TestProxy::start(&pki, "proxy.test", &authorize(HOST, &other))
@@ -42,7 +43,7 @@ async fn a_client_every_proxy_refuses_exits_non_zero_and_says_why() {
     let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
     let status = client.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.code(), Some(1));
-    let log = client.stderr_text();
+    let log = client.output_text();
     assert!(log.contains("not authorized"), "{log}");
     assert!(log.contains("no tunnel can succeed"), "{log}");
 }
@@ -52,7 +53,7 @@ async fn a_client_that_does_not_trust_the_proxy_certificate_refuses_it() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();
@@ -70,9 +71,9 @@ async fn a_client_that_does_not_trust_the_proxy_certificate_refuses_it() {
     let status = client.wait_exit(Duration::from_secs(30)).await.unwrap();
     assert_eq!(status.code(), Some(1));
     assert!(
-        client.stderr_text().contains("certificate"),
+        client.output_text().contains("certificate"),
         "{}",
-        client.stderr_text()
+        client.output_text()
     );
 }
 
@@ -90,5 +91,5 @@ async fn sigterm_drains_the_proxy_and_exits_zero() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
-    assert!(proxy.process.stderr_text().contains("SIGTERM"));
+    assert!(proxy.process.output_text().contains("SIGTERM"));
 }

@@ -9,11 +9,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use shroud_tests::load::{Load, LoadSpec, Snapshot};
+use shroud_tests::process::Process;
 use shroud_tests::stack::{
-    binary, direct_client_args, make_key, FreezableRelay, Pki, Process, ProxyProcess,
+    binary, direct_client_args, make_key, FreezableRelay, Pki, ProxyProcess,
 };
 use shroud_tests::{init, within, HttpOrigin};
 
@@ -77,9 +79,19 @@ impl Fleet {
 }
 
 async fn origin(pki: &Pki) -> HttpOrigin {
-    HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap()
+    HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap()
+}
+
+/// Key files for two clients serving HOST (two machines, each with its own copy of the
+/// service), and the policy that lets both bind it.
+fn two_keys(pki: &Pki) -> (PathBuf, PathBuf, String) {
+    let (key_a, key_b) = (pki.dir().join("a.key"), pki.dir().join("b.key"));
+    let policy = format!(
+        "{HOST} {}\n{HOST} {}\n",
+        make_key(&key_a).unwrap(),
+        make_key(&key_b).unwrap()
+    );
+    (key_a, key_b, policy)
 }
 
 /// How many requests were in flight at `proxy` at some moment between `before` and `after`:
@@ -93,7 +105,7 @@ async fn a_rolling_restart_of_every_proxy_loses_no_visitor() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let mut fleet = Fleet::start(pki, &format!("{HOST} {key}\n")).await;
     let origin = origin(&fleet.pki).await;
     let _client = fleet.client(&key_path, origin.addr()).await;
@@ -118,8 +130,7 @@ async fn a_rolling_restart_of_every_proxy_loses_no_visitor() {
             load.snapshot()
         );
         // Some visitors through the new process before the next one goes down.
-        let ok = load.snapshot().ok();
-        load.wait_ok(ok + u64::from(RATE) / 2, Duration::from_secs(30))
+        load.wait_more_ok(u64::from(RATE) / 2, Duration::from_secs(30))
             .await
             .unwrap();
     }
@@ -135,7 +146,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let mut fleet = Fleet::start(pki, &format!("{HOST} {key}\n")).await;
     let origin = origin(&fleet.pki).await;
     let mut client = fleet.client(&key_path, origin.addr()).await;
@@ -153,8 +164,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
         .await
         .unwrap();
     // A while of serving through the other two.
-    let ok = load.snapshot().ok();
-    load.wait_ok(ok + u64::from(RATE), Duration::from_secs(30))
+    load.wait_more_ok(u64::from(RATE), Duration::from_secs(30))
         .await
         .unwrap();
 
@@ -166,8 +176,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
         .await
         .unwrap();
     let rebound = restarted.elapsed();
-    let ok = load.snapshot().ok();
-    load.wait_ok(ok + u64::from(RATE), Duration::from_secs(30))
+    load.wait_more_ok(u64::from(RATE), Duration::from_secs(30))
         .await
         .unwrap();
     let result = within(30, load.stop()).await;
@@ -199,8 +208,7 @@ async fn kill_9_of_one_proxy_fails_only_the_visitors_in_flight_there() {
 async fn when_one_of_two_redundant_clients_dies_the_other_serves() {
     init();
     let pki = Pki::new().unwrap();
-    let (key_a, key_b) = (pki.dir().join("a.key"), pki.dir().join("b.key"));
-    let policy = format!("{HOST} {}\n{HOST} {}\n", make_key(&key_a), make_key(&key_b));
+    let (key_a, key_b, policy) = two_keys(&pki);
     let mut fleet = Fleet::start(pki, &policy).await;
     // Two machines, each with its own copy of the service.
     let (origin_a, origin_b) = (origin(&fleet.pki).await, origin(&fleet.pki).await);
@@ -220,8 +228,7 @@ async fn when_one_of_two_redundant_clients_dies_the_other_serves() {
         .map(|i| in_flight_between(&before, &after, i))
         .sum();
     let served_by_b = origin_b.accepted();
-    let ok = load.snapshot().ok();
-    load.wait_ok(ok + 2 * u64::from(RATE), Duration::from_secs(30))
+    load.wait_more_ok(2 * u64::from(RATE), Duration::from_secs(30))
         .await
         .unwrap();
     let result = within(30, load.stop()).await;
@@ -252,8 +259,7 @@ async fn a_redundant_client_that_dies_silently_is_passed_over_within_seconds() {
     // stays open at the proxy, carrying nothing. Visitors must still all be served.
     init();
     let pki = Pki::new().unwrap();
-    let (key_a, key_b) = (pki.dir().join("a.key"), pki.dir().join("b.key"));
-    let policy = format!("{HOST} {}\n{HOST} {}\n", make_key(&key_a), make_key(&key_b));
+    let (key_a, key_b, policy) = two_keys(&pki);
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut proxy = ProxyProcess::start(&pki, NAMES[0], &policy, any)
         .await
@@ -294,8 +300,7 @@ async fn a_redundant_client_that_dies_silently_is_passed_over_within_seconds() {
     let frozen_at = Instant::now();
     // Ten seconds of visitors: the frozen tunnel keeps its binding all along (the proxy's
     // idle timeout is 45 s), though client A reconnects over a fresh path within seconds.
-    let ok = load.snapshot().ok();
-    load.wait_ok(ok + 500, Duration::from_secs(30))
+    load.wait_more_ok(500, Duration::from_secs(30))
         .await
         .unwrap();
     let result = within(30, load.stop()).await;

@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
+use shroud_tests::process::Process;
 use shroud_tests::scale::{self, connect_from, spread_source, Latencies};
-use shroud_tests::stack::{binary, direct_client_args, make_key, Pki, Process, ProxyProcess};
+use shroud_tests::stack::{binary, direct_client_args, make_key, Pki, ProxyProcess};
 use shroud_tests::{client_config, init, within};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -161,7 +162,7 @@ impl Stack {
         let pki = Pki::new().unwrap();
         let origin = SinkOrigin::start(pki.ca.issue(&[HOST]).server_config(&[])).await;
         let key_path = pki.dir().join("client.key");
-        let key = make_key(&key_path);
+        let key = make_key(&key_path).unwrap();
         let proxy = ProxyProcess::start(
             &pki,
             PROXY,

@@ -10,7 +10,8 @@ use hickory_proto::rr::RecordType;
 use shroud_client::srv::{lookup_proxies, lookup_srv, SrvError, SrvTarget};
 use shroud_client::transport::{DirectTransport, Resolve};
 use shroud_tests::dns::TestDns;
-use shroud_tests::stack::{binary, make_key, Pki, Process, TestProxy};
+use shroud_tests::process::Process;
+use shroud_tests::stack::{binary, make_key, Pki, TestProxy};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
 const SRV_NAME: &str = "_shroud._tcp.example.test";
@@ -167,7 +168,7 @@ async fn with_direct_the_srv_targets_resolve_through_the_named_server() {
     .await
     .unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = make_key(&key_path);
+    let key = make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("example.test {key}\n"))
         .await
         .unwrap();

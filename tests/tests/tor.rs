@@ -6,7 +6,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shroud_tests::stack::{binary, Pki, Process, TestProxy};
+use shroud_tests::process::Process;
+use shroud_tests::stack::{binary, Pki, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 
@@ -35,16 +36,11 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
     init();
     let net = network().await;
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = shroud_tests::stack::make_key(&key_path);
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let policy = format!("{HOST} {key}\n");
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
 
@@ -89,7 +85,7 @@ async fn by_default_tunnels_cross_tor_and_no_proxy_sees_the_client() {
         "tor: client bootstrapped in {bootstrapped:?}, both tunnels up after {:?}",
         started.elapsed()
     );
-    let log = client.stderr_text();
+    let log = client.output_text();
     assert!(
         log.contains("Tor bootstrap:"),
         "bootstrap progress is shown: {log}"
@@ -177,7 +173,7 @@ async fn a_stalled_bootstrap_fails_and_says_why() {
     let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
     let status = client.wait_exit(Duration::from_secs(60)).await.unwrap();
     assert_eq!(status.code(), Some(1));
-    let log = client.stderr_text();
+    let log = client.output_text();
     assert!(
         log.contains("Tor bootstrap did not finish within 5 s"),
         "{log}"
@@ -189,11 +185,9 @@ async fn srv_records_are_looked_up_through_tor_and_name_the_proxies() {
     init();
     let net = network().await;
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key_path = pki.dir().join("client.key");
-    let key = shroud_tests::stack::make_key(&key_path);
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
     let proxy = TestProxy::start(&pki, "srv.proxy.test", &format!("{HOST} {key}\n"))
         .await
         .unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use shroud_tests::load::{Load, LoadSpec};
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
-use shroud_tests::{https_get, init, within, HttpOrigin};
+use shroud_tests::{https_get_retrying, init, within, HttpOrigin};
 
 const HOST: &str = "example.test";
 
@@ -30,15 +30,10 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
         .unwrap()
         .expect("the private Tor network must start");
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let key = shroud_mux::auth::SecretKey::generate().unwrap();
     let policy = authorize(HOST, &key);
-    let one = TestProxy::start(&pki, "one.proxy.test", &policy)
-        .await
-        .unwrap();
-    let two = TestProxy::start(&pki, "two.proxy.test", &policy)
+    let [one, two] = TestProxy::start_each(&pki, ["one.proxy.test", "two.proxy.test"], &policy)
         .await
         .unwrap();
 
@@ -91,17 +86,14 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
     let killed = Instant::now();
     // Visitors of the first proxy succeed again once the client has rebuilt its tunnel
     // through another circuit.
-    let recovered = within(120, async {
-        loop {
-            if let Ok(r) = https_get(one.https, HOST, pki.ca.root_store(), "/back").await {
-                if r.status == 200 {
-                    break killed.elapsed();
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
+    let pause = Duration::from_millis(100);
+    let back = within(
+        120,
+        https_get_retrying(one.https, HOST, pki.ca.root_store(), "/back", pause),
+    )
     .await;
+    let recovered = killed.elapsed();
+    assert_eq!(back.status, 200);
     eprintln!("tor failover: tunnel through the killed exit recovered in {recovered:?}");
     let new_exit = tunnel_peers(one.https.port())
         .first()

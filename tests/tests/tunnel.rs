@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use shroud_client::shared::TunnelState;
 use shroud_proxy::shared::Limits;
+use shroud_tests::scale::client_hello;
 use shroud_tests::stack::{authorize, ClientSpec, FreezableRelay, Pki, TestClient, TestProxy};
 use shroud_tests::{
-    bulk_transfer, http_get, https_get, init, raw_http, tls_connect, within, BulkOrigin,
-    EchoOrigin, HttpOrigin, SilentOrigin,
+    bulk_transfer, client_config, http_get, https_get, https_get_retrying, init, raw_http,
+    tls_connect, within, BulkOrigin, EchoOrigin, HttpOrigin, SilentOrigin,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,15 +41,11 @@ async fn published_with(
     (proxy, client)
 }
 
-fn origin_tls(pki: &Pki, names: &[&str]) -> std::sync::Arc<rustls::ServerConfig> {
-    pki.ca.issue(names).server_config(&[b"http/1.1"])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_visitor_reaches_tls_origin_and_verifies_its_certificate() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let (proxy, _client) = published(&pki, origin.addr()).await;
 
     // The visitor trusts only the test CA and checks the certificate for example.test: the
@@ -77,7 +74,7 @@ async fn https_visitor_reaches_tls_origin_and_verifies_its_certificate() {
 async fn http_visitor_reaches_http_target_or_gets_redirected() {
     init();
     let pki = Pki::new().unwrap();
-    let tls_origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let tls_origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let http_origin = HttpOrigin::plain().await.unwrap();
 
     let (proxy, _client) = published_with(
@@ -120,7 +117,7 @@ async fn http_visitor_reaches_http_target_or_gets_redirected() {
 async fn unknown_hostnames_are_refused_and_bad_heads_get_errors() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST, "other.test"]))
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST, "other.test"]))
         .await
         .unwrap();
     let (proxy, _client) = published(&pki, origin.addr()).await;
@@ -183,7 +180,7 @@ async fn unknown_hostnames_are_refused_and_bad_heads_get_errors() {
 async fn malformed_and_slow_client_hellos_are_closed_within_the_deadline() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let limits = Limits {
         client_hello_timeout: Duration::from_secs(2),
         http_head_timeout: Duration::from_secs(2),
@@ -257,7 +254,7 @@ async fn malformed_and_slow_client_hellos_are_closed_within_the_deadline() {
 async fn a_key_or_hostname_outside_the_policy_binds_nothing_and_says_why() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let authorized_key = shroud_mux::auth::SecretKey::generate().unwrap();
     let policy = authorize("other.test", &authorized_key);
     let proxy = TestProxy::start(&pki, PROXY, &policy).await.unwrap();
@@ -288,12 +285,8 @@ async fn a_key_or_hostname_outside_the_policy_binds_nothing_and_says_why() {
 async fn two_clients_on_one_proxy_never_cross() {
     init();
     let pki = Pki::new().unwrap();
-    let origin_a = HttpOrigin::tls(origin_tls(&pki, &["a.test"]))
-        .await
-        .unwrap();
-    let origin_b = HttpOrigin::tls(origin_tls(&pki, &["b.test"]))
-        .await
-        .unwrap();
+    let origin_a = HttpOrigin::tls(pki.origin_tls(&["a.test"])).await.unwrap();
+    let origin_b = HttpOrigin::tls(pki.origin_tls(&["b.test"])).await.unwrap();
     let mut spec_a = ClientSpec::new("a.test", origin_a.addr(), vec![]);
     let mut spec_b = ClientSpec::new("b.test", origin_b.addr(), vec![]);
     let policy = authorize("a.test", &spec_a.key) + &authorize("b.test", &spec_b.key);
@@ -328,7 +321,7 @@ async fn two_clients_on_one_proxy_never_cross() {
 async fn bulk_transfer_arrives_byte_exact_both_ways() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = BulkOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = BulkOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let (proxy, _client) = published(&pki, origin.addr()).await;
     let stream = within(20, tls_connect(proxy.https, HOST, pki.ca.root_store()))
         .await
@@ -342,7 +335,7 @@ async fn bulk_transfer_arrives_byte_exact_both_ways() {
 async fn half_closed_visitor_still_receives_the_whole_response() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = EchoOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = EchoOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let (proxy, _client) = published(&pki, origin.addr()).await;
 
     let mut stream = within(20, tls_connect(proxy.https, HOST, pki.ca.root_store()))
@@ -418,7 +411,7 @@ async fn an_origin_that_never_answers_does_not_freeze_the_tunnel() {
 
     // 300 visitors whose streams the origin accepts and never answers: more than yamux's 256
     // unacknowledged streams, if the client did not acknowledge each stream at once.
-    let hello = client_hello_bytes(HOST);
+    let hello = client_hello(client_config(rustls::RootCertStore::empty(), &[]), HOST).unwrap();
     let mut stuck = Vec::new();
     for _ in 0..300 {
         let mut stream = TcpStream::connect(proxy.https).await.unwrap();
@@ -437,28 +430,11 @@ async fn an_origin_that_never_answers_does_not_freeze_the_tunnel() {
     drop(stuck);
 }
 
-/// The bytes of a real ClientHello for `sni`, as a browser would send first.
-fn client_hello_bytes(sni: &str) -> Vec<u8> {
-    let roots = rustls::RootCertStore::empty();
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let mut out = Vec::new();
-    conn.write_tls(&mut out).unwrap();
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_lets_streams_in_flight_finish() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = EchoOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = EchoOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let (proxy, client) = published(&pki, origin.addr()).await;
 
     let mut stream = within(20, tls_connect(proxy.https, HOST, pki.ca.root_store()))
@@ -491,7 +467,7 @@ async fn graceful_shutdown_lets_streams_in_flight_finish() {
 async fn keepalive_finds_a_silently_dead_tunnel_and_the_client_rebinds() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let mut spec = ClientSpec::new(HOST, origin.addr(), vec![]);
     let limits = Limits {
         tunnel_idle_timeout: Duration::from_secs(4),
@@ -527,14 +503,11 @@ async fn keepalive_finds_a_silently_dead_tunnel_and_the_client_rebinds() {
     // A fresh connection through the relay binds again, and once the proxy has dropped the
     // silent tunnel (idle timeout), visitors are served.
     within(20, client.wait_bound(1)).await;
-    let response = within(30, async {
-        loop {
-            match https_get(proxy.https, HOST, pki.ca.root_store(), "/again").await {
-                Ok(response) => break response,
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    })
+    let pause = Duration::from_millis(200);
+    let response = within(
+        30,
+        https_get_retrying(proxy.https, HOST, pki.ca.root_store(), "/again", pause),
+    )
     .await;
     assert_eq!(response.status, 200);
 }
@@ -543,7 +516,7 @@ async fn keepalive_finds_a_silently_dead_tunnel_and_the_client_rebinds() {
 async fn visitors_are_spread_across_tunnels_bound_to_one_hostname() {
     init();
     let pki = Pki::new().unwrap();
-    let config = origin_tls(&pki, &[HOST]);
+    let config = pki.origin_tls(&[HOST]);
     let first = HttpOrigin::tls(config.clone()).await.unwrap();
     let second = HttpOrigin::tls(config).await.unwrap();
     // The same service run from two machines: two clients, one key, one hostname.
@@ -573,15 +546,12 @@ async fn visitors_are_spread_across_tunnels_bound_to_one_hostname() {
     drop(a);
     let before = second.accepted();
     for _ in 0..4 {
-        let response = within(20, async {
-            loop {
-                // The proxy may route one visitor to the closing tunnel before it notices.
-                match https_get(proxy.https, HOST, pki.ca.root_store(), "/").await {
-                    Ok(response) => break response,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        })
+        // The proxy may route one visitor to the closing tunnel before it notices.
+        let pause = Duration::from_millis(50);
+        let response = within(
+            20,
+            https_get_retrying(proxy.https, HOST, pki.ca.root_store(), "/", pause),
+        )
         .await;
         assert_eq!(response.status, 200);
     }
@@ -621,7 +591,7 @@ async fn the_client_can_terminate_visitors_tls_for_a_plain_origin() {
 async fn tunnels_may_use_a_dedicated_tunnel_listener() {
     init();
     let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(origin_tls(&pki, &[HOST])).await.unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
     let mut spec = ClientSpec::new(HOST, origin.addr(), vec![]);
     let proxy = TestProxy::start(&pki, PROXY, &authorize(HOST, &spec.key))
         .await

@@ -61,7 +61,7 @@ async fn demo(check: bool, tor: bool) -> anyhow::Result<()> {
     } else {
         None
     };
-    let origin_tls = pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]);
+    let origin_tls = pki.origin_tls(&[HOST]);
     let origin = HttpOrigin::tls(origin_tls)
         .await
         .context("starting the sample origin")?;

@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 use rustls::ClientConfig;
+use shroud_tests::process::Process;
 use shroud_tests::scale::{self, spread_source};
-use shroud_tests::stack::{log_addr, Pki, Process};
+use shroud_tests::stack::{log_addr, make_key, proxy_args, Pki};
+use shroud_tests::tool::{self, Args};
 use shroud_tests::{client_config, EchoOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
@@ -54,6 +56,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The client streams the proxy may hold beyond C (the control stream, the warm-up).
 const STREAM_HEADROOM: usize = 64;
 
+/// This program's name, in its messages.
+const NAME: &str = "shroud-load";
 const USAGE: &str = "usage: shroud-load [--connections N[,N...]] [--parallel N] [--bin-dir DIR]
 
 Opens N visitor TLS connections at once through one shroud tunnel (real shroud-proxy and
@@ -73,28 +77,19 @@ struct Options {
 
 impl Options {
     /// Parses the arguments; `None` for `--help`.
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
         let exe = std::env::current_exe().context("locating this program")?;
         let mut options = Options {
             connections: vec![1000, 10_000],
             parallel: 256,
             bin_dir: exe.parent().map(Path::to_path_buf).unwrap_or_default(),
         };
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .with_context(|| format!("{flag} needs a value"))
-            };
-            match flag.as_str() {
+        let mut args = Args::new(args);
+        while let Some(flag) = args.next_flag() {
+            match flag.name.as_str() {
                 "-h" | "--help" => return Ok(None),
                 "--connections" => {
-                    let text = value()?;
+                    let text = args.value(&flag)?;
                     options.connections = text
                         .split(',')
                         .map(|n| n.trim().parse::<usize>().ok().filter(|n| *n > 0))
@@ -102,14 +97,10 @@ impl Options {
                         .with_context(|| format!("--connections {text:?}: counts above 0"))?;
                 }
                 "--parallel" => {
-                    let text = value()?;
-                    options.parallel = text
-                        .parse()
-                        .ok()
-                        .filter(|n| *n > 0)
-                        .with_context(|| format!("--parallel {text:?}: a count above 0"))?;
+                    options.parallel = args.number(&flag)?;
+                    ensure!(options.parallel > 0, "--parallel must be above 0");
                 }
-                "--bin-dir" => options.bin_dir = PathBuf::from(value()?),
+                "--bin-dir" => options.bin_dir = PathBuf::from(args.value(&flag)?),
                 other => bail!("unknown argument {other:?}"),
             }
         }
@@ -120,30 +111,13 @@ impl Options {
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("--origin-child") {
-        return exit(origin_child(args.skip(1)));
+        return tool::exit(NAME, origin_child(args.skip(1)));
     }
-    let options = match Options::parse(args) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("shroud-load: {err:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let options = match tool::options(NAME, USAGE, Options::parse(args)) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    exit(run(options))
-}
-
-fn exit(result: anyhow::Result<()>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("shroud-load: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    tool::exit(NAME, run(options))
 }
 
 /// The origin, in a process of its own: a TLS echo server with the certificate and key in
@@ -222,21 +196,9 @@ fn run(options: Options) -> anyhow::Result<()> {
         let origin_addr = log_addr(&origin.wait_for_line("listening", START_TIMEOUT).await?)?;
 
         let key_path = pki.dir().join("client.key");
-        let output = std::process::Command::new(&client_bin)
-            .arg("key")
-            .arg("--key")
-            .arg(&key_path)
-            .output()
-            .context("running shroud key")?;
-        ensure!(output.status.success(), "shroud key failed: {output:?}");
-        let key = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let authorized = pki.dir().join("authorized");
-        std::fs::write(&authorized, format!("{HOST} {key}\n"))?;
-        let (proxy_cert, proxy_key) = pki.issue_files(PROXY_NAME)?;
+        let key = make_key(&key_path)?;
+        let mut base_proxy_args = vec!["--listen-https".to_owned(), "127.0.0.1:0".into()];
+        base_proxy_args.extend(proxy_args(&pki, PROXY_NAME, &format!("{HOST} {key}\n"))?);
         let proxy_help = help_text(&proxy_bin)?;
         let client_help = help_text(&client_bin)?;
         let visitors = client_config(pki.ca.root_store(), &[]);
@@ -244,24 +206,15 @@ fn run(options: Options) -> anyhow::Result<()> {
         let mut rounds = Vec::new();
         for &connections in &options.connections {
             let limit = (connections + STREAM_HEADROOM).to_string();
-            let mut proxy_args = vec![
-                "--listen-https".to_owned(),
-                "127.0.0.1:0".into(),
-                "--tunnel-name".into(),
-                PROXY_NAME.into(),
-                "--tls-cert".into(),
-                proxy_cert.display().to_string(),
-                "--tls-key".into(),
-                proxy_key.display().to_string(),
-                "--authorized".into(),
-                authorized.display().to_string(),
+            let mut proxy_args = base_proxy_args.clone();
+            proxy_args.extend([
                 "--drain-timeout-secs".into(),
                 "1".into(),
                 "--max-streams-per-tunnel".into(),
                 limit.clone(),
                 "--max-connections".into(),
                 (connections * 2 + 1024).to_string(),
-            ];
+            ]);
             // The limits per visitor address and per hostname are not what this measures.
             for flag in per_something_flags(&proxy_help) {
                 proxy_args.extend([flag, limit.clone()]);

@@ -40,7 +40,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
-use shroud_tests::tornet::{RelayKind, TorNet};
+use shroud_tests::tool::{self, Args};
+use shroud_tests::tornet::{self, RelayKind, TorNet};
 use tokio_util::sync::CancellationToken;
 
 use crate::chaos::{Journal, Rng};
@@ -84,7 +85,7 @@ struct Options {
 
 impl Options {
     /// Parses the arguments; `None` for `--help`.
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
         let exe = std::env::current_exe().context("locating this program")?;
         let clock = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -97,24 +98,12 @@ impl Options {
             bin_dir: exe.parent().map(Path::to_path_buf).unwrap_or_default(),
             log_dir: None,
         };
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .with_context(|| format!("{flag} needs a value"))
-            };
-            match flag.as_str() {
+        let mut args = Args::new(args);
+        while let Some(flag) = args.next_flag() {
+            match flag.name.as_str() {
                 "-h" | "--help" => return Ok(None),
                 "--minutes" => {
-                    let text = value()?;
-                    let minutes: f64 = text
-                        .parse()
-                        .with_context(|| format!("--minutes {text:?} is not a number"))?;
+                    let minutes: f64 = args.number(&flag)?;
                     ensure!(
                         minutes > 0.0 && minutes <= MAX_MINUTES,
                         "--minutes must be above 0 and at most {MAX_MINUTES}"
@@ -122,16 +111,16 @@ impl Options {
                     options.minutes = minutes;
                 }
                 "--seed" => {
-                    let text = value()?;
+                    let text = args.value(&flag)?;
                     options.seed = match text.strip_prefix("0x") {
                         Some(hex) => u64::from_str_radix(hex, 16),
                         None => text.parse(),
                     }
                     .with_context(|| format!("--seed {text:?} is not a number"))?;
                 }
-                "--out" => options.out = Some(PathBuf::from(value()?)),
-                "--bin-dir" => options.bin_dir = PathBuf::from(value()?),
-                "--log-dir" => options.log_dir = Some(PathBuf::from(value()?)),
+                "--out" => options.out = Some(PathBuf::from(args.value(&flag)?)),
+                "--bin-dir" => options.bin_dir = PathBuf::from(args.value(&flag)?),
+                "--log-dir" => options.log_dir = Some(PathBuf::from(args.value(&flag)?)),
                 other => bail!("unknown argument {other:?}"),
             }
         }
@@ -140,25 +129,12 @@ impl Options {
 }
 
 fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("shroud-soak: {err:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let parsed = Options::parse(std::env::args().skip(1));
+    let options = match tool::options("shroud-soak", USAGE, parsed) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    // Err means a provider is already installed, which is all we need.
-    let _already = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _already = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    tool::init("warn");
     match run(&options) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -224,7 +200,7 @@ fn run(options: &Options) -> anyhow::Result<bool> {
     drop(net);
     let outcome = result?;
 
-    let inputs = report::Inputs {
+    let inputs = accounting::Inputs {
         seed: options.seed,
         minutes: options.minutes,
         wall_start,
@@ -406,17 +382,7 @@ fn keep_tor_logs(net: &Arc<Mutex<TorNet>>, dir: &Path) {
 /// The network's shape, for people.
 fn describe(net: &TorNet) -> String {
     let count = |kind| net.relays().iter().filter(|r| r.kind == kind).count();
-    let version = std::process::Command::new("tor")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(|line| line.trim_end_matches('.').to_owned())
-        })
-        .unwrap_or_else(|| "tor".into());
+    let version = tornet::tor_version().unwrap_or_else(|| "tor".into());
     format!(
         "{} authorities, {} middles, {} exits on 127.0.0.1 ({version}), ready in {:.1} s; \
          only middles and exits are killed",

@@ -28,7 +28,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, ensure, Context as _};
 use rustls::RootCertStore;
@@ -37,7 +37,8 @@ use shroud_client::shared::Timing;
 use shroud_client::tor::{TorOptions, TorTransport};
 use shroud_client::transport::Resolve;
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
-use shroud_tests::tornet::{OnionService, RelayKind, TorNet, TorUser};
+use shroud_tests::tool::{self, Args};
+use shroud_tests::tornet::{self, OnionService, RelayKind, TorNet, TorUser};
 use shroud_tests::{client_config, HttpOrigin};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
@@ -71,6 +72,8 @@ const FIRST_ONION_RETRY: Duration = Duration::from_secs(6);
 /// The largest response a visitor reads.
 const MAX_RESPONSE: usize = 64 * 1024;
 
+/// This program's name, in its messages.
+const NAME: &str = "shroud-tor-latency";
 const USAGE: &str = "usage: shroud-tor-latency [--samples N] [--doc PATH | --no-doc]
 
 Starts a private Tor network on 127.0.0.1 and measures how long visitors wait for an origin
@@ -89,36 +92,24 @@ struct Options {
 
 impl Options {
     /// Parses the arguments; `None` for `--help`.
-    fn parse(mut args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Option<Self>> {
         let mut options = Options {
             samples: DEFAULT_SAMPLES,
             doc: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/TOR-LATENCY.md")),
         };
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((flag, value)) => (flag.to_owned(), Some(value.to_owned())),
-                None => (arg, None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .with_context(|| format!("{flag} needs a value"))
-            };
-            match flag.as_str() {
+        let mut args = Args::new(args);
+        while let Some(flag) = args.next_flag() {
+            match flag.name.as_str() {
                 "-h" | "--help" => return Ok(None),
                 "--samples" => {
-                    let text = value()?;
-                    let n: usize = text
-                        .parse()
-                        .with_context(|| format!("--samples {text:?} is not a number"))?;
+                    let n: usize = args.number(&flag)?;
                     ensure!(
                         (1..=MAX_SAMPLES).contains(&n),
                         "--samples must be 1 to {MAX_SAMPLES}"
                     );
                     options.samples = n;
                 }
-                "--doc" => options.doc = Some(PathBuf::from(value()?)),
+                "--doc" => options.doc = Some(PathBuf::from(args.value(&flag)?)),
                 "--no-doc" => options.doc = None,
                 other => bail!("unknown argument {other:?}"),
             }
@@ -128,38 +119,19 @@ impl Options {
 }
 
 fn main() -> ExitCode {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(err) => {
-            eprintln!("shroud-tor-latency: {err:#}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let parsed = Options::parse(std::env::args().skip(1));
+    let options = match tool::options(NAME, USAGE, parsed) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
-    // Err means a provider is already installed, which is all we need.
-    let _already = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // tor_netdir warns about every weighting of this tiny network's relays.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tor_netdir=error"));
-    let _already = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-    match run(&options) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("shroud-tor-latency: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // tor_netdir warns about every weighting of this tiny network's relays.
+    tool::init("warn,tor_netdir=error");
+    tool::exit(NAME, run(&options))
 }
 
 /// Progress, on stderr; the report alone goes to stdout.
 fn progress(msg: impl std::fmt::Display) {
-    eprintln!("shroud-tor-latency: {msg}");
+    eprintln!("{NAME}: {msg}");
 }
 
 fn run(options: &Options) -> anyhow::Result<()> {
@@ -262,7 +234,7 @@ enum Route<'a> {
 
 async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     let pki = Pki::new()?;
-    let origin = HttpOrigin::tls(pki.ca.issue(&[HOST]).server_config(&[b"http/1.1"]))
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST]))
         .await
         .context("starting the origin")?;
     let roots = pki.ca.root_store();
@@ -930,28 +902,9 @@ impl Results {
 fn document(net: &TorNet, results: &Results, report: &str) -> String {
     let count = |kind: RelayKind| net.relays().iter().filter(|r| r.kind == kind).count();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .and_then(|rest| rest.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "unknown".into(), |k| k.trim().to_owned());
-    let tor = std::process::Command::new("tor")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().trim_end_matches('.').to_owned())
-        })
-        .unwrap_or_else(|| "tor (version unknown)".into());
+    let cpu = tool::cpu_model().unwrap_or_else(|| "unknown CPU".into());
+    let kernel = tool::kernel_release().unwrap_or_else(|| "unknown".into());
+    let tor = tornet::tor_version().unwrap_or_else(|| "tor (version unknown)".into());
     let arti = arti_version().unwrap_or_else(|| "0.47".into());
     let samples = results.samples;
     // The shroud connections whose first byte met no stall (see Observations), and for each
@@ -1088,7 +1041,7 @@ a new consensus and could not pick an exit for 74 s (stderr: `rejected 7/8 as no
 exiting to desired ports`), which shows up as the max of the first-tunnel row when it
 happens; the median is not affected.
 "#,
-        date = today(),
+        date = tool::utc_date(SystemTime::now()),
         trials = ARTI_TRIALS,
     )
 }
@@ -1105,22 +1058,4 @@ fn arti_version() -> Option<String> {
         }
     }
     None
-}
-
-/// Today's date, UTC, as YYYY-MM-DD.
-fn today() -> String {
-    let days = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / 86_400);
-    // Civil from days (Howard Hinnant's algorithm), for days since 1970-01-01.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }

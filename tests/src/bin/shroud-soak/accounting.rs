@@ -19,14 +19,48 @@
 //! a timeout with nothing killed.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use shroud_tests::load::Record;
 
 use crate::chaos::{Event, Kind};
 use crate::fleet::KEEPALIVE_SECS;
 use crate::procs::{Note, Seen};
-use crate::report::Inputs;
+
+/// Everything the accounting and the summary are made from: what ran and what happened.
+pub struct Inputs<'a> {
+    /// The seed of the schedule and of the requests' work.
+    pub seed: u64,
+    /// The traffic duration asked for.
+    pub minutes: f64,
+    /// When the soak started, by the wall clock.
+    pub wall_start: SystemTime,
+    /// The soak's clock: every time is given since then (logs and journal too).
+    pub epoch: Instant,
+    /// When traffic started.
+    pub traffic_start: Instant,
+    /// When traffic was told to stop.
+    pub traffic_end: Instant,
+    /// Set if the run ended early, and why.
+    pub stopped_early: Option<String>,
+    /// How long the Tor network and the fleet took to be ready.
+    pub setup: Duration,
+    /// The events, in order.
+    pub events: &'a [Event],
+    /// Every request.
+    pub records: &'a [Record],
+    /// Every client's notes.
+    pub client_notes: &'a [Vec<Note>],
+    /// Every proxy's notes.
+    pub proxy_notes: &'a [Vec<Note>],
+    /// Where the processes' logs are.
+    pub log_dir: &'a Path,
+    /// The network's shape, for people.
+    pub network: String,
+    /// The version of the source, for people.
+    pub source: String,
+}
 
 /// Added to the end of every window of an event.
 pub const SLACK: Duration = Duration::from_millis(1000);

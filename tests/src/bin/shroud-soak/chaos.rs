@@ -147,6 +147,25 @@ pub struct Event {
     pub notes: Vec<String>,
 }
 
+impl Event {
+    /// Event `id`, which did `kind` to `target` at `at`, gone by `gone`, neither restarted nor
+    /// recovered from yet, and concerning no proxy or client until the caller says so.
+    fn new(id: usize, kind: Kind, target: String, at: Instant, gone: Instant) -> Self {
+        Self {
+            id,
+            kind,
+            target,
+            proxy: None,
+            client: None,
+            at,
+            gone,
+            restarted: None,
+            recovered: None,
+            notes: Vec::new(),
+        }
+    }
+}
+
 /// Where events are told: stdout and the events log, each line stamped with the seconds since
 /// the start of traffic.
 #[derive(Clone)]
@@ -336,16 +355,8 @@ async fn proxy_event(
     // Recorded before the drain, with the longest it may take, in case the run is cut short
     // during it; corrected once the process is gone.
     events.push(Event {
-        id,
-        kind,
-        target: target.clone(),
         proxy: Some(index),
-        client: None,
-        at,
-        gone: at + limit,
-        restarted: None,
-        recovered: None,
-        notes: Vec::new(),
+        ..Event::new(id, kind, target.clone(), at, at + limit)
     });
     let gone = if kind == Kind::ProxyKill {
         journal.log(format_args!("event #{id}: kill -9 {target}"));
@@ -420,16 +431,8 @@ async fn client_event(
         pause.as_secs_f64()
     ));
     events.push(Event {
-        id,
-        kind: Kind::ClientKill,
-        target,
-        proxy: None,
         client: Some(index),
-        at,
-        gone,
-        restarted: None,
-        recovered: None,
-        notes: Vec::new(),
+        ..Event::new(id, Kind::ClientKill, target, at, gone)
     });
     tokio::time::sleep(pause).await;
     let restarted = fleet.start_client(index)?;
@@ -479,18 +482,7 @@ async fn relay_event(
         "event #{id}: {target} gone; down for {:.1} s",
         pause.as_secs_f64()
     ));
-    events.push(Event {
-        id,
-        kind: Kind::RelayKill,
-        target,
-        proxy: None,
-        client: None,
-        at,
-        gone,
-        restarted: None,
-        recovered: None,
-        notes: Vec::new(),
-    });
+    events.push(Event::new(id, Kind::RelayKill, target, at, gone));
     tokio::time::sleep(pause).await;
     fleet.check_alive()?;
     match restart_relay(net, &nick, journal).await {

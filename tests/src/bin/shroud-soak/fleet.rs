@@ -4,14 +4,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
+use anyhow::{bail, ensure};
 use rustls::pki_types::CertificateDer;
 use shroud_tests::origin::MixedOrigin;
-use shroud_tests::stack::{log_addr, Pki};
+use shroud_tests::stack::{log_addr, make_key, proxy_args, Pki};
 
 use crate::procs::{self, wait_note, Classify, History, Note, Proc, Seen, Watchdog};
 
@@ -124,7 +123,7 @@ impl Fleet {
         let mut keys = Vec::new();
         for index in 0..CLIENTS {
             let path = pki.dir().join(format!("client{index}.key"));
-            keys.push((path.clone(), make_key(&bins.client, &path)?));
+            keys.push((path.clone(), make_key(&path)?));
         }
         let authorized: String = keys
             .iter()
@@ -152,24 +151,8 @@ impl Fleet {
         };
         for index in 0..PROXIES {
             let name = proxy_name(index);
-            let (cert, key) = fleet.pki.issue_files(&name)?;
-            let policy = fleet.pki.dir().join(format!("{name}.authorized"));
-            std::fs::write(&policy, &authorized)
-                .with_context(|| format!("writing {}", policy.display()))?;
-            let args = [
-                "--tunnel-name",
-                &name,
-                "--tls-cert",
-                &cert.display().to_string(),
-                "--tls-key",
-                &key.display().to_string(),
-                "--authorized",
-                &policy.display().to_string(),
-                "--drain-timeout-secs",
-                &DRAIN_SECS.to_string(),
-            ]
-            .map(str::to_owned)
-            .to_vec();
+            let mut args = proxy_args(&fleet.pki, &name, &authorized)?;
+            args.extend(["--drain-timeout-secs".into(), DRAIN_SECS.to_string()]);
             let ip = Ipv4Addr::new(127, 0, 0, 2 + index as u8);
             fleet.proxies.push(ProxySlot {
                 name,
@@ -430,22 +413,6 @@ impl Fleet {
 /// Proxy `index`'s tunnel name.
 fn proxy_name(index: usize) -> String {
     format!("p{index}.proxy.soak.test")
-}
-
-/// Creates a client key at `path` with the real `shroud key` and returns the public key it
-/// printed, as a user would copy it into an authorized file.
-fn make_key(client: &Path, path: &Path) -> anyhow::Result<String> {
-    let output = Command::new(client)
-        .arg("key")
-        .arg("--key")
-        .arg(path)
-        .output()
-        .context("running shroud key")?;
-    ensure!(output.status.success(), "shroud key failed: {output:?}");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let public = text.lines().next().unwrap_or_default().trim().to_owned();
-    ensure!(!public.is_empty(), "shroud key printed nothing");
-    Ok(public)
 }
 
 /// Reads a proxy's log lines.

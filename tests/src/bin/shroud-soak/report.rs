@@ -2,56 +2,22 @@
 //! event, and the verdict. The accounting behind it is in [`crate::accounting`].
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use shroud_tests::load::{Outcome, Record, Request};
+use shroud_tests::tool;
 
 use crate::accounting::{
-    attribute, broken_tunnels, event_end, recovery, tunnels, windows, Recovery, Tunnel, Verdict,
-    Window,
+    attribute, broken_tunnels, event_end, recovery, tunnels, windows, Inputs, Recovery, Tunnel,
+    Verdict, Window,
 };
 use crate::chaos::{stamp, Event, Kind};
 use crate::fleet::{CLIENTS, DRAIN_SECS, KEEPALIVE_SECS, MAX_BACKOFF_SECS, PROXIES};
-use crate::procs::{Note, Seen};
+use crate::procs::Seen;
 use crate::traffic::KINDS;
 
 /// The most unexplained or corrupted requests listed one by one.
 const LISTED: usize = 40;
-
-/// Everything the summary is made from.
-pub struct Inputs<'a> {
-    /// The seed of the schedule and of the requests' work.
-    pub seed: u64,
-    /// The traffic duration asked for.
-    pub minutes: f64,
-    /// When the soak started, by the wall clock.
-    pub wall_start: SystemTime,
-    /// The soak's clock: every time is given since then (logs and journal too).
-    pub epoch: Instant,
-    /// When traffic started.
-    pub traffic_start: Instant,
-    /// When traffic was told to stop.
-    pub traffic_end: Instant,
-    /// Set if the run ended early, and why.
-    pub stopped_early: Option<String>,
-    /// How long the Tor network and the fleet took to be ready.
-    pub setup: Duration,
-    /// The events, in order.
-    pub events: &'a [Event],
-    /// Every request.
-    pub records: &'a [Record],
-    /// Every client's notes.
-    pub client_notes: &'a [Vec<Note>],
-    /// Every proxy's notes.
-    pub proxy_notes: &'a [Vec<Note>],
-    /// Where the processes' logs are.
-    pub log_dir: &'a Path,
-    /// The network's shape, for people.
-    pub network: String,
-    /// The version of the source, for people.
-    pub source: String,
-}
 
 /// The summary as Markdown, and whether the soak passed.
 pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
@@ -121,7 +87,7 @@ pub fn summarize(inputs: &Inputs<'_>) -> (String, bool) {
 
     let _ = writeln!(out, "## Run\n");
     let _ = writeln!(out, "| | |\n|---|---|");
-    let _ = writeln!(out, "| started | {} |", utc(inputs.wall_start));
+    let _ = writeln!(out, "| started | {} |", tool::utc(inputs.wall_start));
     let _ = writeln!(
         out,
         "| clock | times (`+12.345s`) count from the start of the soak, as in the logs |"
@@ -706,26 +672,4 @@ pub fn human_bytes(n: u64) -> String {
 pub fn minutes_seconds(d: Duration) -> String {
     let secs = d.as_secs();
     format!("{}m{:02}s", secs / 60, secs % 60)
-}
-
-/// `2026-04-08 10:00:00 UTC`, from the civil calendar (no time zone database needed).
-pub fn utc(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
