@@ -16,9 +16,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::dns::DnsZone;
 use crate::fleet::{Fleet, FleetFile};
 use crate::secret::FleetSecret;
-use crate::server::{self, Limits, RequireCname, ServerConfig};
+use crate::server::{self, DnsService, Limits, RequireCname, ServerConfig};
 
 /// shroud's discovery service: tells shroud clients which proxies to hold tunnels to, in lists
 /// signed with a key the clients pin.
@@ -143,6 +144,38 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, env = "SHROUD_DISCOVERY_MAX_CONNECTIONS",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// Also answer DNS, over UDP and TCP on this address (e.g. 0.0.0.0:53), as the
+    /// authoritative server of --dns-zone
+    #[arg(long, value_name = "ADDR", env = "SHROUD_DISCOVERY_DNS_LISTEN",
+          requires_all = ["dns_zone", "dns_ns"])]
+    pub dns_listen: Option<SocketAddr>,
+
+    /// The zone to answer, e.g. proxy.example.net: HOST.ZONE resolves to the public addresses
+    /// of the proxies holding HOST's tunnels
+    #[arg(
+        long,
+        value_name = "ZONE",
+        env = "SHROUD_DISCOVERY_DNS_ZONE",
+        requires = "dns_listen"
+    )]
+    pub dns_zone: Option<String>,
+
+    /// A name server of the zone, for its NS records: every discovery instance's name, each
+    /// outside the zone; repeatable
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "SHROUD_DISCOVERY_DNS_NS",
+        value_delimiter = ',',
+        requires = "dns_listen"
+    )]
+    pub dns_ns: Vec<String>,
+
+    /// TTL of DNS answers, and of negative answers, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 30, env = "SHROUD_DISCOVERY_DNS_TTL_SECS",
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub dns_ttl_secs: u32,
 }
 
 /// Reads `IP` (port 53) or `IP:PORT`.
@@ -229,7 +262,25 @@ impl ServeArgs {
                 max_connections: self.max_connections as usize,
                 ..Limits::default()
             },
+            dns: None,
         })
+    }
+
+    /// The DNS zone and its bound sockets, when --dns-listen asks for them.
+    pub fn dns(&self) -> anyhow::Result<Option<DnsService>> {
+        let (Some(listen), Some(zone)) = (self.dns_listen, &self.dns_zone) else {
+            return Ok(None);
+        };
+        let zone = DnsZone::new(
+            zone,
+            &self.dns_ns,
+            self.dns_ttl_secs,
+            usize::from(self.max_proxies),
+        )
+        .context("--dns-zone")?;
+        let (udp, tcp) =
+            crate::dns::bind(listen).with_context(|| format!("--dns-listen {listen}"))?;
+        Ok(Some(DnsService { zone, udp, tcp }))
     }
 }
 
@@ -255,7 +306,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match (cli.command, cli.serve) {
         (Some(Command::Key(args)), _) => print_key(&args.signing_key),
         (None, Some(serve)) => {
-            let config = serve.config()?;
+            let mut config = serve.config()?;
+            config.dns = serve.dns()?;
             let listener = TcpListener::bind(serve.listen)
                 .await
                 .with_context(|| format!("--listen {}", serve.listen))?;

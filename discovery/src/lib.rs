@@ -15,6 +15,8 @@
 //! - [`server`]: the HTTPS API (hyper over tokio-rustls), with its bounds: handshake and header
 //!   deadlines, connection cap, body cap, and the per-address [`ratelimit`].
 //! - [`cname`]: the optional check that a hostname is a CNAME into the fleet's domain.
+//! - [`dns`]: the authoritative DNS zone that answers each hostname with the addresses of the
+//!   proxies holding it.
 //! - [`secret`]: the fleet secret that authorises heartbeats.
 //! - [`announce`]: what a proxy runs to register itself: heartbeats, and a last one saying it
 //!   leaves.
@@ -29,6 +31,7 @@ pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod cname;
+pub mod dns;
 pub mod fleet;
 pub mod http;
 pub mod ratelimit;

@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::api::{self, Heartbeat};
 use crate::cname::{CnameCheck, Verdict};
+use crate::dns::{Answerer, DnsZone};
 use crate::fleet::{Fleet, HeartbeatError};
 use crate::ratelimit::{RateConfig, RateLimiter};
 use crate::secret::FleetSecret;
@@ -103,6 +104,19 @@ pub struct ServerConfig {
     pub require_cname: Option<RequireCname>,
     /// Bounds on connections and addresses.
     pub limits: Limits,
+    /// The authoritative DNS zone to serve as well, if any.
+    pub dns: Option<DnsService>,
+}
+
+/// The service's DNS: a zone and the sockets to answer it on.
+#[derive(Debug)]
+pub struct DnsService {
+    /// What the zone is and how it answers.
+    pub zone: DnsZone,
+    /// UDP, bound to the same address as `tcp`.
+    pub udp: tokio::net::UdpSocket,
+    /// TCP, for answers that do not fit UDP and resolvers that prefer it.
+    pub tcp: TcpListener,
 }
 
 impl ServerConfig {
@@ -118,6 +132,7 @@ impl ServerConfig {
             list_ttl: DEFAULT_LIST_TTL,
             require_cname: None,
             limits: Limits::default(),
+            dns: None,
         }
     }
 }
@@ -134,7 +149,7 @@ pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerC
 /// Shared state of all connections.
 struct State {
     signing_key: Arc<SecretKey>,
-    fleet: Mutex<Fleet>,
+    fleet: Arc<Mutex<Fleet>>,
     fleet_secret: Option<FleetSecret>,
     max_proxies: usize,
     list_ttl: Duration,
@@ -169,7 +184,7 @@ pub async fn run(
     let limits = config.limits;
     let state = Arc::new(State {
         signing_key: config.signing_key,
-        fleet: Mutex::new(config.fleet),
+        fleet: Arc::new(Mutex::new(config.fleet)),
         fleet_secret: config.fleet_secret,
         max_proxies: config.max_proxies.min(signed::MAX_PROXIES),
         // Clients refuse lists valid for longer than this; never make one.
@@ -185,6 +200,18 @@ pub async fn run(
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "listening");
+    }
+    if let Some(dns) = config.dns {
+        if let Ok(addr) = dns.udp.local_addr() {
+            info!(%addr, zone = %dns.zone.apex, "answering DNS");
+        }
+        let answerer = Answerer::new(dns.zone, state.fleet.clone());
+        tracker.spawn(crate::dns::serve(
+            dns.udp,
+            dns.tcp,
+            answerer,
+            shutdown.clone(),
+        ));
     }
 
     loop {

@@ -200,7 +200,7 @@ async fn heartbeats_add_and_leaving_removes() {
 #[tokio::test]
 async fn oversized_bodies_are_refused() {
     let service = TestService::start(vec![], with_secret).await;
-    let padding = "x".repeat(5000);
+    let padding = "x".repeat(api::MAX_REQUEST_BODY);
     let big = format!(r#"{{"name":"p.test","port":443,"region":"{padding}"}}"#);
     let response = service.heartbeat(SECRET, &big).await;
     assert_eq!(response.status, 413);

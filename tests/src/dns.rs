@@ -15,7 +15,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::iter;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -23,22 +22,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use hickory_proto::op::{
-    Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, Query, ResponseCode,
-};
+use hickory_proto::op::{Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
+use shroud_discovery::dns::{respond, Answer};
 
 /// How long the server waits for a request on an idle TCP connection.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Responses queued per TCP connection.
 const TCP_RESPONSE_BUFFER: usize = 32;
-/// How many times [`TestDns::start`] looks for a port free for both UDP and TCP.
-const BIND_ATTEMPTS: usize = 50;
 /// The longest CNAME chain followed inside the zone.
 const MAX_CNAME_CHAIN: usize = 8;
 /// The negative-caching TTL of a new zone, in seconds.
@@ -74,10 +69,9 @@ impl TestDns {
             queries: AtomicUsize::new(0),
         });
 
-        let (udp, tcp) = bind_udp_and_tcp()?;
+        let (udp, tcp) = shroud_discovery::dns::bind((Ipv4Addr::LOCALHOST, 0).into())
+            .context("bind the DNS server's UDP socket and TCP listener")?;
         let addr = udp.local_addr().context("read the DNS server's address")?;
-        let udp = tokio::net::UdpSocket::from_std(udp).context("register the UDP socket")?;
-        let tcp = tokio::net::TcpListener::from_std(tcp).context("register the TCP listener")?;
 
         let mut server = Server::new(Handler { zone: zone.clone() });
         server.register_socket(udp);
@@ -183,30 +177,6 @@ impl Drop for TestDns {
     }
 }
 
-/// Binds UDP on `127.0.0.1:0`, then TCP on the port it got, retrying on a clash.
-fn bind_udp_and_tcp() -> anyhow::Result<(std::net::UdpSocket, std::net::TcpListener)> {
-    let mut last_err = None;
-    for _ in 0..BIND_ATTEMPTS {
-        let udp = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .context("bind the DNS server's UDP socket")?;
-        let addr = udp.local_addr().context("read the UDP socket's address")?;
-        match std::net::TcpListener::bind(addr) {
-            Ok(tcp) => {
-                udp.set_nonblocking(true)
-                    .context("make the UDP socket non-blocking")?;
-                tcp.set_nonblocking(true)
-                    .context("make the TCP listener non-blocking")?;
-                return Ok((udp, tcp));
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => last_err = Some(err),
-            Err(err) => return Err(err).context("bind the DNS server's TCP listener"),
-        }
-    }
-    Err(anyhow::anyhow!(
-        "no port free for both UDP and TCP after {BIND_ATTEMPTS} tries: {last_err:?}"
-    ))
-}
-
 /// A name as the zone's map keys it: lower case, no trailing dot.
 fn key_of(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
@@ -235,7 +205,7 @@ struct Zone {
 }
 
 /// What the zone answers to one question.
-struct Answer {
+struct ZoneAnswer {
     code: ResponseCode,
     answers: Vec<Record>,
     soa: Option<Record>,
@@ -275,12 +245,12 @@ impl Zone {
         Record::from_rdata(self.origin.clone(), ttl, RData::SOA(soa))
     }
 
-    fn answer(&self, query: &Query) -> Answer {
+    fn answer(&self, query: &Query) -> ZoneAnswer {
         let qtype = query.query_type();
         let mut name = query.name().clone();
         let mut key = key_of(&name.to_ascii());
         if !self.contains(&key) {
-            return Answer {
+            return ZoneAnswer {
                 code: ResponseCode::Refused,
                 answers: Vec::new(),
                 soa: None,
@@ -291,7 +261,7 @@ impl Zone {
         for _ in 0..MAX_CNAME_CHAIN {
             if key == self.origin_key && qtype == RecordType::SOA {
                 answers.push(self.soa());
-                return Answer {
+                return ZoneAnswer {
                     code: ResponseCode::NoError,
                     answers,
                     soa: None,
@@ -305,7 +275,7 @@ impl Zone {
                 .collect();
             if !matching.is_empty() {
                 answers.extend(matching);
-                return Answer {
+                return ZoneAnswer {
                     code: ResponseCode::NoError,
                     answers,
                     soa: None,
@@ -325,7 +295,7 @@ impl Zone {
                 name = target;
                 if !self.contains(&key) {
                     // Out of our zone: the resolver follows it elsewhere.
-                    return Answer {
+                    return ZoneAnswer {
                         code: ResponseCode::NoError,
                         answers,
                         soa: None,
@@ -337,7 +307,7 @@ impl Zone {
             let exists = !entries.is_empty()
                 || key == self.origin_key
                 || records.keys().any(|other| other.ends_with(&dotted));
-            return Answer {
+            return ZoneAnswer {
                 code: if exists {
                     ResponseCode::NoError
                 } else {
@@ -347,7 +317,7 @@ impl Zone {
                 soa: Some(self.soa()),
             };
         }
-        Answer {
+        ZoneAnswer {
             code: ResponseCode::ServFail,
             answers: Vec::new(),
             soa: None,
@@ -358,69 +328,6 @@ impl Zone {
 /// The server's request handler: answers from the [`Zone`] and counts requests.
 struct Handler {
     zone: Arc<Zone>,
-}
-
-impl Handler {
-    async fn handle<R: ResponseHandler>(
-        &self,
-        request: &Request,
-        mut response_handle: R,
-    ) -> ResponseInfo {
-        self.zone.queries.fetch_add(1, Ordering::SeqCst);
-
-        let response_edns = request.edns.as_ref().map(|requested| {
-            let mut edns = Edns::new();
-            edns.set_max_payload(requested.max_payload().max(512));
-            edns.set_version(0);
-            edns
-        });
-        let mut builder = MessageResponseBuilder::from_message_request(request);
-        if let Some(edns) = &response_edns {
-            builder.edns(edns);
-        }
-        let mut metadata = Metadata::response_from_request(&request.metadata);
-
-        let answer = if request.metadata.message_type != MessageType::Query {
-            None
-        } else if request.metadata.op_code != OpCode::Query {
-            Some(Answer {
-                code: ResponseCode::NotImp,
-                answers: Vec::new(),
-                soa: None,
-            })
-        } else {
-            match request.request_info() {
-                Ok(info) => Some(self.zone.answer(info.query.original())),
-                Err(_) => None,
-            }
-        };
-        let answer = answer.unwrap_or(Answer {
-            code: ResponseCode::FormErr,
-            answers: Vec::new(),
-            soa: None,
-        });
-        metadata.authoritative = answer.code != ResponseCode::Refused;
-        metadata.response_code = answer.code;
-
-        let response = builder.build(
-            metadata,
-            answer.answers.iter(),
-            iter::empty(),
-            answer.soa.iter(),
-            iter::empty(),
-        );
-        match response_handle.send_response(response).await {
-            Ok(info) => info,
-            Err(err) => {
-                tracing::warn!(%err, "test DNS server could not send a response");
-                metadata.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header {
-                    metadata,
-                    counts: HeaderCounts::default(),
-                })
-            }
-        }
-    }
 }
 
 // `RequestHandler` is declared with `async_trait`; this is the signature it expands to.
@@ -437,6 +344,14 @@ impl RequestHandler for Handler {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(self.handle(request, response_handle))
+        self.zone.queries.fetch_add(1, Ordering::SeqCst);
+        Box::pin(respond(request, response_handle, |query| {
+            let answer = self.zone.answer(query);
+            Answer {
+                code: answer.code,
+                answers: answer.answers,
+                authority: answer.soa.into_iter().collect(),
+            }
+        }))
     }
 }
