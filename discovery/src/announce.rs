@@ -184,6 +184,38 @@ impl Endpoint {
     }
 }
 
+/// What a proxy announces about itself: its entry, where visitors reach it, and (asked anew
+/// for each heartbeat) the hostnames bound on it now.
+pub struct Presence {
+    /// The entry lists carry.
+    pub entry: ProxyEntry,
+    /// Its public addresses, for the service's DNS answers.
+    pub addrs: Vec<IpAddr>,
+    /// The hostnames bound on it now.
+    pub names: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+}
+
+impl Presence {
+    /// A presence of `entry` alone: no addresses, no names.
+    pub fn new(entry: ProxyEntry) -> Self {
+        Self {
+            entry,
+            addrs: Vec::new(),
+            names: Box::new(Vec::new),
+        }
+    }
+
+    /// The heartbeat to send now.
+    pub fn heartbeat(&self, leaving: bool) -> Heartbeat {
+        let mut beat = Heartbeat::new(&self.entry, leaving);
+        if !leaving {
+            beat.addrs.clone_from(&self.addrs);
+            beat.names = (self.names)();
+        }
+        beat
+    }
+}
+
 /// Builds the TLS configuration for reaching the discovery service: the public web roots,
 /// plus the certificates in `extra_ca` (PEM) if given. Uses the aws-lc-rs provider.
 pub fn client_tls(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -273,7 +305,7 @@ async fn exchange(
     Ok(())
 }
 
-/// Posts a heartbeat for `entry` every `interval` until `shutdown` is cancelled, then posts
+/// Posts a heartbeat for `presence` every `interval` until `shutdown` is cancelled, then posts
 /// once with `leaving: true` (within [`LEAVE_TIMEOUT`]) and returns.
 ///
 /// The first heartbeat goes out at once. Errors are logged at warn and retried on the next
@@ -281,12 +313,12 @@ async fn exchange(
 pub async fn run(
     endpoint: &Endpoint,
     secret: FleetSecret,
-    entry: ProxyEntry,
+    presence: &Presence,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
     let url = &endpoint.url;
-    let beat = Heartbeat::new(&entry, false);
+    let entry = &presence.entry;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut registered = false;
@@ -295,6 +327,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
         }
+        let beat = presence.heartbeat(false);
         let result = tokio::select! {
             () = shutdown.cancelled() => break,
             result = send_heartbeat(endpoint, &secret, &beat) => result,
@@ -312,7 +345,7 @@ pub async fn run(
         }
     }
 
-    let leave = Heartbeat::new(&entry, true);
+    let leave = presence.heartbeat(true);
     match tokio::time::timeout(LEAVE_TIMEOUT, send_heartbeat(endpoint, &secret, &leave)).await {
         Ok(Ok(())) => info!(discovery = %url, "left the discovery service"),
         Ok(Err(err)) => {

@@ -15,7 +15,7 @@ use hyper::body::Bytes;
 use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use shroud_discovery::announce::{self, AnnounceError, DiscoveryUrl, Endpoint};
+use shroud_discovery::announce::{self, AnnounceError, DiscoveryUrl, Endpoint, Presence};
 use shroud_discovery::api::Heartbeat;
 use shroud_discovery::secret::FleetSecret;
 use shroud_discovery::server;
@@ -100,7 +100,7 @@ async fn registers_at_once_and_leaves_on_shutdown() {
             announce::run(
                 &Endpoint::new(loopback_url(port), tls),
                 FleetSecret::new(SECRET.into()).unwrap(),
-                proxy,
+                &Presence::new(proxy),
                 Duration::from_secs(3600),
                 shutdown,
             )
@@ -132,7 +132,7 @@ async fn failures_are_retried_on_the_next_tick() {
             announce::run(
                 &Endpoint::new(loopback_url(port), tls),
                 FleetSecret::new(SECRET.into()).unwrap(),
-                entry("p1.proxy.test", 443, "eu"),
+                &Presence::new(entry("p1.proxy.test", 443, "eu")),
                 Duration::from_millis(20),
                 shutdown,
             )

@@ -136,7 +136,7 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
 fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<ProxySource> {
     let max_proxies = usize::from(run.max_proxies);
     if !run.proxy.is_empty() {
-        if run.discovery.is_some() || run.srv {
+        if !run.discovery.is_empty() || run.srv {
             info!("--proxy given: --discovery and --srv are not used");
         }
         let proxies = run
@@ -150,7 +150,7 @@ fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<Prox
             .collect::<anyhow::Result<Vec<_>>>()?;
         return Ok(ProxySource::Static(proxies));
     }
-    if let Some(url) = &run.discovery {
+    if !run.discovery.is_empty() {
         if run.srv {
             info!("--discovery given: --srv is not used");
         }
@@ -167,7 +167,7 @@ fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<Prox
             Duration::from_secs(30)
         };
         let source = DiscoverySource::new(
-            url,
+            &run.discovery,
             key,
             hostname,
             run.proxy_ca.as_deref(),

@@ -76,14 +76,16 @@ pub struct RunArgs {
 
     /// Ask this discovery service which proxies to use, e.g. https://discovery.example.net;
     /// the list is fetched through the transport in use and must be signed by --discovery-key.
+    /// Repeat for each instance of a replicated service: when one fails, the next is asked.
     /// Takes precedence over --srv
     #[arg(
         long,
         value_name = "URL",
         env = "SHROUD_DISCOVERY",
+        value_delimiter = ',',
         requires = "discovery_key"
     )]
-    pub discovery: Option<String>,
+    pub discovery: Vec<String>,
 
     /// The discovery service's public key (`ed25519:...`, as `shroud-discovery key` prints);
     /// lists signed by any other key are refused

@@ -25,10 +25,17 @@ const MAX_RESPONSE: usize = 64 * 1024;
 /// Never ask again sooner than this, however short-lived the list.
 const MIN_REFRESH: Duration = Duration::from_secs(10);
 
-/// A discovery service, and what the client has accepted from it so far.
+/// A discovery service (one or several equal instances), and what the client has accepted
+/// from it so far.
+///
+/// Instances share the signing key, so any of them may answer: the client asks the one that
+/// answered last, and on any failure the next, in the order given. A list is refused as a
+/// replay if it is older than one already accepted from any instance.
 pub struct DiscoverySource {
-    host: String,
-    port: u16,
+    /// Each instance's host and port.
+    services: Vec<(String, u16)>,
+    /// The instance to ask first.
+    current: usize,
     hostname: String,
     key: PublicKey,
     tls: Arc<rustls::ClientConfig>,
@@ -38,20 +45,25 @@ pub struct DiscoverySource {
 }
 
 impl DiscoverySource {
-    /// A source for `hostname`'s proxies from the service at `url` (`https://HOST[:PORT][/]`),
-    /// whose lists must be signed by `key`. `extra_ca` is trusted besides the web's roots.
-    pub fn new(
-        url: &str,
+    /// A source for `hostname`'s proxies from the service whose instances are at `urls`
+    /// (`https://HOST[:PORT][/]` each, at least one), whose lists must be signed by `key`.
+    /// `extra_ca` is trusted besides the web's roots. Each request may take `request_timeout`.
+    pub fn new<S: AsRef<str>>(
+        urls: &[S],
         key: PublicKey,
         hostname: &str,
         extra_ca: Option<&Path>,
         max_proxies: usize,
         request_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        let (host, port) = parse_url(url)?;
+        let services = urls
+            .iter()
+            .map(|url| parse_url(url.as_ref()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!services.is_empty(), "no discovery URL given");
         Ok(Self {
-            host,
-            port,
+            services,
+            current: 0,
             hostname: hostname.to_owned(),
             key,
             tls: crate::tls::https_client_config(extra_ca)?,
@@ -61,17 +73,61 @@ impl DiscoverySource {
         })
     }
 
-    async fn fetch_list(&mut self, transport: &dyn Transport) -> Result<Fleet, FleetError> {
+    /// Asks the instances in turn, starting with the current one, until one gives a list. The
+    /// error, when none does, is permanent only if every instance's was.
+    async fn fetch_any(&mut self, transport: &dyn Transport) -> Result<Fleet, FleetError> {
+        let mut errors = Vec::new();
+        let mut permanent = true;
+        for offset in 0..self.services.len() {
+            let index = (self.current + offset) % self.services.len();
+            let (host, port) = self.services[index].clone();
+            let limit = self.request_timeout;
+            let result = match timeout(limit, self.fetch_list(transport, &host, port)).await {
+                Ok(result) => result,
+                Err(_) => Err(FleetError {
+                    permanent: false,
+                    message: format!("the discovery service did not answer within {limit:?}"),
+                }),
+            };
+            match result {
+                Ok(fleet) => {
+                    if index != self.current {
+                        tracing::info!(discovery = %host, "asking this discovery instance from now on");
+                    }
+                    self.current = index;
+                    return Ok(fleet);
+                }
+                Err(err) => {
+                    if self.services.len() > 1 {
+                        tracing::warn!(discovery = %host, %err, "discovery instance failed; trying the next");
+                    }
+                    permanent &= err.permanent;
+                    errors.push(format!("{host}:{port}: {}", err.message));
+                }
+            }
+        }
+        Err(FleetError {
+            permanent,
+            message: errors.join("; "),
+        })
+    }
+
+    async fn fetch_list(
+        &mut self,
+        transport: &dyn Transport,
+        host: &str,
+        port: u16,
+    ) -> Result<Fleet, FleetError> {
         let transient = |message: String| FleetError {
             permanent: false,
             message,
         };
         let stream = transport
-            .connect(&self.host, self.port)
+            .connect(host, port)
             .await
             .map_err(|err| transient(format!("reaching the discovery service: {err}")))?;
         let server_name =
-            crate::tls::server_name(&self.host).map_err(|err| transient(err.to_string()))?;
+            crate::tls::server_name(host).map_err(|err| transient(err.to_string()))?;
         let tls = TlsConnector::from(self.tls.clone())
             .connect(server_name, stream)
             .await
@@ -80,10 +136,10 @@ impl DiscoverySource {
                 permanent: is_certificate_error(&err),
                 message: format!("TLS to the discovery service: {err}"),
             })?;
-        let host_header = if self.port == 443 {
-            self.host.clone()
+        let host_header = if port == 443 {
+            host.to_owned()
         } else {
-            format!("{}:{}", self.host, self.port)
+            format!("{host}:{port}")
         };
         let path = format!("/v1/proxies?host={}", self.hostname);
         let response = shroud_discovery::http::request(
@@ -141,20 +197,16 @@ impl FleetSource for DiscoverySource {
         &'a mut self,
         transport: &'a dyn Transport,
     ) -> BoxFuture<'a, Result<Fleet, FleetError>> {
-        Box::pin(async move {
-            let limit = self.request_timeout;
-            match timeout(limit, self.fetch_list(transport)).await {
-                Ok(result) => result,
-                Err(_) => Err(FleetError {
-                    permanent: false,
-                    message: format!("the discovery service did not answer within {limit:?}"),
-                }),
-            }
-        })
+        Box::pin(self.fetch_any(transport))
     }
 
     fn describe(&self) -> String {
-        format!("discovery https://{}:{}", self.host, self.port)
+        let urls: Vec<String> = self
+            .services
+            .iter()
+            .map(|(host, port)| format!("https://{host}:{port}"))
+            .collect();
+        format!("discovery {}", urls.join(", "))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Command-line interface of `shroud-proxy`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,7 +14,7 @@ use tracing::info;
 use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
 use crate::policy::Policy;
 use crate::server::{self, Listeners};
-use crate::shared::{Limits, ProxyConfig};
+use crate::shared::{Limits, ProxyConfig, Shared};
 
 /// A shroud proxy: publishes services whose clients hold tunnels to it, routing visitors by TLS
 /// SNI or HTTP Host without decrypting their traffic.
@@ -62,10 +63,21 @@ pub struct Cli {
     pub dns_server: Option<SocketAddr>,
 
     /// Announce this proxy to a discovery service (https://HOST[:PORT]) with heartbeats, and
-    /// leave it at once on SIGTERM
-    #[arg(long, env = "SHROUD_DISCOVERY", value_name = "URL",
+    /// leave it at once on SIGTERM; repeat for every instance of a replicated service
+    #[arg(long, env = "SHROUD_DISCOVERY", value_name = "URL", value_delimiter = ',',
           requires_all = ["fleet_secret_file", "region", "public_name"])]
-    pub discovery: Option<String>,
+    pub discovery: Vec<String>,
+
+    /// A public address of this proxy (IPv4 or IPv6; repeatable), announced to discovery so
+    /// that its DNS answers send visitors of the names bound here to it
+    #[arg(
+        long,
+        env = "SHROUD_PUBLIC_ADDR",
+        value_name = "IP",
+        value_delimiter = ',',
+        requires = "discovery"
+    )]
+    pub public_addr: Vec<IpAddr>,
 
     /// File (mode 0600) holding the secret the discovery service expects from its fleet
     #[arg(long, env = "SHROUD_FLEET_SECRET_FILE", value_name = "FILE")]
@@ -263,48 +275,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
+    let shared = Shared::new(config, shutdown.clone());
     let announce = cli
-        .announcement()?
+        .announcement(&shared)?
         .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
-    let result = server::run(listeners, config, shutdown).await;
+    let result = server::serve(listeners, shared, shutdown).await;
     if let Some(announce) = announce {
-        // It says goodbye to the discovery service on shutdown, within its own deadline.
+        // It says goodbye to the discovery services on shutdown, within its own deadline.
         let _ = announce.await;
     }
     result
 }
 
-/// What the proxy tells a discovery service about itself.
+/// What the proxy tells its discovery services about itself.
 pub struct Announcement {
-    endpoint: shroud_discovery::announce::Endpoint,
+    endpoints: Vec<shroud_discovery::announce::Endpoint>,
     secret: shroud_discovery::secret::FleetSecret,
-    entry: shroud_discovery::signed::ProxyEntry,
+    presence: Arc<shroud_discovery::announce::Presence>,
     interval: Duration,
 }
 
 impl Announcement {
-    /// Heartbeats until `shutdown`, then leaves.
+    /// Heartbeats to every service until `shutdown`, then leaves each.
     pub async fn run(self, shutdown: CancellationToken) {
-        shroud_discovery::announce::run(
-            &self.endpoint,
-            self.secret,
-            self.entry,
-            self.interval,
-            shutdown,
-        )
-        .await
+        let tasks: Vec<_> = self
+            .endpoints
+            .into_iter()
+            .map(|endpoint| {
+                let (secret, presence) = (self.secret.clone(), self.presence.clone());
+                let (interval, shutdown) = (self.interval, shutdown.clone());
+                tokio::spawn(async move {
+                    shroud_discovery::announce::run(
+                        &endpoint, secret, &presence, interval, shutdown,
+                    )
+                    .await;
+                })
+            })
+            .collect();
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 }
 
 impl Cli {
-    /// The discovery announcement the flags ask for, if any.
-    pub fn announcement(&self) -> anyhow::Result<Option<Announcement>> {
-        let Some(url) = &self.discovery else {
+    /// The discovery announcement the flags ask for, if any; the names it announces are those
+    /// bound in `shared`'s registry at each heartbeat.
+    pub fn announcement(&self, shared: &Arc<Shared>) -> anyhow::Result<Option<Announcement>> {
+        if self.discovery.is_empty() {
             return Ok(None);
-        };
-        let url = url
-            .parse()
-            .with_context(|| format!("--discovery {url:?}"))?;
+        }
         let secret_path = self
             .fleet_secret_file
             .as_deref()
@@ -326,15 +346,32 @@ impl Cli {
             .clone()
             .filter(|r| !r.trim().is_empty())
             .context("--discovery needs --region")?;
-        let endpoint = shroud_discovery::announce::Endpoint {
-            url,
-            tls: shroud_discovery::announce::client_tls(self.discovery_ca.as_deref())?,
-            resolve: shroud_process::resolve::Resolve::from_entries(&self.resolve)?,
+        let tls = shroud_discovery::announce::client_tls(self.discovery_ca.as_deref())?;
+        let resolve = shroud_process::resolve::Resolve::from_entries(&self.resolve)?;
+        let endpoints = self
+            .discovery
+            .iter()
+            .map(|url| {
+                let url = url
+                    .parse()
+                    .with_context(|| format!("--discovery {url:?}"))?;
+                Ok(shroud_discovery::announce::Endpoint {
+                    url,
+                    tls: tls.clone(),
+                    resolve: resolve.clone(),
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let shared = shared.clone();
+        let presence = shroud_discovery::announce::Presence {
+            entry: shroud_discovery::signed::ProxyEntry { name, port, region },
+            addrs: self.public_addr.clone(),
+            names: Box::new(move || shared.registry.bound_names()),
         };
         Ok(Some(Announcement {
-            endpoint,
+            endpoints,
             secret,
-            entry: shroud_discovery::signed::ProxyEntry { name, port, region },
+            presence: Arc::new(presence),
             interval: Duration::from_secs(self.heartbeat_secs),
         }))
     }

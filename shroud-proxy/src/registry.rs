@@ -228,6 +228,20 @@ impl Registry {
             .is_some_and(|at| at.elapsed() < RECENT_GRACE)
     }
 
+    /// The hostnames a visitor can reach here now: those with a tunnel that is open and not
+    /// draining, in name order.
+    pub fn bound_names(&self) -> Vec<String> {
+        let state = self.lock();
+        let mut names: Vec<String> = state
+            .bindings
+            .iter()
+            .filter(|(_, list)| list.iter().any(|b| !b.draining && !b.session.is_closed()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// How many hostnames have at least one binding.
     pub fn hostname_count(&self) -> usize {
         self.lock().bindings.len()

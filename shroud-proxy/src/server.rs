@@ -57,10 +57,20 @@ pub async fn run(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    serve(listeners, Shared::new(config, shutdown.clone()), shutdown).await
+}
+
+/// [`run`] with the shared state made already, for a caller that also reads it (the
+/// announcement of the names bound here, say). `shutdown` must be the one `shared` was made
+/// with.
+pub async fn serve(
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     if listeners.https.is_none() && listeners.http.is_none() && listeners.tunnel.is_none() {
         anyhow::bail!("no listener given");
     }
-    let shared = Shared::new(config, shutdown.clone());
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let drain_timeout = shared.limits.drain_timeout;
@@ -167,7 +177,7 @@ impl Acceptor {
         let _ = stream.set_nodelay(true);
         let (shared, shutdown, kind) = (self.shared.clone(), self.shutdown.clone(), self.kind);
         self.tracker.spawn(async move {
-            serve(kind, stream, peer, address, shared, shutdown).await;
+            serve_connection(kind, stream, peer, address, shared, shutdown).await;
             drop(permit);
         });
     }
@@ -185,7 +195,7 @@ impl Acceptor {
     }
 }
 
-async fn serve(
+async fn serve_connection(
     kind: Kind,
     stream: TcpStream,
     peer: SocketAddr,

@@ -542,12 +542,8 @@ fn the_proxy_discovery_drop_in_makes_a_valid_command_line() {
     assert!(cli.authorize_dns);
     assert!(cli.authorized.is_some(), "the unit's authorized file stays");
 
-    let url: shroud_discovery::announce::DiscoveryUrl = cli
-        .discovery
-        .as_deref()
-        .expect("--discovery")
-        .parse()
-        .unwrap();
+    let url: shroud_discovery::announce::DiscoveryUrl =
+        cli.discovery.first().expect("--discovery").parse().unwrap();
     assert_eq!(url.port(), 443);
     let secret_file = cli.fleet_secret_file.expect("--fleet-secret-file");
     assert!(loads_credential(&drop_in, &secret_file));

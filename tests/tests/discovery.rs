@@ -102,7 +102,7 @@ fn now() -> u64 {
 /// A client-side discovery source for `HOST`, dialling the service on loopback.
 fn source(pki: &Pki, discovery: &Discovery) -> DiscoverySource {
     DiscoverySource::new(
-        &format!("https://{DISCOVERY}:{}", discovery.addr.port()),
+        &[format!("https://{DISCOVERY}:{}", discovery.addr.port())],
         discovery.key.public(),
         HOST,
         Some(&pki.ca_path),
@@ -152,7 +152,7 @@ async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
         shroud_discovery::announce::run(
             &shroud_discovery::announce::Endpoint::new(url, tls),
             FleetSecret::new(SECRET.to_owned()).unwrap(),
-            entry,
+            &shroud_discovery::announce::Presence::new(entry),
             // Every request here comes from 127.0.0.1, which the service rate-limits (5/s):
             // leave the client room to fetch its list.
             Duration::from_millis(500),
@@ -270,7 +270,7 @@ async fn the_client_refuses_forged_expired_and_replayed_lists() {
     ];
     let (addr, _server) = fake_discovery(&pki, bodies).await;
     let mut source = DiscoverySource::new(
-        &format!("https://{DISCOVERY}:{}", addr.port()),
+        &[format!("https://{DISCOVERY}:{}", addr.port())],
         pinned.public(),
         HOST,
         Some(&pki.ca_path),
