@@ -1,0 +1,275 @@
+//! A fleet served from replicated discovery: two `shroud-discovery` instances with their DNS
+//! zone, proxies announcing to both, a client holding tunnels to two of them. What is asserted
+//! is what a resolver and a visitor see: the zone answers a hostname with the public addresses
+//! of the proxies holding it, at either instance; the answer follows a holder that leaves; and
+//! one instance going away takes no name down.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use shroud_client::discovery::DiscoverySource;
+use shroud_mux::auth::SecretKey;
+use shroud_tests::ports::free_ports;
+use shroud_tests::process::Process;
+use shroud_tests::stack::{binary, log_addr, ClientSpec, Pki, ProxyProcess, TestClient};
+use shroud_tests::{https_get, init, within, HttpOrigin};
+
+const HOST: &str = "example.test";
+const ZONE: &str = "proxy.test";
+const SECRET: &str = "a-fleet-secret-of-sufficient-length";
+const PROXIES: usize = 3;
+
+/// A `shroud-discovery` process with its HTTPS and DNS addresses.
+struct DiscoveryProcess {
+    process: Process,
+    name: String,
+    https: SocketAddr,
+    dns: SocketAddr,
+}
+
+impl DiscoveryProcess {
+    async fn start(pki: &Pki, name: &str, signing_key: &str, secret: &str) -> Self {
+        let (cert, key) = pki.issue_files(name).unwrap();
+        let args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert.display().to_string(),
+            "--tls-key",
+            &key.display().to_string(),
+            "--signing-key",
+            signing_key,
+            "--fleet-secret-file",
+            secret,
+            "--heartbeat-timeout-secs",
+            "5",
+            "--list-ttl-secs",
+            "12",
+            "--max-proxies",
+            "2",
+            "--dns-listen",
+            "127.0.0.1:0",
+            "--dns-zone",
+            ZONE,
+            "--dns-ns",
+            "ns1.discovery.example",
+            "--dns-ns",
+            "ns2.discovery.example",
+        ]
+        .map(str::to_owned)
+        .into();
+        let mut process = Process::spawn(&binary("shroud-discovery"), &args).unwrap();
+        let limit = Duration::from_secs(20);
+        let https = log_addr(&process.wait_for_line("listening", limit).await.unwrap()).unwrap();
+        let dns = log_addr(&process.wait_for_line("answering DNS", limit).await.unwrap()).unwrap();
+        Self {
+            process,
+            name: name.to_owned(),
+            https,
+            dns,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}:{}", self.name, self.https.port())
+    }
+
+    fn resolve(&self) -> String {
+        format!("{}:{}:127.0.0.1", self.name, self.https.port())
+    }
+}
+
+/// The public address proxy `i` announces (made up: only DNS answers carry it).
+fn public_addr(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10 + i as u8))
+}
+
+fn proxy_name(i: usize) -> String {
+    format!("p{i}.proxy.example")
+}
+
+/// The A records `dns` answers for `HOST.ZONE`, as a resolver would get them.
+async fn answer(dns: SocketAddr) -> BTreeSet<IpAddr> {
+    let resolver = shroud_process::dns::resolver(Some(dns), Duration::from_secs(2), false).unwrap();
+    match resolver.lookup_ip(format!("{HOST}.{ZONE}.")).await {
+        Ok(found) => found.iter().filter(IpAddr::is_ipv4).collect(),
+        Err(_) => BTreeSet::new(),
+    }
+}
+
+/// Waits until `dns` answers exactly `want`, for up to `secs`; returns how long it took.
+async fn converges(dns: SocketAddr, want: &BTreeSet<IpAddr>, secs: u64) -> Duration {
+    let started = std::time::Instant::now();
+    within(secs, async {
+        while answer(dns).await != *want {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one() {
+    init();
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+
+    let signing_key = pki.dir().join("signing.key");
+    let signing = shroud_mux::keyfile::load_or_create(&signing_key).unwrap().0;
+    let secret_file = pki.dir().join("fleet.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (key_arg, secret_arg) = (
+        signing_key.display().to_string(),
+        secret_file.display().to_string(),
+    );
+    let mut one = DiscoveryProcess::start(&pki, "d1.discovery.test", &key_arg, &secret_arg).await;
+    let two = DiscoveryProcess::start(&pki, "d2.discovery.test", &key_arg, &secret_arg).await;
+
+    // Every proxy announces itself, its public address and its names to both instances.
+    let client_key = SecretKey::generate().unwrap();
+    let policy = format!("{HOST} {}\n", client_key.public());
+    let ports = free_ports::<PROXIES>().unwrap();
+    let mut proxies = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let extra: Vec<String> = [
+            "--discovery".to_owned(),
+            one.url(),
+            "--discovery".into(),
+            two.url(),
+            "--resolve".into(),
+            one.resolve(),
+            "--resolve".into(),
+            two.resolve(),
+            "--discovery-ca".into(),
+            pki.ca_path.display().to_string(),
+            "--fleet-secret-file".into(),
+            secret_arg.clone(),
+            "--region".into(),
+            format!("r{i}"),
+            "--public-name".into(),
+            format!("{}:{port}", proxy_name(i)),
+            "--public-addr".into(),
+            public_addr(i).to_string(),
+            "--heartbeat-secs".into(),
+            "1".into(),
+        ]
+        .into();
+        let listen = SocketAddr::from(([127, 0, 0, 1], *port));
+        let proxy = ProxyProcess::start_with_args(&pki, &proxy_name(i), &policy, listen, &extra)
+            .await
+            .unwrap();
+        proxies.push(proxy);
+    }
+
+    // A client asks either instance (the first, while it answers) and holds two tunnels.
+    let urls = [one.url(), two.url()];
+    let source = DiscoverySource::new(
+        &urls,
+        signing.public(),
+        HOST,
+        Some(&pki.ca_path),
+        2,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let mut resolve: Vec<(String, SocketAddr)> = (0..PROXIES)
+        .map(|i| (proxy_name(i), proxies[i].https))
+        .collect();
+    resolve.push((one.name.clone(), one.https));
+    resolve.push((two.name.clone(), two.https));
+    let mut spec = ClientSpec::new(HOST, origin.addr(), resolve);
+    spec.key = client_key;
+    spec.fleet = Some(Box::new(source));
+    let mut client = TestClient::start(&pki, spec).unwrap();
+    within(60, client.wait_bound(2)).await;
+    let holders = |client: &TestClient| -> BTreeSet<IpAddr> {
+        client
+            .client
+            .states()
+            .iter()
+            .filter(|(_, state)| *state == shroud_client::shared::TunnelState::Bound)
+            .map(|(proxy, _)| {
+                let i = (0..PROXIES).find(|i| proxy_name(*i) == proxy.name).unwrap();
+                public_addr(i)
+            })
+            .collect()
+    };
+    let want = holders(&client);
+    assert_eq!(want.len(), 2);
+
+    // Both instances answer the two holders, and visitors get through at each of them.
+    let first = converges(one.dns, &want, 20).await;
+    converges(two.dns, &want, 20).await;
+    eprintln!("both instances answered the holders {first:?} after the tunnels bound");
+    for proxy in &proxies {
+        let bound = want.contains(&public_addr(
+            (0..PROXIES)
+                .find(|i| proxies[*i].https == proxy.https)
+                .unwrap(),
+        ));
+        if bound {
+            let response = within(20, https_get(proxy.https, HOST, pki.ca.root_store(), "/"))
+                .await
+                .unwrap();
+            assert_eq!(response.status, 200);
+        }
+    }
+
+    // A holder leaves (SIGTERM: it tells both instances at once). Its address leaves the
+    // answers, and once the client holds a tunnel elsewhere, the new holder's comes in.
+    let leaving = (0..PROXIES)
+        .find(|i| want.contains(&public_addr(*i)))
+        .unwrap();
+    proxies[leaving].process.terminate();
+    proxies[leaving]
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    within(60, async {
+        loop {
+            let now = holders(&client);
+            if now.len() == 2 && !now.contains(&public_addr(leaving)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let want = holders(&client);
+    let moved = converges(one.dns, &want, 20).await;
+    converges(two.dns, &want, 20).await;
+    eprintln!("the answer followed the leaving holder {moved:?} after the client moved");
+
+    // One instance dies: the other still answers, the client keeps its tunnels through its
+    // next refresh (it asks the other instance), and visitors still get through.
+    one.process.kill();
+    assert_eq!(answer(two.dns).await, want);
+    assert!(
+        answer(one.dns).await.is_empty(),
+        "the killed instance is gone"
+    );
+    // Lists last 12 s and are asked for again after 2/3 of that: wait past one refresh.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(holders(&client), want, "the client kept its tunnels");
+    assert_eq!(answer(two.dns).await, want);
+    let holder = (0..PROXIES)
+        .find(|i| want.contains(&public_addr(*i)))
+        .unwrap();
+    let response = within(
+        20,
+        https_get(proxies[holder].https, HOST, pki.ca.root_store(), "/"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+}
