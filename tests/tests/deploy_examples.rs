@@ -771,7 +771,35 @@ fn zone_example_publishes_what_its_comments_say() {
             &format!("{host}.{domain}")
         )))]
     );
-    assert_eq!(operator.addresses(&format!("*.{domain}")), all);
+    // The operator delegates DOMAIN to the discovery instances, which answer it themselves,
+    // as discovery.env.example configures them; each name server has an address and lies
+    // outside the zone.
+    let delegated: Vec<String> = operator
+        .data(&domain, RecordType::NS)
+        .into_iter()
+        .map(|data| match data {
+            RData::NS(ns) => ns.0.to_ascii().trim_end_matches('.').to_owned(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(delegated.len(), 2, "two instances: {delegated:?}");
+    for ns in &delegated {
+        assert_eq!(operator.addresses(ns).len(), 1, "{ns}");
+    }
+    let env = env_file(&read("discovery.env.example"), true);
+    let setting = |name: &str| {
+        env.iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_else(|| panic!("{name} in discovery.env.example"))
+    };
+    assert_eq!(setting("SHROUD_DISCOVERY_DNS_ZONE"), domain);
+    let configured: Vec<String> = setting("SHROUD_DISCOVERY_DNS_NS")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(configured, delegated);
+    shroud_discovery::dns::DnsZone::new(&domain, &configured, 30, 3).unwrap();
     // A CNAME stands alone at its name.
     let at_host: Vec<RecordType> = customer
         .records
