@@ -7,6 +7,7 @@
 //! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
 //! - [`splice`]: copying both ways between a visitor's connection and its stream.
+//! - [`words`]: word names, a hostname a client key proves by itself.
 //!
 //! No CLI, configuration or transport lives here: callers bring a connected, TLS-protected byte
 //! stream and get a session back.
@@ -24,6 +25,7 @@ pub mod control;
 pub mod header;
 pub mod session;
 pub mod splice;
+pub mod words;
 
 pub use codec::DecodeError;
 pub use session::{Incoming, MuxStream, Role, Session, SessionConfig, SessionError};

@@ -1,5 +1,6 @@
 //! What the `shroud` binary does with its command line.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,9 +59,14 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// Turns the run arguments into a client configuration and the source of its proxies, loading
 /// the files they name. With the tor transport this bootstraps Tor, which can take a while.
 pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)> {
-    let hostname = shroud_mux::hostname::normalize(&run.hostname)
-        .with_context(|| format!("HOSTNAME {:?}", run.hostname))?;
-    let target = parse_target(&run.target, "TARGET")?;
+    let key_path = key_path(run.key.clone())?;
+    let (key, created) = key::load_or_create(&key_path)?;
+    if created {
+        info!(path = %key_path.display(), "created a new client key");
+    }
+    info!(key = %key.public(), "client identity");
+    let (hostname, target) = published(run, &key.public())?;
+    let target = parse_target(target, "TARGET")?;
     let http_target = run
         .http_target
         .as_deref()
@@ -89,12 +95,6 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
         (Some(cert), Some(key)) => Some(tls::origin_server_config(cert, key)?.into()),
         _ => None,
     };
-    let key_path = key_path(run.key.clone())?;
-    let (key, created) = key::load_or_create(&key_path)?;
-    if created {
-        info!(path = %key_path.display(), "created a new client key");
-    }
-    info!(key = %key.public(), "client identity");
     // Last, because it may take a while: every local check has passed by now.
     let transport: Arc<dyn Transport> = match run.transport {
         TransportKind::Direct => {
@@ -130,6 +130,36 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
         timing,
     };
     Ok((config, source))
+}
+
+/// The hostname to publish and the TARGET text: both as given, or with `--fleet-name`, the
+/// key's word name under that domain (printed on stdout as a URL) and the one positional.
+fn published<'a>(run: &'a RunArgs, key: &PublicKey) -> anyhow::Result<(String, &'a str)> {
+    let (hostname, target) = (run.hostname.as_deref(), run.target.as_deref());
+    let Some(domain) = &run.fleet_name else {
+        let (Some(hostname), Some(target)) = (hostname, target) else {
+            anyhow::bail!("give HOSTNAME and TARGET (or --fleet-name DOMAIN and TARGET)");
+        };
+        let hostname = shroud_mux::hostname::normalize(hostname)
+            .with_context(|| format!("HOSTNAME {hostname:?}"))?;
+        return Ok((hostname, target));
+    };
+    // With --fleet-name, the one positional given is TARGET.
+    let target = match (hostname, target) {
+        (Some(target), None) | (None, Some(target)) => target,
+        _ => anyhow::bail!(
+            "--fleet-name publishes at a name derived from the key: give TARGET alone, not \
+             HOSTNAME"
+        ),
+    };
+    let domain = shroud_mux::hostname::normalize(domain)
+        .with_context(|| format!("--fleet-name {domain:?}"))?;
+    let hostname = shroud_mux::words::word_name(key, &domain);
+    info!(%hostname, "publishing at this client's word name");
+    // The URL goes to stdout, for whoever started the client (and scripts) to take.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "https://{hostname}/").and_then(|()| stdout.flush());
+    Ok((hostname, target))
 }
 
 /// Where the proxies come from: `--proxy` over `--discovery` over `--srv`.

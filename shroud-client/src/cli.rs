@@ -56,13 +56,28 @@ pub struct KeyArgs {
 /// Options for running a tunnel.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The public hostname visitors use, e.g. app.example.com
-    #[arg(value_name = "HOSTNAME", required = true, env = "SHROUD_HOSTNAME")]
-    pub hostname: String,
+    /// The public hostname visitors use, e.g. app.example.com (with --fleet-name, leave it
+    /// out and give TARGET alone)
+    #[arg(
+        value_name = "HOSTNAME",
+        required_unless_present = "fleet_name",
+        env = "SHROUD_HOSTNAME"
+    )]
+    pub hostname: Option<String>,
 
     /// Where visitors' TLS connections go, as HOST:PORT, e.g. 127.0.0.1:443 or [::1]:443
-    #[arg(value_name = "TARGET", required = true, env = "SHROUD_TARGET")]
-    pub target: String,
+    #[arg(
+        value_name = "TARGET",
+        required_unless_present = "fleet_name",
+        env = "SHROUD_TARGET"
+    )]
+    pub target: Option<String>,
+
+    /// Publish without a domain of your own, at WORDS.DOMAIN: DOMAIN is one the proxies offer
+    /// (their --word-names), WORDS four words derived from this client's key, the same at every
+    /// start. The URL is printed on stdout. Give TARGET alone, no HOSTNAME
+    #[arg(long, value_name = "DOMAIN", env = "SHROUD_FLEET_NAME")]
+    pub fleet_name: Option<String>,
 
     /// A proxy to hold a tunnel to, as NAME or NAME:PORT (port 443 if omitted); repeat for
     /// several proxies. Takes precedence over --discovery and --srv
@@ -353,8 +368,8 @@ mod tests {
         .unwrap();
         assert!(cli.command.is_none());
         let run = cli.run.unwrap();
-        assert_eq!(run.hostname, "app.example");
-        assert_eq!(run.target, "127.0.0.1:443");
+        assert_eq!(run.hostname.as_deref(), Some("app.example"));
+        assert_eq!(run.target.as_deref(), Some("127.0.0.1:443"));
         assert_eq!(run.proxy, ["p1.example:443", "p2.example:8443"]);
         assert_eq!(run.resolve, ["p1.example:443:127.0.0.1"]);
         assert_eq!(run.proxy_ca, Some(PathBuf::from("/etc/ca.pem")));

@@ -58,6 +58,17 @@ pub struct Cli {
     #[arg(long, env = "SHROUD_AUTHORIZE_DNS")]
     pub authorize_dns: bool,
 
+    /// Offer word names under DOMAIN (repeatable): a client running `shroud --fleet-name DOMAIN`
+    /// binds WORDS.DOMAIN, WORDS being four words derived from its key, with no entry in the
+    /// authorized file; no other key can bind those words
+    #[arg(
+        long,
+        env = "SHROUD_WORD_NAMES",
+        value_name = "DOMAIN",
+        value_delimiter = ','
+    )]
+    pub word_names: Vec<String>,
+
     /// The DNS server for --authorize-dns, as IP:PORT [default: the system's resolvers]
     #[arg(long, env = "SHROUD_DNS_SERVER", value_name = "ADDR")]
     pub dns_server: Option<SocketAddr>,
@@ -203,11 +214,20 @@ impl Cli {
             Some(path) => {
                 Policy::load(path).with_context(|| format!("--authorized {}", path.display()))?
             }
-            None if self.authorize_dns => Policy::default(),
+            None if self.authorize_dns || !self.word_names.is_empty() => Policy::default(),
             None => anyhow::bail!(
-                "no client can be authorized: give --authorized FILE, --authorize-dns, or both"
+                "no client can be authorized: give --authorized FILE, --authorize-dns, \
+                 --word-names DOMAIN, or several"
             ),
         };
+        let word_domains = self
+            .word_names
+            .iter()
+            .map(|domain| {
+                shroud_mux::hostname::normalize(domain)
+                    .with_context(|| format!("--word-names {domain:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let dns = if self.authorize_dns {
             let authorizer = DnsAuthorizer::new(self.dns_server, DnsAuthLimits::default())
                 .context("--authorize-dns")?;
@@ -236,6 +256,7 @@ impl Cli {
             tls,
             policy,
             dns,
+            word_domains,
             limits,
         })
     }

@@ -104,6 +104,9 @@ pub struct ProxyConfig {
     pub policy: Policy,
     /// Also let a key bind a hostname whose `_shroud` TXT record lists it.
     pub dns: Option<DnsAuthorizer>,
+    /// Domains (normalised) under which a key may bind its own word name, and only that
+    /// (see [`shroud_mux::words`]).
+    pub word_domains: Vec<String>,
     /// Deadlines and bounds.
     pub limits: Limits,
 }
@@ -114,6 +117,7 @@ pub struct Shared {
     pub(crate) tls_acceptor: TlsAcceptor,
     pub(crate) policy: Policy,
     pub(crate) dns: Option<DnsAuthorizer>,
+    pub(crate) word_domains: Vec<String>,
     pub(crate) limits: Limits,
     pub(crate) registry: Registry,
     /// The per-address, per-hostname and per-key counts (see [`crate::admission`]).
@@ -125,6 +129,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Whether some client may be able to bind `hostname` here: the authorized file or DNS
+    /// could grant it, or it is a word name under an offered domain.
+    pub(crate) fn may_bind(&self, hostname: &str) -> bool {
+        self.dns.is_some()
+            || self.policy.covers(hostname)
+            || shroud_mux::words::word_domain(hostname, &self.word_domains).is_some()
+    }
+
     /// The state of a proxy serving `config`, which stops when `shutdown` is cancelled. Nothing
     /// is bound or spawned: the routing table starts empty.
     pub fn new(config: ProxyConfig, shutdown: CancellationToken) -> Arc<Self> {
@@ -133,6 +145,7 @@ impl Shared {
             tls_acceptor: TlsAcceptor::from(config.tls),
             policy: config.policy,
             dns: config.dns,
+            word_domains: config.word_domains,
             admission: Admission::new(config.limits.admission()),
             limits: config.limits,
             registry: Registry::default(),

@@ -14,7 +14,7 @@ use shroud_mux::auth::{self, PublicKey, EXPORTER_LABEL, EXPORTER_LEN};
 use shroud_mux::control::{
     self, BindName, BindOutcome, BindStatus, ErrorCode, Message, ReadError, VERSION,
 };
-use shroud_mux::{hostname, MuxStream, Role, Session, SessionConfig};
+use shroud_mux::{hostname, words, MuxStream, Role, Session, SessionConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
@@ -217,7 +217,9 @@ async fn handshake(
     let mut dns = Vec::new();
     if let (Some(key), Some(authorizer)) = (&verified, &shared.dns) {
         for (entry, outcome) in hostnames.iter().zip(judged.iter_mut()) {
-            if outcome.status != BindStatus::NotAuthorized {
+            // A word name is its key's or no one's: DNS cannot grant it.
+            let word_name = words::word_domain(&entry.name, &shared.word_domains).is_some();
+            if outcome.status != BindStatus::NotAuthorized || word_name {
                 continue;
             }
             match authorizer.allows(&entry.name, key).await {
@@ -321,12 +323,27 @@ fn judge_bind(
             Ok(_) if !seen.insert(h.name.clone()) => {
                 outcome(h, BindStatus::InvalidHostname, "hostname listed twice")
             }
-            Ok(_) if shared.policy.allows(&h.name, &key) => outcome(h, BindStatus::Bound, ""),
-            Ok(_) => outcome(
-                h,
-                BindStatus::NotAuthorized,
-                "this key is not authorized for this hostname on this proxy",
-            ),
+            Ok(_) => match words::word_domain(&h.name, &shared.word_domains) {
+                // Under a word-name domain, a key binds its own words and nothing else.
+                Some(domain) if words::word_name(&key, domain) == h.name => {
+                    outcome(h, BindStatus::Bound, "")
+                }
+                Some(domain) => outcome(
+                    h,
+                    BindStatus::NotAuthorized,
+                    &format!(
+                        "names under {domain} are word names, each bound by the key whose words \
+                         it is; this key's is {}",
+                        words::word_name(&key, domain)
+                    ),
+                ),
+                None if shared.policy.allows(&h.name, &key) => outcome(h, BindStatus::Bound, ""),
+                None => outcome(
+                    h,
+                    BindStatus::NotAuthorized,
+                    "this key is not authorized for this hostname on this proxy",
+                ),
+            },
         })
         .collect();
     (Some(key), judged)

@@ -251,7 +251,7 @@ async fn splice_visitor(
 /// Finds the tunnel for `hostname`, waiting a while for one if it is expected back, unless the
 /// proxy is shutting down.
 async fn route(shared: &Shared, hostname: &str, http: bool) -> Route {
-    let bindable = shared.dns.is_some() || shared.policy.covers(hostname);
+    let bindable = shared.may_bind(hostname);
     let wait = shared
         .registry
         .route_or_wait(hostname, http, shared.limits.route_wait, bindable);

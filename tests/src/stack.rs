@@ -139,6 +139,7 @@ impl TestProxy {
             tls: shroud_proxy::server::tunnel_tls_config(&cert, &key)?,
             policy: Policy::parse(authorized)?,
             dns,
+            word_domains: Vec::new(),
             limits,
         };
         let https = bind_listener(LOOPBACK)?;

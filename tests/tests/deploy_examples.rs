@@ -375,7 +375,7 @@ fn the_client_unit_and_env_example_make_a_valid_command_line() {
         let args = to_args(&command, "shroud", &env);
         let cli: shroud_client::cli::Cli = parse(&args);
         let run = cli.run.expect("run arguments");
-        assert_eq!(run.hostname, instance);
+        assert_eq!(run.hostname.as_deref(), Some(instance));
         assert_eq!(
             run.key.as_deref(),
             Some(Path::new("/var/lib/shroud/client.key"))
@@ -384,7 +384,7 @@ fn the_client_unit_and_env_example_make_a_valid_command_line() {
         for proxy in &run.proxy {
             shroud_client::cli::parse_proxy(proxy).unwrap();
         }
-        shroud_client::cli::parse_target(&run.target).unwrap();
+        shroud_client::cli::parse_target(run.target.as_deref().unwrap()).unwrap();
         if commented_too {
             assert!(run.http_target.is_some() && run.tls_cert.is_some());
             assert_eq!(run.resolve.len(), 1);

@@ -55,6 +55,7 @@ fn shared(limits: Limits) -> Arc<Shared> {
         tls: Arc::new(tls),
         policy: Policy::parse("").unwrap(),
         dns: None,
+        word_domains: Vec::new(),
         limits,
     };
     Shared::new(config, CancellationToken::new())
