@@ -387,7 +387,7 @@ impl Cli {
         let presence = shroud_discovery::announce::Presence {
             entry: shroud_discovery::signed::ProxyEntry { name, port, region },
             addrs: self.public_addr.clone(),
-            names: Box::new(move || shared.registry.bound_names()),
+            names: Box::new(move || shared.bound_names()),
         };
         Ok(Some(Announcement {
             endpoints,

@@ -129,6 +129,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The hostnames a visitor can reach here now, in name order: what the proxy announces
+    /// to discovery with each heartbeat.
+    pub fn bound_names(&self) -> Vec<String> {
+        self.registry.bound_names()
+    }
+
     /// Whether some client may be able to bind `hostname` here: the authorized file or DNS
     /// could grant it, or it is a word name under an offered domain.
     pub(crate) fn may_bind(&self, hostname: &str) -> bool {

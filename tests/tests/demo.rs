@@ -46,3 +46,38 @@ fn the_demo_serves_through_a_private_tor_network() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("Tor bootstrapped"), "{stderr}");
 }
+
+#[test]
+fn the_demo_runs_a_fleet_whose_dns_names_the_holders() {
+    let output = run_demo(&["--fleet", "3", "--check"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A dig line per discovery instance, a curl line per proxy, and each checked.
+    assert_eq!(
+        stdout.matches("  dig @127.0.0.1 -p ").count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches("  curl --cacert").count(), 3, "{stdout}");
+    assert_eq!(
+        stdout
+            .matches("-> [127.0.0.10, 127.0.0.11, 127.0.0.12]")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("-> 200 hello from origin: GET /").count(),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(
+        run_demo(&["--fleet"]).status.code(),
+        Some(2),
+        "a count is needed"
+    );
+}

@@ -8,6 +8,12 @@
 //! With `--tor-local` it first builds a private Tor network on 127.0.0.1 from Debian's `tor`
 //! (three directory authorities and five relays; about half a minute) and the client reaches
 //! the proxy through it with embedded Arti, as `shroud` does by default on the real Tor network.
+//!
+//! With `--fleet N` it runs a fleet instead: N proxies and two discovery instances answering
+//! DNS for them (see the `fleet` module).
+
+#[path = "shroud-demo/fleet.rs"]
+mod fleet;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,17 +25,36 @@ use shroud_tests::{http_get, https_get, HttpOrigin};
 
 const HOST: &str = "example.test";
 const PROXY: &str = "proxy.example.test";
+const USAGE: &str = "usage: shroud-demo [--tor-local | --fleet N] [--check]
+
+Runs a proxy, a sample origin and a client on loopback and prints how to reach the origin
+through the tunnel. --tor-local carries the tunnel over a private Tor network on 127.0.0.1
+(needs Debian's tor). --fleet N runs N proxies and two discovery instances answering DNS for
+them instead. --check makes the requests itself and exits.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let check = args.iter().any(|a| a == "--check");
     let tor = args.iter().any(|a| a == "--tor-local");
+    let fleet = match args.iter().position(|a| a == "--fleet") {
+        Some(at) => match args.get(at + 1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(count) => {
+                args.drain(at..at + 2);
+                Some(count)
+            }
+            None => {
+                println!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     if let Some(unknown) = args
         .iter()
         .find(|a| !matches!(a.as_str(), "--check" | "--tor-local"))
     {
-        println!("usage: shroud-demo [--tor-local] [--check]\n\nRuns a proxy, a sample origin and a client on loopback and prints how to reach the origin\nthrough the tunnel. --tor-local carries the tunnel over a private Tor network on 127.0.0.1\n(needs Debian's tor). --check makes the requests itself and exits.");
+        println!("{USAGE}");
         return if unknown == "--help" || unknown == "-h" {
             ExitCode::SUCCESS
         } else {
@@ -39,7 +64,11 @@ async fn main() -> ExitCode {
     // A private network of eight relays makes Arti warn that it is small; true, and beside the
     // point here.
     shroud_process::logging::init("info,tor_netdir=error");
-    match demo(check, tor).await {
+    let result = match fleet {
+        Some(count) => fleet::run(count, check).await,
+        None => demo(check, tor).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("shroud-demo: {err:#}");
