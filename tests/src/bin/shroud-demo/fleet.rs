@@ -73,6 +73,13 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
         proxies.push(proxy);
     }
 
+    // Before the client asks for its list, let every proxy's first heartbeat reach both
+    // instances: until a name is held, the zone answers the proxies its list would name.
+    let want: Vec<IpAddr> = proxies.iter().map(|p| p.https.ip()).collect();
+    for instance in &instances {
+        wait_for_answer(instance.dns, &want).await?;
+    }
+
     let origin = HttpOrigin::tls(pki.origin_tls(&[HOST]))
         .await
         .context("starting the sample origin")?;
@@ -125,7 +132,6 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
     println!();
 
     if check {
-        let want: Vec<IpAddr> = proxies.iter().map(|p| p.https.ip()).collect();
         for instance in &instances {
             let found = wait_for_answer(instance.dns, &want).await?;
             println!("check: DNS at {} -> {found:?}", instance.dns);
