@@ -14,8 +14,8 @@
 //!   Every hostname has proxies (a name held nowhere gets the ones its clients would be sent
 //!   to), so no `HOST.ZONE` is NXDOMAIN; other types are NODATA.
 //! - `SOA` and `NS` at the apex; NODATA for other types there.
-//! - NXDOMAIN for names below the zone whose labels before it are not a hostname
-//!   (`*.ZONE`): nothing can exist there.
+//! - REFUSED for names below the zone whose labels before it are not a hostname (`*.ZONE`):
+//!   no hostname can be published there, and the question is not one this server answers.
 //! - REFUSED for names outside the zone and classes other than IN; FORMERR for a message that
 //!   is not one question; NOTIMP for opcodes other than QUERY.
 //!
@@ -211,11 +211,7 @@ impl Answerer {
         .map(|host| host.to_ascii())
         .and_then(|host| shroud_mux::hostname::normalize(&host).ok());
         let Some(host) = host else {
-            return Answer {
-                code: ResponseCode::NXDomain,
-                answers: Vec::new(),
-                authority: vec![zone.soa()],
-            };
+            return Answer::code(ResponseCode::Refused);
         };
         let wanted = |addr: &IpAddr| match qtype {
             RecordType::A => addr.is_ipv4(),
@@ -465,8 +461,7 @@ mod tests {
         assert_eq!(sibling.code, ResponseCode::Refused);
         for name in ["*.proxy.example.net.", "a.*.b.proxy.example.net."] {
             let not_a_host = ask(&answerer, name, RecordType::A);
-            assert_eq!(not_a_host.code, ResponseCode::NXDomain, "{name}");
-            assert_eq!(not_a_host.authority[0].record_type(), RecordType::SOA);
+            assert_eq!(not_a_host.code, ResponseCode::Refused, "{name}");
         }
         let chaos = answerer.answer(
             &Name::from_ascii("x.proxy.example.net.").unwrap(),
