@@ -307,8 +307,26 @@ pub async fn respond<R: ResponseHandler>(
     }
 }
 
+/// What a DNS server answers, one question at a time; served by [`ZoneHandler`].
+pub trait Zone: Send + Sync + Unpin + 'static {
+    /// The answer to `query`.
+    fn answer(&self, query: &Query) -> Answer;
+
+    /// Called for every request received, answerable or not (to count them, say).
+    fn on_request(&self) {}
+}
+
+impl Zone for Answerer {
+    fn answer(&self, query: &Query) -> Answer {
+        Answerer::answer(self, query.name(), query.query_type(), query.query_class())
+    }
+}
+
+/// A hickory-server request handler that answers from a [`Zone`] through [`respond`].
+pub struct ZoneHandler<Z>(pub Z);
+
 // `RequestHandler` is declared with `async_trait`; this is the signature it expands to.
-impl RequestHandler for Answerer {
+impl<Z: Zone> RequestHandler for ZoneHandler<Z> {
     fn handle_request<'life0, 'life1, 'async_trait, R, T>(
         &'life0 self,
         request: &'life1 Request,
@@ -321,8 +339,9 @@ impl RequestHandler for Answerer {
         'life1: 'async_trait,
         Self: 'async_trait,
     {
+        self.0.on_request();
         Box::pin(respond(request, response_handle, |query| {
-            self.answer(query.name(), query.query_type(), query.query_class())
+            self.0.answer(query)
         }))
     }
 }
@@ -360,7 +379,7 @@ pub async fn serve(
     answerer: Answerer,
     shutdown: CancellationToken,
 ) {
-    let mut server = Server::new(answerer);
+    let mut server = Server::new(ZoneHandler(answerer));
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
     shutdown.cancelled().await;

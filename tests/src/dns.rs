@@ -14,9 +14,7 @@
 //! The server runs on the tokio runtime that started it and stops when the handle is dropped.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -25,10 +23,8 @@ use anyhow::{bail, Context as _};
 use hickory_proto::op::{Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, CNAME, SOA, SRV, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_server::net::runtime::Time;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::Server;
-use shroud_discovery::dns::{respond, Answer};
+use shroud_discovery::dns::{Answer, ZoneHandler};
 
 /// How long the server waits for a request on an idle TCP connection.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,7 +42,7 @@ pub struct TestDns {
     /// Where it listens, for both UDP and TCP.
     pub addr: SocketAddr,
     zone: Arc<Zone>,
-    server: Server<Handler>,
+    server: Server<ZoneHandler<Handler>>,
 }
 
 impl TestDns {
@@ -73,7 +69,7 @@ impl TestDns {
             .context("bind the DNS server's UDP socket and TCP listener")?;
         let addr = udp.local_addr().context("read the DNS server's address")?;
 
-        let mut server = Server::new(Handler { zone: zone.clone() });
+        let mut server = Server::new(ZoneHandler(Handler { zone: zone.clone() }));
         server.register_socket(udp);
         server.register_listener(tcp, TCP_IDLE_TIMEOUT, TCP_RESPONSE_BUFFER);
         Ok(TestDns { addr, zone, server })
@@ -325,33 +321,22 @@ impl Zone {
     }
 }
 
-/// The server's request handler: answers from the [`Zone`] and counts requests.
+/// The server's zone: answers from the [`Zone`] and counts requests.
 struct Handler {
     zone: Arc<Zone>,
 }
 
-// `RequestHandler` is declared with `async_trait`; this is the signature it expands to.
-impl RequestHandler for Handler {
-    fn handle_request<'life0, 'life1, 'async_trait, R, T>(
-        &'life0 self,
-        request: &'life1 Request,
-        response_handle: R,
-    ) -> Pin<Box<dyn Future<Output = ResponseInfo> + Send + 'async_trait>>
-    where
-        R: ResponseHandler + 'async_trait,
-        T: Time + 'async_trait,
-        'life0: 'async_trait,
-        'life1: 'async_trait,
-        Self: 'async_trait,
-    {
+impl shroud_discovery::dns::Zone for Handler {
+    fn answer(&self, query: &Query) -> Answer {
+        let answer = self.zone.answer(query);
+        Answer {
+            code: answer.code,
+            answers: answer.answers,
+            authority: answer.soa.into_iter().collect(),
+        }
+    }
+
+    fn on_request(&self) {
         self.zone.queries.fetch_add(1, Ordering::SeqCst);
-        Box::pin(respond(request, response_handle, |query| {
-            let answer = self.zone.answer(query);
-            Answer {
-                code: answer.code,
-                answers: answer.answers,
-                authority: answer.soa.into_iter().collect(),
-            }
-        }))
     }
 }
