@@ -27,6 +27,8 @@ use crate::http::{self, HttpError};
 use crate::secret::FleetSecret;
 use crate::signed::ProxyEntry;
 
+/// The least time between two heartbeats to one service when names change quickly.
+pub const MIN_SPACING: Duration = Duration::from_secs(1);
 /// Default time between heartbeats.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// Deadline for one heartbeat, connection included.
@@ -193,6 +195,9 @@ pub struct Presence {
     pub addrs: Vec<IpAddr>,
     /// The hostnames bound on it now.
     pub names: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Changes when `names` may have: a heartbeat then goes out at once (at most one a
+    /// [`MIN_SPACING`]), so the service's DNS follows binds without waiting for the interval.
+    pub changes: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Presence {
@@ -202,6 +207,7 @@ impl Presence {
             entry,
             addrs: Vec::new(),
             names: Box::new(Vec::new),
+            changes: None,
         }
     }
 
@@ -305,6 +311,14 @@ async fn exchange(
     Ok(())
 }
 
+/// Waits for `changes` to change; never, when there is nothing to watch or its sender is gone.
+async fn names_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match changes {
+        Some(receiver) => receiver.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 /// Posts a heartbeat for `presence` every `interval` until `shutdown` is cancelled, then posts
 /// once with `leaving: true` (within [`LEAVE_TIMEOUT`]) and returns.
 ///
@@ -321,12 +335,26 @@ pub async fn run(
     let entry = &presence.entry;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut changes = presence.changes.clone();
     let mut registered = false;
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
+            Some(()) = names_changed(&mut changes) => {
+                // Let a burst of binds settle into one heartbeat, and never send more than one
+                // a MIN_SPACING; the periodic beat then counts from this one.
+                if let Some(last) = last_sent {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep_until(last + MIN_SPACING) => {}
+                    }
+                }
+                ticker.reset();
+            }
         }
+        last_sent = Some(tokio::time::Instant::now());
         let beat = presence.heartbeat(false);
         let result = tokio::select! {
             () = shutdown.cancelled() => break,

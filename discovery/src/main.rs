@@ -7,6 +7,8 @@ use clap::Parser as _;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = shroud_discovery::cli::Cli::parse();
-    shroud_process::logging::init("info");
+    // hickory-server logs every DNS question at info, with the asker's address: that is a
+    // resolver's, often a visitor's own, and no business of the log by default.
+    shroud_process::logging::init("info,hickory_server=warn");
     shroud_process::exit::status("shroud-discovery", shroud_discovery::cli::run(cli).await)
 }

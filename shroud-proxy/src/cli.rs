@@ -387,6 +387,7 @@ impl Cli {
         let presence = shroud_discovery::announce::Presence {
             entry: shroud_discovery::signed::ProxyEntry { name, port, region },
             addrs: self.public_addr.clone(),
+            changes: Some(shared.watch_names()),
             names: Box::new(move || shared.bound_names()),
         };
         Ok(Some(Announcement {

@@ -56,6 +56,8 @@ pub struct Registry {
     state: Mutex<State>,
     /// Bumped on every bind, so waiting visitors look again.
     bound: watch::Sender<u64>,
+    /// Bumped whenever the set of [`Registry::bound_names`] may have changed.
+    names: watch::Sender<u64>,
     started: Instant,
     next_tunnel: AtomicU64,
     turn: AtomicUsize,
@@ -73,6 +75,7 @@ impl Default for Registry {
         Self {
             state: Mutex::default(),
             bound: watch::Sender::new(0),
+            names: watch::Sender::new(0),
             started: Instant::now(),
             next_tunnel: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
@@ -102,6 +105,18 @@ impl Registry {
             });
         drop(state);
         self.bound.send_modify(|generation| *generation += 1);
+        self.names_changed();
+    }
+
+    /// Tells whoever watches [`Registry::watch_names`] to look again.
+    fn names_changed(&self) {
+        self.names.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver that sees a change whenever the set of [`Registry::bound_names`] may have
+    /// changed: a bind, an unbind, a tunnel starting to drain.
+    pub fn watch_names(&self) -> watch::Receiver<u64> {
+        self.names.subscribe()
     }
 
     /// Marks every binding of `tunnel` as draining: routable only when no other tunnel is.
@@ -112,6 +127,8 @@ impl Registry {
                 binding.draining = true;
             }
         }
+        drop(state);
+        self.names_changed();
     }
 
     /// Removes every binding of `tunnel`.
@@ -129,6 +146,8 @@ impl Registry {
         for name in emptied {
             state.remember_unbound(name);
         }
+        drop(state);
+        self.names_changed();
     }
 
     /// Removes one name's binding to `tunnel`, leaving its other names. The name was taken
@@ -141,6 +160,8 @@ impl Registry {
                 state.bindings.remove(hostname);
             }
         }
+        drop(state);
+        self.names_changed();
     }
 
     /// Chooses where a visitor for `hostname` goes. `http` is true for plain-HTTP visitors,

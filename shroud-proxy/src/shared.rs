@@ -135,6 +135,11 @@ impl Shared {
         self.registry.bound_names()
     }
 
+    /// A receiver that sees a change whenever [`Shared::bound_names`] may have changed.
+    pub fn watch_names(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.registry.watch_names()
+    }
+
     /// Whether some client may be able to bind `hostname` here: the authorized file or DNS
     /// could grant it, or it is a word name under an offered domain.
     pub(crate) fn may_bind(&self, hostname: &str) -> bool {

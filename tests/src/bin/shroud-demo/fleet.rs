@@ -240,6 +240,7 @@ async fn start_proxy(
             region: format!("r{i}"),
         },
         addrs: vec![ip.into()],
+        changes: Some(shared.watch_names()),
         names: Box::new(move || shared.bound_names()),
     });
     let tls = client_tls(Some(&pki.ca_path))?;
