@@ -192,3 +192,63 @@ async fn heartbeats_reach_the_real_service() {
 
     service.stop().await;
 }
+
+#[tokio::test]
+async fn a_change_of_names_sends_a_heartbeat_at_once_carrying_them() {
+    let pki = Pki::new();
+    let (port, mut seen) = recording_server(&pki, vec![]).await;
+    let shutdown = CancellationToken::new();
+    let names = Arc::new(std::sync::Mutex::new(vec!["one.example".to_owned()]));
+    let (changed, changes) = tokio::sync::watch::channel(0u64);
+    let presence = Presence {
+        entry: entry("p1.proxy.test", 443, "eu"),
+        addrs: vec!["192.0.2.10".parse().unwrap()],
+        names: Box::new({
+            let names = names.clone();
+            move || names.lock().unwrap().clone()
+        }),
+        changes: Some(changes),
+    };
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let tls = pki.client_tls();
+        async move {
+            // An interval far longer than the test: only a change can send the second beat.
+            let endpoint = Endpoint::new(loopback_url(port), tls);
+            let secret = FleetSecret::new(SECRET.into()).unwrap();
+            announce::run(
+                &endpoint,
+                secret,
+                &presence,
+                Duration::from_secs(3600),
+                shutdown,
+            )
+            .await;
+        }
+    });
+
+    let first = within(seen.recv()).await.unwrap();
+    assert_eq!(first.heartbeat.names, ["one.example"]);
+    assert_eq!(
+        first.heartbeat.addrs,
+        ["192.0.2.10".parse::<std::net::IpAddr>().unwrap()]
+    );
+
+    names.lock().unwrap().push("two.example".into());
+    changed.send_modify(|n| *n += 1);
+    let started = std::time::Instant::now();
+    let second = within(seen.recv()).await.unwrap();
+    assert_eq!(second.heartbeat.names, ["one.example", "two.example"]);
+    // At most one heartbeat a MIN_SPACING: it waited for the spacing, not the interval.
+    let waited = started.elapsed();
+    assert!(
+        waited < announce::MIN_SPACING + Duration::from_secs(2),
+        "{waited:?}"
+    );
+
+    // Leaving says nothing of names.
+    shutdown.cancel();
+    let last = within(seen.recv()).await.unwrap();
+    assert!(last.heartbeat.leaving && last.heartbeat.names.is_empty());
+    within(task).await.unwrap();
+}
