@@ -154,6 +154,9 @@ struct State {
     max_proxies: usize,
     list_ttl: Duration,
     cname: Option<CnameCheck>,
+    /// The zone this service's DNS answers, without the final dot: names inside it resolve to
+    /// the fleet by construction, and need no CNAME.
+    own_zone: Option<String>,
     limiter: Mutex<RateLimiter>,
     max_body: usize,
 }
@@ -192,6 +195,10 @@ pub async fn run(
             .list_ttl
             .min(Duration::from_secs(signed::MAX_LIFETIME_SECS)),
         cname,
+        own_zone: config.dns.as_ref().map(|dns| {
+            let apex = dns.zone.apex.to_ascii();
+            apex.strip_suffix('.').unwrap_or(&apex).to_owned()
+        }),
         limiter: Mutex::new(RateLimiter::new(limits.rate)),
         max_body: limits.max_body,
     });
@@ -362,7 +369,11 @@ async fn proxies(request: &Request<Incoming>, state: &State) -> Reply {
         Err(err) => return text(StatusCode::BAD_REQUEST, &format!("invalid host: {err}\n")),
     };
 
-    if let Some(cname) = &state.cname {
+    let in_own_zone = state.own_zone.as_deref().is_some_and(|zone| {
+        host.strip_suffix(zone)
+            .is_some_and(|head| head.ends_with('.'))
+    });
+    if let (Some(cname), false) = (&state.cname, in_own_zone) {
         let expected = format!("{host}.{}", cname.domain());
         match cname.check(&host).await {
             Ok(Verdict::Confirmed) => {}
