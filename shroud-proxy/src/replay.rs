@@ -25,7 +25,7 @@ pub enum ReadMore {
     Eof,
 }
 
-/// Appends what `io` has next to `buf`, at most [`READ_CHUNK`] bytes and never past `max_len`
+/// Appends what `io` has next to `buf`, at most 4 KiB (`READ_CHUNK`) and never past `max_len`
 /// in all. On an error `buf` is left as it was.
 pub async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
