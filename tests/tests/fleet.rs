@@ -31,7 +31,7 @@ struct DiscoveryProcess {
 }
 
 impl DiscoveryProcess {
-    async fn start(pki: &Pki, name: &str, signing_key: &str, secret: &str) -> Self {
+    async fn start(pki: &Pki, name: &str, signing_key: &str, secret: &str, timeout: &str) -> Self {
         let (cert, key) = pki.issue_files(name).unwrap();
         let args: Vec<String> = [
             "--listen",
@@ -45,7 +45,7 @@ impl DiscoveryProcess {
             "--fleet-secret-file",
             secret,
             "--heartbeat-timeout-secs",
-            "90",
+            timeout,
             "--list-ttl-secs",
             "12",
             "--max-proxies",
@@ -112,89 +112,114 @@ async fn converges(dns: SocketAddr, want: &BTreeSet<IpAddr>, secs: u64) -> Durat
     started.elapsed()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one() {
-    init();
-    let pki = Pki::new().unwrap();
-    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+/// A running fleet: two discovery instances, [`PROXIES`] proxy processes announcing to both
+/// with `heartbeat_secs`, and an in-process client holding tunnels to two of them.
+struct FleetRun {
+    pki: Pki,
+    one: DiscoveryProcess,
+    two: DiscoveryProcess,
+    proxies: Vec<ProxyProcess>,
+    client: TestClient,
+    _origin: HttpOrigin,
+}
 
-    let signing_key = pki.dir().join("signing.key");
-    let signing = shroud_mux::keyfile::load_or_create(&signing_key).unwrap().0;
-    let secret_file = pki.dir().join("fleet.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let (key_arg, secret_arg) = (
-        signing_key.display().to_string(),
-        secret_file.display().to_string(),
-    );
-    let mut one = DiscoveryProcess::start(&pki, "d1.discovery.test", &key_arg, &secret_arg).await;
-    let two = DiscoveryProcess::start(&pki, "d2.discovery.test", &key_arg, &secret_arg).await;
+impl FleetRun {
+    async fn start(heartbeat_secs: u64, heartbeat_timeout_secs: u64) -> Self {
+        let pki = Pki::new().unwrap();
+        let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
 
-    // Every proxy announces itself, its public address and its names to both instances.
-    let client_key = SecretKey::generate().unwrap();
-    let policy = format!("{HOST} {}\n", client_key.public());
-    let ports = free_ports::<PROXIES>().unwrap();
-    let mut proxies = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let extra: Vec<String> = [
-            "--discovery".to_owned(),
-            one.url(),
-            "--discovery".into(),
-            two.url(),
-            "--resolve".into(),
-            one.resolve(),
-            "--resolve".into(),
-            two.resolve(),
-            "--discovery-ca".into(),
-            pki.ca_path.display().to_string(),
-            "--fleet-secret-file".into(),
-            secret_arg.clone(),
-            "--region".into(),
-            format!("r{i}"),
-            "--public-name".into(),
-            format!("{}:{port}", proxy_name(i)),
-            "--public-addr".into(),
-            public_addr(i).to_string(),
-            // Long: the answers below follow binds because a change of names sends a
-            // heartbeat at once, not because the periodic one came round.
-            "--heartbeat-secs".into(),
-            "30".into(),
-        ]
-        .into();
-        let listen = SocketAddr::from(([127, 0, 0, 1], *port));
-        let proxy = ProxyProcess::start_with_args(&pki, &proxy_name(i), &policy, listen, &extra)
-            .await
-            .unwrap();
-        proxies.push(proxy);
+        let signing_key = pki.dir().join("signing.key");
+        let signing = shroud_mux::keyfile::load_or_create(&signing_key).unwrap().0;
+        let secret_file = pki.dir().join("fleet.secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        std::fs::set_permissions(
+            &secret_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let (key_arg, secret_arg) = (
+            signing_key.display().to_string(),
+            secret_file.display().to_string(),
+        );
+        let timeout = heartbeat_timeout_secs.to_string();
+        let one =
+            DiscoveryProcess::start(&pki, "d1.discovery.test", &key_arg, &secret_arg, &timeout)
+                .await;
+        let two =
+            DiscoveryProcess::start(&pki, "d2.discovery.test", &key_arg, &secret_arg, &timeout)
+                .await;
+
+        // Every proxy announces itself, its public address and its names to both instances.
+        let client_key = SecretKey::generate().unwrap();
+        let policy = format!("{HOST} {}\n", client_key.public());
+        let ports = free_ports::<PROXIES>().unwrap();
+        let mut proxies = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let extra: Vec<String> = [
+                "--discovery".to_owned(),
+                one.url(),
+                "--discovery".into(),
+                two.url(),
+                "--resolve".into(),
+                one.resolve(),
+                "--resolve".into(),
+                two.resolve(),
+                "--discovery-ca".into(),
+                pki.ca_path.display().to_string(),
+                "--fleet-secret-file".into(),
+                secret_arg.clone(),
+                "--region".into(),
+                format!("r{i}"),
+                "--public-name".into(),
+                format!("{}:{port}", proxy_name(i)),
+                "--public-addr".into(),
+                public_addr(i).to_string(),
+                "--heartbeat-secs".into(),
+                heartbeat_secs.to_string(),
+            ]
+            .into();
+            let listen = SocketAddr::from(([127, 0, 0, 1], *port));
+            let proxy =
+                ProxyProcess::start_with_args(&pki, &proxy_name(i), &policy, listen, &extra)
+                    .await
+                    .unwrap();
+            proxies.push(proxy);
+        }
+
+        // A client asks either instance (the first, while it answers) and holds two tunnels.
+        let urls = [one.url(), two.url()];
+        let source = DiscoverySource::new(
+            &urls,
+            signing.public(),
+            HOST,
+            Some(&pki.ca_path),
+            2,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let mut resolve: Vec<(String, SocketAddr)> = (0..PROXIES)
+            .map(|i| (proxy_name(i), proxies[i].https))
+            .collect();
+        resolve.push((one.name.clone(), one.https));
+        resolve.push((two.name.clone(), two.https));
+        let mut spec = ClientSpec::new(HOST, origin.addr(), resolve);
+        spec.key = client_key;
+        spec.fleet = Some(Box::new(source));
+        let mut client = TestClient::start(&pki, spec).unwrap();
+        within(60, client.wait_bound(2)).await;
+        Self {
+            pki,
+            one,
+            two,
+            proxies,
+            client,
+            _origin: origin,
+        }
     }
 
-    // A client asks either instance (the first, while it answers) and holds two tunnels.
-    let urls = [one.url(), two.url()];
-    let source = DiscoverySource::new(
-        &urls,
-        signing.public(),
-        HOST,
-        Some(&pki.ca_path),
-        2,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    let mut resolve: Vec<(String, SocketAddr)> = (0..PROXIES)
-        .map(|i| (proxy_name(i), proxies[i].https))
-        .collect();
-    resolve.push((one.name.clone(), one.https));
-    resolve.push((two.name.clone(), two.https));
-    let mut spec = ClientSpec::new(HOST, origin.addr(), resolve);
-    spec.key = client_key;
-    spec.fleet = Some(Box::new(source));
-    let mut client = TestClient::start(&pki, spec).unwrap();
-    within(60, client.wait_bound(2)).await;
-    let holders = |client: &TestClient| -> BTreeSet<IpAddr> {
-        client
+    /// The public addresses of the proxies the client holds a bound tunnel to.
+    fn holders(&self) -> BTreeSet<IpAddr> {
+        self.client
             .client
             .states()
             .iter()
@@ -204,42 +229,50 @@ async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one(
                 public_addr(i)
             })
             .collect()
-    };
-    let want = holders(&client);
+    }
+
+    /// Which proxy has public address `addr`.
+    fn index_of(addr: IpAddr) -> usize {
+        (0..PROXIES).find(|i| public_addr(*i) == addr).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one() {
+    init();
+    // Long heartbeats: the answers below follow binds because a change of names sends a
+    // heartbeat at once, not because the periodic one came round.
+    let mut run = FleetRun::start(30, 90).await;
+    let want = run.holders();
     assert_eq!(want.len(), 2);
 
     // Both instances answer the two holders, and visitors get through at each of them.
-    let first = converges(one.dns, &want, 10).await;
-    converges(two.dns, &want, 10).await;
+    let first = converges(run.one.dns, &want, 10).await;
+    converges(run.two.dns, &want, 10).await;
     eprintln!("both instances answered the holders {first:?} after the tunnels bound");
-    for proxy in &proxies {
-        let bound = want.contains(&public_addr(
-            (0..PROXIES)
-                .find(|i| proxies[*i].https == proxy.https)
-                .unwrap(),
-        ));
-        if bound {
-            let response = within(20, https_get(proxy.https, HOST, pki.ca.root_store(), "/"))
-                .await
-                .unwrap();
-            assert_eq!(response.status, 200);
-        }
+    for addr in &want {
+        let proxy = &run.proxies[FleetRun::index_of(*addr)];
+        let response = within(
+            20,
+            https_get(proxy.https, HOST, run.pki.ca.root_store(), "/"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200);
     }
 
     // A holder leaves (SIGTERM: it tells both instances at once). Its address leaves the
     // answers, and once the client holds a tunnel elsewhere, the new holder's comes in.
-    let leaving = (0..PROXIES)
-        .find(|i| want.contains(&public_addr(*i)))
-        .unwrap();
-    proxies[leaving].process.terminate();
-    proxies[leaving]
+    let leaving = FleetRun::index_of(*want.iter().next().unwrap());
+    run.proxies[leaving].process.terminate();
+    run.proxies[leaving]
         .process
         .wait_exit(Duration::from_secs(30))
         .await
         .unwrap();
     within(60, async {
         loop {
-            let now = holders(&client);
+            let now = run.holders();
             if now.len() == 2 && !now.contains(&public_addr(leaving)) {
                 break;
             }
@@ -247,29 +280,71 @@ async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one(
         }
     })
     .await;
-    let want = holders(&client);
-    let moved = converges(one.dns, &want, 10).await;
-    converges(two.dns, &want, 10).await;
+    let want = run.holders();
+    let moved = converges(run.one.dns, &want, 10).await;
+    converges(run.two.dns, &want, 10).await;
     eprintln!("the answer followed the leaving holder {moved:?} after the client moved");
 
     // One instance dies: the other still answers, the client keeps its tunnels through its
     // next refresh (it asks the other instance), and visitors still get through.
-    one.process.kill();
-    assert_eq!(answer(two.dns).await, want);
+    run.one.process.kill();
+    assert_eq!(answer(run.two.dns).await, want);
     assert!(
-        answer(one.dns).await.is_empty(),
+        answer(run.one.dns).await.is_empty(),
         "the killed instance is gone"
     );
     // Lists last 12 s and are asked for again after 2/3 of that: wait past one refresh.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    assert_eq!(holders(&client), want, "the client kept its tunnels");
-    assert_eq!(answer(two.dns).await, want);
-    let holder = (0..PROXIES)
-        .find(|i| want.contains(&public_addr(*i)))
-        .unwrap();
+    assert_eq!(run.holders(), want, "the client kept its tunnels");
+    assert_eq!(answer(run.two.dns).await, want);
+    let holder = &run.proxies[FleetRun::index_of(*want.iter().next().unwrap())];
     let response = within(
         20,
-        https_get(proxies[holder].https, HOST, pki.ca.root_store(), "/"),
+        https_get(holder.https, HOST, run.pki.ca.root_store(), "/"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_without_a_word_leaves_the_answers_within_the_heartbeat_timeout() {
+    init();
+    const TIMEOUT_SECS: u64 = 5;
+    let mut run = FleetRun::start(1, TIMEOUT_SECS).await;
+    let want = run.holders();
+    converges(run.one.dns, &want, 10).await;
+    converges(run.two.dns, &want, 10).await;
+
+    // kill -9: no leaving heartbeat. The instances notice only the silence.
+    let victim = FleetRun::index_of(*want.iter().next().unwrap());
+    run.proxies[victim].kill();
+    let killed = std::time::Instant::now();
+    let gone = |answer: &BTreeSet<IpAddr>| !answer.contains(&public_addr(victim));
+    for dns in [run.one.dns, run.two.dns] {
+        within(TIMEOUT_SECS + 10, async {
+            while !gone(&answer(dns).await) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+    }
+    let detected = killed.elapsed();
+    eprintln!("both instances stopped answering the killed holder {detected:?} after kill -9");
+    // The heartbeat timeout, plus one heartbeat interval and the polling above.
+    assert!(
+        detected < Duration::from_secs(TIMEOUT_SECS + 3),
+        "{detected:?} for a timeout of {TIMEOUT_SECS} s"
+    );
+    // The surviving holder still serves visitors throughout.
+    let survivor = want
+        .iter()
+        .find(|a| FleetRun::index_of(**a) != victim)
+        .unwrap();
+    let proxy = &run.proxies[FleetRun::index_of(*survivor)];
+    let response = within(
+        20,
+        https_get(proxy.https, HOST, run.pki.ca.root_store(), "/"),
     )
     .await
     .unwrap();
