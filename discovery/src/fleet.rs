@@ -298,6 +298,8 @@ pub struct Fleet {
     statics: Vec<ProxyEntry>,
     static_addrs: HashMap<(String, u16), Vec<IpAddr>>,
     live: HashMap<(String, u16), Live>,
+    /// The names held over all live entries: the sum of their `names`' lengths.
+    names_held: usize,
     heartbeat_timeout: Duration,
     max_live: usize,
 }
@@ -316,6 +318,7 @@ impl Fleet {
             statics,
             static_addrs,
             live: HashMap::new(),
+            names_held: 0,
             heartbeat_timeout,
             max_live: DEFAULT_MAX_LIVE,
         }
@@ -357,21 +360,18 @@ impl Fleet {
         if !self.live.contains_key(&key) && self.live.len() >= self.max_live {
             return Err(HeartbeatError::Full(self.live.len()));
         }
-        let held_elsewhere: usize = self
-            .live
-            .iter()
-            .filter(|(other, _)| **other != key)
-            .map(|(_, live)| live.names.len())
-            .sum();
+        let held_here = self.live.get(&key).map_or(0, |live| live.names.len());
+        let held_elsewhere = self.names_held - held_here;
         let room = MAX_NAMES_IN_FLEET
             .saturating_sub(held_elsewhere)
             .min(MAX_NAMES_PER_PROXY);
-        let names = reach
+        let names: HashSet<String> = reach
             .names
             .iter()
             .filter_map(|name| shroud_mux::hostname::normalize(name).ok())
             .take(room)
             .collect();
+        self.names_held = held_elsewhere + names.len();
         let previous = self.live.insert(
             key,
             Live {
@@ -430,14 +430,25 @@ impl Fleet {
         let Ok(name) = shroud_mux::hostname::normalize(name) else {
             return false;
         };
-        self.live.remove(&(name, port)).is_some()
+        let removed = self.live.remove(&(name, port));
+        if let Some(live) = &removed {
+            self.names_held -= live.names.len();
+        }
+        removed.is_some()
     }
 
     /// Forgets live entries not heard from for the heartbeat timeout.
     pub fn prune(&mut self, now: Instant) {
         let timeout = self.heartbeat_timeout;
-        self.live
-            .retain(|_, live| now.saturating_duration_since(live.last_seen) < timeout);
+        let mut forgotten = 0;
+        self.live.retain(|_, live| {
+            let fresh = now.saturating_duration_since(live.last_seen) < timeout;
+            if !fresh {
+                forgotten += live.names.len();
+            }
+            fresh
+        });
+        self.names_held -= forgotten;
     }
 
     /// Every entry that may be listed at `now`: the static ones and the live ones heard from

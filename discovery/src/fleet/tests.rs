@@ -358,3 +358,38 @@ fn reach_is_bounded() {
         Err(FleetError::Parse(_))
     ));
 }
+
+#[test]
+fn the_count_of_names_held_follows_heartbeats_leaves_and_expiry() {
+    let mut fleet = fleet_of(vec![]);
+    let t0 = Instant::now();
+    let sum = |fleet: &Fleet| fleet.live.values().map(|l| l.names.len()).sum::<usize>();
+    fleet
+        .heartbeat(
+            entry("a.test", "eu"),
+            reach(&[], &["x.test", "y.test", "X.test"]),
+            t0,
+        )
+        .unwrap();
+    fleet
+        .heartbeat(entry("b.test", "eu"), reach(&[], &["x.test"]), t0)
+        .unwrap();
+    assert_eq!(
+        (fleet.names_held, sum(&fleet)),
+        (3, 3),
+        "a name given twice counts once"
+    );
+    let t1 = t0 + Duration::from_secs(1);
+    fleet
+        .heartbeat(entry("a.test", "eu"), reach(&[], &["z.test"]), t1)
+        .unwrap();
+    assert_eq!((fleet.names_held, sum(&fleet)), (2, 2));
+    assert!(fleet.leave("b.test", 443));
+    assert_eq!((fleet.names_held, sum(&fleet)), (1, 1));
+    fleet.prune(t1 + Duration::from_secs(30));
+    assert_eq!(
+        (fleet.names_held, sum(&fleet)),
+        (0, 0),
+        "expired entries hold nothing"
+    );
+}
