@@ -32,6 +32,9 @@ pub enum TlsFilesError {
     /// The certificate and key do not belong together, or rustls cannot use them.
     #[error("the TLS certificate and key do not form a usable pair: {0}")]
     Unusable(#[source] rustls::Error),
+    /// rustls refused its own safe default protocol versions (a bug, not a user error).
+    #[error("could not set up TLS: {0}")]
+    Protocols(#[source] rustls::Error),
 }
 
 /// A TLS server configuration serving the certificate chain in `cert` with the private key in
@@ -58,7 +61,7 @@ pub fn server_config(
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(TlsFilesError::Unusable)?
+        .map_err(TlsFilesError::Protocols)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(TlsFilesError::Unusable)?;

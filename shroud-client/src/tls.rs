@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, InvalidDnsNameError, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, InvalidDnsNameError, ServerName};
 use shroud_mux::ALPN;
 
 /// The ALPN protocol offered to visitors whose TLS the client terminates.
@@ -141,23 +141,21 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsSetupError> {
 /// (leaf first) and a PEM private key. Offers ALPN `http/1.1` only, since what lies behind is
 /// spoken to as plain HTTP/1 or raw bytes; every browser offers `http/1.1` alongside `h2`.
 pub fn origin_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let chain = read_certificates(cert)?;
-    let private_key =
-        PrivateKeyDer::from_pem_file(key).map_err(|source| TlsSetupError::ReadKey {
-            path: key.to_owned(),
-            source,
+    use shroud_process::tls::TlsFilesError;
+    let config =
+        shroud_process::tls::server_config(cert, key, &[ORIGIN_ALPN]).map_err(|err| match err {
+            TlsFilesError::Certificates { path, source } => {
+                TlsSetupError::ReadCertificates { path, source }
+            }
+            TlsFilesError::NoCertificate(path) => TlsSetupError::NoCertificates { path },
+            TlsFilesError::Key { path, source } => TlsSetupError::ReadKey { path, source },
+            TlsFilesError::Unusable(source) => TlsSetupError::CertKeyMismatch {
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                source,
+            },
+            TlsFilesError::Protocols(source) => TlsSetupError::Rustls(source),
         })?;
-    let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(TlsSetupError::Rustls)?
-        .with_no_client_auth()
-        .with_single_cert(chain, private_key)
-        .map_err(|source| TlsSetupError::CertKeyMismatch {
-            cert: cert.to_owned(),
-            key: key.to_owned(),
-            source,
-        })?;
-    config.alpn_protocols = vec![ORIGIN_ALPN.to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -187,6 +185,8 @@ mod tests {
     use rustls::CertificateError;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use rustls_pki_types::PrivateKeyDer;
 
     use super::*;
 
