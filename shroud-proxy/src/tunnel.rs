@@ -323,11 +323,11 @@ fn judge_bind(
             Ok(_) if !seen.insert(h.name.clone()) => {
                 outcome(h, BindStatus::InvalidHostname, "hostname listed twice")
             }
+            Ok(_) if words::allows(&h.name, &shared.word_domains, &key) => {
+                outcome(h, BindStatus::Bound, "")
+            }
+            // Under a word-name domain, a key binds its own words and nothing else.
             Ok(_) => match words::word_domain(&h.name, &shared.word_domains) {
-                // Under a word-name domain, a key binds its own words and nothing else.
-                Some(domain) if words::word_name(&key, domain) == h.name => {
-                    outcome(h, BindStatus::Bound, "")
-                }
                 Some(domain) => outcome(
                     h,
                     BindStatus::NotAuthorized,
