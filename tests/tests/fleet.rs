@@ -231,6 +231,14 @@ impl FleetRun {
             .collect()
     }
 
+    /// Asserts that a visitor at the proxy listening on `https` reaches the origin.
+    async fn serves(&self, https: SocketAddr) {
+        let response = within(20, https_get(https, HOST, self.pki.ca.root_store(), "/"))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "via {https}");
+    }
+
     /// Which proxy has public address `addr`.
     fn index_of(addr: IpAddr) -> usize {
         (0..PROXIES).find(|i| public_addr(*i) == addr).unwrap()
@@ -252,13 +260,7 @@ async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one(
     eprintln!("both instances answered the holders {first:?} after the tunnels bound");
     for addr in &want {
         let proxy = &run.proxies[FleetRun::index_of(*addr)];
-        let response = within(
-            20,
-            https_get(proxy.https, HOST, run.pki.ca.root_store(), "/"),
-        )
-        .await
-        .unwrap();
-        assert_eq!(response.status, 200);
+        run.serves(proxy.https).await;
     }
 
     // A holder leaves (SIGTERM: it tells both instances at once). Its address leaves the
@@ -298,13 +300,7 @@ async fn the_zone_answers_the_holders_at_every_instance_and_survives_losing_one(
     assert_eq!(run.holders(), want, "the client kept its tunnels");
     assert_eq!(answer(run.two.dns).await, want);
     let holder = &run.proxies[FleetRun::index_of(*want.iter().next().unwrap())];
-    let response = within(
-        20,
-        https_get(holder.https, HOST, run.pki.ca.root_store(), "/"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, 200);
+    run.serves(holder.https).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,11 +338,5 @@ async fn a_holder_killed_without_a_word_leaves_the_answers_within_the_heartbeat_
         .find(|a| FleetRun::index_of(**a) != victim)
         .unwrap();
     let proxy = &run.proxies[FleetRun::index_of(*survivor)];
-    let response = within(
-        20,
-        https_get(proxy.https, HOST, run.pki.ca.root_store(), "/"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, 200);
+    run.serves(proxy.https).await;
 }

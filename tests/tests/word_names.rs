@@ -42,6 +42,14 @@ async fn publish(
     (client, url)
 }
 
+/// Asserts that a visitor of `host` at the proxy on `https` reaches the origin.
+async fn serves(pki: &Pki, https: SocketAddr, host: &str) {
+    let response = within(20, https_get(https, host, pki.ca.root_store(), "/"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{host}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_publishes_at_its_own_words_and_only_there() {
     init();
@@ -65,13 +73,7 @@ async fn a_key_publishes_at_its_own_words_and_only_there() {
         .unwrap();
     let (mut first, url) = publish(&pki, &alice_key, origin.addr(), proxy.https).await;
     assert_eq!(url, format!("https://{alice_name}/"));
-    let response = within(
-        20,
-        https_get(proxy.https, &alice_name, pki.ca.root_store(), "/"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, 200);
+    serves(&pki, proxy.https, &alice_name).await;
 
     // Restarted, the same key publishes at the same name.
     first.kill();
@@ -81,13 +83,7 @@ async fn a_key_publishes_at_its_own_words_and_only_there() {
     // Another key gets its own words, and serves there too.
     let (_bob, bob_url) = publish(&pki, &bob_key, origin.addr(), proxy.https).await;
     assert_eq!(bob_url, format!("https://{bob_name}/"));
-    let response = within(
-        20,
-        https_get(proxy.https, &bob_name, pki.ca.root_store(), "/"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, 200);
+    serves(&pki, proxy.https, &bob_name).await;
 
     // Bob's key cannot bind Alice's words: refused for good, saying whose name is whose.
     let args = direct_client_args(
@@ -116,11 +112,5 @@ async fn a_key_publishes_at_its_own_words_and_only_there() {
         "{err}"
     );
     // ...and Alice's name still reaches Alice's tunnel.
-    let response = within(
-        20,
-        https_get(proxy.https, &alice_name, pki.ca.root_store(), "/"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(response.status, 200);
+    serves(&pki, proxy.https, &alice_name).await;
 }
