@@ -88,6 +88,7 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
         backoff_cap: Duration::from_secs(run.max_backoff_secs),
         stream_buffer: run.stream_buffer_bytes,
         max_streams: run.max_streams,
+        proxy_protocol: run.proxy_protocol,
         ..default_timing
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::proxy_protocol::Version;
 use crate::transport::TransportKind;
 
 /// Publish a service that has no public address under a public hostname, through shroud proxies.
@@ -204,6 +205,20 @@ pub struct RunArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Start each connection to TARGET and --http-target with a PROXY protocol header
+    /// (HAProxy's, v1 text or v2 binary) carrying the visitor's address and port, before any
+    /// of the visitor's bytes (with --tls-cert, before the decrypted bytes); the origin must
+    /// expect it. The destination address is 0.0.0.0 or :: (the visitor's family: the client
+    /// does not know the proxy's public address), the destination port the proxy's public
+    /// port. Off by default: no header
+    #[arg(
+        long,
+        value_enum,
+        value_name = "VERSION",
+        env = "SHROUD_PROXY_PROTOCOL"
+    )]
+    pub proxy_protocol: Option<Version>,
+
     /// Seconds to wait for the connection to a proxy to open, Tor circuit included (the TLS
     /// handshake and bind that follow have their own deadline) [default: 60 with tor, 15 with
     /// direct]
@@ -354,6 +369,8 @@ mod tests {
             "/c.pem",
             "--tls-key",
             "/k.pem",
+            "--proxy-protocol",
+            "v2",
             "--connect-timeout-secs",
             "5",
             "--keepalive-secs",
@@ -378,6 +395,7 @@ mod tests {
         assert_eq!(run.http_target.as_deref(), Some("127.0.0.1:80"));
         assert_eq!(run.tls_cert, Some(PathBuf::from("/c.pem")));
         assert_eq!(run.tls_key, Some(PathBuf::from("/k.pem")));
+        assert_eq!(run.proxy_protocol, Some(Version::V2));
         assert_eq!(run.connect_timeout_secs, Some(5));
         assert_eq!(run.keepalive_secs, 3);
         assert_eq!(run.max_backoff_secs, 30);
@@ -399,6 +417,7 @@ mod tests {
         assert_eq!(run.transport, TransportKind::Tor);
         assert_eq!(run.key, None);
         assert_eq!(run.tls_cert, None);
+        assert_eq!(run.proxy_protocol, None);
         assert_eq!(run.connect_timeout_secs, None);
         assert_eq!(run.keepalive_secs, 10);
         assert_eq!(run.max_backoff_secs, 60);
@@ -490,6 +509,18 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
         assert!(err.to_string().contains("--tls-key"), "{err}");
+    }
+
+    #[test]
+    fn proxy_protocol_is_v1_or_v2() {
+        let parse = |version: &str| {
+            let args = ["shroud", "--proxy=p.example", "--proxy-protocol", version];
+            Cli::try_parse_from(args.iter().chain(&["a.example", "h:1"]))
+        };
+        let run = parse("v1").unwrap().run.unwrap();
+        assert_eq!(run.proxy_protocol, Some(Version::V1));
+        let err = parse("v3").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue, "{err}");
     }
 
     #[test]

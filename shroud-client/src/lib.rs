@@ -3,7 +3,8 @@
 //! [`client::Client`] starts one task per proxy ([`tunnel::hold`]): it reaches the proxy
 //! through a [`transport::Transport`], opens TLS with ALPN `shroud/1` ([`tls`]), runs yamux
 //! and binds the hostname with the client's key ([`key`]). Each stream the proxy then opens is
-//! one visitor, which [`origin`] connects to the local target. Failed tunnels come back with
+//! one visitor, which [`origin`] connects to the local target (first telling it who the
+//! visitor is with a [`proxy_protocol`] header, if asked to). Failed tunnels come back with
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`cli`] and [`app`] are the command line.
 
@@ -15,6 +16,7 @@ pub mod discovery;
 pub mod fleet;
 pub mod key;
 pub mod origin;
+pub mod proxy_protocol;
 pub mod shared;
 pub mod srv;
 pub mod tls;

@@ -3,7 +3,9 @@
 //! The client acknowledges the stream before anything else (see the mux crate's `header`
 //! module for why), reads the header, dials the origin that serves the stream's kind and copies
 //! both ways, passing half-closes through. With `--tls-cert` it terminates the visitor's TLS
-//! itself and speaks plain bytes to the origin.
+//! itself and speaks plain bytes to the origin. With `--proxy-protocol` the origin connection
+//! starts with a PROXY protocol header naming the visitor, written as soon as it is dialled, so
+//! before any byte of the visitor's (decrypted or not).
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::{debug, Instrument as _};
 
+use crate::proxy_protocol;
 use crate::shared::{ClientConfig, Target};
 
 /// What a plain-HTTP visitor gets when the origin cannot be reached.
@@ -61,7 +64,7 @@ pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
             debug!(hostname = %header.hostname, "stream for a hostname this client does not serve");
             return;
         }
-        if let Err(err) = forward(stream, header.kind, &config).await {
+        if let Err(err) = forward(stream, &header, &config).await {
             debug!(%err, "visitor connection ended with an error");
         }
     }
@@ -71,9 +74,10 @@ pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
 
 async fn forward(
     mut stream: MuxStream,
-    kind: StreamKind,
+    header: &StreamHeader,
     config: &ClientConfig,
 ) -> std::io::Result<()> {
+    let kind = header.kind;
     let target = match kind {
         StreamKind::Tls => &config.target,
         StreamKind::Http => match &config.http_target {
@@ -81,7 +85,7 @@ async fn forward(
             None => return Ok(()), // The proxy redirects these; it should not send them.
         },
     };
-    let origin = match dial(target, config).await {
+    let origin = match dial(target, header, config).await {
         Ok(origin) => origin,
         Err(err) => {
             debug!(%err, "origin unreachable");
@@ -104,15 +108,27 @@ async fn forward(
     }
 }
 
-async fn dial(target: &Target, config: &ClientConfig) -> std::io::Result<TcpStream> {
-    let connect = TcpStream::connect((target.host.as_str(), target.port));
-    let stream = timeout(config.timing.origin_connect_timeout, connect)
+/// Connects to the origin and, with `--proxy-protocol`, writes the PROXY protocol header that
+/// names the visitor: nothing else has been sent on the connection yet.
+async fn dial(
+    target: &Target,
+    header: &StreamHeader,
+    config: &ClientConfig,
+) -> std::io::Result<TcpStream> {
+    let connect = async {
+        let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
+        stream.set_nodelay(true)?;
+        if let Some(version) = config.timing.proxy_protocol {
+            let proxy_header = proxy_protocol::encode(version, header.visitor, header.public_port);
+            stream.write_all(&proxy_header).await?;
+        }
+        Ok(stream)
+    };
+    timeout(config.timing.origin_connect_timeout, connect)
         .await
         .map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "connecting to the origin")
-        })??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+        })?
 }
 
 /// Copies both ways, with a burst buffer per direction that scales with the stream buffer (held

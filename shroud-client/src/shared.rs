@@ -48,7 +48,7 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// Timeouts and intervals of a client.
+/// Timeouts and intervals of a client, and the settings of each visitor's stream.
 #[derive(Debug, Clone)]
 pub struct Timing {
     /// Reaching the proxy through the transport.
@@ -73,6 +73,8 @@ pub struct Timing {
     /// passed to the origin: the cap on its yamux receive window; the copy buffers grow with
     /// it. See [`shroud_mux::session::connection_receive_window`].
     pub stream_buffer: usize,
+    /// The PROXY protocol header each connection to the origin starts with, if any.
+    pub proxy_protocol: Option<crate::proxy_protocol::Version>,
 }
 
 impl Default for Timing {
@@ -88,6 +90,7 @@ impl Default for Timing {
             origin_connect_timeout: Duration::from_secs(10),
             max_streams: 8192,
             stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
+            proxy_protocol: None,
         }
     }
 }

@@ -15,7 +15,7 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use shroud_mux::auth::SecretKey;
 use shroud_mux::header::{self, StreamHeader, StreamKind};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
@@ -352,6 +352,26 @@ impl ProxyEnd {
         stream.read_to_end(&mut back).await?;
         Ok(back)
     }
+
+    /// Opens a data stream with `header`, and returns it once the client has acknowledged it.
+    async fn open(&self, header: &StreamHeader) -> io::Result<MuxStream> {
+        let mut stream = self.session.open().await.map_err(io::Error::other)?;
+        stream.write_all(&header.encode()).await?;
+        header::read_ack(&mut stream).await?;
+        Ok(stream)
+    }
+}
+
+/// Sends `payload` as a visitor does, half-closes, and returns all that comes back.
+async fn exchange<S>(mut visitor: S, payload: &[u8]) -> io::Result<Vec<u8>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    visitor.write_all(payload).await?;
+    visitor.shutdown().await?;
+    let mut back = Vec::new();
+    visitor.read_to_end(&mut back).await?;
+    Ok(back)
 }
 
 /// A CA, the fake proxy's certificate for [`PROXY`] issued by it, and the client's TLS settings
@@ -398,6 +418,17 @@ struct Held {
 
 impl Held {
     fn start(plans: Vec<Plan>, timing: Timing, origin: SocketAddr) -> Self {
+        Self::start_terminating_tls(plans, timing, origin, None)
+    }
+
+    /// [`Held::start`], with the client terminating visitors' TLS with `origin_tls` (as with
+    /// `--tls-cert`) if given.
+    fn start_terminating_tls(
+        plans: Vec<Plan>,
+        timing: Timing,
+        origin: SocketAddr,
+        origin_tls: Option<TlsAcceptor>,
+    ) -> Self {
         let (acceptor, client_tls) = tls_pair();
         let log = Log::new();
         let fake = FakeProxy {
@@ -414,7 +445,7 @@ impl Held {
             hostname: HOST.to_owned(),
             target: target.clone(),
             http_target: Some(target),
-            origin_tls: None,
+            origin_tls,
             transport: Arc::new(fake),
             tls: client_tls,
             key: SecretKey::from_seed(&[7; 32]),
@@ -740,5 +771,65 @@ async fn a_draining_tunnel_serves_a_stream_the_proxy_opens_after_its_go_away() {
     tokio::time::timeout(secs(10), tracker.wait())
         .await
         .expect("the drained session's task ended");
+    assert_eq!(held.stop().await, None);
+}
+
+// Real time, for the real origin on loopback.
+#[tokio::test]
+async fn with_proxy_protocol_the_origin_reads_the_visitor_then_their_bytes() {
+    let origin = echo_origin().await;
+    // A certificate visitors trust, for the client to terminate their TLS with.
+    let (visitor_facing, visitor_tls) = tls_pair();
+    let http = StreamHeader {
+        hostname: HOST.to_owned(),
+        kind: StreamKind::Http,
+        visitor: "[2001:db8::7]:6000".parse().unwrap(),
+        public_port: 80,
+    };
+    let tls = StreamHeader {
+        hostname: HOST.to_owned(),
+        kind: StreamKind::Tls,
+        visitor: "[::ffff:192.0.2.1]:5000".parse().unwrap(),
+        public_port: 443,
+    };
+    let request = b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n";
+    let secret: Vec<u8> = (0..=255).cycle().take(100_000).collect();
+    let (echoed_tx, echoed) = oneshot::channel();
+    let plans = vec![bind(move |mut end| async move {
+        let served = async {
+            let plain = exchange(end.open(&http).await?, request).await?;
+            let stream = end.open(&tls).await?;
+            let name = crate::tls::server_name(PROXY).map_err(io::Error::other)?;
+            let visitor = TlsConnector::from(visitor_tls)
+                .connect(name, stream)
+                .await?;
+            let decrypted = exchange(visitor, &secret).await?;
+            io::Result::Ok((plain, decrypted, secret))
+        };
+        let _ = echoed_tx.send(served.await);
+        end.answer_pings(usize::MAX).await;
+    })];
+    let timing = Timing {
+        proxy_protocol: Some(crate::proxy_protocol::Version::V1),
+        ..Timing::default()
+    };
+    let held = Held::start_terminating_tls(plans, timing, origin, Some(visitor_facing));
+    let (plain, decrypted, secret) = tokio::time::timeout(secs(10), echoed)
+        .await
+        .expect("both visitors were served in time")
+        .expect("the script ran")
+        .expect("both visitors");
+
+    // The origin echoes all it received: the header, then the visitor's bytes untouched.
+    let mut expected = b"PROXY TCP6 2001:db8::7 :: 6000 80\r\n".to_vec();
+    expected.extend_from_slice(request);
+    assert_eq!(
+        plain.escape_ascii().to_string(),
+        expected.escape_ascii().to_string()
+    );
+    // Behind --tls-cert: the header, then the decrypted bytes; the mapped address as IPv4.
+    let mut expected = b"PROXY TCP4 192.0.2.1 0.0.0.0 5000 443\r\n".to_vec();
+    expected.extend_from_slice(&secret);
+    assert!(decrypted == expected, "{:?}", decrypted.get(..60));
     assert_eq!(held.stop().await, None);
 }
