@@ -6,6 +6,7 @@
 //! - [`control`]: the control stream's messages and their framing.
 //! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
+//! - [`peer`]: the authenticated link between two proxies of a fleet.
 //! - [`splice`]: copying both ways between a visitor's connection and its stream.
 //! - [`words`]: word names, a hostname a client key proves by itself.
 //!
@@ -23,6 +24,7 @@ mod coalesce;
 mod codec;
 pub mod control;
 pub mod header;
+pub mod peer;
 pub mod session;
 pub mod splice;
 pub mod words;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
+use crate::peers::FleetConfig;
 use crate::policy::Policy;
 use crate::server::{self, Listeners};
 use crate::shared::{Limits, ProxyConfig, Shared};
@@ -90,9 +91,42 @@ pub struct Cli {
     )]
     pub public_addr: Vec<IpAddr>,
 
-    /// File (mode 0600) holding the secret the discovery service expects from its fleet
+    /// File (mode 0600) holding the fleet's secret: the discovery service expects it with
+    /// heartbeats, and peer links prove it both ways
     #[arg(long, env = "SHROUD_FLEET_SECRET_FILE", value_name = "FILE")]
     pub fleet_secret_file: Option<PathBuf>,
+
+    /// Listen for links from the other proxies of the fleet on ADDR (TLS with the tunnel
+    /// certificate; both ends prove --fleet-secret-file). Members gossip which names each
+    /// holds, and a visitor for a name with no tunnel here is forwarded to a peer holding it
+    #[arg(
+        long,
+        env = "SHROUD_LISTEN_PEER",
+        value_name = "ADDR",
+        requires = "fleet_secret_file"
+    )]
+    pub listen_peer: Option<SocketAddr>,
+
+    /// Another member's peer address, HOST:PORT (repeatable): announced to at start, and
+    /// again while it is not known to be alive. One reachable member is enough to join
+    #[arg(
+        long = "peer",
+        env = "SHROUD_PEER",
+        value_name = "HOST:PORT",
+        value_delimiter = ',',
+        requires = "listen_peer"
+    )]
+    pub peers: Vec<String>,
+
+    /// The address the other members reach --listen-peer at, IP:PORT [default: the
+    /// --listen-peer address, which must then not be a wildcard]
+    #[arg(
+        long,
+        env = "SHROUD_ADVERTISE_PEER",
+        value_name = "IP:PORT",
+        requires = "listen_peer"
+    )]
+    pub advertise_peer: Option<SocketAddr>,
 
     /// This proxy's region, as the discovery service spreads clients across regions
     #[arg(long, env = "SHROUD_REGION", value_name = "REGION")]
@@ -258,7 +292,43 @@ impl Cli {
             dns,
             word_domains,
             limits,
+            fleet: None,
         })
+    }
+
+    /// Membership of the fleet's gossip and links, when --listen-peer is given; `bound` is
+    /// where the peer listener is bound (its port, when --listen-peer asked for port 0).
+    pub fn fleet(&self, bound: Option<SocketAddr>) -> anyhow::Result<Option<FleetConfig>> {
+        let (Some(_), Some(bound)) = (self.listen_peer, bound) else {
+            return Ok(None);
+        };
+        let advertise = match self.advertise_peer {
+            Some(addr) => addr,
+            None if bound.ip().is_unspecified() => anyhow::bail!(
+                "--listen-peer {bound} is a wildcard address: give --advertise-peer IP:PORT, \
+                 the address the other members reach it at"
+            ),
+            None => bound,
+        };
+        let secret_path = self
+            .fleet_secret_file
+            .as_deref()
+            .context("--listen-peer needs --fleet-secret-file")?;
+        let secret = shroud_discovery::secret::FleetSecret::load(secret_path)
+            .with_context(|| format!("--fleet-secret-file {}", secret_path.display()))?;
+        for peer in &self.peers {
+            let valid = peer
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                anyhow::bail!("--peer {peer:?}: expected HOST:PORT");
+            }
+        }
+        Ok(Some(FleetConfig {
+            advertise,
+            seeds: self.peers.clone(),
+            secret,
+        }))
     }
 
     /// Binds the listeners the arguments name.
@@ -275,6 +345,7 @@ impl Cli {
             https: bind(self.listen_https, "--listen-https").await?,
             http: bind(self.listen_http, "--listen-http").await?,
             tunnel: bind(self.listen_tunnel, "--listen-tunnel").await?,
+            peer: bind(self.listen_peer, "--listen-peer").await?,
         };
         if listeners.https.is_none() && listeners.tunnel.is_none() {
             anyhow::bail!(
@@ -287,8 +358,10 @@ impl Cli {
 
 /// Runs the proxy as the command line says, until SIGTERM or SIGINT.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config()?;
+    let mut config = cli.config()?;
     let listeners = cli.listeners().await?;
+    let peer_addr = listeners.peer.as_ref().map(TcpListener::local_addr);
+    config.fleet = cli.fleet(peer_addr.transpose()?)?;
     info!(
         tunnel_name = %config.tunnel_name,
         bindings = config.policy.len(),

@@ -11,11 +11,21 @@
 //! [`shared`] holds what every task shares (configuration, limits, routing table, admission
 //! counts) and imports none of them; [`server`] owns the listeners and graceful shutdown;
 //! [`cli`] turns flags into a [`shared::ProxyConfig`].
+//!
+//! A fleet's proxies serve each other's names. [`peers`] is what one knows of the others,
+//! kept by [`gossip`] (foca, over [`peer_link`]s whose ends prove the fleet secret);
+//! [`forward`] hands a visitor with no tunnel here to a peer holding its name, and
+//! [`handoff`] opens the tunnel stream, for visitors here and forwarded ones alike.
 
 pub mod admission;
 pub mod cli;
 pub mod dns_auth;
+pub mod forward;
+pub mod gossip;
+pub mod handoff;
 pub mod http_sniff;
+pub mod peer_link;
+pub mod peers;
 pub mod policy;
 pub mod registry;
 pub mod replay;

@@ -24,6 +24,8 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     /// Tunnels only.
     pub tunnel: Option<TcpListener>,
+    /// Links from the other proxies of the fleet; needs [`ProxyConfig::fleet`].
+    pub peer: Option<TcpListener>,
 }
 
 /// Listen backlog of the proxy's sockets. tokio's default (1024) overflows when a burst of
@@ -72,6 +74,12 @@ pub async fn serve(
         anyhow::bail!("no listener given");
     }
     let tracker = TaskTracker::new();
+    if let Some(peers) = shared.peers.clone() {
+        let Some(listener) = listeners.peer else {
+            anyhow::bail!("a fleet member needs its peer listener");
+        };
+        start_fleet(listener, &shared, peers, &tracker, &shutdown)?;
+    }
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let drain_timeout = shared.limits.drain_timeout;
     let listeners = [
@@ -103,6 +111,73 @@ pub async fn serve(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         warn!("drain deadline passed with connections still open; closing them");
     }
+    Ok(())
+}
+
+/// Most peer links being set up at once; more connections are closed at once.
+const MAX_PEER_HANDSHAKES: usize = 64;
+/// Gossip frames waiting for the gossip task; more are dropped.
+const GOSSIP_BACKLOG: usize = 1024;
+
+/// Starts this proxy's part in its fleet: the gossip task, and the acceptor of peer links.
+fn start_fleet(
+    listener: TcpListener,
+    shared: &Arc<Shared>,
+    peers: Arc<crate::peers::Peers>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let tls = crate::peer_link::server_config(shared.tls_acceptor.config());
+    let (gossip, inbound) = tokio::sync::mpsc::channel(GOSSIP_BACKLOG);
+    info!(addr = %listener.local_addr()?, advertised = %peers.advertise(), "listening for peers");
+    tracker.spawn(crate::gossip::run(
+        shared.clone(),
+        peers.clone(),
+        inbound,
+        shutdown.clone(),
+    ));
+    let (shared, shutdown) = (shared.clone(), shutdown.clone());
+    let handshakes = Arc::new(Semaphore::new(MAX_PEER_HANDSHAKES));
+    // Links are not drained: the visitors on them are counted by the peer that forwarded them.
+    tokio::spawn(async move {
+        loop {
+            let (tcp, from) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        warn!(%err, "accepting a peer link failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(%from, "too many peer links being set up; closing");
+                continue;
+            };
+            let (shared, peers, tls, gossip) =
+                (shared.clone(), peers.clone(), tls.clone(), gossip.clone());
+            tokio::spawn(async move {
+                let accepted =
+                    crate::peer_link::accept(tcp, tls, &peers.secret, peers.session_config()).await;
+                drop(permit);
+                match accepted {
+                    Ok((session, incoming)) => {
+                        debug!(%from, "peer linked");
+                        crate::forward::serve_link(incoming, from, shared, gossip).await;
+                        session.close();
+                    }
+                    // An operator wants to hear of a member with the wrong secret; anything
+                    // else failing before the proof is noise from the open internet.
+                    Err(err @ crate::peer_link::LinkError::WrongSecret) => {
+                        info!(%from, %err, "peer link refused");
+                    }
+                    Err(err) => debug!(%from, %err, "peer link refused"),
+                }
+            });
+        }
+    });
     Ok(())
 }
 

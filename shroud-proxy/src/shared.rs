@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionLimits};
 use crate::dns_auth::DnsAuthorizer;
+use crate::peers::{FleetConfig, Peers};
 use crate::policy::Policy;
 use crate::registry::Registry;
 
@@ -109,6 +110,8 @@ pub struct ProxyConfig {
     pub word_domains: Vec<String>,
     /// Deadlines and bounds.
     pub limits: Limits,
+    /// Membership of a fleet whose proxies forward visitors to each other, if any.
+    pub fleet: Option<FleetConfig>,
 }
 
 /// State shared by every connection of a proxy.
@@ -120,6 +123,8 @@ pub struct Shared {
     pub(crate) word_domains: Vec<String>,
     pub(crate) limits: Limits,
     pub(crate) registry: Registry,
+    /// The rest of the fleet, when this proxy is a member of one.
+    pub(crate) peers: Option<Arc<Peers>>,
     /// The per-address, per-hostname and per-key counts (see [`crate::admission`]).
     pub(crate) admission: Admission,
     /// Visitors accepted and not yet routed; a draining tunnel waits for them.
@@ -140,6 +145,11 @@ impl Shared {
         self.registry.watch_names()
     }
 
+    /// The rest of the fleet, when this proxy is a member of one.
+    pub fn peers(&self) -> Option<&Arc<Peers>> {
+        self.peers.as_ref()
+    }
+
     /// Whether some client may be able to bind `hostname` here: the authorized file or DNS
     /// could grant it, or it is a word name under an offered domain.
     pub(crate) fn may_bind(&self, hostname: &str) -> bool {
@@ -158,6 +168,9 @@ impl Shared {
             dns: config.dns,
             word_domains: config.word_domains,
             admission: Admission::new(config.limits.admission()),
+            peers: config
+                .fleet
+                .map(|fleet| Arc::new(Peers::new(fleet, config.limits.stream_buffer))),
             limits: config.limits,
             registry: Registry::default(),
             routing: AtomicUsize::new(0),

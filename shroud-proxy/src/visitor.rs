@@ -8,23 +8,24 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use shroud_mux::header::{self, StreamHeader, StreamKind};
-use shroud_mux::{MuxStream, Session, SessionError};
+use shroud_mux::header::{StreamHeader, StreamKind};
+use shroud_mux::{MuxStream, SessionError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument as _};
 
-use crate::admission::{AddressGuard, Limit};
+use crate::admission::AddressGuard;
+use crate::handoff::{self, Refusal, SpliceError};
 use crate::http_sniff::{self, HttpSniffError};
+use crate::peers::Peers;
 use crate::registry::Route;
 use crate::replay::Replay;
 use crate::shared::{RoutingGuard, Shared};
-use crate::tls_sniff;
 use crate::tunnel;
+use crate::{forward, tls_sniff};
 
 /// How long a refused plain-HTTP visitor's remaining bytes are read after its answer.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -93,7 +94,9 @@ pub async fn serve_https(
             // A TLS visitor can only be told with an alert; which one is all it learns.
             let alert = match refusal {
                 Refusal::NoTunnel(_) => tls_sniff::unrecognized_name_alert(),
-                Refusal::HostnameFull | Refusal::Open(_) => tls_sniff::internal_error_alert(),
+                Refusal::HostnameFull | Refusal::Open(_) | Refusal::Forward => {
+                    tls_sniff::internal_error_alert()
+                }
             };
             let _ = stream.write_all(&alert).await;
         }
@@ -181,7 +184,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
                 &[],
                 "the service did not answer in time\n",
             ),
-            Refusal::Open(SpliceError::Open(_) | SpliceError::Tunnel(_)) => {
+            Refusal::Forward | Refusal::Open(SpliceError::Open(_) | SpliceError::Tunnel(_)) => {
                 http_sniff::simple_response(
                     502,
                     "Bad Gateway",
@@ -196,21 +199,11 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
     .await
 }
 
-/// Why a visitor was not spliced onto a tunnel. Nothing has been written to it then, so the
-/// caller may still answer it, each kind of visitor in its own way.
-enum Refusal {
-    /// No tunnel serves the name (or, for plain HTTP, only tunnels that want HTTPS do).
-    NoTunnel(Route),
-    /// The name has as many visitors as it may.
-    HostnameFull,
-    /// No tunnel stream could be made ready.
-    Open(SpliceError),
-}
-
 /// What is the same for TLS and plain-HTTP visitors once their first bytes are read: route by
 /// `header.hostname`, count the visitor against its name, open a tunnel stream carrying the
-/// header and the `bytes` already read, then copy both ways until both directions are done.
-/// `routing` counts the visitor as not yet routed, for draining tunnels to wait on.
+/// header and the `bytes` already read (or forward it all to a peer holding the name), then
+/// copy both ways until both directions are done. `routing` counts the visitor as not yet
+/// routed, for draining tunnels to wait on.
 async fn splice_visitor(
     stream: &mut TcpStream,
     shared: &Shared,
@@ -222,8 +215,14 @@ async fn splice_visitor(
     let route = route(shared, &header.hostname, http).await;
     drop(routing);
     let session = match route {
-        Route::Tunnel(session) => session,
-        other => {
+        Destination::Here(Route::Tunnel(session)) => session,
+        Destination::Peers(peers) => {
+            let Some(_counted) = shared.admission.visitor_for(&header.hostname) else {
+                return Err(Refusal::HostnameFull);
+            };
+            return forward::forward(stream, shared, &peers, &header, &bytes).await;
+        }
+        Destination::Here(other) => {
             debug!("no tunnel for this name");
             return Err(Refusal::NoTunnel(other));
         }
@@ -231,12 +230,12 @@ async fn splice_visitor(
     let Some(_counted) = shared.admission.visitor_for(&header.hostname) else {
         return Err(Refusal::HostnameFull);
     };
-    let tunnel = match open(shared, session, &header, &bytes).await {
+    let tunnel = match handoff::open(shared, session, &header, &bytes).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             debug!(%err, "no tunnel stream for the visitor");
             if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
-                refused_stream(shared);
+                handoff::refused_stream(shared);
             }
             return Err(Refusal::Open(err));
         }
@@ -248,16 +247,51 @@ async fn splice_visitor(
     Ok(())
 }
 
-/// Finds the tunnel for `hostname`, waiting a while for one if it is expected back, unless the
-/// proxy is shutting down.
-async fn route(shared: &Shared, hostname: &str, http: bool) -> Route {
-    let bindable = shared.may_bind(hostname);
-    let wait = shared
-        .registry
-        .route_or_wait(hostname, http, shared.limits.route_wait, bindable);
-    tokio::select! {
-        route = wait => route,
-        () = shared.shutdown.cancelled() => shared.registry.route(hostname, http),
+/// Where a visitor goes.
+enum Destination {
+    /// To a tunnel here, or nowhere.
+    Here(Route),
+    /// To one of the peers holding its name.
+    Peers(Arc<Peers>),
+}
+
+/// Finds where a visitor for `hostname` goes: a tunnel here first, else a peer holding the
+/// name, else (if it is expected back) whichever of the two comes first within the route
+/// wait.
+async fn route(shared: &Shared, hostname: &str, http: bool) -> Destination {
+    let Some(peers) = &shared.peers else {
+        return Destination::Here(handoff::route_locally(shared, hostname, http).await);
+    };
+    // Subscribe before looking, so a change between the look and the wait is not missed.
+    let mut changes = peers.watch();
+    let here = shared.registry.route(hostname, http);
+    if matches!(here, Route::Tunnel(_)) {
+        return Destination::Here(here);
+    }
+    if peers.holds(hostname) {
+        return Destination::Peers(peers.clone());
+    }
+    let wait = handoff::route_locally(shared, hostname, http);
+    tokio::pin!(wait);
+    let deadline = tokio::time::Instant::now() + shared.limits.route_wait;
+    loop {
+        tokio::select! {
+            here = &mut wait => {
+                if !matches!(here, Route::Tunnel(_)) && peers.holds(hostname) {
+                    return Destination::Peers(peers.clone());
+                }
+                return Destination::Here(here);
+            }
+            changed = tokio::time::timeout_at(deadline, changes.changed()) => {
+                if changed.is_ok() && peers.holds(hostname) {
+                    return Destination::Peers(peers.clone());
+                }
+                if changed.is_err() {
+                    // The route wait is over; the local wait ends at the same time.
+                    return Destination::Here((&mut wait).await);
+                }
+            }
+        }
     }
 }
 
@@ -301,12 +335,6 @@ pub(crate) async fn refuse_http_early(mut stream: TcpStream) {
     respond_and_linger(&mut stream, &response).await;
 }
 
-/// Records a visitor turned away because its tunnel has as many streams open as it may.
-fn refused_stream(shared: &Shared) {
-    debug!("stream limit of the tunnel reached; refusing the visitor");
-    shared.admission.refused(Limit::StreamsPerTunnel);
-}
-
 /// The answer to a request head the proxy could not route, if it deserves one.
 fn error_response(err: &HttpSniffError) -> Option<Vec<u8>> {
     let (status, reason, body) = match err {
@@ -322,114 +350,6 @@ fn error_response(err: &HttpSniffError) -> Option<Vec<u8>> {
         HttpSniffError::Malformed(_) => (400, "Bad Request", "malformed request\n"),
     };
     Some(http_sniff::simple_response(status, reason, &[], body))
-}
-
-/// Why no tunnel stream could be made ready for a visitor. Nothing has been written to the
-/// visitor then, so the caller may still answer it.
-#[derive(Debug, thiserror::Error)]
-pub enum SpliceError {
-    /// No stream could be opened on the tunnel.
-    #[error("opening a tunnel stream: {0}")]
-    Open(#[from] shroud_mux::SessionError),
-    /// The tunnel did not open a stream, or the client did not acknowledge it, in time.
-    #[error("the client did not accept the stream in time")]
-    AckTimeout,
-    /// The stream failed before the client acknowledged it.
-    #[error("the tunnel stream failed before it was accepted: {0}")]
-    Tunnel(#[from] std::io::Error),
-}
-
-impl SpliceError {
-    /// Whether another tunnel may be tried for a visitor of this kind; the tunnel is then most
-    /// likely one that has just died. A stream that could not be opened carried nothing. One
-    /// that failed after its first bytes were sent may have reached the origin: harmless for
-    /// TLS (the bytes are a ClientHello, and no request can follow without the visitor), but
-    /// a plain-HTTP request might have been acted on, and must not be sent twice. A full
-    /// tunnel is not retried (routing already prefers tunnels with room). A TLS visitor whose
-    /// tunnel did not acknowledge in time was only given [`ACK_PATIENCE`] when another tunnel
-    /// could take it (see [`open`]), or the full deadline on its last attempt.
-    fn is_retryable(&self, kind: StreamKind) -> bool {
-        match self {
-            SpliceError::Open(SessionError::Closed | SessionError::Mux(_)) => true,
-            SpliceError::Tunnel(_) | SpliceError::AckTimeout => kind == StreamKind::Tls,
-            SpliceError::Open(SessionError::TooManyStreams) => false,
-        }
-    }
-}
-
-/// How many tunnels one visitor is offered to at most.
-const OPEN_ATTEMPTS: usize = 3;
-
-/// How long a TLS visitor waits for a tunnel's acknowledgement when another tunnel could take
-/// it instead. Clients acknowledge at once, so even over Tor this is many round trips; a
-/// tunnel that takes longer is marked unresponsive, and routing avoids it until it
-/// acknowledges a stream again.
-const ACK_PATIENCE: Duration = Duration::from_secs(5);
-
-/// Opens a stream for a visitor on `session`, sends the stream header and the bytes already
-/// read, and waits for the client's acknowledgement. When the stream fails before that (and
-/// may be retried, see [`SpliceError::is_retryable`]), the visitor is routed afresh (a tunnel that died a moment ago is closed by then, and the name
-/// may have another tunnel, or get one back within the route wait) and tried again.
-async fn open(
-    shared: &Shared,
-    mut session: Session,
-    header: &StreamHeader,
-    initial: &[u8],
-) -> Result<MuxStream, SpliceError> {
-    let mut first = header.encode();
-    first.extend_from_slice(initial);
-    let http = header.kind == StreamKind::Http;
-    let mut attempt = 1;
-    loop {
-        // A TLS visitor whose tunnel is slow to acknowledge may move on to another tunnel.
-        let patience = (!http
-            && attempt < OPEN_ATTEMPTS
-            && shared
-                .registry
-                .has_alternative(&header.hostname, http, &session))
-        .then_some(ACK_PATIENCE);
-        let err = match open_once(shared, &session, &first, patience).await {
-            Ok(stream) => {
-                session.set_unresponsive(false);
-                return Ok(stream);
-            }
-            Err(err) => err,
-        };
-        let waited_in_full = matches!(err, SpliceError::AckTimeout) && patience.is_none();
-        if matches!(err, SpliceError::AckTimeout) {
-            session.set_unresponsive(true);
-        }
-        if attempt == OPEN_ATTEMPTS || waited_in_full || !err.is_retryable(header.kind) {
-            return Err(err);
-        }
-        debug!(%err, attempt, "tunnel stream failed before it was accepted; routing again");
-        session = match route(shared, &header.hostname, http).await {
-            Route::Tunnel(next) => next,
-            Route::RedirectToHttps | Route::Unknown => return Err(err),
-        };
-        attempt += 1;
-    }
-}
-
-async fn open_once(
-    shared: &Shared,
-    session: &Session,
-    first: &[u8],
-    patience: Option<Duration>,
-) -> Result<MuxStream, SpliceError> {
-    let limit = patience.map_or(shared.limits.stream_open_timeout, |p| {
-        p.min(shared.limits.stream_open_timeout)
-    });
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut tunnel = tokio::time::timeout_at(deadline, session.open())
-        .await
-        .map_err(|_| SpliceError::AckTimeout)??;
-    tunnel.write_all(first).await?;
-    tunnel.flush().await?;
-    tokio::time::timeout_at(deadline, header::read_ack(&mut tunnel))
-        .await
-        .map_err(|_| SpliceError::AckTimeout)??;
-    Ok(tunnel)
 }
 
 /// Copies both ways between a visitor and its accepted tunnel stream until both directions
@@ -449,6 +369,3 @@ async fn copy(
 fn local_port(stream: &TcpStream) -> u16 {
     stream.local_addr().map(|a| a.port()).unwrap_or(0)
 }
-
-#[cfg(test)]
-mod tests;

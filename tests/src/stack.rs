@@ -141,6 +141,7 @@ impl TestProxy {
             dns,
             word_domains: Vec::new(),
             limits,
+            fleet: None,
         };
         let https = bind_listener(LOOPBACK)?;
         let http = bind_listener(LOOPBACK)?;
@@ -151,6 +152,7 @@ impl TestProxy {
             https: Some(https),
             http: Some(http),
             tunnel: Some(tunnel),
+            peer: None,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(shroud_proxy::server::run(

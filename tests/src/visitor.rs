@@ -67,7 +67,7 @@ pub async fn tls_connect_with(
 
 /// Completes a TLS handshake for `sni` on `tcp`, a connection to `addr`, verifying the
 /// server's certificate with `config`.
-pub(crate) async fn tls_handshake(
+pub async fn tls_handshake(
     tcp: TcpStream,
     addr: SocketAddr,
     sni: &str,
@@ -79,6 +79,20 @@ pub(crate) async fn tls_handshake(
         .connect(name, tcp)
         .await
         .with_context(|| format!("TLS handshake with {addr} for {sni}"))
+}
+
+/// Connects to `addr` from `source` (another loopback address, say, so the visitor's
+/// address is told apart from everything else on 127.0.0.1), from a fresh port.
+pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> anyhow::Result<TcpStream> {
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket
+        .connect(addr)
+        .await
+        .with_context(|| format!("connect to {addr} from {source}"))
 }
 
 /// An HTTP response as a visitor received it.
@@ -190,7 +204,7 @@ where
 }
 
 /// A visitor's `GET path` for `host`, asking the server to close the connection after.
-pub(crate) fn get_request(host: &str, path: &str) -> String {
+pub fn get_request(host: &str, path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: shroud-tests\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     )

@@ -219,6 +219,7 @@ async fn start_proxy(
         dns: None,
         word_domains: Vec::new(),
         limits: Limits::default(),
+        fleet: None,
     };
     let listener = bind_listener(SocketAddr::new(ip.into(), port))
         .with_context(|| format!("binding {ip}:{port}"))?;

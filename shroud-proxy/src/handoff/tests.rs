@@ -10,6 +10,7 @@ use shroud_mux::{Role, SessionConfig};
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::policy::Policy;
@@ -57,6 +58,7 @@ fn shared(limits: Limits) -> Arc<Shared> {
         dns: None,
         word_domains: Vec::new(),
         limits,
+        fleet: None,
     };
     Shared::new(config, CancellationToken::new())
 }

@@ -1,0 +1,212 @@
+//! Forwarding between the proxies of a fleet: a visitor that reaches a proxy with no tunnel
+//! for its name goes, bytes untouched, to a peer that holds one.
+//!
+//! The forwarding proxy opens a stream on its link to the holder, writes
+//! [`StreamKind::Forward`], the visitor's [`StreamHeader`] (its real address, and the public
+//! port it reached) and the bytes already read, then waits for the holder's [`Reply`]. Only
+//! [`Reply::Accepted`] passes bytes on; after any other nothing reached a tunnel, so another
+//! holder may be tried, even for a plain-HTTP request. The holder routes to its own tunnels
+//! only: a forwarded visitor is never forwarded again, so two proxies that each believe the
+//! other holds a name cannot pass a visitor back and forth.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shroud_mux::header::{StreamHeader, StreamKind as VisitorKind};
+use shroud_mux::peer::{Reply, StreamKind};
+use shroud_mux::{Incoming, MuxStream, SessionError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, Instrument as _};
+
+use crate::handoff::{self, Refusal, SpliceError, OPEN_ATTEMPTS};
+use crate::peers::Peers;
+use crate::registry::Route;
+use crate::shared::Shared;
+
+/// How long a stream on a link may take to say what it is and send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Forwards `visitor` to a peer holding `header.hostname`, sending `bytes` (what was read of
+/// it) first, and copies both ways until both directions are done. Tries up to
+/// [`OPEN_ATTEMPTS`] holders. On `Err`, nothing was written to the visitor.
+pub(crate) async fn forward(
+    visitor: &mut TcpStream,
+    shared: &Shared,
+    peers: &Arc<Peers>,
+    header: &StreamHeader,
+    bytes: &[u8],
+) -> Result<(), Refusal> {
+    let mut first = Vec::with_capacity(1 + shroud_mux::header::MAX_HEADER_LEN + bytes.len());
+    first.push(StreamKind::Forward.byte());
+    first.extend_from_slice(&header.encode());
+    first.extend_from_slice(bytes);
+    let mut refusal = Refusal::Forward;
+    for holder in peers
+        .holders(&header.hostname)
+        .into_iter()
+        .take(OPEN_ATTEMPTS)
+    {
+        match offer(shared, peers, holder, &first).await {
+            Ok((Reply::Accepted, mut stream)) => {
+                debug!(peer = %holder, "forwarded");
+                let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
+                if let Err(err) = shroud_mux::splice::splice(visitor, &mut stream, buffer).await {
+                    debug!(%err, "forwarded visitor ended with an error");
+                }
+                return Ok(());
+            }
+            Ok((Reply::HttpsOnly, _)) => return Err(Refusal::NoTunnel(Route::RedirectToHttps)),
+            Ok((Reply::HostnameFull, _)) => return Err(Refusal::HostnameFull),
+            Ok((reply @ (Reply::NoTunnel | Reply::Failed), _)) => {
+                debug!(peer = %holder, ?reply, "peer did not take the visitor");
+                if reply == Reply::NoTunnel {
+                    refusal = Refusal::NoTunnel(Route::Unknown);
+                }
+            }
+            Err(err) => debug!(peer = %holder, %err, "forwarding failed"),
+        }
+    }
+    Err(refusal)
+}
+
+/// Offers the visitor to one holder: its answer, and the stream to copy on if it accepted.
+async fn offer(
+    shared: &Shared,
+    peers: &Arc<Peers>,
+    holder: SocketAddr,
+    first: &[u8],
+) -> Result<(Reply, MuxStream), ForwardError> {
+    let session = peers.link(holder).await?;
+    let limit = shared.limits.stream_open_timeout;
+    // The holder waits up to the stream-open timeout for its tunnel; give it that and a
+    // little more before giving up on it.
+    let deadline = tokio::time::Instant::now() + limit + Duration::from_secs(2);
+    let mut stream = tokio::time::timeout_at(deadline, session.open())
+        .await
+        .map_err(|_| ForwardError::Timeout)??;
+    stream.write_all(first).await?;
+    stream.flush().await?;
+    let reply = tokio::time::timeout_at(deadline, Reply::read(&mut stream))
+        .await
+        .map_err(|_| ForwardError::Timeout)??;
+    Ok((reply, stream))
+}
+
+/// Why a holder could not be offered a visitor.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error(transparent)]
+    Link(#[from] crate::peer_link::LinkError),
+    #[error("opening a stream on the peer link: {0}")]
+    Open(#[from] SessionError),
+    #[error("peer link stream: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the peer did not answer in time")]
+    Timeout,
+}
+
+/// Serves the streams a peer opens on the link it dialled: gossip frames go to `gossip`,
+/// forwarded visitors to this proxy's tunnels. Returns when the link ends.
+pub(crate) async fn serve_link(
+    mut incoming: Incoming,
+    from: SocketAddr,
+    shared: Arc<Shared>,
+    gossip: tokio::sync::mpsc::Sender<Vec<u8>>,
+) {
+    let tracker = TaskTracker::new();
+    while let Some(stream) = incoming.accept().await {
+        let (shared, gossip) = (shared.clone(), gossip.clone());
+        let span = tracing::debug_span!("peer", %from);
+        tracker.spawn(serve_stream(stream, shared, gossip).instrument(span));
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn serve_stream(
+    mut stream: MuxStream,
+    shared: Arc<Shared>,
+    gossip: tokio::sync::mpsc::Sender<Vec<u8>>,
+) {
+    let mut kind = [0u8; 1];
+    match tokio::time::timeout(HEADER_TIMEOUT, stream.read_exact(&mut kind)).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    match StreamKind::from_byte(kind[0]) {
+        Some(StreamKind::Gossip) => read_gossip(stream, gossip).await,
+        Some(StreamKind::Forward) => serve_forwarded(stream, &shared).await,
+        None => debug!(kind = kind[0], "unknown peer stream; closing"),
+    }
+}
+
+async fn read_gossip(mut stream: MuxStream, gossip: tokio::sync::mpsc::Sender<Vec<u8>>) {
+    let mut frame = Vec::new();
+    loop {
+        match shroud_mux::peer::read_frame(&mut stream, &mut frame).await {
+            Ok(true) => {
+                if gossip.try_send(std::mem::take(&mut frame)).is_err() {
+                    debug!("gossip backlog full; frame dropped");
+                }
+            }
+            Ok(false) => return,
+            Err(err) => {
+                debug!(%err, "gossip stream failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Routes a visitor a peer forwarded to a tunnel here, never to another peer.
+async fn serve_forwarded(mut stream: MuxStream, shared: &Shared) {
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read(&mut stream)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(err)) => {
+            debug!(%err, "bad forwarded stream header");
+            return;
+        }
+        Err(_) => return,
+    };
+    let span =
+        tracing::debug_span!("forwarded", host = %header.hostname, visitor = %header.visitor);
+    async {
+        let http = header.kind == VisitorKind::Http;
+        let reply = match shared.registry.route(&header.hostname, http) {
+            Route::Tunnel(session) => match shared.admission.visitor_for(&header.hostname) {
+                None => Err(Reply::HostnameFull),
+                Some(counted) => match handoff::open(shared, session, &header, &[]).await {
+                    Ok(tunnel) => Ok((tunnel, counted)),
+                    Err(err) => {
+                        debug!(%err, "no tunnel stream for the forwarded visitor");
+                        if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
+                            handoff::refused_stream(shared);
+                        }
+                        Err(Reply::Failed)
+                    }
+                },
+            },
+            Route::RedirectToHttps => Err(Reply::HttpsOnly),
+            Route::Unknown => Err(Reply::NoTunnel),
+        };
+        let (mut tunnel, _counted) = match reply {
+            Ok(ready) => ready,
+            Err(refusal) => {
+                let _ = refusal.write(&mut stream).await;
+                return;
+            }
+        };
+        if Reply::Accepted.write(&mut stream).await.is_err() {
+            return;
+        }
+        let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
+        if let Err(err) = shroud_mux::splice::splice(&mut stream, &mut tunnel, buffer).await {
+            debug!(%err, "forwarded visitor ended with an error");
+        }
+    }
+    .instrument(span)
+    .await;
+}
