@@ -210,3 +210,6 @@ async fn serve_forwarded(mut stream: MuxStream, shared: &Shared) {
     .instrument(span)
     .await;
 }
+
+#[cfg(test)]
+mod tests;

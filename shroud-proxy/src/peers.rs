@@ -284,6 +284,21 @@ impl Peers {
         }
     }
 
+    /// Whether a link to the peer at `addr` is up now.
+    pub fn linked(&self, addr: SocketAddr) -> bool {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&addr)
+            .cloned();
+        slot.is_some_and(|slot| {
+            slot.link
+                .try_lock()
+                .is_ok_and(|state| state.session.as_ref().is_some_and(|s| !s.is_closed()))
+        })
+    }
+
     fn slot(self: &Arc<Self>, addr: SocketAddr) -> Arc<Slot> {
         let mut slots = self
             .slots

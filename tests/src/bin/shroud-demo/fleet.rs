@@ -2,9 +2,10 @@
 //!
 //! Two discovery instances share a signing key and answer the zone `proxy.test`; N proxies,
 //! each on a loopback address of its own (127.0.0.10, .11, ...) and one common port, announce
-//! themselves to both with that address; a client asks either instance for its proxies and
-//! holds a tunnel to each. `dig` at either instance answers `example.test.proxy.test` with the
-//! proxies holding its tunnels, and `curl` reaches the origin through each of them.
+//! themselves to both with that address, and link to each other (gossip and forwarding); a
+//! client asks either instance for its proxies and holds tunnels to two of them. `dig` at
+//! either instance answers `example.test.proxy.test` with the two holders, and `curl` reaches
+//! the origin through every proxy, the others forwarding to a holder.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use shroud_discovery::secret::FleetSecret;
 use shroud_discovery::server::{DnsService, ServerConfig};
 use shroud_discovery::signed::ProxyEntry;
 use shroud_mux::auth::SecretKey;
+use shroud_proxy::peers::FleetConfig;
 use shroud_proxy::policy::Policy;
 use shroud_proxy::server::{bind_listener, tunnel_tls_config, Listeners};
 use shroud_proxy::shared::{Limits, ProxyConfig, Shared};
@@ -41,7 +43,11 @@ struct Instance {
 struct Proxy {
     name: String,
     https: SocketAddr,
+    peer: SocketAddr,
 }
+
+/// How many proxies the client holds tunnels to; the rest forward.
+const HOLDERS: usize = 2;
 
 /// Runs the fleet demo with `count` proxies; with `check`, asks the DNS and visits through
 /// every proxy, then returns; else serves until Ctrl-C.
@@ -66,7 +72,8 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
     let mut proxies = Vec::new();
     let mut port = 0;
     for i in 0..count {
-        let proxy = start_proxy(&pki, i, port, &authorized, &instances, &shutdown)
+        let seeds = proxies.iter().map(|p: &Proxy| p.peer.to_string()).collect();
+        let proxy = start_proxy(&pki, i, port, &authorized, &instances, seeds, &shutdown)
             .await
             .with_context(|| format!("starting proxy {i}"))?;
         port = proxy.https.port();
@@ -76,6 +83,7 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
     // Before the client asks for its list, let every proxy's first heartbeat reach both
     // instances: until a name is held, the zone answers the proxies its list would name.
     let want: Vec<IpAddr> = proxies.iter().map(|p| p.https.ip()).collect();
+    let holders = count.min(HOLDERS);
     for instance in &instances {
         wait_for_answer(instance.dns, &want).await?;
     }
@@ -93,22 +101,32 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
         signing.public(),
         HOST,
         Some(&pki.ca_path),
-        count,
+        holders,
         Duration::from_secs(10),
     )?));
     spec.proxies = proxies.iter().map(|p| (p.name.clone(), p.https)).collect();
     spec.proxies
         .extend(instances.iter().map(|i| (i.name.clone(), i.https)));
     let mut client = TestClient::start(&pki, spec).context("starting the client")?;
-    tokio::time::timeout(Duration::from_secs(60), client.wait_bound(count))
+    tokio::time::timeout(Duration::from_secs(60), client.wait_bound(holders))
         .await
         .context("the client did not bind its tunnels within 60 s")?;
+    let held: Vec<IpAddr> = client
+        .client
+        .states()
+        .iter()
+        .filter(|(_, state)| *state == shroud_client::shared::TunnelState::Bound)
+        .filter_map(|(proxy, _)| proxies.iter().find(|p| p.name == proxy.name))
+        .map(|p| p.https.ip())
+        .collect();
 
     let ca = pki.ca_path.display();
     println!();
     println!("shroud demo: {HOST} is published through a fleet of {count} proxies, with two");
-    println!("discovery instances answering the zone {ZONE} (the client holds a tunnel to each");
-    println!("proxy; each proxy announces its address and names to both instances).");
+    println!("discovery instances answering the zone {ZONE}. The client holds tunnels to");
+    println!("{holders} of the proxies; each proxy announces its address and names to both");
+    println!("instances, and the proxies gossip over peer links, so the others forward visitors");
+    println!("to a holder.");
     println!();
     println!("Ask either instance where visitors of {HOST} go:");
     println!();
@@ -120,7 +138,8 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("Reach the origin through each proxy (its certificate verified end to end):");
+    println!("Reach the origin through every proxy, holder or not (the origin's certificate");
+    println!("verified end to end):");
     println!();
     for proxy in &proxies {
         println!(
@@ -133,7 +152,7 @@ pub async fn run(count: usize, check: bool) -> anyhow::Result<()> {
 
     if check {
         for instance in &instances {
-            let found = wait_for_answer(instance.dns, &want).await?;
+            let found = wait_for_answer(instance.dns, &held).await?;
             println!("check: DNS at {} -> {found:?}", instance.dns);
         }
         for proxy in &proxies {
@@ -200,13 +219,15 @@ async fn start_instance(
     })
 }
 
-/// Starts proxy `i` on 127.0.0.(10 + i) at `port` (0: any), announcing itself to `instances`.
+/// Starts proxy `i` on 127.0.0.(10 + i) at `port` (0: any), announcing itself to `instances`
+/// and joining the fleet through the peer addresses `seeds`.
 async fn start_proxy(
     pki: &Pki,
     i: usize,
     port: u16,
     authorized: &str,
     instances: &[Instance],
+    seeds: Vec<String>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Proxy> {
     let name = format!("p{i}.proxies.test");
@@ -224,9 +245,21 @@ async fn start_proxy(
     let listener = bind_listener(SocketAddr::new(ip.into(), port))
         .with_context(|| format!("binding {ip}:{port}"))?;
     let https = listener.local_addr()?;
+    let peer_listener = bind_listener(SocketAddr::new(ip.into(), 0))
+        .with_context(|| format!("binding {ip}:0 for peers"))?;
+    let peer = peer_listener.local_addr()?;
+    let config = ProxyConfig {
+        fleet: Some(FleetConfig {
+            advertise: peer,
+            seeds,
+            secret: FleetSecret::new(SECRET.to_owned())?,
+        }),
+        ..config
+    };
     let shared = Shared::new(config, shutdown.clone());
     let listeners = Listeners {
         https: Some(listener),
+        peer: Some(peer_listener),
         ..Listeners::default()
     };
     tokio::spawn(shroud_proxy::server::serve(
@@ -266,7 +299,7 @@ async fn start_proxy(
             .await;
         });
     }
-    Ok(Proxy { name, https })
+    Ok(Proxy { name, https, peer })
 }
 
 /// Asks `dns` for `HOST.ZONE` until it answers exactly `want` (in any order), up to 20 s.
