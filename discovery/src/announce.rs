@@ -6,7 +6,7 @@
 //! not the discovery service is reachable.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -186,6 +186,9 @@ impl Endpoint {
     }
 }
 
+/// Called with the peer addresses a heartbeat's answer named (see [`Presence::on_peers`]).
+pub type PeersFound = Box<dyn Fn(&[SocketAddr]) + Send + Sync>;
+
 /// What a proxy announces about itself: its entry, where visitors reach it, and (asked anew
 /// for each heartbeat) the hostnames bound on it now.
 pub struct Presence {
@@ -198,6 +201,11 @@ pub struct Presence {
     /// Changes when `names` may have: a heartbeat then goes out at once (at most one a
     /// [`MIN_SPACING`]), so the service's DNS follows binds without waiting for the interval.
     pub changes: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Where its peer link listens, when it links with the rest of the fleet.
+    pub peer: Option<SocketAddr>,
+    /// Told, after each heartbeat that named `peer`, the other members' peer addresses the
+    /// service knows: where to join the fleet's gossip.
+    pub on_peers: Option<PeersFound>,
 }
 
 impl Presence {
@@ -208,6 +216,8 @@ impl Presence {
             addrs: Vec::new(),
             names: Box::new(Vec::new),
             changes: None,
+            peer: None,
+            on_peers: None,
         }
     }
 
@@ -217,6 +227,7 @@ impl Presence {
         if !leaving {
             beat.addrs.clone_from(&self.addrs);
             beat.names = (self.names)();
+            beat.peer = self.peer;
         }
         beat
     }
@@ -254,12 +265,14 @@ pub fn client_tls(extra_ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientC
     Ok(Arc::new(config))
 }
 
-/// Sends one heartbeat and waits for the service's 204, within [`ATTEMPT_TIMEOUT`].
+/// Sends one heartbeat and waits for the service's answer, within [`ATTEMPT_TIMEOUT`]: the
+/// other members' peer addresses when the heartbeat named its own (see
+/// [`api::HeartbeatReply`]), else nothing.
 pub async fn send_heartbeat(
     endpoint: &Endpoint,
     secret: &FleetSecret,
     heartbeat: &Heartbeat,
-) -> Result<(), AnnounceError> {
+) -> Result<Vec<SocketAddr>, AnnounceError> {
     tokio::time::timeout(ATTEMPT_TIMEOUT, exchange(endpoint, secret, heartbeat))
         .await
         .map_err(|_| AnnounceError::Timeout)?
@@ -269,7 +282,7 @@ async fn exchange(
     endpoint: &Endpoint,
     secret: &FleetSecret,
     heartbeat: &Heartbeat,
-) -> Result<(), AnnounceError> {
+) -> Result<Vec<SocketAddr>, AnnounceError> {
     let url = &endpoint.url;
     let server_name = ServerName::try_from(url.host.clone())
         .map_err(|_| AnnounceError::ServerName(url.host.clone()))?;
@@ -302,13 +315,23 @@ async fn exchange(
         4096,
     )
     .await?;
-    if response.status != 204 {
-        return Err(AnnounceError::Status {
-            status: response.status,
+    match response.status {
+        204 => Ok(Vec::new()),
+        200 => {
+            let reply: api::HeartbeatReply =
+                serde_json::from_slice(&response.body).map_err(|err| AnnounceError::Status {
+                    status: 200,
+                    message: format!("unreadable answer: {err}"),
+                })?;
+            let mut peers = reply.peers;
+            peers.truncate(api::MAX_PEERS_IN_REPLY);
+            Ok(peers)
+        }
+        status => Err(AnnounceError::Status {
+            status,
             message: api::printable_prefix(&response.body),
-        });
+        }),
     }
-    Ok(())
 }
 
 /// Waits for `changes` to change; never, when there is nothing to watch or its sender is gone.
@@ -360,12 +383,15 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             result = send_heartbeat(endpoint, &secret, &beat) => result,
         };
+        if let (Ok(peers), Some(on_peers)) = (&result, &presence.on_peers) {
+            on_peers(peers);
+        }
         match result {
-            Ok(()) if !registered => {
+            Ok(_) if !registered => {
                 info!(discovery = %url, name = %entry.name, port = entry.port, "registered with the discovery service");
                 registered = true;
             }
-            Ok(()) => debug!(discovery = %url, "heartbeat sent"),
+            Ok(_) => debug!(discovery = %url, "heartbeat sent"),
             Err(err) => {
                 warn!(discovery = %url, err = %anyhow::Error::new(err), "heartbeat failed; retrying next interval");
                 registered = false;
@@ -375,7 +401,7 @@ pub async fn run(
 
     let leave = presence.heartbeat(true);
     match tokio::time::timeout(LEAVE_TIMEOUT, send_heartbeat(endpoint, &secret, &leave)).await {
-        Ok(Ok(())) => info!(discovery = %url, "left the discovery service"),
+        Ok(Ok(_)) => info!(discovery = %url, "left the discovery service"),
         Ok(Err(err)) => {
             warn!(discovery = %url, err = %anyhow::Error::new(err), "could not tell the discovery service this proxy is leaving")
         }

@@ -4,12 +4,12 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `GET /v1/proxies?host=HOSTNAME` | 200 with a signed list ([`crate::signed`]); 400 bad host; 403 CNAME missing or elsewhere; 404 no healthy proxy; 503 DNS check impossible |
-//! | `POST /v1/heartbeat` with `Authorization: Bearer SECRET` and a [`Heartbeat`] | 204; 400 bad entry; 401 wrong secret; 403 heartbeats disabled; 413 body too large |
+//! | `POST /v1/heartbeat` with `Authorization: Bearer SECRET` and a [`Heartbeat`] | 204, or 200 with a [`HeartbeatReply`] when the heartbeat named a peer address; 400 bad entry; 401 wrong secret; 403 heartbeats disabled; 413 body too large |
 //! | `GET /healthz` | 200 |
 //!
 //! Any request may also get 429 when its address sends too many.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 use shroud_mux::auth::PublicKey;
@@ -49,6 +49,22 @@ pub struct Heartbeat {
     /// The hostnames bound on the proxy now, likewise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+    /// Where the proxy's peer link listens (`shroud-proxy --listen-peer`), when it links with
+    /// the rest of the fleet: the service then answers with other members' addresses to join
+    /// through ([`HeartbeatReply`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<SocketAddr>,
+}
+
+/// Most peer addresses a [`HeartbeatReply`] carries.
+pub const MAX_PEERS_IN_REPLY: usize = 16;
+
+/// The service's answer to a heartbeat that named a peer address: other live proxies' peer
+/// addresses, for the proxy to join the fleet's gossip through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// At most [`MAX_PEERS_IN_REPLY`] peer addresses of other live proxies.
+    pub peers: Vec<SocketAddr>,
 }
 
 impl Heartbeat {
@@ -61,6 +77,7 @@ impl Heartbeat {
             leaving,
             addrs: Vec::new(),
             names: Vec::new(),
+            peer: None,
         }
     }
 
@@ -69,6 +86,7 @@ impl Heartbeat {
         Reach {
             addrs: self.addrs.clone(),
             names: self.names.clone(),
+            peer: self.peer,
         }
     }
 

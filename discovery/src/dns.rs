@@ -411,6 +411,7 @@ mod tests {
         let reach = Reach {
             addrs: vec!["192.0.2.9".parse().unwrap()],
             names: vec!["held.example".into()],
+            peer: None,
         };
         fleet
             .heartbeat(entry, reach, tokio::time::Instant::now())

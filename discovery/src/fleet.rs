@@ -12,7 +12,7 @@
 //! over the whole fleet.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -281,6 +281,8 @@ pub struct Reach {
     pub addrs: Vec<IpAddr>,
     /// The hostnames bound on it.
     pub names: Vec<String>,
+    /// Where its peer link listens, if it links with the fleet.
+    pub peer: Option<SocketAddr>,
 }
 
 /// A live entry's state.
@@ -290,6 +292,7 @@ struct Live {
     last_seen: Instant,
     addrs: Vec<IpAddr>,
     names: HashSet<String>,
+    peer: Option<SocketAddr>,
 }
 
 /// The set of proxies the service knows, static and live.
@@ -379,9 +382,26 @@ impl Fleet {
                 last_seen: now,
                 addrs: reach.addrs,
                 names,
+                peer: reach.peer,
             },
         );
         Ok(previous.is_none())
+    }
+
+    /// The peer-link addresses of at most `n` healthy proxies other than `except` (a name and
+    /// port), in name order: where a proxy joining the fleet's gossip may announce itself.
+    pub fn peer_links(&self, except: (&str, u16), n: usize, now: Instant) -> Vec<SocketAddr> {
+        let mut links: Vec<(&(String, u16), SocketAddr)> = self
+            .live
+            .iter()
+            .filter(|(key, live)| {
+                (key.0.as_str(), key.1) != except
+                    && now.saturating_duration_since(live.last_seen) < self.heartbeat_timeout
+            })
+            .filter_map(|(key, live)| live.peer.map(|peer| (key, peer)))
+            .collect();
+        links.sort();
+        links.into_iter().take(n).map(|(_, peer)| peer).collect()
     }
 
     /// The public addresses visitors of `host` should be sent to at `now`: those of at most

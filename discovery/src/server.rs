@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
-use crate::api::{self, Heartbeat};
+use crate::api::{self, Heartbeat, HeartbeatReply, MAX_PEERS_IN_REPLY};
 use crate::cname::{CnameCheck, Verdict};
 use crate::dns::{Answerer, DnsZone};
 use crate::fleet::{Fleet, HeartbeatError};
@@ -502,12 +502,19 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
         }
         return no_content();
     }
-    match fleet.heartbeat(beat.entry(), beat.reach(), Instant::now()) {
-        Ok(true) => {
-            info!(name = %beat.name, port = beat.port, region = %beat.region, "proxy joined");
-            no_content()
+    let now = Instant::now();
+    match fleet.heartbeat(beat.entry(), beat.reach(), now) {
+        Ok(joined) => {
+            if joined {
+                info!(name = %beat.name, port = beat.port, region = %beat.region, "proxy joined");
+            }
+            if beat.peer.is_none() {
+                return no_content();
+            }
+            let peers = fleet.peer_links((&beat.name, beat.port), MAX_PEERS_IN_REPLY, now);
+            drop(fleet);
+            json(&HeartbeatReply { peers })
         }
-        Ok(false) => no_content(),
         Err(err @ HeartbeatError::Entry(_)) => text(
             StatusCode::BAD_REQUEST,
             &format!("invalid heartbeat: {err}\n"),
@@ -557,6 +564,21 @@ fn text(status: StatusCode, body: &str) -> Reply {
     reply.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    reply
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Reply {
+    let Ok(body) = serde_json::to_vec(value) else {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not encode the answer\n",
+        );
+    };
+    let mut reply = Response::new(Full::new(Bytes::from(body)));
+    reply.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
     );
     reply
 }

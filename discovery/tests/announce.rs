@@ -208,6 +208,8 @@ async fn a_change_of_names_sends_a_heartbeat_at_once_carrying_them() {
             move || names.lock().unwrap().clone()
         }),
         changes: Some(changes),
+        peer: None,
+        on_peers: None,
     };
     let task = tokio::spawn({
         let shutdown = shutdown.clone();

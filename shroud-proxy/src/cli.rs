@@ -456,12 +456,20 @@ impl Cli {
                 })
             })
             .collect::<anyhow::Result<_>>()?;
+        let peers = shared.peers().cloned();
         let shared = shared.clone();
         let presence = shroud_discovery::announce::Presence {
             entry: shroud_discovery::signed::ProxyEntry { name, port, region },
             addrs: self.public_addr.clone(),
             changes: Some(shared.watch_names()),
             names: Box::new(move || shared.bound_names()),
+            // A fleet member tells the service where its link listens, and joins through
+            // the members the service knows.
+            peer: peers.as_ref().map(|peers| peers.advertise()),
+            on_peers: peers.map(|peers| {
+                Box::new(move |found: &[SocketAddr]| peers.learn_seeds(found))
+                    as shroud_discovery::announce::PeersFound
+            }),
         };
         Ok(Some(Announcement {
             endpoints,

@@ -109,27 +109,39 @@ enum ForwardError {
 }
 
 /// Serves the streams a peer opens on the link it dialled: gossip frames go to `gossip`,
-/// forwarded visitors to this proxy's tunnels. Returns when the link ends.
+/// forwarded visitors to this proxy's tunnels. Returns when the link ends, or once
+/// `shutdown` is cancelled and the visitors already forwarded are done.
 pub(crate) async fn serve_link(
     mut incoming: Incoming,
     from: SocketAddr,
     shared: Arc<Shared>,
     gossip: tokio::sync::mpsc::Sender<Vec<u8>>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    while let Some(stream) = incoming.accept().await {
-        let (shared, gossip) = (shared.clone(), gossip.clone());
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => break,
+            stream = incoming.accept() => match stream {
+                Some(stream) => stream,
+                None => break,
+            },
+        };
+        let (shared, gossip, stop) = (shared.clone(), gossip.clone(), shutdown.clone());
         let span = tracing::debug_span!("peer", %from);
-        tracker.spawn(serve_stream(stream, shared, gossip).instrument(span));
+        tracker.spawn(serve_stream(stream, shared, gossip, stop).instrument(span));
     }
     tracker.close();
     tracker.wait().await;
 }
 
+/// Serves one stream of a link: gossip until the proxy shuts down, or a forwarded visitor
+/// until it is done.
 async fn serve_stream(
     mut stream: MuxStream,
     shared: Arc<Shared>,
     gossip: tokio::sync::mpsc::Sender<Vec<u8>>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut kind = [0u8; 1];
     match tokio::time::timeout(HEADER_TIMEOUT, stream.read_exact(&mut kind)).await {
@@ -137,7 +149,12 @@ async fn serve_stream(
         _ => return,
     }
     match StreamKind::from_byte(kind[0]) {
-        Some(StreamKind::Gossip) => read_gossip(stream, gossip).await,
+        Some(StreamKind::Gossip) => {
+            tokio::select! {
+                () = read_gossip(stream, gossip) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
         Some(StreamKind::Forward) => serve_forwarded(stream, &shared).await,
         None => debug!(kind = kind[0], "unknown peer stream; closing"),
     }

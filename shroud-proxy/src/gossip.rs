@@ -180,6 +180,7 @@ pub async fn run(
             Ok(()) = names.changed() => driver.publish(),
             _ = refresh.tick() => driver.publish(),
             _ = reseed.tick() => driver.announce_to_seeds().await,
+            () = peers.new_seeds.notified() => driver.announce_to_seeds().await,
         }
         driver.flush();
     }
@@ -227,23 +228,25 @@ impl Driver {
         }
     }
 
-    /// Announces this proxy to every seed not known to be alive.
+    /// Announces this proxy to every seed not known to be alive: the `--peer` ones and
+    /// those the discovery service named.
     async fn announce_to_seeds(&mut self) {
-        for seed in self.peers.seeds.clone() {
-            let Ok(addrs) = tokio::net::lookup_host(seed.as_str()).await else {
-                debug!(%seed, "peer seed does not resolve");
+        let (named, mut addrs) = self.peers.seeds();
+        for seed in named {
+            match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(found) => addrs.extend(found),
+                Err(err) => debug!(%seed, %err, "peer seed does not resolve"),
+            }
+        }
+        for addr in addrs {
+            if addr == self.peers.advertise() || self.peers.is_alive_at(addr) {
                 continue;
-            };
-            for addr in addrs {
-                if addr == self.peers.advertise() || self.peers.is_alive_at(addr) {
-                    continue;
-                }
-                // The seed's real identity is learnt from its answer; foca accepts an
-                // announcement addressed to any identity with its address.
-                let guess = PeerId { addr, bump: 0 };
-                if let Err(err) = self.foca.announce(guess, &mut self.runtime) {
-                    debug!(%err, %seed, "announcing to a seed");
-                }
+            }
+            // The seed's real identity is learnt from its answer; foca accepts an
+            // announcement addressed to any identity with its address.
+            let guess = PeerId { addr, bump: 0 };
+            if let Err(err) = self.foca.announce(guess, &mut self.runtime) {
+                debug!(%err, %addr, "announcing to a seed");
             }
         }
     }

@@ -21,6 +21,8 @@ use tracing::debug;
 
 use crate::peer_link::{self, LinkError, MAX_LINK_STREAMS};
 
+/// Most peer addresses learnt from the discovery service kept as seeds.
+const MAX_LEARNT_SEEDS: usize = 64;
 /// How long after a failed dial the same peer is not dialled again.
 const REDIAL_AFTER: Duration = Duration::from_secs(1);
 /// Gossip frames waiting to go to one peer; more are dropped (gossip tolerates loss).
@@ -114,7 +116,11 @@ impl Table {
 /// The fleet as this proxy sees it. See the module documentation.
 pub struct Peers {
     advertise: SocketAddr,
-    pub(crate) seeds: Vec<String>,
+    seeds: Vec<String>,
+    /// Seeds the discovery service named (see [`Peers::learn_seeds`]).
+    learnt: Mutex<Vec<SocketAddr>>,
+    /// Woken when the discovery service names a seed not known before.
+    pub(crate) new_seeds: tokio::sync::Notify,
     pub(crate) secret: FleetSecret,
     tls: Arc<rustls::ClientConfig>,
     session_config: SessionConfig,
@@ -131,6 +137,8 @@ impl Peers {
         Self {
             advertise: config.advertise,
             seeds: config.seeds,
+            learnt: Mutex::new(Vec::new()),
+            new_seeds: tokio::sync::Notify::new(),
             secret: config.secret,
             tls: peer_link::client_config(),
             session_config: SessionConfig {
@@ -148,6 +156,38 @@ impl Peers {
     /// The address peers reach this proxy's link at.
     pub fn advertise(&self) -> SocketAddr {
         self.advertise
+    }
+
+    /// Takes peer addresses the discovery service knows as seeds besides `--peer`: the
+    /// latest answer replaces the one before, so members that left are forgotten. A seed not
+    /// known before is announced to at once.
+    pub fn learn_seeds(&self, found: &[SocketAddr]) {
+        let found: Vec<SocketAddr> = found
+            .iter()
+            .copied()
+            .filter(|addr| *addr != self.advertise)
+            .take(MAX_LEARNT_SEEDS)
+            .collect();
+        let mut learnt = self
+            .learnt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let news = found.iter().any(|addr| !learnt.contains(addr));
+        *learnt = found;
+        drop(learnt);
+        if news {
+            self.new_seeds.notify_one();
+        }
+    }
+
+    /// Every seed to announce to: the `--peer` ones (to be resolved) and those learnt.
+    pub(crate) fn seeds(&self) -> (Vec<String>, Vec<SocketAddr>) {
+        let learnt = self
+            .learnt
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        (self.seeds.clone(), learnt)
     }
 
     /// The link session configuration, for links accepted as for those dialled.

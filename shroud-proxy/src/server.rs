@@ -136,9 +136,8 @@ fn start_fleet(
         inbound,
         shutdown.clone(),
     ));
-    let (shared, shutdown) = (shared.clone(), shutdown.clone());
+    let (shared, shutdown, links) = (shared.clone(), shutdown.clone(), tracker.clone());
     let handshakes = Arc::new(Semaphore::new(MAX_PEER_HANDSHAKES));
-    // Links are not drained: the visitors on them are counted by the peer that forwarded them.
     tokio::spawn(async move {
         loop {
             let (tcp, from) = tokio::select! {
@@ -156,16 +155,22 @@ fn start_fleet(
                 debug!(%from, "too many peer links being set up; closing");
                 continue;
             };
-            let (shared, peers, tls, gossip) =
-                (shared.clone(), peers.clone(), tls.clone(), gossip.clone());
-            tokio::spawn(async move {
+            let (shared, peers, tls, gossip, stop) = (
+                shared.clone(),
+                peers.clone(),
+                tls.clone(),
+                gossip.clone(),
+                shutdown.clone(),
+            );
+            // On the tracker: a draining proxy waits for the visitors forwarded to it.
+            links.spawn(async move {
                 let accepted =
                     crate::peer_link::accept(tcp, tls, &peers.secret, peers.session_config()).await;
                 drop(permit);
                 match accepted {
                     Ok((session, incoming)) => {
                         debug!(%from, "peer linked");
-                        crate::forward::serve_link(incoming, from, shared, gossip).await;
+                        crate::forward::serve_link(incoming, from, shared, gossip, stop).await;
                         session.close();
                     }
                     // An operator wants to hear of a member with the wrong secret; anything

@@ -125,6 +125,12 @@ struct FleetRun {
 
 impl FleetRun {
     async fn start(heartbeat_secs: u64, heartbeat_timeout_secs: u64) -> Self {
+        Self::start_with(heartbeat_secs, heartbeat_timeout_secs, false).await
+    }
+
+    /// [`FleetRun::start`], the proxies also linked as a fleet (`--listen-peer`) when
+    /// `linked`: with no `--peer`, so they find each other through the discovery service.
+    async fn start_with(heartbeat_secs: u64, heartbeat_timeout_secs: u64, linked: bool) -> Self {
         let pki = Pki::new().unwrap();
         let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
 
@@ -153,9 +159,10 @@ impl FleetRun {
         let client_key = SecretKey::generate().unwrap();
         let policy = format!("{HOST} {}\n", client_key.public());
         let ports = free_ports::<PROXIES>().unwrap();
+        let peer_ports = free_ports::<PROXIES>().unwrap();
         let mut proxies = Vec::new();
         for (i, port) in ports.iter().enumerate() {
-            let extra: Vec<String> = [
+            let mut extra: Vec<String> = [
                 "--discovery".to_owned(),
                 one.url(),
                 "--discovery".into(),
@@ -178,6 +185,12 @@ impl FleetRun {
                 heartbeat_secs.to_string(),
             ]
             .into();
+            if linked {
+                extra.extend([
+                    "--listen-peer".into(),
+                    format!("127.0.0.1:{}", peer_ports[i]),
+                ]);
+            }
             let listen = SocketAddr::from(([127, 0, 0, 1], *port));
             let proxy =
                 ProxyProcess::start_with_args(&pki, &proxy_name(i), &policy, listen, &extra)
@@ -339,4 +352,43 @@ async fn a_holder_killed_without_a_word_leaves_the_answers_within_the_heartbeat_
         .unwrap();
     let proxy = &run.proxies[FleetRun::index_of(*survivor)];
     run.serves(proxy.https).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_that_found_each_other_through_discovery_forward_even_with_it_down() {
+    init();
+    // No --peer anywhere: each proxy's heartbeat names its link, and the service's answer
+    // names the others'.
+    let mut run = FleetRun::start_with(1, 30, true).await;
+    let holders = run.holders();
+    assert_eq!(holders.len(), 2);
+    let visit_all = |run: &FleetRun| {
+        let targets: Vec<SocketAddr> = run.proxies.iter().map(|p| p.https).collect();
+        let roots = run.pki.ca.root_store();
+        async move {
+            for https in targets {
+                let visit = shroud_tests::visitor::https_get_retrying(
+                    https,
+                    HOST,
+                    roots.clone(),
+                    "/",
+                    Duration::from_millis(200),
+                );
+                let response = within(30, visit).await;
+                assert_eq!(response.status, 200, "via {https}");
+            }
+        }
+    };
+    // Every proxy serves, the one without a tunnel by forwarding.
+    let started = std::time::Instant::now();
+    visit_all(&run).await;
+    eprintln!(
+        "all {PROXIES} proxies served {:?} after the tunnels bound",
+        started.elapsed()
+    );
+
+    // Discovery goes away entirely: gossip and forwarding need only the peers.
+    run.one.process.kill();
+    run.two.process.kill();
+    visit_all(&run).await;
 }

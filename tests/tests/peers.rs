@@ -263,70 +263,113 @@ async fn every_proxy_serves_the_name_and_the_origin_sees_each_visitor() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_holder_killed_under_load_costs_only_its_visitors_in_flight() {
-    init();
-    let mut fleet = Fleet::start().await;
-    // Every proxy serves before the load starts.
+/// Steady load: a loop of HTTPS visitors at each of the given proxies, one visit at a time.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    loops: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(fleet: &Fleet, at: &[usize]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let mut loops = Vec::new();
+        for &i in at {
+            let addr = fleet.members[i].proxy.https;
+            let roots = fleet.pki.ca.root_store();
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            loops.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let visit = shroud_tests::https_get(addr, HOST, roots.clone(), "/");
+                    match tokio::time::timeout(Duration::from_secs(20), visit).await {
+                        Ok(Ok(response)) if response.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            let status = other.map(|r| r.map(|r| r.status));
+                            eprintln!("visitor at proxy {i} failed: {status:?}");
+                        }
+                    }
+                }
+            }));
+        }
+        Self {
+            stop,
+            ok,
+            failed,
+            loops,
+        }
+    }
+
+    fn succeeded(&self) -> usize {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loops; the visits that succeeded and failed.
+    async fn stop(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.loops {
+            within(30, task).await.unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A fleet serving at every proxy, under load at every one but `victim`.
+async fn loaded_fleet(victim: usize) -> (Fleet, Load) {
+    let fleet = Fleet::start().await;
     for i in 0..PROXIES {
         within(30, fleet.https_visit(i, 0)).await.unwrap();
     }
-    // Steady load: one visitor loop at each proxy but the victim.
+    let others: Vec<usize> = (0..PROXIES).filter(|i| *i != victim).collect();
+    let load = Load::start(&fleet, &others);
+    within(20, async {
+        while load.succeeded() < 20 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    (fleet, load)
+}
+
+/// Waits until member `observer` logs that gossip dropped member `gone`; how long it took
+/// from `since`.
+async fn dropped(fleet: &mut Fleet, observer: usize, gone: usize, since: Instant) -> Duration {
+    let line = format!(
+        "peer left or stopped answering peer={}",
+        fleet.members[gone].peer
+    );
+    let process = &mut fleet.members[observer].proxy.process;
+    within(20, process.wait_for_line(&line, Duration::from_secs(20)))
+        .await
+        .unwrap();
+    since.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_under_load_costs_only_its_visitors_in_flight() {
+    init();
     const VICTIM: usize = HOLDERS[0];
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let targets: Vec<(SocketAddr, usize)> = (0..PROXIES)
-        .filter(|i| *i != VICTIM)
-        .map(|i| (fleet.members[i].proxy.https, i))
-        .collect();
-    let roots = fleet.pki.ca.root_store();
-    let mut loops = Vec::new();
-    for (addr, i) in targets.clone() {
-        let (stop, ok, failed, roots) = (stop.clone(), ok.clone(), failed.clone(), roots.clone());
-        loops.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let visit = shroud_tests::https_get(addr, HOST, roots.clone(), "/");
-                match tokio::time::timeout(Duration::from_secs(20), visit).await {
-                    Ok(Ok(response)) if response.status == 200 => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    other => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        eprintln!(
-                            "visitor at proxy {i} failed: {:?}",
-                            other.map(|r| r.map(|r| r.status))
-                        );
-                    }
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = ok.load(Ordering::Relaxed);
-    assert!(before > 0, "the load runs");
+    let (mut fleet, load) = loaded_fleet(VICTIM).await;
 
     fleet.members[VICTIM].proxy.kill();
     let killed = Instant::now();
     // A proxy without a tunnel notices through gossip alone.
-    let victim_link = fleet.members[VICTIM].peer.to_string();
-    let observer = &mut fleet.members[PROXIES - 1].proxy.process;
-    let line = format!("peer left or stopped answering peer={victim_link}");
-    within(20, observer.wait_for_line(&line, Duration::from_secs(20)))
-        .await
-        .unwrap();
-    let detected = killed.elapsed();
+    let detected = dropped(&mut fleet, PROXIES - 1, VICTIM, killed).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in loops {
-        within(30, task).await.unwrap();
-    }
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (ok, failed) = load.stop().await;
     eprintln!(
         "kill -9 of a holder: {failed} of {} visits failed, gossip dropped it after {detected:?}",
         ok + failed
     );
     // At most the visits in flight through the victim: one per loop.
-    assert!(failed <= targets.len(), "{failed} visits failed");
+    assert!(failed < PROXIES, "{failed} visits failed");
     assert!(
         detected <= Duration::from_secs(10),
         "detected after {detected:?}"
@@ -335,6 +378,33 @@ async fn a_holder_killed_under_load_costs_only_its_visitors_in_flight() {
     for i in (0..PROXIES).filter(|i| *i != VICTIM) {
         within(20, fleet.https_visit(i, 1)).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_stopped_gracefully_under_load_costs_no_visitor() {
+    init();
+    const LEAVING: usize = HOLDERS[0];
+    let (mut fleet, load) = loaded_fleet(LEAVING).await;
+
+    fleet.members[LEAVING].proxy.process.terminate();
+    let stopped = Instant::now();
+    // It says goodbye: the others drop it at once, not after the detection time.
+    let left = dropped(&mut fleet, PROXIES - 1, LEAVING, stopped).await;
+    let status = fleet.members[LEAVING]
+        .proxy
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, failed) = load.stop().await;
+    eprintln!(
+        "SIGTERM of a holder: {failed} of {} visits failed, gossip dropped it after {left:?}",
+        ok + failed
+    );
+    assert_eq!(failed, 0);
+    assert!(left < Duration::from_secs(2), "dropped after {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,6 +243,7 @@ fn reach(addrs: &[&str], names: &[&str]) -> Reach {
     Reach {
         addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         names: names.iter().map(|n| (*n).to_owned()).collect(),
+        peer: None,
     }
 }
 
@@ -392,4 +393,36 @@ fn the_count_of_names_held_follows_heartbeats_leaves_and_expiry() {
         (0, 0),
         "expired entries hold nothing"
     );
+}
+
+#[test]
+fn joining_members_are_told_the_other_live_links() {
+    let mut fleet = Fleet::new(FleetFile::default(), Duration::from_secs(30));
+    let now = Instant::now();
+    let link = |i: u8| -> std::net::SocketAddr { format!("192.0.2.{i}:7443").parse().unwrap() };
+    for (i, peer) in [(1, Some(link(1))), (2, Some(link(2))), (3, None)] {
+        let mut reach = reach(&[], &[]);
+        reach.peer = peer;
+        let entry = ProxyEntry {
+            name: format!("p{i}.proxy.test"),
+            port: 443,
+            region: "eu".into(),
+        };
+        fleet.heartbeat(entry, reach, now).unwrap();
+    }
+    // Not itself, not a proxy without a link, and at most as many as asked.
+    assert_eq!(
+        fleet.peer_links(("p1.proxy.test", 443), 16, now),
+        vec![link(2)]
+    );
+    assert_eq!(
+        fleet.peer_links(("p3.proxy.test", 443), 16, now),
+        vec![link(1), link(2)]
+    );
+    assert_eq!(fleet.peer_links(("p3.proxy.test", 443), 1, now).len(), 1);
+    // A member that stopped announcing itself is no longer named.
+    let later = now + Duration::from_secs(31);
+    assert!(fleet
+        .peer_links(("p3.proxy.test", 443), 16, later)
+        .is_empty());
 }

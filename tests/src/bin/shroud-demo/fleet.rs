@@ -276,6 +276,8 @@ async fn start_proxy(
         addrs: vec![ip.into()],
         changes: Some(shared.watch_names()),
         names: Box::new(move || shared.bound_names()),
+        peer: Some(peer),
+        on_peers: None,
     });
     let tls = client_tls(Some(&pki.ca_path))?;
     for instance in instances {
