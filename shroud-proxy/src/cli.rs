@@ -591,4 +591,57 @@ mod limit_flag_tests {
             );
         }
     }
+
+    #[test]
+    fn peer_flags_need_a_listener_a_secret_and_an_address_others_can_reach() {
+        // --peer and --advertise-peer mean nothing without --listen-peer, which needs the
+        // secret the links prove.
+        assert!(parse(&["--peer", "192.0.2.1:7443"]).is_err());
+        assert!(parse(&["--advertise-peer", "192.0.2.1:7443"]).is_err());
+        assert!(parse(&["--listen-peer", "127.0.0.1:7443"]).is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("fleet.secret");
+        std::fs::write(&secret, "a-fleet-secret-of-some-length").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let secret = secret.to_str().unwrap();
+        let fleet = |extra: &[&str], bound: &str| {
+            let mut args = vec!["--fleet-secret-file", secret];
+            args.extend_from_slice(extra);
+            parse(&args).unwrap().fleet(Some(bound.parse().unwrap()))
+        };
+
+        // The bound address is advertised, its real port when port 0 was asked for.
+        let joined = fleet(&["--listen-peer", "127.0.0.1:0"], "127.0.0.1:40001").unwrap();
+        assert_eq!(
+            joined.unwrap().advertise,
+            "127.0.0.1:40001".parse().unwrap()
+        );
+        // A wildcard cannot be advertised: the others could not reach it.
+        let err = fleet(&["--listen-peer", "0.0.0.0:7443"], "0.0.0.0:7443").unwrap_err();
+        assert!(err.to_string().contains("--advertise-peer"), "{err}");
+        let joined = fleet(
+            &[
+                "--listen-peer",
+                "0.0.0.0:7443",
+                "--advertise-peer",
+                "198.51.100.1:7443",
+                "--peer",
+                "peer.example.net:7443,198.51.100.2:7443",
+            ],
+            "0.0.0.0:7443",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(joined.advertise, "198.51.100.1:7443".parse().unwrap());
+        assert_eq!(joined.seeds, ["peer.example.net:7443", "198.51.100.2:7443"]);
+        // A seed must say where: HOST:PORT.
+        let err = fleet(
+            &["--listen-peer", "127.0.0.1:0", "--peer", "peer.example.net"],
+            "127.0.0.1:40001",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("HOST:PORT"), "{err}");
+    }
 }

@@ -42,6 +42,9 @@ pub enum LinkError {
     /// The TLS exporter failed.
     #[error("TLS exporter: {0}")]
     Exporter(String),
+    /// The peer failed to link a moment ago; it is not dialled again so soon.
+    #[error("the last attempt to link failed less than a second ago")]
+    Backoff,
     /// The other end's proof did not check out: it does not hold this fleet's secret.
     #[error("the other end does not hold the fleet secret")]
     WrongSecret,

@@ -58,6 +58,7 @@ impl foca::Identity for PeerId {
 }
 
 /// How a proxy joins its fleet's gossip and links.
+#[derive(Debug)]
 pub struct FleetConfig {
     /// The address peers reach this proxy's link at.
     pub advertise: SocketAddr,
@@ -306,7 +307,7 @@ impl Peers {
             .failed_at
             .is_some_and(|at| at.elapsed() < REDIAL_AFTER)
         {
-            return Err(LinkError::Timeout);
+            return Err(LinkError::Backoff);
         }
         match peer_link::dial(addr, self.tls.clone(), &self.secret, self.session_config()).await {
             Ok((session, incoming)) => {
