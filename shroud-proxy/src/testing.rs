@@ -1,4 +1,4 @@
-//! Helpers for the unit tests of the sniffers.
+//! Helpers for the unit tests: a slow reader for the sniffers, and a proxy's TLS.
 
 use std::io;
 use std::pin::Pin;
@@ -22,4 +22,19 @@ impl AsyncRead for OneByte<'_> {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// TLS for a proxy named `proxy.test`, with a fresh self-signed certificate.
+#[allow(clippy::unwrap_used)]
+pub(crate) fn self_signed_tls() -> std::sync::Arc<rustls::ServerConfig> {
+    let cert = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    std::sync::Arc::new(tls)
 }

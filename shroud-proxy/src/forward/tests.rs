@@ -19,22 +19,14 @@ const NAME: &str = "loop.test";
 
 /// A proxy serving plain HTTP and peer links on loopback: its state, HTTP and peer addresses.
 async fn proxy(shutdown: &CancellationToken) -> (Arc<Shared>, SocketAddr, SocketAddr) {
-    let cert = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
-    let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
+    let tls = crate::testing::self_signed_tls();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (http_addr, peer_addr) = (http.local_addr().unwrap(), peer.local_addr().unwrap());
     let secret = shroud_discovery::secret::FleetSecret::new("a-fleet-secret-for-tests".into());
     let config = ProxyConfig {
         tunnel_name: "proxy.test".into(),
-        tls: Arc::new(tls),
+        tls,
         policy: Policy::parse("").unwrap(),
         dns: None,
         word_domains: Vec::new(),

@@ -42,18 +42,10 @@ struct Tunnel {
 }
 
 fn shared(limits: Limits) -> Arc<Shared> {
-    let cert = rcgen::generate_simple_self_signed(vec!["proxy.test".into()]).unwrap();
-    let key = rustls_pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.cert.der().clone()], key)
-        .unwrap();
+    let tls = crate::testing::self_signed_tls();
     let config = ProxyConfig {
         tunnel_name: "proxy.test".into(),
-        tls: Arc::new(tls),
+        tls,
         policy: Policy::parse("").unwrap(),
         dns: None,
         word_domains: Vec::new(),
