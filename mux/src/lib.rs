@@ -7,6 +7,7 @@
 //! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
 //! - [`peer`]: the authenticated link between two proxies of a fleet.
+//! - [`replay`]: bytes read to route a connection, and a stream that yields them again first.
 //! - [`splice`]: copying both ways between a visitor's connection and its stream.
 //! - [`words`]: word names, a hostname a client key proves by itself.
 //!
@@ -25,6 +26,7 @@ mod codec;
 pub mod control;
 pub mod header;
 pub mod peer;
+pub mod replay;
 pub mod session;
 pub mod splice;
 pub mod words;

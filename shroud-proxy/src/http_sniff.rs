@@ -8,7 +8,7 @@ use std::io;
 
 use tokio::io::AsyncRead;
 
-use crate::replay::{read_more, ReadMore};
+use shroud_mux::replay::{read_more, ReadMore};
 
 /// The most header lines a request head may have.
 const MAX_HEADERS: usize = 64;

@@ -28,7 +28,6 @@ pub mod peer_link;
 pub mod peers;
 pub mod policy;
 pub mod registry;
-pub mod replay;
 pub mod server;
 pub mod shared;
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::io;
 
 use tokio::io::AsyncRead;
 
-use crate::replay::{read_more, ReadMore};
+use shroud_mux::replay::{read_more, ReadMore};
 
 /// TLS record content type of a handshake record.
 const CONTENT_HANDSHAKE: u8 = 22;

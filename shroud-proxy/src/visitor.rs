@@ -22,7 +22,7 @@ use crate::handoff::{self, Refusal, SpliceError};
 use crate::http_sniff::{self, HttpSniffError};
 use crate::peers::Peers;
 use crate::registry::Route;
-use crate::replay::Replay;
+use shroud_mux::replay::Replay;
 use crate::shared::{RoutingGuard, Shared};
 use crate::tunnel;
 use crate::{forward, tls_sniff};

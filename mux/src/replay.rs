@@ -1,9 +1,10 @@
 //! Bytes read to route a connection, and a stream that first yields them again.
 //!
 //! The proxy reads a ClientHello or HTTP head to decide where a connection goes
-//! ([`read_more`] is how both sniffers read). Those bytes must then reach whoever handles the
-//! connection: the TLS acceptor for a tunnel ([`Replay`]), or nobody else (for a visitor they
-//! are written onto the tunnel stream directly).
+//! ([`read_more`] is how both sniffers read), and the client reads a visitor's ClientHello to
+//! tell a certificate authority's validation from a visitor. Those bytes must then reach
+//! whoever handles the connection: a TLS acceptor ([`Replay`]), or the stream they are written
+//! onto directly.
 
 use std::io;
 use std::pin::Pin;
