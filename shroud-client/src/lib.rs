@@ -8,6 +8,7 @@
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`cli`] and [`app`] are the command line.
 
+pub mod acme;
 pub mod app;
 pub mod backoff;
 pub mod cli;
