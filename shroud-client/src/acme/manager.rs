@@ -756,6 +756,31 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn validation_is_asked_for_anyway_when_the_tunnels_never_come_up() {
+        let timing = Timing::default();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let never = || {
+            calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            false
+        };
+        let began = tokio::time::Instant::now();
+        wait_for_tunnels(&never, &timing).await;
+        let waited = began.elapsed();
+        assert!(
+            waited >= timing.tunnel_wait && waited < timing.tunnel_wait + timing.tunnel_poll * 2
+        );
+        // Asked at once, then every 500 ms for 60 s.
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 121);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tunnels_already_bound_cost_no_wait() {
+        let began = tokio::time::Instant::now();
+        wait_for_tunnels(&|| true, &Timing::default()).await;
+        assert_eq!(began.elapsed(), Duration::ZERO);
+    }
+
     fn problem(kind: &str, subproblems: &str) -> Problem {
         serde_json::from_str(&format!(
             r#"{{"type":"urn:ietf:params:acme:error:{kind}","detail":"no","status":400,
