@@ -2,18 +2,20 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::acme::{self, Acme, AcmeConfig, AcmeError};
 use crate::cli::{self, Cli, Command, RunArgs};
 use crate::client::Client;
 use crate::discovery::DiscoverySource;
 use crate::fleet::ProxySource;
-use crate::shared::{ClientConfig, ProxyAddr, Target, Timing};
+use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, TunnelState};
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
@@ -27,12 +29,42 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         (None, Some(run)) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
-            let (config, source) = config(&run).await?;
-            Client::spawn(config, source, shutdown)?.join().await?;
+            let tunnels = Arc::new(OnceLock::new());
+            let (config, source) = config(&run, &shutdown, tunnels.clone()).await?;
+            let acme = config.acme.as_ref().map(|tls| tls.acme.clone());
+            let client = Client::spawn(config, source, shutdown)?;
+            let _ = tunnels.set(client.watch_states());
+            tokio::select! {
+                joined = client.join() => joined?,
+                refused = never_certified(acme) => return Err(refused.into()),
+            }
             Ok(())
         }
         (None, None) => anyhow::bail!("give HOSTNAME and TARGET, or a subcommand; see --help"),
     }
+}
+
+/// Resolves only when ACME has failed for good with no certificate in hand: the client then
+/// has nothing to serve visitors' TLS with, and exits with the CA's reason.
+async fn never_certified(acme: Option<Arc<Acme>>) -> AcmeError {
+    if let Some(acme) = acme {
+        match acme.ready().await {
+            Err(err @ AcmeError::Refused { .. }) if acme.certificate().is_none() => return err,
+            // A certificate is in hand, the refusal came later (a renewal), or the client is
+            // stopping: serve on.
+            Ok(()) | Err(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// Whether every tunnel of the current list is bound: the moment to ask the CA to validate,
+/// since its check may arrive at any of the proxies.
+fn all_bound(tunnels: &OnceLock<watch::Receiver<States>>) -> bool {
+    tunnels.get().is_some_and(|states| {
+        let states = states.borrow();
+        !states.is_empty() && states.values().all(|state| *state == TunnelState::Bound)
+    })
 }
 
 /// `shroud key`: the public key alone on stdout's first line, then how to use it.
@@ -58,7 +90,14 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 /// Turns the run arguments into a client configuration and the source of its proxies, loading
 /// the files they name. With the tor transport this bootstraps Tor, which can take a while.
-pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)> {
+///
+/// With `--acme` it also starts getting the certificate; `tunnels` is where the client's
+/// tunnel states will be, which ACME waits on before asking the CA to validate.
+pub async fn config(
+    run: &RunArgs,
+    shutdown: &CancellationToken,
+    tunnels: Arc<OnceLock<watch::Receiver<States>>>,
+) -> anyhow::Result<(ClientConfig, ProxySource)> {
     let key_path = key_path(run.key.clone())?;
     let (key, created) = key::load_or_create(&key_path)?;
     if created {
@@ -120,11 +159,37 @@ pub async fn config(run: &RunArgs) -> anyhow::Result<(ClientConfig, ProxySource)
             Arc::new(TorTransport::bootstrap(options).await?)
         }
     };
+    let acme = match &run.acme {
+        Some(email) => {
+            let state_dir = match &run.state_dir {
+                Some(dir) => dir.clone(),
+                None => key::default_state_dir()?,
+            };
+            let directory = acme::directory_url(&run.acme_directory);
+            let mut acme_config = AcmeConfig::new(&hostname, email, &directory, state_dir);
+            acme_config.agree_tos = run.acme_agree_tos;
+            acme_config.extra_ca.clone_from(&run.acme_ca);
+            acme_config.export = run.acme_export.as_ref().map(|dir| acme::Export {
+                dir: dir.clone(),
+                reload_cmd: run.acme_reload_cmd.clone(),
+            });
+            let ready = Box::new(move || all_bound(&tunnels));
+            let acme = Acme::start(acme_config, transport.clone(), ready, shutdown.clone())
+                .await
+                .context("--acme")?;
+            Some(AcmeTls {
+                acme,
+                terminate: run.acme_export.is_none(),
+            })
+        }
+        None => None,
+    };
     let config = ClientConfig {
         hostname,
         target,
         http_target,
         origin_tls,
+        acme,
         transport,
         tls,
         key,

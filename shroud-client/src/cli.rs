@@ -205,6 +205,61 @@ pub struct RunArgs {
     )]
     pub tls_key: Option<PathBuf>,
 
+    /// Get a certificate for HOSTNAME from an ACME CA (Let's Encrypt by default), EMAIL its
+    /// contact, and terminate visitors' TLS with it, sending TARGET plaintext. The CA's
+    /// TLS-ALPN-01 check arrives through the proxies and is answered here; every request to
+    /// the CA goes through the transport (Tor by default), so the CA never learns this
+    /// machine's address. Renewed when a third of its lifetime is left. Needs
+    /// --acme-agree-tos
+    #[arg(
+        long,
+        value_name = "EMAIL",
+        env = "SHROUD_ACME",
+        conflicts_with = "tls_cert"
+    )]
+    pub acme: Option<String>,
+
+    /// Agree to the ACME CA's terms of service (without it, --acme prints where to read them
+    /// and exits)
+    #[arg(long, env = "SHROUD_ACME_AGREE_TOS", requires = "acme")]
+    pub acme_agree_tos: bool,
+
+    /// The ACME CA's directory URL; `letsencrypt` and `letsencrypt-staging` are shorthands
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SHROUD_ACME_DIRECTORY",
+        default_value = "letsencrypt",
+        requires = "acme"
+    )]
+    pub acme_directory: String,
+
+    /// Also trust the CA certificates in FILE (PEM) for the ACME server's own TLS: for a
+    /// private CA or a test server
+    #[arg(long, value_name = "FILE", env = "SHROUD_ACME_CA", requires = "acme")]
+    pub acme_ca: Option<PathBuf>,
+
+    /// Let TARGET terminate TLS itself: write the certificate to DIR/fullchain.pem and its key
+    /// to DIR/privkey.pem (mode 0600, replaced atomically on renewal) and pass visitors' TLS
+    /// through; only the CA's checks are answered here
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "SHROUD_ACME_EXPORT",
+        requires = "acme"
+    )]
+    pub acme_export: Option<PathBuf>,
+
+    /// With --acme-export, run CMD (with `sh -c`) after each new certificate is written, to
+    /// make TARGET load it
+    #[arg(
+        long,
+        value_name = "CMD",
+        env = "SHROUD_ACME_RELOAD_CMD",
+        requires = "acme_export"
+    )]
+    pub acme_reload_cmd: Option<String>,
+
     /// Start each connection to TARGET and --http-target with a PROXY protocol header
     /// (HAProxy's, v1 text or v2 binary) carrying the visitor's address and port, before any
     /// of the visitor's bytes (with --tls-cert, before the decrypted bytes); the origin must

@@ -66,6 +66,11 @@ impl Client {
             .collect()
     }
 
+    /// A receiver of every tunnel's state, which changes as they do.
+    pub fn watch_states(&self) -> watch::Receiver<States> {
+        self.states.clone()
+    }
+
     /// Waits until at least `count` tunnels are bound.
     pub async fn wait_bound(&mut self, count: usize) {
         let _ = self

@@ -6,7 +6,9 @@
 //! one visitor, which [`origin`] connects to the local target (first telling it who the
 //! visitor is with a [`proxy_protocol`] header, if asked to). Failed tunnels come back with
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
-//! transport. [`cli`] and [`app`] are the command line.
+//! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
+//! requests through the transport and its checks answered through the tunnel ([`hello`] tells
+//! a check from a visitor). [`cli`] and [`app`] are the command line.
 
 pub mod acme;
 pub mod app;
@@ -15,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod discovery;
 pub mod fleet;
+pub mod hello;
 pub mod key;
 pub mod origin;
 pub mod proxy_protocol;

@@ -3,19 +3,27 @@
 //! The client acknowledges the stream before anything else (see the mux crate's `header`
 //! module for why), reads the header, dials the origin that serves the stream's kind and copies
 //! both ways, passing half-closes through. With `--tls-cert` it terminates the visitor's TLS
-//! itself and speaks plain bytes to the origin. With `--proxy-protocol` the origin connection
-//! starts with a PROXY protocol header naming the visitor, written as soon as it is dialled, so
-//! before any byte of the visitor's (decrypted or not).
+//! itself and speaks plain bytes to the origin. With `--acme` it first reads the ClientHello
+//! of a TLS stream: a certificate authority's TLS-ALPN-01 check is answered here and never
+//! reaches the origin; a visitor is terminated with the certificate obtained, or, with
+//! `--acme-export`, passed through to the origin, its ClientHello written first. With
+//! `--proxy-protocol` the origin connection starts with a PROXY protocol header naming the
+//! visitor, written as soon as it is dialled, so before any byte of the visitor's (decrypted
+//! or not).
 
 use std::sync::Arc;
 
 use shroud_mux::header::{self, StreamHeader, StreamKind};
+use shroud_mux::replay::Replay;
 use shroud_mux::MuxStream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tracing::{debug, Instrument as _};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, Instrument as _};
 
+use crate::acme::Acme;
+use crate::hello::{self, Hello};
 use crate::proxy_protocol;
 use crate::shared::{ClientConfig, Target};
 
@@ -78,6 +86,21 @@ async fn forward(
     config: &ClientConfig,
 ) -> std::io::Result<()> {
     let kind = header.kind;
+    // With ACME, a TLS stream may be the CA checking the name: look before dialling.
+    let mut hello_bytes = None;
+    if let (Some(acme), StreamKind::Tls) = (&config.acme, kind) {
+        let read = timeout(
+            config.timing.stream_header_timeout,
+            hello::read_client_hello(&mut stream),
+        );
+        let (hello, bytes) = read.await.map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "reading the ClientHello")
+        })??;
+        if hello.is_acme_validation() {
+            return answer_validation(&acme.acme, hello, bytes, stream, config).await;
+        }
+        hello_bytes = Some(bytes);
+    }
     let target = match kind {
         StreamKind::Tls => &config.target,
         StreamKind::Http => match &config.http_target {
@@ -96,6 +119,27 @@ async fn forward(
             return Ok(());
         }
     };
+    match (&config.acme, hello_bytes) {
+        (Some(acme), Some(bytes)) if acme.terminate => {
+            let acceptor = TlsAcceptor::from(acme.acme.visitor_config());
+            let visitor = Replay::new(bytes, stream);
+            let handshake = timeout(
+                config.timing.stream_header_timeout,
+                acceptor.accept(visitor),
+            );
+            let visitor = handshake.await.map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")
+            })??;
+            return splice(visitor, origin, config).await;
+        }
+        (Some(_), Some(bytes)) => {
+            // The origin terminates TLS: it gets the ClientHello as the visitor sent it.
+            let mut origin = origin;
+            origin.write_all(&bytes).await?;
+            return splice(stream, origin, config).await;
+        }
+        _ => {}
+    }
     match (&config.origin_tls, kind) {
         (Some(acceptor), StreamKind::Tls) => {
             let handshake = timeout(config.timing.stream_header_timeout, acceptor.accept(stream));
@@ -106,6 +150,35 @@ async fn forward(
         }
         _ => splice(stream, origin, config).await,
     }
+}
+
+/// Answers a certificate authority's TLS-ALPN-01 check (RFC 8737) with the challenge
+/// certificate for the name, if one is pending, and ends the stream: the check ends with the
+/// handshake, and the origin never hears of it.
+async fn answer_validation(
+    acme: &Acme,
+    hello: Hello,
+    bytes: Vec<u8>,
+    stream: MuxStream,
+    config: &ClientConfig,
+) -> std::io::Result<()> {
+    let Some(tls) = hello
+        .sni
+        .as_deref()
+        .and_then(|sni| acme.challenge_config(sni))
+    else {
+        debug!(sni = ?hello.sni, "a TLS-ALPN-01 check for no pending challenge; closing");
+        return Ok(());
+    };
+    let handshake = TlsAcceptor::from(tls).accept(Replay::new(bytes, stream));
+    let mut answered = timeout(config.timing.stream_header_timeout, handshake)
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS-ALPN-01 handshake")
+        })??;
+    info!("answered the certificate authority's TLS-ALPN-01 check");
+    let _ = answered.shutdown().await;
+    Ok(())
 }
 
 /// Connects to the origin and, with `--proxy-protocol`, writes the PROXY protocol header that

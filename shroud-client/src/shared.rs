@@ -118,6 +118,8 @@ pub struct ClientConfig {
     pub http_target: Option<Target>,
     /// Terminate visitors' TLS here (and send plaintext to `target`).
     pub origin_tls: Option<TlsAcceptor>,
+    /// Certificates from ACME, and the CA's checks answered here.
+    pub acme: Option<AcmeTls>,
     /// How proxies are reached.
     pub transport: Arc<dyn Transport>,
     /// TLS toward proxies (roots, ALPN).
@@ -126,6 +128,17 @@ pub struct ClientConfig {
     pub key: SecretKey,
     /// Timeouts and intervals.
     pub timing: Timing,
+}
+
+/// The hostname's certificate from ACME (`--acme`).
+#[derive(Clone)]
+pub struct AcmeTls {
+    /// What obtains and renews the certificate, and answers the CA's TLS-ALPN-01 checks.
+    pub acme: Arc<crate::acme::Acme>,
+    /// Terminate visitors' TLS with the certificate and send `target` plaintext; else
+    /// (`--acme-export`) pass visitors' TLS through to `target`, which holds the exported
+    /// certificate. The CA's checks are answered here either way.
+    pub terminate: bool,
 }
 
 /// What a tunnel task is doing now, as shown to whoever watches the client.

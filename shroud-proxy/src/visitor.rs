@@ -22,10 +22,10 @@ use crate::handoff::{self, Refusal, SpliceError};
 use crate::http_sniff::{self, HttpSniffError};
 use crate::peers::Peers;
 use crate::registry::Route;
-use shroud_mux::replay::Replay;
 use crate::shared::{RoutingGuard, Shared};
 use crate::tunnel;
 use crate::{forward, tls_sniff};
+use shroud_mux::replay::Replay;
 
 /// How long a refused plain-HTTP visitor's remaining bytes are read after its answer.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);

@@ -27,6 +27,8 @@
 //!   in-process or as the real binaries, with the keys, certificates and
 //!   arguments they need.
 //! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
+//! - [`pebble`]: Debian's pebble, a test ACME CA, with its DNS answering
+//!   127.0.0.1 for every name, so its validator reaches a proxy on loopback.
 //! - [`process`]: programs started by PID and killed on drop, their output
 //!   read line by line, kept and echoed or written to a log file.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
@@ -50,6 +52,7 @@ pub mod bulk;
 pub mod dns;
 pub mod load;
 pub mod origin;
+pub mod pebble;
 pub mod pki;
 pub mod ports;
 pub mod process;

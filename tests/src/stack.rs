@@ -210,6 +210,8 @@ pub struct ClientSpec {
     pub key: SecretKey,
     /// Terminate visitors' TLS at the client, as `--tls-cert/--tls-key` do.
     pub origin_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// A certificate from ACME, as `--acme` (or `--acme-export`) gets.
+    pub acme: Option<shroud_client::shared::AcmeTls>,
     /// Where the list of proxies comes from, when not `proxies` (which then only says where
     /// each name resolves, as `--resolve` does).
     pub fleet: Option<Box<dyn shroud_client::fleet::FleetSource>>,
@@ -228,6 +230,7 @@ impl ClientSpec {
             proxies,
             key,
             origin_tls: None,
+            acme: None,
             fleet: None,
             timing: Timing {
                 backoff_base: Duration::from_millis(50),
@@ -284,6 +287,7 @@ impl TestClient {
             target: target(spec.target),
             http_target: spec.http_target.map(target),
             origin_tls: spec.origin_tls,
+            acme: spec.acme,
             transport,
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,

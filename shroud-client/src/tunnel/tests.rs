@@ -445,6 +445,7 @@ impl Held {
             hostname: HOST.to_owned(),
             target: target.clone(),
             http_target: Some(target),
+            acme: None,
             origin_tls,
             transport: Arc::new(fake),
             tls: client_tls,
