@@ -20,8 +20,6 @@ mod store;
 mod tls;
 
 #[cfg(test)]
-pub(crate) mod pebble;
-#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
