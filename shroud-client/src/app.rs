@@ -169,6 +169,7 @@ pub async fn config(
             let mut acme_config = AcmeConfig::new(&hostname, email, &directory, state_dir);
             acme_config.agree_tos = run.acme_agree_tos;
             acme_config.extra_ca.clone_from(&run.acme_ca);
+            acme_config.timing.retry_base = Duration::from_secs(run.acme_retry_secs);
             acme_config.export = run.acme_export.as_ref().map(|dir| acme::Export {
                 dir: dir.clone(),
                 reload_cmd: run.acme_reload_cmd.clone(),

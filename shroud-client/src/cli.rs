@@ -250,6 +250,12 @@ pub struct RunArgs {
     )]
     pub acme_export: Option<PathBuf>,
 
+    /// After a failed attempt to get a certificate, wait this long before the next, doubling
+    /// each time up to an hour
+    #[arg(long, value_name = "SECS", env = "SHROUD_ACME_RETRY_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600), requires = "acme")]
+    pub acme_retry_secs: u64,
+
     /// With --acme-export, run CMD (with `sh -c`) after each new certificate is written, to
     /// make TARGET load it
     #[arg(
