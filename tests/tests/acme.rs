@@ -111,7 +111,9 @@ async fn the_client_gets_a_certificate_through_its_tunnel_and_terminates_with_it
     let log = client.output_text();
     // The CA was asked to validate only once the tunnel was up (the check arrives through it).
     let up = log.find("tunnel up").expect("the tunnel came up");
-    let asked = log.find("asked the CA to validate").expect("validation was asked for");
+    let asked = log
+        .find("asked the CA to validate")
+        .expect("validation was asked for");
     assert!(up < asked, "{log}");
     assert!(
         log.contains("answered the certificate authority's TLS-ALPN-01 check"),

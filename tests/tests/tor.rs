@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
+
+use rustls_pki_types::pem::PemObject as _;
 use std::time::{Duration, Instant};
 
 use shroud_tests::process::Process;
@@ -246,4 +248,123 @@ async fn srv_records_are_looked_up_through_tor_and_name_the_proxies() {
     assert_eq!(output.status.code(), Some(1));
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("--dns-server"), "{err}");
+}
+
+/// A TCP relay in front of pebble that records, for every connection it accepts, which
+/// process the far end belongs to. pebble builds its URLs from the request's Host, so once
+/// the client starts at the relay's directory URL every ACME request comes through here.
+struct OwnerRecordingRelay {
+    addr: SocketAddr,
+    owners: std::sync::Arc<std::sync::Mutex<Vec<Option<u32>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OwnerRecordingRelay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let owners = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = owners.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, peer)) = listener.accept().await else {
+                    return;
+                };
+                // Looked up at once, while the connection is open.
+                let owner = socket_owner(peer, addr);
+                record.lock().unwrap().push(owner);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { addr, owners, task }
+    }
+}
+
+impl Drop for OwnerRecordingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_reaches_the_ca_only_through_tor() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::plain().await.unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "one.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let setup = shroud_tests::pebble::PebbleSetup::new(proxy.https.port());
+    let pebble = setup.start().unwrap();
+    let relay =
+        OwnerRecordingRelay::start(SocketAddr::from(([127, 0, 0, 1], setup.acme_port))).await;
+
+    let state = pki.dir().join("state");
+    let args: Vec<String> = vec![
+        HOST.to_owned(),
+        origin.addr().to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--proxy".into(),
+        format!("{}:{}", proxy.name, proxy.https.port()),
+        "--resolve".into(),
+        format!("{}:{}:127.0.0.1", proxy.name, proxy.https.port()),
+        "--acme".into(),
+        "admin@example.org".into(),
+        "--acme-agree-tos".into(),
+        "--acme-directory".into(),
+        format!("https://127.0.0.1:{}/dir", relay.addr.port()),
+        "--acme-ca".into(),
+        setup.ca_pem().display().to_string(),
+    ];
+    let started = Instant::now();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("installed a new certificate", Duration::from_secs(180))
+        .await
+        .unwrap();
+    eprintln!(
+        "tor: a certificate through Tor {:?} after start",
+        started.elapsed()
+    );
+
+    // A visitor trusting only pebble's root reaches the origin.
+    let pem = pebble.root_pem().await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let response = within(60, https_get(proxy.https, HOST, roots, "/"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+
+    // Every request to the CA came from an exit relay of the network, none from the client.
+    let exits: Vec<u32> = net.exits().iter().map(|r| r.pid).collect();
+    let owners = relay.owners.lock().unwrap().clone();
+    assert!(
+        owners.len() >= 3,
+        "the ACME exchange went through the relay: {owners:?}"
+    );
+    for owner in owners {
+        let owner = owner.expect("the far end of an ACME connection belongs to a process");
+        assert_ne!(owner, client.pid(), "the CA saw the client directly");
+        assert!(
+            exits.contains(&owner),
+            "an ACME connection from pid {owner}, not an exit {exits:?}"
+        );
+    }
 }
