@@ -6,7 +6,8 @@
 //! TARGET), and `--acme-export`, where TARGET terminates TLS with the exported files and the
 //! client passes visitors' TLS through. And what a user sees when something is missing: no
 //! `--acme-agree-tos` (the terms are named, exit 1), a CA down at start (serving waits, then
-//! works), a name the CA refuses (exit 1 with the CA's detail).
+//! works), a name the CA refuses (exit 1 with the CA's detail). And renewal: new visitors get
+//! the new certificate while a visitor connected before keeps its connection.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -20,7 +21,9 @@ use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use shroud_tests::pebble::{Pebble, PebbleSetup};
 use shroud_tests::process::Process;
-use shroud_tests::stack::{binary, direct_client_args, make_key, Pki, TestProxy};
+use shroud_tests::stack::{
+    binary, direct_client_args, make_key, ClientSpec, Pki, TestClient, TestProxy,
+};
 use shroud_tests::{https_get, init, within, HttpOrigin};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -280,4 +283,85 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_serves_new_visitors_and_an_open_one_is_not_dropped() {
+    init();
+    let pki = Pki::new().unwrap();
+    let client_key = shroud_mux::auth::SecretKey::generate().unwrap();
+    let policy = format!("{HOST} {}\n", client_key.public());
+    let proxy = TestProxy::start(&pki, "proxy.test", &policy).await.unwrap();
+    let mut setup = PebbleSetup::new(proxy.https.port());
+    setup.validity_secs = Some(3600);
+    let pebble = setup.start().unwrap();
+    let origin = shroud_tests::EchoOrigin::plain().await.unwrap();
+
+    // The client in this process, its ACME due for renewal a few seconds after each issue.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let mut config = shroud_client::acme::AcmeConfig::new(
+        HOST,
+        "admin@example.org",
+        &setup.directory_url(),
+        pki.dir().join("state"),
+    );
+    config.agree_tos = true;
+    config.extra_ca = Some(setup.ca_pem());
+    config.renew_before = Some(Duration::from_secs(3600 - 4));
+    config.timing.retry_base = Duration::from_secs(1);
+    let transport = Arc::new(shroud_client::transport::DirectTransport::new(
+        shroud_client::transport::Resolve::new(),
+        Duration::from_secs(5),
+    ));
+    let acme = shroud_client::acme::Acme::start(config, transport, Box::new(|| true), shutdown)
+        .await
+        .unwrap();
+    let mut installed = acme.watch();
+    let mut spec = ClientSpec::new(HOST, origin.addr(), vec![proxy.dial()]);
+    spec.key = client_key;
+    spec.acme = Some(shroud_client::shared::AcmeTls {
+        acme: acme.clone(),
+        terminate: true,
+    });
+    let mut client = TestClient::start(&pki, spec).unwrap();
+    within(30, client.wait_bound(1)).await;
+    within(60, acme.ready()).await.unwrap();
+
+    // A visitor connects and keeps its connection open across the renewal.
+    let roots = pebble_roots(&pebble).await;
+    let config = shroud_tests::visitor::client_config(roots.clone(), &[]);
+    let mut open = shroud_tests::visitor::tls_connect_with(proxy.https, HOST, config.clone())
+        .await
+        .unwrap();
+    let first = open.get_ref().1.peer_certificates().unwrap()[0].clone();
+    echo(&mut open, b"before the renewal").await;
+
+    let generation = *installed.borrow();
+    within(60, installed.wait_for(|g| *g > generation))
+        .await
+        .unwrap();
+
+    // The open connection still works, on the certificate it started with.
+    echo(&mut open, b"after the renewal").await;
+    // A new visitor (a new browser: no session to resume) gets the new certificate, which
+    // verifies too.
+    let mut fresh = shroud_tests::visitor::tls_connect(proxy.https, HOST, roots)
+        .await
+        .unwrap();
+    let second = fresh.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_ne!(first, second, "new visitors get the renewed certificate");
+    echo(&mut fresh, b"a new visitor").await;
+}
+
+/// Writes `bytes` and reads them back from an echoing origin.
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) {
+    stream.write_all(bytes).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut back = vec![0u8; bytes.len()];
+    within(10, stream.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, bytes);
 }
