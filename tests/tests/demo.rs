@@ -83,3 +83,23 @@ fn the_demo_runs_a_fleet_whose_dns_names_the_holders_and_whose_every_proxy_serve
         "a count is needed"
     );
 }
+
+#[test]
+fn the_demo_gets_a_certificate_from_a_ca_on_loopback() {
+    let output = run_demo(&["--acme", "--check"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("pebble-root.pem --resolve"), "{stdout}");
+    assert!(
+        stdout.contains("--acme you@example.com --acme-agree-tos"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("check: HTTPS -> 200 hello from origin: GET /"),
+        "{stdout}"
+    );
+}

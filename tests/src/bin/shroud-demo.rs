@@ -10,8 +10,11 @@
 //! the proxy through it with embedded Arti, as `shroud` does by default on the real Tor network.
 //!
 //! With `--fleet N` it runs a fleet instead: N proxies and two discovery instances answering
-//! DNS for them (see the `fleet` module).
+//! DNS for them (see the `fleet` module). With `--acme` the client gets the origin's
+//! certificate from Debian's pebble, a CA on loopback (see the `acme` module).
 
+#[path = "shroud-demo/acme.rs"]
+mod acme;
 #[path = "shroud-demo/fleet.rs"]
 mod fleet;
 
@@ -25,18 +28,20 @@ use shroud_tests::{http_get, https_get, HttpOrigin};
 
 const HOST: &str = "example.test";
 const PROXY: &str = "proxy.example.test";
-const USAGE: &str = "usage: shroud-demo [--tor-local | --fleet N] [--check]
+const USAGE: &str = "usage: shroud-demo [--tor-local | --fleet N | --acme] [--check]
 
 Runs a proxy, a sample origin and a client on loopback and prints how to reach the origin
 through the tunnel. --tor-local carries the tunnel over a private Tor network on 127.0.0.1
 (needs Debian's tor). --fleet N runs N proxies and two discovery instances answering DNS for
-them instead. --check makes the requests itself and exits.";
+them instead. --acme has the client get the origin's certificate from a CA on loopback
+(needs Debian's pebble). --check makes the requests itself and exits.";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let check = args.iter().any(|a| a == "--check");
     let tor = args.iter().any(|a| a == "--tor-local");
+    let acme = args.iter().any(|a| a == "--acme");
     let fleet = match args.iter().position(|a| a == "--fleet") {
         Some(at) => match args.get(at + 1).and_then(|n| n.parse::<usize>().ok()) {
             Some(count) => {
@@ -52,7 +57,7 @@ async fn main() -> ExitCode {
     };
     if let Some(unknown) = args
         .iter()
-        .find(|a| !matches!(a.as_str(), "--check" | "--tor-local"))
+        .find(|a| !matches!(a.as_str(), "--check" | "--tor-local" | "--acme"))
     {
         println!("{USAGE}");
         return if unknown == "--help" || unknown == "-h" {
@@ -64,9 +69,10 @@ async fn main() -> ExitCode {
     // A private network of eight relays makes Arti warn that it is small; true, and beside the
     // point here.
     shroud_process::logging::init("info,tor_netdir=error");
-    let result = match fleet {
-        Some(count) => fleet::run(count, check).await,
-        None => demo(check, tor).await,
+    let result = match (fleet, acme) {
+        (Some(count), _) => fleet::run(count, check).await,
+        (None, true) => acme::run(check).await,
+        (None, false) => demo(check, tor).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
