@@ -142,6 +142,11 @@ impl Process {
             .status();
     }
 
+    /// How the process exited, if it has; `None` while it runs.
+    pub fn try_status(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// Waits for the process to exit, up to `limit`; kills it if it does not.
     pub async fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + limit;

@@ -365,3 +365,34 @@ async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     within(10, stream.read_exact(&mut back)).await.unwrap();
     assert_eq!(back, bytes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_the_ca_cannot_complete_is_logged_with_its_detail_and_retried() {
+    init();
+    let mut setup = Setup::new().await;
+    // The validator dials a port where nothing listens instead of the proxy's: every check
+    // fails, as when DNS points the name elsewhere.
+    setup.pebble = PebbleSetup::new(shroud_tests::pebble::free_port());
+    let _pebble = setup.pebble.start().unwrap();
+    let origin = HttpOrigin::plain().await.unwrap();
+    let args = setup.client_args(
+        origin.addr(),
+        &["--acme-agree-tos", "--acme-retry-secs", "1"],
+    );
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    for _ in 0..2 {
+        client
+            .wait_for_line("could not obtain a certificate", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let log = client.output_text();
+    // The CA's own problem type and detail, as it gave them.
+    assert!(log.contains("urn:ietf:params:acme:error:"), "{log}");
+    assert!(log.contains("detail="), "{log}");
+    // A failed check is no reason to stop: the client still serves its tunnel.
+    assert!(
+        client.try_status().unwrap().is_none(),
+        "the client exited: {log}"
+    );
+}
