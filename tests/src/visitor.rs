@@ -81,20 +81,6 @@ pub async fn tls_handshake(
         .with_context(|| format!("TLS handshake with {addr} for {sni}"))
 }
 
-/// Connects to `addr` from `source` (another loopback address, say, so the visitor's
-/// address is told apart from everything else on 127.0.0.1), from a fresh port.
-pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> anyhow::Result<TcpStream> {
-    let socket = match source {
-        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
-    socket
-        .connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr} from {source}"))
-}
-
 /// An HTTP response as a visitor received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpResponse {

@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use shroud_mux::auth::SecretKey;
 use shroud_tests::ports::free_ports;
+use shroud_tests::scale::connect_from;
 use shroud_tests::stack::{ClientSpec, Pki, ProxyProcess, TestClient};
-use shroud_tests::visitor::{connect_from, get_request, http_exchange, tls_handshake};
+use shroud_tests::visitor::{get_request, http_exchange, tls_handshake};
 use shroud_tests::{init, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
