@@ -47,24 +47,42 @@ const BODY: &str = "hello from the sink origin\n";
 /// The tests take turns: each measures latency, which another running beside it would skew.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// An HTTPS origin with one more trick than a plain one: it answers any request with 200,
+/// An HTTPS origin with two more tricks than a plain one: it answers any request with 200,
 /// except `POST /sink`, whose head it reads and then never another byte, holding the
-/// connection open until dropped. Counts connections, and requests it stopped reading.
+/// connection open until dropped; and `GET /flood`, which it answers with an endless body as
+/// fast as the visitor takes it. Counts connections, requests it stopped reading, floods, and
+/// the bytes they sent.
 struct SinkOrigin {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     sinks: Arc<AtomicUsize>,
+    floods: Arc<Flooded>,
     stop: CancellationToken,
+}
+
+/// Floods started, and the bytes all of them wrote.
+#[derive(Default)]
+struct Flooded {
+    started: AtomicUsize,
+    bytes: AtomicU64,
 }
 
 impl SinkOrigin {
     async fn start(tls: Arc<rustls::ServerConfig>) -> Self {
-        let listener = shroud_proxy::server::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Small, fixed kernel buffers (accepted sockets inherit them), as a remote origin's
+        // would not be this host's memory: see the stalled-streams test.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(SMALL_BUFFER).unwrap();
+        socket.set_send_buffer_size(SMALL_BUFFER).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, sinks) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let floods = Arc::new(Flooded::default());
         let stop = CancellationToken::new();
         let acceptor = TlsAcceptor::from(tls);
         let (counted, sinking, stopped) = (accepted.clone(), sinks.clone(), stop.clone());
+        let flooding = floods.clone();
         tokio::spawn(async move {
             loop {
                 let stream = tokio::select! {
@@ -75,12 +93,16 @@ impl SinkOrigin {
                     },
                 };
                 counted.fetch_add(1, Ordering::Relaxed);
-                let (acceptor, sinking, stopped) =
-                    (acceptor.clone(), sinking.clone(), stopped.clone());
+                let (acceptor, sinking, stopped, flooding) = (
+                    acceptor.clone(),
+                    sinking.clone(),
+                    stopped.clone(),
+                    flooding.clone(),
+                );
                 tokio::spawn(async move {
                     tokio::select! {
                         () = stopped.cancelled() => {}
-                        () = serve_sink(stream, acceptor, sinking) => {}
+                        () = serve_sink(stream, acceptor, sinking, flooding) => {}
                     }
                 });
             }
@@ -89,6 +111,7 @@ impl SinkOrigin {
             addr,
             accepted,
             sinks,
+            floods,
             stop,
         }
     }
@@ -108,7 +131,12 @@ impl Drop for SinkOrigin {
     }
 }
 
-async fn serve_sink(stream: TcpStream, acceptor: TlsAcceptor, sinks: Arc<AtomicUsize>) {
+async fn serve_sink(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    sinks: Arc<AtomicUsize>,
+    floods: Arc<Flooded>,
+) {
     let Ok(Ok(mut tls)) =
         tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
     else {
@@ -129,6 +157,21 @@ async fn serve_sink(stream: TcpStream, acceptor: TlsAcceptor, sinks: Arc<AtomicU
         // Never read again; hold the connection until the origin is dropped.
         sinks.fetch_add(1, Ordering::Relaxed);
         std::future::pending::<()>().await;
+    }
+    if head.starts_with(b"GET /flood ") {
+        // As fast as the visitor takes it, for as long as the connection lasts.
+        floods.started.fetch_add(1, Ordering::Relaxed);
+        let chunk = vec![0x5a; 64 * 1024];
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n";
+        if tls.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        while tls.write_all(&chunk).await.is_ok() {
+            floods
+                .bytes
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        return;
     }
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
@@ -212,12 +255,24 @@ impl Stack {
 
     /// Sequential good GETs: at least `min` of them, and on until `done()`.
     async fn good_gets(&mut self, min: usize, done: impl Fn() -> bool) -> Latencies {
+        self.paced_gets(min, Duration::ZERO, done).await
+    }
+
+    /// [`Stack::good_gets`] with `pause` between one GET's end and the next one's start, as
+    /// ordinary traffic leaves the machine room rather than saturating it.
+    async fn paced_gets(
+        &mut self,
+        min: usize,
+        pause: Duration,
+        done: impl Fn() -> bool,
+    ) -> Latencies {
         let mut latencies = Latencies::new();
         while latencies.len() < min || !done() {
             match self.good_get().await {
                 Ok(took) => latencies.push(took),
                 Err(err) => panic!("good request {} failed: {err:#}", latencies.len() + 1),
             }
+            tokio::time::sleep(pause).await;
         }
         latencies
     }
@@ -532,4 +587,214 @@ async fn an_origin_that_reads_nothing_stalls_no_other_visitor_on_the_tunnel() {
         within(10, upload).await.unwrap();
     }
     assert_unchanged("origin that reads nothing", &baseline, &under_attack);
+}
+
+/// What the docs (docs/LOAD.md, "Memory under abuse") promise a stalled stream costs each of
+/// the proxy and the client at most: its yamux receive window (256 KiB; more only out of the
+/// tunnel's pool), frames queued toward the peer (at most about 11 of 16 KiB), and the two
+/// copy buffers of its splice (64 KiB each at the default stream buffer).
+const PER_STALLED_STREAM: u64 = 256 * 1024 + 176 * 1024 + 2 * 64 * 1024;
+/// The tunnel's pool for windows that grew past 256 KiB (`--stream-buffer-bytes` − 256 KiB).
+const TUNNEL_POOL: u64 = 16 * 1024 * 1024 - 256 * 1024;
+/// Allocator and runtime slack on top of the bound: freed memory an allocator keeps, task
+/// and socket bookkeeping.
+const SLACK: u64 = 32 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_stalled_both_ways_stay_within_the_stated_memory_bound() {
+    init();
+    let _turn = SERIAL.lock().await;
+    let mut stack = Stack::start().await;
+    let baseline = within(60, stack.good_gets(SAMPLES, || true)).await;
+    let (proxy_before, client_before) = stack.rss();
+
+    // 64 visitors upload to an origin that stops reading, and 64 download from an origin
+    // that sends as fast as it can but never read a byte: every stream stalls, one way each.
+    // The attackers' own sockets (and the origin's) keep small kernel buffers, as remote
+    // hosts' would be out of this machine's memory: on loopback, hundreds of autotuned
+    // socket buffers would push the kernel's TCP memory (net.ipv4.tcp_mem) into pressure,
+    // where it delays every connection on the host, shroud's or not.
+    const EACH: usize = 64;
+    const UPLOAD: u64 = 16 << 20;
+    let pushed = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for i in 0..EACH {
+        let (pushed, stopped) = (pushed.clone(), stop.clone());
+        let (proxy, config) = (stack.proxy.https, stack.visitors.clone());
+        tasks.push(tokio::spawn(async move {
+            let stop = stopped;
+            let mut tls = small_buffered_tls(spread_source(24, i, 100), proxy, config).await;
+            let head =
+                format!("POST /sink HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {UPLOAD}\r\n\r\n");
+            tls.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![0x5a; 64 * 1024];
+            let upload = async {
+                let mut sent = 0;
+                while sent < UPLOAD {
+                    tls.write_all(&chunk).await?;
+                    sent += chunk.len() as u64;
+                    pushed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = upload => result.unwrap(),
+            }
+        }));
+        let stop = stop.clone();
+        let (proxy, config) = (stack.proxy.https, stack.visitors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut tls = small_buffered_tls(spread_source(25, i, 100), proxy, config).await;
+            let request = format!("GET /flood HTTP/1.1\r\nHost: {HOST}\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            // Never read: hold the connection until the test is done.
+            stop.cancelled().await;
+        }));
+    }
+    // Stalled: every stream reached the origin and nothing moved for a second, either way.
+    let moved =
+        || pushed.load(Ordering::Relaxed) + stack.origin.floods.bytes.load(Ordering::Relaxed);
+    within(120, async {
+        let mut last = (0, Instant::now());
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = moved();
+            let all_in = stack.origin.sinks() == EACH
+                && stack.origin.floods.started.load(Ordering::Relaxed) == EACH;
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if all_in && last.1.elapsed() >= Duration::from_secs(1) {
+                return;
+            }
+        }
+    })
+    .await;
+    let (proxy_stalled, client_stalled) = stack.rss();
+    let uploaded = pushed.load(Ordering::Relaxed);
+    let flooded = stack.origin.floods.bytes.load(Ordering::Relaxed);
+    let streams = 2 * EACH as u64;
+    let bound = streams * PER_STALLED_STREAM + TUNNEL_POOL + SLACK;
+    println!(
+        "stalled both ways: {EACH} uploads stalled after {} MiB in all, {EACH} downloads after {} MiB; \
+         RSS proxy {} → {} MiB, client {} → {} MiB; bound {} MiB each",
+        uploaded >> 20,
+        flooded >> 20,
+        proxy_before >> 20,
+        proxy_stalled >> 20,
+        client_before >> 20,
+        client_stalled >> 20,
+        bound >> 20,
+    );
+    assert!(uploaded < EACH as u64 * UPLOAD, "the uploads must stall");
+    for (who, before, after) in [
+        ("proxy", proxy_before, proxy_stalled),
+        ("client", client_before, client_stalled),
+    ] {
+        let grew = after.saturating_sub(before);
+        println!(
+            "stalled both ways: {who} holds {} KiB per stalled stream",
+            grew / streams / 1024
+        );
+        assert!(
+            grew <= bound,
+            "{who} RSS grew by {grew} bytes for {streams} stalled streams (bound {bound})"
+        );
+    }
+
+    // Everyone else is still served at the usual speed, on the same tunnel.
+    let under_attack = within(60, stack.good_gets(SAMPLES, || true)).await;
+    stop.cancel();
+    for task in tasks {
+        within(10, task).await.unwrap();
+    }
+    assert_unchanged("128 streams stalled both ways", &baseline, &under_attack);
+}
+
+/// Socket buffers of an attacker's connection, and of the origin's: 64 KiB, fixed.
+const SMALL_BUFFER: u32 = 64 * 1024;
+
+/// A visitor's TLS connection from `source` whose socket keeps [`SMALL_BUFFER`]s.
+async fn small_buffered_tls(
+    source: IpAddr,
+    proxy: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(SMALL_BUFFER).unwrap();
+    socket.set_send_buffer_size(SMALL_BUFFER).unwrap();
+    socket.bind(SocketAddr::new(source, 0)).unwrap();
+    let tcp = socket.connect(proxy).await.unwrap();
+    shroud_tests::visitor::tls_handshake(tcp, proxy, HOST, config)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_connections_slows_no_bound_tunnel() {
+    init();
+    let _turn = SERIAL.lock().await;
+    // The rate asked for, and for how long.
+    const RATE: u64 = 10_000;
+    const SECS: u64 = 30;
+    let mut stack = Stack::start().await;
+    // Good visitors come every 20 ms or so, before and during the flood: ordinary traffic,
+    // which leaves the cores to the proxy and the flood.
+    const PAUSE: Duration = Duration::from_millis(20);
+    let baseline = within(60, stack.paced_gets(SAMPLES, PAUSE, || true)).await;
+    let (proxy_before, _) = stack.rss();
+
+    // The flood runs in a process of its own at a lower priority: its CPU stands for the
+    // attackers' machines, not for the proxy's.
+    let started = Instant::now();
+    let args: Vec<String> = [
+        "-n".to_owned(),
+        "10".into(),
+        binary("shroud-junk").display().to_string(),
+        stack.proxy.https.to_string(),
+        RATE.to_string(),
+        SECS.to_string(),
+    ]
+    .into();
+    let mut flood = Process::spawn(std::path::Path::new("nice"), &args).unwrap();
+    let under_attack = within(
+        SECS + 60,
+        stack.paced_gets(SAMPLES, PAUSE, || {
+            started.elapsed() >= Duration::from_secs(SECS)
+        }),
+    )
+    .await;
+    let line = flood
+        .wait_for_line("made ", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    let counts: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
+    let [made, closed] = counts[..] else {
+        panic!("unexpected summary {line:?}");
+    };
+    let (proxy_after, _) = stack.rss();
+    println!(
+        "junk flood: {made} junk connections in {elapsed:.1?} ({:.0}/s, asked {RATE}/s), {closed} \
+         closed by the proxy at once; proxy RSS {} → {} MiB",
+        made as f64 / SECS as f64,
+        proxy_before >> 20,
+        proxy_after >> 20,
+    );
+    assert!(
+        made >= RATE * SECS / 4,
+        "the flood reached only {made} connections"
+    );
+    // The proxy closes junk promptly: nearly all within the 2 s each waits.
+    assert!(
+        closed * 10 >= made * 9,
+        "{closed} of {made} junk connections closed by the proxy"
+    );
+    // None reached the origin.
+    assert_eq!(stack.origin.accepted(), stack.good_requests);
+    assert_unchanged("junk connection flood", &baseline, &under_attack);
 }
