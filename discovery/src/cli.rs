@@ -31,6 +31,10 @@ use crate::server::{self, DnsService, Limits, RequireCname, ServerConfig};
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    /// Log format and level.
+    #[command(flatten)]
+    pub log: shroud_process::logging::LogArgs,
+
     /// A subcommand, if one was given instead of the options to serve.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -358,10 +362,15 @@ mod tests {
             .unwrap_or_default();
         for arg in command.get_arguments().chain(key.iter()) {
             let id = arg.get_id().as_str();
-            if matches!(id, "help" | "version") {
+            // -v and -q are counts, and the log format's variable is every binary's.
+            if matches!(id, "help" | "version" | "verbose" | "quiet") {
                 continue;
             }
             let env = arg.get_env().and_then(|env| env.to_str()).unwrap_or("");
+            if id == "log_format" {
+                assert_eq!(env, "SHROUD_LOG_FORMAT");
+                continue;
+            }
             assert!(
                 env.starts_with("SHROUD_DISCOVERY_"),
                 "--{id} has env {env:?}"

@@ -9,6 +9,6 @@ async fn main() -> ExitCode {
     let cli = shroud_discovery::cli::Cli::parse();
     // hickory-server logs every DNS question at info, with the asker's address: that is a
     // resolver's, often a visitor's own, and no business of the log by default.
-    shroud_process::logging::init("info,hickory_server=warn");
+    shroud_process::logging::init("info,hickory_server=warn", &cli.log);
     shroud_process::exit::status("shroud-discovery", shroud_discovery::cli::run(cli).await)
 }

@@ -25,6 +25,10 @@ use crate::transport::TransportKind;
     subcommand_negates_reqs = true
 )]
 pub struct Cli {
+    /// Log format and level.
+    #[command(flatten)]
+    pub log: shroud_process::logging::LogArgs,
+
     /// A subcommand, if one was given instead of the options to run a tunnel.
     #[command(subcommand)]
     pub command: Option<Command>,

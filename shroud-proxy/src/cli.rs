@@ -22,6 +22,10 @@ use crate::shared::{Limits, ProxyConfig, Shared};
 #[derive(Debug, Parser)]
 #[command(name = "shroud-proxy", version)]
 pub struct Cli {
+    /// Log format and level.
+    #[command(flatten)]
+    pub log: shroud_process::logging::LogArgs,
+
     /// Public TLS listener: visitors are routed by SNI; shroud clients (ALPN shroud/1) become
     /// tunnels. Usually 0.0.0.0:443, since Tor exits commonly allow 443.
     #[arg(long, env = "SHROUD_LISTEN_HTTPS", value_name = "ADDR")]

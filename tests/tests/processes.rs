@@ -93,3 +93,48 @@ async fn sigterm_drains_the_proxy_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     assert!(proxy.process.output_text().contains("SIGTERM"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_log_line_is_a_json_object() {
+    init();
+    let pki = Pki::new().unwrap();
+    let mut args = shroud_tests::stack::proxy_args(&pki, "proxy.test", "").unwrap();
+    args.extend(
+        [
+            "--listen-https",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "-v",
+        ]
+        .map(str::to_owned),
+    );
+    // An empty RUST_LOG counts as unset, so -v decides.
+    let env = [("RUST_LOG", std::ffi::OsStr::new(""))];
+    let mut proxy = Process::spawn_with(
+        &binary("shroud-proxy"),
+        &args,
+        &env,
+        shroud_tests::process::Output::Echo,
+    )
+    .unwrap();
+    proxy
+        .wait_for_line("listening", Duration::from_secs(20))
+        .await
+        .unwrap();
+    proxy.terminate();
+    let status = proxy.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{status}");
+    let log = proxy.output_text();
+    let mut messages = Vec::new();
+    for line in log.lines() {
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"));
+        assert!(event["timestamp"].is_string(), "{line}");
+        assert!(event["level"].is_string(), "{line}");
+        messages.push(event["fields"]["message"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(messages.iter().any(|m| m == "listening"), "{log}");
+    // -v: shroud's own debug lines are there too.
+    assert!(log.contains("\"level\":\"DEBUG\""), "{log}");
+}

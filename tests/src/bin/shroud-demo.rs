@@ -68,7 +68,7 @@ async fn main() -> ExitCode {
     }
     // A private network of eight relays makes Arti warn that it is small; true, and beside the
     // point here.
-    shroud_process::logging::init("info,tor_netdir=error");
+    shroud_process::logging::init("info,tor_netdir=error", &Default::default());
     let result = match (fleet, acme) {
         (Some(count), _) => fleet::run(count, check).await,
         (None, true) => acme::run(check).await,
