@@ -119,11 +119,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
     let mut len = [0u8; 4];
-    match reader.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
-        Err(err) => return Err(err),
+    // Only an end before the first byte of a length is clean; one inside it is a truncated
+    // frame, an error like an end inside the body.
+    if reader.read(&mut len[..1]).await? == 0 {
+        return Ok(false);
     }
+    reader.read_exact(&mut len[1..]).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_GOSSIP_FRAME {
         return Err(io::Error::new(
@@ -232,6 +233,28 @@ mod tests {
         assert!(buf.is_empty());
         assert!(read_frame(&mut b, &mut buf).await.is_err());
         assert!(matches!(writer.await, Ok(Ok(()))));
+    }
+
+    /// Found by the `peer` fuzz target: a stream that ended inside a length prefix was
+    /// reported as a clean end between frames.
+    #[tokio::test]
+    async fn an_end_inside_a_length_prefix_is_an_error_not_a_clean_end() {
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut &[][..], &mut buf).await,
+            Ok(false)
+        ));
+        for cut in 1..4 {
+            let mut reader = &[0u8, 0, 0, 5][..cut];
+            let err = read_frame(&mut reader, &mut buf).await.err();
+            assert_eq!(
+                err.map(|err| err.kind()),
+                Some(io::ErrorKind::UnexpectedEof),
+                "cut after {cut} bytes"
+            );
+        }
+        let mut reader = &[0u8, 0, 0, 2, b'h'][..];
+        assert!(read_frame(&mut reader, &mut buf).await.is_err());
     }
 
     #[tokio::test]

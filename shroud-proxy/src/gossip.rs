@@ -41,11 +41,31 @@ const SUSPECT_TO_DOWN: Duration = Duration::from_secs(3);
 const MAX_NAMES: usize = 2048;
 
 /// What one proxy holds, as broadcast.
-#[derive(Serialize, Deserialize)]
-struct Announcement {
-    holder: PeerId,
-    version: u64,
-    names: Vec<String>,
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    /// The proxy that holds the names.
+    pub holder: PeerId,
+    /// The version of its list: a newer one replaces an older.
+    pub version: u64,
+    /// The names it holds, each a hostname in normal form.
+    pub names: Vec<String>,
+}
+
+impl Announcement {
+    /// Decodes a broadcast (postcard) and checks it as a receiver does before recording it:
+    /// at most `MAX_NAMES` names, each a hostname in normal form.
+    pub fn decode(data: &[u8]) -> Result<Self, AnnouncementError> {
+        let announcement: Announcement = postcard::from_bytes(data)?;
+        if announcement.names.len() > MAX_NAMES {
+            return Err(AnnouncementError::TooMany(announcement.names.len()));
+        }
+        for name in &announcement.names {
+            if shroud_mux::hostname::normalize(name).as_deref() != Ok(name.as_str()) {
+                return Err(AnnouncementError::BadName);
+            }
+        }
+        Ok(announcement)
+    }
 }
 
 /// The identity of an announcement: a newer one from the same address replaces an older.
@@ -66,11 +86,14 @@ struct Holdings(Arc<Peers>);
 
 /// Why an announcement was discarded.
 #[derive(Debug, thiserror::Error)]
-enum AnnouncementError {
+pub enum AnnouncementError {
+    /// The bytes are not a postcard-encoded [`Announcement`].
     #[error("undecodable announcement: {0}")]
     Decode(#[from] postcard::Error),
+    /// More names than one announcement may carry.
     #[error("announcement with {0} names")]
     TooMany(usize),
+    /// A name that is not a hostname in normal form.
     #[error("announcement with an invalid hostname")]
     BadName,
 }
@@ -84,15 +107,7 @@ impl BroadcastHandler<PeerId> for Holdings {
         data: &[u8],
         _sender: Option<&PeerId>,
     ) -> Result<Option<Key>, AnnouncementError> {
-        let announcement: Announcement = postcard::from_bytes(data)?;
-        if announcement.names.len() > MAX_NAMES {
-            return Err(AnnouncementError::TooMany(announcement.names.len()));
-        }
-        for name in &announcement.names {
-            if shroud_mux::hostname::normalize(name).as_deref() != Ok(name.as_str()) {
-                return Err(AnnouncementError::BadName);
-            }
-        }
+        let announcement = Announcement::decode(data)?;
         let key = Key {
             holder: announcement.holder.clone(),
             version: announcement.version,
@@ -122,6 +137,55 @@ pub fn identity(advertise: SocketAddr) -> PeerId {
 
 type Gossip = Foca<PeerId, foca::PostcardCodec, StdRng, Holdings>;
 
+/// A new gossip member for this proxy, known as `me`, its peers' names recorded in `peers`.
+fn member(peers: &Arc<Peers>, me: PeerId, rng: StdRng) -> Gossip {
+    let mut config = Config::new_lan(NonZeroU32::new(CLUSTER_SIZE).unwrap_or(NonZeroU32::MIN));
+    config.max_packet_size = NonZeroUsize::new(MAX_PACKET).unwrap_or(NonZeroUsize::MIN);
+    config.suspect_to_down_after = SUSPECT_TO_DOWN;
+    Foca::with_custom_broadcast(
+        me,
+        config,
+        rng,
+        foca::PostcardCodec,
+        Holdings(peers.clone()),
+    )
+}
+
+/// Hands `frames` in turn to a new gossip member, as [`run`] hands it what peers send, and
+/// returns how many foca accepted. Members foca reports up or down are recorded in `peers`
+/// as [`run`] records them; nothing is sent and no timer is set. The member's identity is
+/// its address with bump 0 and its random choices are seeded, so the outcome depends on the
+/// frames alone. This is the receiving path without a network, for the `gossip` fuzz target
+/// under `fuzz/`.
+pub fn receive_frames<'a>(peers: &Arc<Peers>, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    let me = PeerId {
+        addr: peers.advertise(),
+        bump: 0,
+    };
+    let mut foca = member(peers, me, rand::SeedableRng::seed_from_u64(0));
+    let mut runtime = AccumulatingRuntime::new();
+    let mut accepted = 0;
+    for frame in frames {
+        if foca.handle_data(frame, &mut runtime).is_ok() {
+            accepted += 1;
+        }
+        while runtime.to_send().is_some() {}
+        while runtime.to_schedule().is_some() {}
+        while let Some(notification) = runtime.to_notify() {
+            match notification {
+                OwnedNotification::MemberUp(id) => peers.member_up(id),
+                OwnedNotification::MemberDown(id) => peers.member_down(&id),
+                OwnedNotification::Rename(old, new) => {
+                    peers.member_down(&old);
+                    peers.member_up(new);
+                }
+                _ => {}
+            }
+        }
+    }
+    accepted
+}
+
 /// Runs this proxy's membership until `shutdown`, then says goodbye. `inbound` brings the
 /// frames peers send; the names announced are those bound in `shared`.
 pub async fn run(
@@ -130,19 +194,8 @@ pub async fn run(
     mut inbound: mpsc::Receiver<Vec<u8>>,
     shutdown: CancellationToken,
 ) {
-    let mut config = Config::new_lan(NonZeroU32::new(CLUSTER_SIZE).unwrap_or(NonZeroU32::MIN));
-    config.max_packet_size = NonZeroUsize::new(MAX_PACKET).unwrap_or(NonZeroUsize::MIN);
-    config.suspect_to_down_after = SUSPECT_TO_DOWN;
-    let rng: StdRng = rand::make_rng();
-    let me = identity(peers.advertise());
     let mut driver = Driver {
-        foca: Foca::with_custom_broadcast(
-            me,
-            config,
-            rng,
-            foca::PostcardCodec,
-            Holdings(peers.clone()),
-        ),
+        foca: member(&peers, identity(peers.advertise()), rand::make_rng()),
         runtime: AccumulatingRuntime::new(),
         timers: DelayQueue::new(),
         peers: peers.clone(),
@@ -297,5 +350,68 @@ impl Driver {
                 self.peers.send_gossip(to.addr, frame.to_vec());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use shroud_discovery::secret::FleetSecret;
+
+    use crate::peers::FleetConfig;
+
+    fn encode(names: &[&str]) -> Vec<u8> {
+        let announcement = Announcement {
+            holder: PeerId {
+                addr: "192.0.2.2:7443".parse().unwrap(),
+                bump: 1,
+            },
+            version: 1,
+            names: names.iter().map(|name| name.to_string()).collect(),
+        };
+        postcard::to_allocvec(&announcement).unwrap()
+    }
+
+    #[test]
+    fn announcements_carry_only_names_in_normal_form() {
+        let good = encode(&["example.test", "www.example.test"]);
+        let decoded = Announcement::decode(&good).unwrap();
+        assert_eq!(decoded.names, ["example.test", "www.example.test"]);
+        for bad in ["Example.test", "example.test.", "a b", ""] {
+            assert!(
+                matches!(
+                    Announcement::decode(&encode(&[bad])),
+                    Err(AnnouncementError::BadName)
+                ),
+                "{bad:?}"
+            );
+        }
+        let many = vec!["a.test"; MAX_NAMES + 1];
+        assert!(matches!(
+            Announcement::decode(&encode(&many)),
+            Err(AnnouncementError::TooMany(_))
+        ));
+        assert!(matches!(
+            Announcement::decode(&good[..good.len() - 1]),
+            Err(AnnouncementError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn frames_that_are_not_foca_packets_change_nothing() {
+        let peers = Arc::new(Peers::new(
+            FleetConfig {
+                advertise: "192.0.2.1:7443".parse().unwrap(),
+                seeds: Vec::new(),
+                secret: FleetSecret::new("a-fleet-secret-of-sufficient-length".into()).unwrap(),
+            },
+            64 * 1024,
+        ));
+        let announcement = encode(&["example.test"]);
+        let frames: [&[u8]; 3] = [b"", b"\x00\x01garbage", &announcement];
+        assert_eq!(receive_frames(&peers, frames), 0);
+        assert_eq!(peers.alive(), 0);
+        assert!(!peers.holds("example.test"));
     }
 }
