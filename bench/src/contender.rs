@@ -226,6 +226,7 @@ pub async fn start_shroud(
         process: proxy,
         https,
         http,
+        ..
     } = start_shroud_proxy(env, &format!("{HOST} {public_key}\n"), options).await?;
 
     let mut others = Vec::new();
@@ -247,15 +248,22 @@ pub async fn start_shroud(
     if let Some(bytes) = options.stream_buffer {
         client_args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut client = env.spawn(&env.bin(CLIENT_BIN), &client_args, "shroud")?;
-    client
-        .wait_for_line("tunnel up", Duration::from_secs(20))
-        .await
-        .context("the shroud client did not bring its tunnel up")?;
+    let client = start_shroud_client(env, &client_args, "shroud").await?;
     Ok(Running {
         _helpers: others,
         ..Running::new(http, proxy, client)
     })
+}
+
+/// Starts the `shroud` client with `args`, its output in the log file for `log`, and waits
+/// until it has a tunnel up.
+pub async fn start_shroud_client(env: &Env, args: &[String], log: &str) -> anyhow::Result<Process> {
+    let mut client = env.spawn(&env.bin(CLIENT_BIN), args, log)?;
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(20))
+        .await
+        .context("the shroud client did not bring its tunnel up")?;
+    Ok(client)
 }
 
 /// Starts a delay relay (this program's `relay` command) in front of `upstream`.
@@ -300,6 +308,8 @@ pub struct ShroudProxy {
     pub https: SocketAddr,
     /// Where plain-HTTP visitors connect.
     pub http: SocketAddr,
+    /// Where other proxies of its fleet link to it, when it has `--listen-peer`.
+    pub peer: Option<SocketAddr>,
 }
 
 /// Starts `shroud-proxy` on loopback with `authorized` as its policy and limits raised above
@@ -309,7 +319,20 @@ pub async fn start_shroud_proxy(
     authorized: &str,
     options: &Options,
 ) -> anyhow::Result<ShroudProxy> {
-    let mut args = proxy_args(&env.pki, PROXY_NAME, authorized)?;
+    start_shroud_proxy_with(env, PROXY_NAME, authorized, options, &[], "shroud-proxy").await
+}
+
+/// [`start_shroud_proxy`] with the tunnel name (and certificate) `name`, `extra` arguments
+/// (`--listen-peer 127.0.0.1:0` and the like), and its output in the log file for `log`.
+pub async fn start_shroud_proxy_with(
+    env: &Env,
+    name: &str,
+    authorized: &str,
+    options: &Options,
+    extra: &[String],
+    log: &str,
+) -> anyhow::Result<ShroudProxy> {
+    let mut args = proxy_args(&env.pki, name, authorized)?;
     args.extend(
         [
             "--listen-https",
@@ -330,10 +353,14 @@ pub async fn start_shroud_proxy(
     if let Some(bytes) = options.stream_buffer {
         args.extend(["--stream-buffer-bytes".into(), bytes.to_string()]);
     }
-    let mut process = env.spawn(&env.bin(PROXY_BIN), &args, "shroud-proxy")?;
+    args.extend_from_slice(extra);
+    let wants_peer = extra.iter().any(|arg| arg == "--listen-peer");
+    let mut process = env.spawn(&env.bin(PROXY_BIN), &args, log)?;
     let mut https = None;
     let mut http = None;
-    while https.is_none() || http.is_none() {
+    let mut peer = None;
+    while https.is_none() || http.is_none() || (wants_peer && peer.is_none()) {
+        // The peer listener's line ("listening for peers") comes first, so it is read here too.
         let line = process
             .wait_for_line("listening", Duration::from_secs(20))
             .await?;
@@ -342,12 +369,15 @@ pub async fn start_shroud_proxy(
             https = Some(addr);
         } else if line.contains("listener=\"http\"") {
             http = Some(addr);
+        } else if line.contains("listening for peers") {
+            peer = Some(addr);
         }
     }
     Ok(ShroudProxy {
         process,
         https: https.context("no https listener")?,
         http: http.context("no http listener")?,
+        peer,
     })
 }
 

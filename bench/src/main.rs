@@ -6,7 +6,7 @@
 //! that stands in for a long path).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod clock;
 mod contender;
+mod fleet;
 mod measure;
 mod origin;
 mod relay;
@@ -99,6 +100,12 @@ struct RunArgs {
     /// shroud's --stream-buffer-bytes on both sides, instead of its default.
     #[arg(long)]
     stream_buffer: Option<usize>,
+    /// Measure only forwarding between two proxies of a fleet (visitors at the proxy holding
+    /// the tunnel against visitors at one that forwards them), and replace just that section
+    /// of --out and the `fleet` entry of --json, leaving the rest as it is. A full run measures
+    /// it too, whenever shroud is measured.
+    #[arg(long, conflicts_with_all = ["only", "idle", "idle_tunnels", "rtt_ms"])]
+    fleet_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +174,9 @@ async fn run_and_report(args: RunArgs) -> anyhow::Result<()> {
         stream_buffer: args.stream_buffer,
     };
     std::fs::create_dir_all(&args.logs)?;
+    if args.fleet_only {
+        return fleet_only(&plan, &args.logs, &args.json, &args.out).await;
+    }
     let results = run::run(plan, args.logs.clone()).await?;
     if let Some(dir) = args.json.parent() {
         std::fs::create_dir_all(dir)?;
@@ -179,6 +189,34 @@ async fn run_and_report(args: RunArgs) -> anyhow::Result<()> {
         args.charts.display(),
         args.json.display(),
         results.elapsed_secs
+    );
+    Ok(())
+}
+
+/// `run --fleet-only`: the forwarding figures alone, spliced into an existing report.
+async fn fleet_only(
+    plan: &run::Plan,
+    logs: &Path,
+    json_path: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let fleet = run::run_fleet(plan, logs.to_path_buf()).await?;
+    // The figures of the last full run stay; only the forwarding ones are replaced.
+    report::write_fleet_json(&fleet, json_path)?;
+    report::write_fleet(&fleet, out)?;
+    for err in &fleet.errors {
+        eprintln!("shroud-bench: forwarding: {err}");
+    }
+    println!(
+        "wrote the forwarding section of {} (raw figures under \"fleet\" in {}) after {:.0} s",
+        out.display(),
+        json_path.display(),
+        fleet.elapsed_secs
+    );
+    anyhow::ensure!(
+        fleet.errors.is_empty(),
+        "{} measurement(s) failed",
+        fleet.errors.len()
     );
     Ok(())
 }

@@ -340,7 +340,8 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// What wrk reported.
+/// Requests per second and latency, as wrk reports them (and as [`tls_new_connections`]
+/// reports its own load, in the same form).
 #[derive(Debug, Clone, Serialize)]
 pub struct WrkResult {
     /// Requests per second.
@@ -439,6 +440,107 @@ fn parse_duration_ms(text: &str) -> anyhow::Result<f64> {
         "m" => number * 60e3,
         other => bail!("unknown unit {other:?} in wrk's output"),
     })
+}
+
+/// Longest a visitor of [`tls_new_connections`] may take for one request.
+const TLS_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A new TLS connection for every request, `connections` visitors at once for `duration`:
+/// each connects, completes a TLS handshake for `target.host` (the certificate verified
+/// against `ca`, with a configuration of its own so that no session is resumed), sends
+/// `GET /page` with `Connection: close` and reads the whole answer, then starts again.
+/// Latency runs from `connect()` to the answer's last byte, so it holds the handshake, which
+/// is where a proxy routes (by SNI). Requests still open when `duration` ends are not
+/// counted, as wrk does not count them; requests per second count answered ones.
+pub async fn tls_new_connections(
+    target: &Target,
+    ca: &shroud_tests::TestCa,
+    duration: Duration,
+    connections: usize,
+) -> anyhow::Result<WrkResult> {
+    let roots = ca.root_store();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut tasks = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (target, roots) = (target.clone(), roots.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_ms = Vec::new();
+            let mut errors = 0u64;
+            let mut first_error = None;
+            while tokio::time::Instant::now() < deadline {
+                // A new configuration has an empty session cache: a full handshake.
+                let config = shroud_tests::client_config(roots.clone(), &[]);
+                let started = Instant::now();
+                let request = async {
+                    let tls =
+                        shroud_tests::tls_connect_with(target.addr, &target.host, config).await?;
+                    page_closing(tls, &target.host).await
+                };
+                let bounded = tokio::time::timeout(TLS_REQUEST_TIMEOUT, request);
+                match tokio::time::timeout_at(deadline, bounded).await {
+                    // The run ended during this request.
+                    Err(_) => break,
+                    Ok(Ok(Ok(()))) => latencies_ms.push(started.elapsed().as_secs_f64() * 1e3),
+                    Ok(Ok(Err(err))) => {
+                        errors += 1;
+                        first_error.get_or_insert(err);
+                    }
+                    Ok(Err(_)) => {
+                        errors += 1;
+                        first_error.get_or_insert(anyhow::anyhow!(
+                            "a request took over {TLS_REQUEST_TIMEOUT:?}"
+                        ));
+                    }
+                }
+            }
+            (latencies_ms, errors, first_error)
+        }));
+    }
+    let mut latencies_ms = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    for task in tasks {
+        let (latencies, failed, error) = task.await.context("a TLS visitor task")?;
+        latencies_ms.extend(latencies);
+        errors += failed;
+        if first_error.is_none() {
+            first_error = error;
+        }
+    }
+    if latencies_ms.is_empty() {
+        let err = first_error.unwrap_or_else(|| anyhow::anyhow!("no request was made"));
+        return Err(err.context("no TLS request succeeded"));
+    }
+    Ok(WrkResult {
+        rps: latencies_ms.len() as f64 / duration.as_secs_f64(),
+        p50_ms: median(&latencies_ms),
+        p99_ms: percentile(&latencies_ms, 99.0),
+        errors,
+    })
+}
+
+/// One `GET /page` on a new TLS connection to `target`, as one visitor of
+/// [`tls_new_connections`] makes it.
+pub async fn tls_get_page(target: &Target, ca: &shroud_tests::TestCa) -> anyhow::Result<()> {
+    let config = shroud_tests::client_config(ca.root_store(), &[]);
+    let tls = shroud_tests::tls_connect_with(target.addr, &target.host, config).await?;
+    page_closing(tls, &target.host).await
+}
+
+/// `GET /page` for `host` with `Connection: close` on `stream`; the whole page must come back.
+async fn page_closing<S>(stream: S, host: &str) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = shroud_tests::visitor::get_request(host, "/page");
+    let response = shroud_tests::http_exchange(stream, request.as_bytes()).await?;
+    anyhow::ensure!(response.status == 200, "answered {}", response.status);
+    anyhow::ensure!(
+        response.body.len() == crate::origin::PAGE_LEN,
+        "a page of {} bytes",
+        response.body.len()
+    );
+    Ok(())
 }
 
 /// iperf3's single-stream figure on loopback, in MB/s: what the machine's TCP stack does with

@@ -23,7 +23,7 @@ const MAX_HEAD: usize = 8 * 1024;
 /// Size of the buffer `/bytes/N` is written from, and of each write.
 const CHUNK: usize = 256 * 1024;
 /// The body of `/page`.
-const PAGE_LEN: usize = 612;
+pub(crate) const PAGE_LEN: usize = 612;
 
 /// Serves on `listen` until the process is killed. Prints `origin listening addr=...` on
 /// stderr once bound.

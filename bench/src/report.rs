@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-use crate::contender::Kind;
+use crate::contender::{Kind, HOST};
+use crate::fleet::FleetResults;
 use crate::measure::{median, percentile, Series};
 use crate::run::{ContenderResults, Results};
 
@@ -208,6 +209,10 @@ fn render(results: &Results, chart_dir: &Path) -> anyhow::Result<String> {
         );
     }
 
+    if let Some(fleet) = &results.fleet {
+        md.push_str(&fleet_section(fleet));
+    }
+
     let failures: Vec<String> = results
         .contenders
         .iter()
@@ -231,6 +236,194 @@ fn render(results: &Results, chart_dir: &Path) -> anyhow::Result<String> {
     }
 
     Ok(md)
+}
+
+/// The heading of the forwarding section, which `--fleet-only` finds and replaces.
+const FLEET_HEADING: &str = "## Forwarding between proxies";
+/// The heading the forwarding section goes before when a report has none yet.
+const FAILURES_HEADING: &str = "## What failed in this run";
+
+/// Replaces the forwarding section of the report at `out` with `fleet`'s, or adds it (before
+/// the failures, if any), leaving every other section as it is.
+pub fn write_fleet(fleet: &FleetResults, out: &Path) -> anyhow::Result<()> {
+    let md = std::fs::read_to_string(out).unwrap_or_default();
+    let md = splice_section(&md, &fleet_section(fleet));
+    std::fs::write(out, md).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Sets the `fleet` entry of the raw figures at `path` to `fleet`'s, keeping every other
+/// entry byte for byte (parsed and written again, floats could change in their last digit);
+/// a file that is missing or not a JSON object is started afresh.
+pub fn write_fleet_json(fleet: &FleetResults, path: &Path) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let entry = serde_json::to_string_pretty(fleet)?;
+    let json = splice_json_entry(&old, "fleet", &entry);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `json`, an object as `serde_json::to_string_pretty` writes it, with its top-level entry
+/// `key` (if any) removed and `key: value` (`value` pretty-printed) added last. In that
+/// layout a top-level key, and only one, starts a line with exactly two spaces and a quote
+/// (strings hold no raw newline).
+fn splice_json_entry(json: &str, key: &str, value: &str) -> String {
+    let is_object = serde_json::from_str::<serde_json::Value>(json).is_ok_and(|v| v.is_object());
+    let mut entries: Vec<Vec<&str>> = Vec::new();
+    if is_object {
+        let lines: Vec<&str> = json.trim_end().lines().collect();
+        let inner = lines.get(1..lines.len().saturating_sub(1)).unwrap_or(&[]);
+        for &line in inner {
+            let starts_entry = line.starts_with("  \"") || entries.is_empty();
+            if starts_entry {
+                entries.push(vec![line]);
+            } else if let Some(entry) = entries.last_mut() {
+                entry.push(line);
+            }
+        }
+    }
+    let ours = format!("  \"{key}\": ");
+    entries.retain(|entry| !entry.first().is_some_and(|line| line.starts_with(&ours)));
+    let mut out = String::from("{\n");
+    for entry in &entries {
+        for (i, line) in entry.iter().enumerate() {
+            // The separating comma ends an entry's last line; put it back on every entry.
+            let line = if i + 1 == entry.len() {
+                line.strip_suffix(',').unwrap_or(line)
+            } else {
+                line
+            };
+            out.push_str(line);
+            out.push_str(if i + 1 == entry.len() { ",\n" } else { "\n" });
+        }
+    }
+    let _ = write!(out, "{ours}{}\n}}", value.replace('\n', "\n  "));
+    out
+}
+
+/// `md` with the section starting at [`FLEET_HEADING`] replaced by `section` (up to the next
+/// `## ` heading), or with `section` put before [`FAILURES_HEADING`] or at the end.
+fn splice_section(md: &str, section: &str) -> String {
+    let heading_at = |heading: &str| {
+        if md.starts_with(heading) {
+            Some(0)
+        } else {
+            md.find(&format!("\n{heading}")).map(|i| i + 1)
+        }
+    };
+    if let Some(start) = heading_at(FLEET_HEADING) {
+        let body = start + FLEET_HEADING.len();
+        let end = md[body..].find("\n## ").map_or(md.len(), |i| body + i + 1);
+        return format!("{}{section}{}", &md[..start], &md[end..]);
+    }
+    if let Some(at) = heading_at(FAILURES_HEADING) {
+        return format!("{}{section}{}", &md[..at], &md[at..]);
+    }
+    let gap = match md {
+        "" => "",
+        md if md.ends_with("\n\n") => "",
+        md if md.ends_with('\n') => "\n",
+        _ => "\n\n",
+    };
+    format!("{md}{gap}{section}")
+}
+
+/// The forwarding section: both paths, each kind of visitor, with ratios to direct.
+fn fleet_section(fleet: &FleetResults) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "{FLEET_HEADING}\n");
+    let _ = writeln!(
+        md,
+        "Two `shroud-proxy` processes of one fleet (each with `--listen-peer 127.0.0.1:0` and the \
+         same `--fleet-secret-file`, the second with `--peer` naming the first) and one client \
+         holding its tunnel to the first. Visitors go either to the first (\"direct\") or to the \
+         second, which holds no tunnel and forwards each visitor over its peer link (TLS, yamux) \
+         to the first (\"forwarded\", one hop). Same origin, same client, same load: both paths \
+         are measured in the same run, one after the other, {} times each (which goes first \
+         alternates); figures are medians, and `×` is the ratio to direct.\n",
+        fleet.runs
+    );
+    let when = if fleet.alone {
+        "in a run of their own (`bench/run.sh --fleet-only`), apart from the sections above"
+    } else {
+        "in the same run as the sections above"
+    };
+    let _ = writeln!(
+        md,
+        "These figures were taken {when}, on {}; this part took {:.0} s.\n",
+        fleet.machine, fleet.elapsed_secs
+    );
+    if let Some(ms) = fleet.converged_ms {
+        let _ = writeln!(
+            md,
+            "Measuring starts once gossip has converged: the first request at the second proxy, \
+             sent as soon as the client reported its tunnel up, was answered {ms:.0} ms later (a \
+             proxy that does not yet know who holds a name holds the visitor until gossip tells \
+             it).\n"
+        );
+    }
+    let _ = writeln!(
+        md,
+        "- **HTTPS**: the bench's own visitors, {} at once for {} s; every request a new TCP \
+         connection and a full TLS handshake (SNI `{HOST}`, certificate verified, no session \
+         resumed), `GET /page`, the whole answer read. The proxies route by SNI without \
+         decrypting; the client terminates TLS (`--tls-cert`) in front of the same plain origin. \
+         Latency from `connect()` to the answer's last byte.\n\
+         - **HTTP**: wrk as in [HTTP requests](#http-requests), 2 threads, {} connections, {} s, \
+         `Connection: close`: a new connection per request, routed by `Host`. wrk times a \
+         request from when it is sent.\n",
+        fleet.connections, fleet.seconds, fleet.connections, fleet.seconds
+    );
+    let _ = writeln!(
+        md,
+        "| visitors | path | new-connection req/s | × | p50 ms | p99 ms | p99 added by the forward, ms |\n|---|---|---:|---:|---:|---:|---:|"
+    );
+    for (label, paths) in [("HTTPS", &fleet.https), ("HTTP", &fleet.http)] {
+        let direct = wrk_medians(&paths.direct);
+        let forwarded = wrk_medians(&paths.forwarded);
+        let _ = writeln!(
+            md,
+            "| {label} | direct | {} | {} | {} | {} | — |",
+            num(direct.0, 0),
+            ratio(direct.0, Some(direct.0)),
+            num(direct.1, 2),
+            num(direct.2, 2),
+        );
+        let _ = writeln!(
+            md,
+            "| {label} | forwarded | {} | {} | {} | {} | {} |",
+            num(forwarded.0, 0),
+            ratio(forwarded.0, Some(direct.0)),
+            num(forwarded.1, 2),
+            num(forwarded.2, 2),
+            signed(forwarded.2 - direct.2, 2),
+        );
+    }
+    let counted: Vec<String> = [
+        ("HTTPS direct", &fleet.https.direct),
+        ("HTTPS forwarded", &fleet.https.forwarded),
+        ("HTTP direct", &fleet.http.direct),
+        ("HTTP forwarded", &fleet.http.forwarded),
+    ]
+    .into_iter()
+    .filter_map(|(label, runs)| {
+        let n: u64 = runs.iter().map(|w| w.errors).sum();
+        (n > 0).then(|| format!("{label} {n}"))
+    })
+    .collect();
+    if !counted.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nFailed requests (socket errors, timeouts and non-2xx answers, all runs): {}.",
+            counted.join(", ")
+        );
+    }
+    for err in &fleet.errors {
+        let _ = writeln!(md, "\nFailed: {}", err.replace('\n', " "));
+    }
+    let _ = writeln!(md);
+    md
 }
 
 fn memory_section(md: &mut String, results: &Results, steps: &[usize]) {
@@ -466,6 +659,15 @@ fn num(x: f64, decimals: usize) -> String {
     }
 }
 
+/// `x` with its sign always shown.
+fn signed(x: f64, decimals: usize) -> String {
+    if x.is_finite() {
+        format!("{x:+.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
 fn ratio(x: f64, base: Option<f64>) -> String {
     match base {
         Some(base) if base > 0.0 && x.is_finite() => format!("{:.2}", x / base),
@@ -571,6 +773,7 @@ mod tests {
                 shroud: Some(series(21_000_000)),
                 errors: Vec::new(),
             }],
+            fleet: None,
             elapsed_secs: 1.0,
         }
     }
@@ -612,6 +815,114 @@ mod tests {
             md.contains("](charts/throughput.png)"),
             "the chart link is missing"
         );
+    }
+
+    fn fleet() -> FleetResults {
+        let wrk = |rps: f64, p99_ms: f64| WrkResult {
+            rps,
+            p50_ms: 1.0,
+            p99_ms,
+            errors: 0,
+        };
+        FleetResults {
+            machine: "test".into(),
+            runs: 1,
+            seconds: 3,
+            connections: 32,
+            converged_ms: Some(120.0),
+            alone: true,
+            https: crate::fleet::Paths {
+                direct: vec![wrk(2000.0, 10.0)],
+                forwarded: vec![wrk(1500.0, 12.5)],
+            },
+            http: crate::fleet::Paths {
+                direct: vec![wrk(5000.0, 8.0)],
+                forwarded: Vec::new(),
+            },
+            errors: vec!["HTTP, Forwarded: wrk failed".into()],
+            elapsed_secs: 30.0,
+        }
+    }
+
+    #[test]
+    fn forwarding_is_shown_against_direct() {
+        let md = fleet_section(&fleet());
+        let row = target_row(&md, "HTTPS | forwarded");
+        assert_eq!(
+            row,
+            "| HTTPS | forwarded | 1500 | 0.75 | 1.00 | 12.50 | +2.50 |"
+        );
+        let row = target_row(&md, "HTTPS | direct");
+        assert!(row.contains("| 2000 | 1.00 |"), "{row}");
+        let row = target_row(&md, "HTTP | forwarded");
+        assert_eq!(row, "| HTTP | forwarded | — | — | — | — | — |");
+        assert!(md.contains("Failed: HTTP, Forwarded: wrk failed"), "{md}");
+        assert!(md.contains("answered 120 ms later"), "{md}");
+        assert!(md.contains("in a run of their own"), "{md}");
+    }
+
+    #[test]
+    fn the_forwarding_section_replaces_its_old_self_and_nothing_else() {
+        let section = fleet_section(&fleet());
+        let before = "# Benchmarks\n\n## Memory\n\nmemory\n\n## Forwarding between proxies\n\nstale figures\n\n## What failed in this run\n\n- x\n";
+        let after = splice_section(before, &section);
+        assert!(after.starts_with("# Benchmarks\n\n## Memory\n\nmemory\n\n## Forwarding"));
+        assert!(after.ends_with(&format!("{section}## What failed in this run\n\n- x\n")));
+        assert!(!after.contains("stale figures"), "{after}");
+        // Done twice, the same.
+        assert_eq!(splice_section(&after, &section), after);
+
+        // Absent: before the failures, or else at the end.
+        let without = "# Benchmarks\n\n## Memory\n\nmemory\n\n## What failed in this run\n\n- x\n";
+        let with = splice_section(without, &section);
+        assert_eq!(
+            with,
+            before.replace(
+                "## Forwarding between proxies\n\nstale figures\n\n",
+                &section
+            )
+        );
+        assert_eq!(
+            splice_section("# Benchmarks\n\nm\n", &section),
+            format!("# Benchmarks\n\nm\n\n{section}")
+        );
+        // At the end of the file, it runs to the end.
+        let last = format!("# B\n\n{section}");
+        assert_eq!(splice_section(&last, &section), last);
+    }
+
+    #[test]
+    fn the_fleet_entry_of_the_raw_figures_is_replaced_and_the_rest_kept_byte_for_byte() {
+        // Floats that would not survive a parse and a print unchanged.
+        let old = "{\n  \"machine\": \"m, \\\"x\\\"\",\n  \"contenders\": [\n    {\n      \"mbs\": 3853.9882543333333\n    }\n  ],\n  \"elapsed_secs\": 536.0000000000001\n}";
+        let value = "{\n  \"runs\": 3\n}";
+        let new = splice_json_entry(old, "fleet", value);
+        let expected = format!(
+            "{},\n  \"fleet\": {{\n    \"runs\": 3\n  }}\n}}",
+            old.strip_suffix("\n}").unwrap()
+        );
+        assert_eq!(new, expected);
+        // Again: the old entry goes, wherever it is, and the new one comes last.
+        let moved = new.replace("\"machine\"", "\"z\"").replacen(
+            "{\n  \"z\"",
+            "{\n  \"fleet\": {\n    \"runs\": 1\n  },\n  \"z\"",
+            1,
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&moved).is_ok(),
+            "{moved}"
+        );
+        let again = splice_json_entry(&moved, "fleet", value);
+        assert_eq!(again, expected.replace("\"machine\"", "\"z\""));
+        let parsed: serde_json::Value = serde_json::from_str(&again).unwrap();
+        assert_eq!(parsed["fleet"]["runs"], 3);
+        // Nothing usable: a fresh object.
+        for junk in ["", "[1, 2]", "{ not json"] {
+            assert_eq!(
+                splice_json_entry(junk, "fleet", value),
+                "{\n  \"fleet\": {\n    \"runs\": 3\n  }\n}"
+            );
+        }
     }
 
     #[test]

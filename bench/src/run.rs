@@ -12,6 +12,7 @@ use shroud_tests::process::Process;
 use shroud_tests::tool;
 
 use crate::contender::{self, Env, Kind, Options, Running, HOST};
+use crate::fleet::{self, FleetResults};
 use crate::measure::{self, IdleVisitors, Series, Target, WrkResult};
 use crate::relay::Link;
 
@@ -61,6 +62,9 @@ pub struct Results {
     pub rtt: Vec<RttResult>,
     /// How long the run took, seconds.
     pub elapsed_secs: f64,
+    /// shroud visitors at the proxy holding the tunnel against visitors forwarded to it by
+    /// another proxy of its fleet; last, where `--fleet-only` puts it.
+    pub fleet: Option<FleetResults>,
 }
 
 /// One contender's figures, one entry per run.
@@ -201,9 +205,24 @@ pub async fn run(plan: Plan, logs: PathBuf) -> anyhow::Result<Results> {
             .rtt
             .push(high_rtt(&plan, &env, origin, &options, rtt_ms).await);
     }
+    if plan.kinds.contains(&Kind::Shroud) {
+        let machine = results.machine.clone();
+        results.fleet = Some(fleet::measure(&plan, &env, origin, &options, machine, false).await);
+    }
     results.plan = Some(plan);
     results.elapsed_secs = started.elapsed().as_secs_f64();
     Ok(results)
+}
+
+/// Measures only forwarding between proxies (direct against forwarded), against an origin
+/// started here.
+pub async fn run_fleet(plan: &Plan, logs: PathBuf) -> anyhow::Result<FleetResults> {
+    let env = Env::new(logs)?;
+    let (_origin, origin) = start_origin(&env).await?;
+    let options = Options {
+        stream_buffer: plan.stream_buffer,
+    };
+    Ok(fleet::measure(plan, &env, origin, &options, machine(), true).await)
 }
 
 async fn throughput_and_http(plan: &Plan, running: &Running, entry: &mut ContenderResults) {
@@ -354,14 +373,15 @@ async fn start_origin(env: &Env) -> anyhow::Result<(Process, SocketAddr)> {
     contender::start_own(env, &["origin".to_owned()], "origin").await
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let kernel = tool::kernel_release().unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let model = tool::cpu_model().unwrap_or_else(|| "unknown CPU".into());
     format!("{cpus} CPUs ({model}), Linux {kernel}")
 }
 
-fn progress(message: &str) {
+/// Prints `message` with the time of day.
+pub(crate) fn progress(message: &str) {
     println!("[{}] {message}", chrono_now());
 }
 
