@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io::{self, Read as _};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair}
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::ports::free_port;
 
 /// How long pebble may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -47,15 +49,6 @@ pub struct PebbleSetup {
     pub blocklist: Vec<String>,
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl PebbleSetup {
     /// A setup whose validator dials `tls_port`; writes the CA and pebble's certificate.
     pub fn new(tls_port: u16) -> Self {
@@ -73,11 +66,11 @@ impl PebbleSetup {
         fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
         Self {
             dir,
-            acme_port: free_port(),
-            management_port: free_port(),
+            acme_port: free_port().unwrap(),
+            management_port: free_port().unwrap(),
             tls_port,
-            dns_port: free_port(),
-            dns_management_port: free_port(),
+            dns_port: free_port().unwrap(),
+            dns_management_port: free_port().unwrap(),
             validity_secs: None,
             blocklist: Vec::new(),
         }
@@ -104,7 +97,7 @@ impl PebbleSetup {
                 "certificate": dir.join("cert.pem"),
                 "privateKey": dir.join("key.pem"),
                 // HTTP-01 is not used; pebble still wants a port.
-                "httpPort": free_port(),
+                "httpPort": free_port().unwrap(),
                 "tlsPort": self.tls_port,
                 "ocspResponderURL": "",
                 "externalAccountBindingRequired": false,
@@ -228,6 +221,22 @@ impl Pebble {
             }
         }
         text
+    }
+
+    /// The root that pebble's certificates chain to (new at every start), as the only root
+    /// of a store: what a visitor that trusts pebble alone trusts.
+    pub async fn roots(&self) -> io::Result<rustls::RootCertStore> {
+        let pem = self.root_pem().await?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots
+                .add(cert.map_err(io::Error::other)?)
+                .map_err(io::Error::other)?;
+        }
+        if roots.is_empty() {
+            return Err(io::Error::other("pebble answered no root certificate"));
+        }
+        Ok(roots)
     }
 
     /// The root that pebble's certificates chain to (new at every start), as PEM.

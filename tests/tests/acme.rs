@@ -82,13 +82,7 @@ impl Setup {
 
 /// The roots a visitor trusts: pebble's, and nothing else.
 async fn pebble_roots(pebble: &Pebble) -> rustls::RootCertStore {
-    let pem = pebble.root_pem().await.unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    assert!(!roots.is_empty());
-    roots
+    pebble.roots().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -372,7 +366,7 @@ async fn a_check_the_ca_cannot_complete_is_logged_with_its_detail_and_retried() 
     let mut setup = Setup::new().await;
     // The validator dials a port where nothing listens instead of the proxy's: every check
     // fails, as when DNS points the name elsewhere.
-    setup.pebble = PebbleSetup::new(shroud_tests::pebble::free_port());
+    setup.pebble = PebbleSetup::new(shroud_tests::ports::free_port().unwrap());
     let _pebble = setup.pebble.start().unwrap();
     let origin = HttpOrigin::plain().await.unwrap();
     let args = setup.client_args(

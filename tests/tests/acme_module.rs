@@ -18,7 +18,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use shroud_client::acme::{Acme, AcmeConfig, AcmeError, Export, Timing, ACME_TLS_ALPN};
 use shroud_client::transport::{BoxStream, DirectTransport, Resolve, Transport};
 use shroud_tests::init;
-use shroud_tests::pebble::{free_port, Pebble, PebbleSetup};
+use shroud_tests::pebble::{Pebble, PebbleSetup};
+use shroud_tests::ports::free_port;
 use tokio::net::TcpListener;
 use tokio::time::timeout;
 use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
@@ -503,7 +504,7 @@ async fn stopping_before_a_certificate_ends_ready() {
     let mut config = AcmeConfig::new(
         HOST,
         "",
-        &format!("https://127.0.0.1:{}/dir", free_port()),
+        &format!("https://127.0.0.1:{}/dir", free_port().unwrap()),
         state.path().to_owned(),
     );
     config.agree_tos = true;

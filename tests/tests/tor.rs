@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
-
-use rustls_pki_types::pem::PemObject as _;
 use std::time::{Duration, Instant};
 
 use shroud_tests::process::Process;
@@ -342,11 +340,7 @@ async fn acme_reaches_the_ca_only_through_tor() {
     );
 
     // A visitor trusting only pebble's root reaches the origin.
-    let pem = pebble.root_pem().await.unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    let roots = pebble.roots().await.unwrap();
     let response = within(60, https_get(proxy.https, HOST, roots, "/"))
         .await
         .unwrap();

@@ -89,10 +89,7 @@ pub async fn run(check: bool) -> anyhow::Result<()> {
     println!();
 
     if check {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(root_pem.as_bytes()) {
-            roots.add(cert.context("pebble's root")?)?;
-        }
+        let roots = pebble.roots().await.context("pebble's root")?;
         let response = https_get(proxy.https, HOST, roots, "/")
             .await
             .context("HTTPS with the ACME certificate")?;
