@@ -58,8 +58,26 @@ pub fn print_completions(command: clap::Command, shell: Shell) -> Result<(), Pac
 pub fn completions(mut command: clap::Command, shell: Shell) -> Vec<u8> {
     let name = command.get_name().to_owned();
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut command, name, &mut script);
+    clap_complete::generate(shell, &mut command, name.clone(), &mut script);
+    if shell == Shell::Bash {
+        script = fix_bash_subcommand_states(&script, &name);
+    }
     script
+}
+
+/// clap_complete (up to 4.6.12 at least: clap issue #6421) spells the bash script's states for
+/// a hyphenated name's subcommands two ways: the loop that reads the words reaches
+/// `shroud__proxy__subcmd__man`, the `case` that completes it waits for
+/// `shroud__subcmd__proxy__subcmd__man`, so nothing after a subcommand of `shroud-proxy` or
+/// `shroud-discovery` would complete. This spells the arms as the loop does.
+fn fix_bash_subcommand_states(script: &[u8], name: &str) -> Vec<u8> {
+    const SEPARATOR: &str = "__subcmd__";
+    let (Ok(text), true) = (std::str::from_utf8(script), name.contains('-')) else {
+        return script.to_vec();
+    };
+    let wrong = format!("{}{SEPARATOR}", name.replace('-', SEPARATOR));
+    let right = format!("{}{SEPARATOR}", name.replace('-', "__"));
+    text.replace(&wrong, &right).into_bytes()
 }
 
 /// With `--out DIR`, writes a page for `command` and one for each of its subcommands into DIR
@@ -208,6 +226,22 @@ mod tests {
         std::fs::write(&file, "").unwrap();
         let err = man_pages_to(Demo::command(), &file).unwrap_err();
         assert!(err.to_string().contains("not-a-dir"), "{err}");
+    }
+
+    #[test]
+    fn bash_states_of_a_hyphenated_name_are_spelt_one_way() {
+        let command = Demo::command().name("demo-app");
+        let script = String::from_utf8(completions(command, Shell::Bash)).unwrap();
+        assert!(!script.contains("demo__subcmd__app"), "{script}");
+        // The loop's spelling and the case arm's are the same.
+        assert!(
+            script.contains("cmd=\"demo__app__subcmd__man\""),
+            "{script}"
+        );
+        assert!(
+            script.contains("        demo__app__subcmd__man)"),
+            "{script}"
+        );
     }
 
     #[test]
