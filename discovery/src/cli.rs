@@ -3,6 +3,8 @@
 //! ```text
 //! shroud-discovery --listen ADDR --tls-cert FILE --tls-key FILE --signing-key FILE [OPTIONS]
 //! shroud-discovery key --signing-key FILE
+//! shroud-discovery completions SHELL
+//! shroud-discovery man [--out DIR]
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -51,6 +53,12 @@ pub enum Command {
     /// Print the signing key's public half, for clients' --discovery-key (makes the key if
     /// missing).
     Key(KeyArgs),
+    /// Print a shell completion script, e.g. `shroud-discovery completions bash >
+    /// /usr/share/bash-completion/completions/shroud-discovery`
+    Completions(shroud_process::packaging::CompletionsArgs),
+    /// Print the man page (roff: `shroud-discovery man | man -l -`), or write every page into
+    /// --out DIR
+    Man(shroud_process::packaging::ManArgs),
 }
 
 /// Options of `shroud-discovery key`.
@@ -309,6 +317,14 @@ fn system_dns_servers(path: &Path) -> anyhow::Result<Vec<SocketAddr>> {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match (cli.command, cli.serve) {
         (Some(Command::Key(args)), _) => print_key(&args.signing_key),
+        (Some(Command::Completions(args)), _) => Ok(shroud_process::packaging::print_completions(
+            <Cli as clap::CommandFactory>::command(),
+            args.shell,
+        )?),
+        (Some(Command::Man(args)), _) => Ok(shroud_process::packaging::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            &args,
+        )?),
         (None, Some(serve)) => {
             let mut config = serve.config()?;
             config.dns = serve.dns()?;

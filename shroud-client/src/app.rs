@@ -26,6 +26,14 @@ use shroud_mux::auth::PublicKey;
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
     match (cli.command, cli.run) {
         (Some(Command::Key(args)), _) => print_key(args.key),
+        (Some(Command::Completions(args)), _) => Ok(shroud_process::packaging::print_completions(
+            <Cli as clap::CommandFactory>::command(),
+            args.shell,
+        )?),
+        (Some(Command::Man(args)), _) => Ok(shroud_process::packaging::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            &args,
+        )?),
         (None, Some(run)) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));

@@ -3,6 +3,8 @@
 //! ```text
 //! shroud [OPTIONS] --proxy NAME[:PORT] <HOSTNAME> <TARGET>
 //! shroud key [--key FILE]
+//! shroud completions SHELL
+//! shroud man [--out DIR]
 //! ```
 
 use std::net::IpAddr;
@@ -47,6 +49,11 @@ pub struct Cli {
 pub enum Command {
     /// Print this client's public key, for a proxy's authorized file (makes the key if missing).
     Key(KeyArgs),
+    /// Print a shell completion script, e.g. `shroud completions bash >
+    /// ~/.local/share/bash-completion/completions/shroud`
+    Completions(shroud_process::packaging::CompletionsArgs),
+    /// Print the man page (roff: `shroud man | man -l -`), or write every page into --out DIR
+    Man(shroud_process::packaging::ManArgs),
 }
 
 /// Options of `shroud key`.
@@ -533,6 +540,23 @@ mod tests {
             panic!("not the key subcommand");
         };
         assert_eq!(args.key, Some(PathBuf::from("/tmp/k")));
+    }
+
+    #[test]
+    fn parses_the_packaging_subcommands() {
+        let cli = Cli::try_parse_from(["shroud", "completions", "zsh"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Completions(ref args)) if args.shell == shroud_process::packaging::Shell::Zsh
+        ));
+        assert!(cli.run.is_none());
+        let cli = Cli::try_parse_from(["shroud", "man", "--out", "/tmp/man1"]).unwrap();
+        let Some(Command::Man(args)) = cli.command else {
+            panic!("not the man subcommand");
+        };
+        assert_eq!(args.out, Some(PathBuf::from("/tmp/man1")));
+        let err = Cli::try_parse_from(["shroud", "completions", "tcsh"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidValue, "{err}");
     }
 
     #[test]

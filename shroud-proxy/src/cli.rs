@@ -20,11 +20,22 @@ use crate::shared::{Limits, ProxyConfig, Shared};
 /// A shroud proxy: publishes services whose clients hold tunnels to it, routing visitors by TLS
 /// SNI or HTTP Host without decrypting their traffic.
 #[derive(Debug, Parser)]
-#[command(name = "shroud-proxy", version)]
+#[command(
+    name = "shroud-proxy",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
     /// Log format and level.
     #[command(flatten)]
     pub log: shroud_process::logging::LogArgs,
+
+    /// A subcommand (completions, man pages) instead of the flags that run the proxy: clap
+    /// refuses the two together, and requires --tunnel-name, --tls-cert and --tls-key only
+    /// without one (so those three are `Option`s that are `Some` whenever the proxy runs).
+    #[command(subcommand)]
+    pub command: Option<Command>,
 
     /// Public TLS listener: visitors are routed by SNI; shroud clients (ALPN shroud/1) become
     /// tunnels. Usually 0.0.0.0:443, since Tor exits commonly allow 443.
@@ -41,16 +52,16 @@ pub struct Cli {
 
     /// This proxy's own hostname: clients connect with it as SNI and check the certificate
     /// against it.
-    #[arg(long, env = "SHROUD_TUNNEL_NAME", value_name = "NAME")]
-    pub tunnel_name: String,
+    #[arg(long, env = "SHROUD_TUNNEL_NAME", value_name = "NAME", required = true)]
+    pub tunnel_name: Option<String>,
 
     /// Certificate chain (PEM) for the tunnel name.
-    #[arg(long, env = "SHROUD_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: PathBuf,
+    #[arg(long, env = "SHROUD_TLS_CERT", value_name = "FILE", required = true)]
+    pub tls_cert: Option<PathBuf>,
 
     /// Private key (PEM) for the certificate.
-    #[arg(long, env = "SHROUD_TLS_KEY", value_name = "FILE")]
-    pub tls_key: PathBuf,
+    #[arg(long, env = "SHROUD_TLS_KEY", value_name = "FILE", required = true)]
+    pub tls_key: Option<PathBuf>,
 
     /// Which client key may bind which hostname: lines of `HOSTNAME KEY`, where HOSTNAME may
     /// be `*.example.com` (its subdomains) and KEY is what `shroud key` prints.
@@ -242,12 +253,43 @@ pub fn stream_buffer_bytes() -> clap::builder::RangedU64ValueParser<usize> {
         .range(MIN_STREAM_BUFFER as u64..=MAX_STREAM_BUFFER as u64)
 }
 
+/// The subcommands, each instead of running the proxy.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print a shell completion script, e.g. `shroud-proxy completions bash >
+    /// /usr/share/bash-completion/completions/shroud-proxy`
+    Completions(shroud_process::packaging::CompletionsArgs),
+    /// Print the man page (roff: `shroud-proxy man | man -l -`), or write every page into
+    /// --out DIR
+    Man(shroud_process::packaging::ManArgs),
+}
+
+impl Command {
+    /// Prints what the subcommand asks for.
+    pub fn run(self) -> anyhow::Result<()> {
+        let command = <Cli as clap::CommandFactory>::command();
+        match self {
+            Command::Completions(args) => {
+                shroud_process::packaging::print_completions(command, args.shell)?
+            }
+            Command::Man(args) => shroud_process::packaging::write_man_pages(command, &args)?,
+        }
+        Ok(())
+    }
+}
+
 impl Cli {
     /// Checks the arguments and loads the files they name.
     pub fn config(&self) -> anyhow::Result<ProxyConfig> {
-        let tunnel_name = shroud_mux::hostname::normalize(&self.tunnel_name)
-            .with_context(|| format!("--tunnel-name {:?}", self.tunnel_name))?;
-        let tls = server::tunnel_tls_config(&self.tls_cert, &self.tls_key)?;
+        // clap requires all three whenever no subcommand is given.
+        let (Some(name), Some(cert), Some(key)) =
+            (&self.tunnel_name, &self.tls_cert, &self.tls_key)
+        else {
+            anyhow::bail!("give --tunnel-name, --tls-cert and --tls-key");
+        };
+        let tunnel_name = shroud_mux::hostname::normalize(name)
+            .with_context(|| format!("--tunnel-name {name:?}"))?;
+        let tls = server::tunnel_tls_config(cert, key)?;
         let policy = match &self.authorized {
             Some(path) => {
                 Policy::load(path).with_context(|| format!("--authorized {}", path.display()))?
@@ -361,7 +403,10 @@ impl Cli {
 }
 
 /// Runs the proxy as the command line says, until SIGTERM or SIGINT.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
+    if let Some(command) = cli.command.take() {
+        return command.run();
+    }
     let mut config = cli.config()?;
     let listeners = cli.listeners().await?;
     let peer_addr = listeners.peer.as_ref().map(TcpListener::local_addr);
@@ -509,6 +554,33 @@ mod limit_flag_tests {
     #[test]
     fn the_command_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_flags_alone_run_the_proxy() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.tunnel_name.as_deref(), Some("proxy.test"));
+        let err = Cli::try_parse_from(["shroud-proxy", "--tls-cert", "/c", "--tls-key", "/k"])
+            .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--tunnel-name"), "{err}");
+    }
+
+    #[test]
+    fn the_packaging_subcommands_need_no_flags_and_take_none() {
+        let cli = Cli::try_parse_from(["shroud-proxy", "completions", "fish"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Completions(_))));
+        assert!(cli.tunnel_name.is_none());
+        let cli = Cli::try_parse_from(["shroud-proxy", "man"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Man(ref args)) if args.out.is_none()));
+        // Run flags before a subcommand, or after it, are refused.
+        let mut mixed = REQUIRED.to_vec();
+        mixed.extend(["completions", "bash"]);
+        assert!(Cli::try_parse_from(&mixed).is_err());
+        let err =
+            Cli::try_parse_from(["shroud-proxy", "man", "--tunnel-name", "p.test"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{err}");
     }
 
     #[test]

@@ -29,6 +29,8 @@
 //! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
 //! - [`pebble`]: Debian's pebble, a test ACME CA, with its DNS answering
 //!   127.0.0.1 for every name, so its validator reaches a proxy on loopback.
+//! - [`nginx`]: Debian's nginx as an origin that expects a PROXY protocol
+//!   header and logs the visitor's address it names.
 //! - [`process`]: programs started by PID and killed on drop, their output
 //!   read line by line, kept and echoed or written to a log file.
 //! - [`dns`]: a real DNS server on `127.0.0.1:0` (UDP and TCP on one port)
@@ -51,6 +53,7 @@
 pub mod bulk;
 pub mod dns;
 pub mod load;
+pub mod nginx;
 pub mod origin;
 pub mod pebble;
 pub mod pki;

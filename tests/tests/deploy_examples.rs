@@ -550,7 +550,11 @@ fn the_proxy_discovery_drop_in_makes_a_valid_command_line() {
     let public_name = cli.public_name.expect("--public-name");
     let (name, port) = public_name.rsplit_once(':').unwrap();
     assert_eq!(port, "443");
-    assert_eq!(name, cli.tunnel_name, "clients dial the tunnel name");
+    assert_eq!(
+        Some(name),
+        cli.tunnel_name.as_deref(),
+        "clients dial the tunnel name"
+    );
     assert!(!cli.region.expect("--region").is_empty());
 
     // The names it uses are the ones zone.example publishes.
