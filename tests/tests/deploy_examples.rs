@@ -437,6 +437,68 @@ fn every_key_of_the_config_examples_is_a_flag_of_its_binary() {
 }
 
 #[test]
+fn every_key_the_readmes_show_is_a_flag() {
+    let commands = [
+        shroud_client::cli::Cli::command(),
+        shroud_proxy::cli::Cli::command(),
+        shroud_discovery::cli::Cli::command(),
+    ];
+    let is_flag = |key: &str| {
+        commands.iter().any(|command| {
+            command.get_arguments().any(|arg| {
+                arg.get_long() == Some(key) || (arg.is_positional() && arg.get_id() == key)
+            })
+        })
+    };
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let mut blocks = 0;
+    for text in [std::fs::read_to_string(readme).unwrap(), read("README.md")] {
+        for block in text.split("```toml\n").skip(1) {
+            let block = block.split("```").next().unwrap();
+            // Commented-out settings count too.
+            let uncommented: String = block
+                .lines()
+                .map(|line| match commented_setting(line) {
+                    Some(_) => &line[1..],
+                    None => line,
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let table: toml::Table = uncommented
+                .parse()
+                .unwrap_or_else(|err| panic!("{err}\n{block}"));
+            for key in table.keys() {
+                assert!(is_flag(key), "{key} in\n{block}");
+            }
+            blocks += 1;
+        }
+    }
+    assert!(blocks >= 5, "{blocks} TOML blocks");
+}
+
+#[test]
+fn the_readmes_proxy_config_loads_as_its_comments_say() {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(readme).unwrap();
+    let block = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("a TOML block in README.md");
+    assert!(block.contains("shroud-proxy --config"), "{block}");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["shroud-proxy".to_owned()];
+    let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", block);
+    assert_eq!(cli.tunnel_name, "proxy1.example.net");
+    assert_eq!(cli.tls_cert, dir.path().join("proxy/fullchain.pem"));
+    assert_eq!(cli.authorized, Some(dir.path().join("authorized")));
+    assert!(cli.authorize_dns);
+    assert_eq!(cli.word_names, ["free.example.net"]);
+    assert_eq!(cli.max_connections, 20_000);
+    assert_eq!(cli.log.verbose, 1);
+}
+
+#[test]
 fn the_client_unit_and_config_make_a_valid_command_line() {
     let unit = read("systemd/shroud@.service");
     assert!(unit.contains("EnvironmentFile=-/etc/shroud/%i.env"));
