@@ -375,10 +375,9 @@ fn with_defaults(
             !sub.is_global_set() && sub.get_long().is_some() && sub.get_long() == arg.get_long()
         });
         if arg.is_global_set() {
+            // A global flag given after the subcommand shows in `given` too: clap passes them up.
             if given_explicitly(given, arg.get_id().as_str())
-                || given_explicitly(sub_given, arg.get_id().as_str())
                 || conflicts_with_given(built, arg, given)
-                || conflicts_with_given(sub_built, arg, sub_given)
             {
                 continue;
             }
