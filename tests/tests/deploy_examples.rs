@@ -396,6 +396,12 @@ fn config_keys(file: &str) -> Vec<String> {
         .collect()
 }
 
+/// The value of a flag clap requires whenever the binary runs its service, whether its CLI
+/// holds it plainly or as an `Option` (as a CLI whose subcommands need no such flag does).
+fn required<T>(value: impl Into<Option<T>>) -> T {
+    value.into().expect("a required flag")
+}
+
 /// Parses `args` with `text` as their config file, written to `dir` as `name`, through the
 /// binary's real loader; refused arguments are named.
 fn load<T: clap::Parser>(args: &[String], dir: &Path, name: &str, text: &str) -> T {
@@ -489,8 +495,11 @@ fn the_readmes_proxy_config_loads_as_its_comments_say() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["shroud-proxy".to_owned()];
     let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", block);
-    assert_eq!(cli.tunnel_name, "proxy1.example.net");
-    assert_eq!(cli.tls_cert, dir.path().join("proxy/fullchain.pem"));
+    assert_eq!(required::<String>(cli.tunnel_name), "proxy1.example.net");
+    assert_eq!(
+        required::<PathBuf>(cli.tls_cert),
+        dir.path().join("proxy/fullchain.pem")
+    );
     assert_eq!(cli.authorized, Some(dir.path().join("authorized")));
     assert!(cli.authorize_dns);
     assert_eq!(cli.word_names, ["free.example.net"]);
@@ -590,7 +599,10 @@ fn the_proxy_unit_and_config_make_a_valid_command_line() {
     for uncomment in [false, true] {
         let text = config_text("shroud-proxy.toml", uncomment, &[]);
         let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &text);
-        assert_eq!(cli.tunnel_name, "proxy1.example.net");
+        assert_eq!(
+            required::<String>(cli.tunnel_name.clone()),
+            "proxy1.example.net"
+        );
         assert_eq!(cli.listen_https.map(|a| a.port()), Some(443));
         assert_eq!(cli.listen_http.map(|a| a.port()), Some(80));
         assert_eq!(
@@ -598,8 +610,9 @@ fn the_proxy_unit_and_config_make_a_valid_command_line() {
             Some(Path::new("/etc/shroud/authorized"))
         );
         // The certificate comes from the unit's credentials, whatever the file says.
-        for path in [&cli.tls_cert, &cli.tls_key] {
-            assert!(loads_credential(&unit, path), "{}", path.display());
+        for path in [cli.tls_cert.clone(), cli.tls_key.clone()] {
+            let path = required::<PathBuf>(path);
+            assert!(loads_credential(&unit, &path), "{}", path.display());
         }
         // systemd must wait longer than the drain before it sends SIGKILL.
         assert_eq!(cli.drain_timeout_secs, 30);
