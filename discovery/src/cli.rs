@@ -37,6 +37,10 @@ pub struct Cli {
     #[command(flatten)]
     pub log: shroud_process::logging::LogArgs,
 
+    /// `--config FILE`: flags from a TOML file.
+    #[command(flatten)]
+    pub config: shroud_process::config::ConfigArgs,
+
     /// A subcommand, if one was given instead of the options to serve.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -378,13 +382,18 @@ mod tests {
             .unwrap_or_default();
         for arg in command.get_arguments().chain(key.iter()) {
             let id = arg.get_id().as_str();
-            // -v and -q are counts, and the log format's variable is every binary's.
+            // -v and -q are counts, and the variables of the log format and the config file
+            // are every binary's.
             if matches!(id, "help" | "version" | "verbose" | "quiet") {
                 continue;
             }
             let env = arg.get_env().and_then(|env| env.to_str()).unwrap_or("");
             if id == "log_format" {
                 assert_eq!(env, "SHROUD_LOG_FORMAT");
+                continue;
+            }
+            if id == "config" {
+                assert_eq!(env, shroud_process::config::CONFIG_ENV);
                 continue;
             }
             assert!(

@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = shroud_discovery::cli::Cli::parse();
+    // Flags from the command line, the environment and the --config file, in that order.
+    let cli = shroud_process::config::parse::<shroud_discovery::cli::Cli>();
     // hickory-server logs every DNS question at info, with the asker's address: that is a
     // resolver's, often a visitor's own, and no business of the log by default.
     shroud_process::logging::init("info,hickory_server=warn", &cli.log);

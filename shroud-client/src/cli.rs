@@ -31,6 +31,10 @@ pub struct Cli {
     #[command(flatten)]
     pub log: shroud_process::logging::LogArgs,
 
+    /// `--config FILE`: flags from a TOML file.
+    #[command(flatten)]
+    pub config: shroud_process::config::ConfigArgs,
+
     /// A subcommand, if one was given instead of the options to run a tunnel.
     #[command(subcommand)]
     pub command: Option<Command>,

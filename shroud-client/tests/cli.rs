@@ -13,6 +13,7 @@ fn shroud(args: &[&str]) -> Output {
         .env_remove("SHROUD_PROXY")
         .env_remove("SHROUD_TOR_NETWORK")
         .env_remove("SHROUD_RESOLVE")
+        .env_remove("SHROUD_CONFIG")
         .output()
         .expect("run shroud")
 }

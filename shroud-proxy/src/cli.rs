@@ -37,6 +37,10 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
 
+    /// `--config FILE`: flags from a TOML file.
+    #[command(flatten)]
+    pub config: shroud_process::config::ConfigArgs,
+
     /// Public TLS listener: visitors are routed by SNI; shroud clients (ALPN shroud/1) become
     /// tunnels. Usually 0.0.0.0:443, since Tor exits commonly allow 443.
     #[arg(long, env = "SHROUD_LISTEN_HTTPS", value_name = "ADDR")]

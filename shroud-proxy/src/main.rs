@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = shroud_proxy::cli::Cli::parse();
+    // Flags from the command line, the environment and the --config file, in that order.
+    let cli = shroud_process::config::parse::<shroud_proxy::cli::Cli>();
     shroud_process::logging::init("info", &cli.log);
     shroud_process::limits::raise_open_file_limit();
     shroud_process::exit::status("shroud-proxy", shroud_proxy::cli::run(cli).await)

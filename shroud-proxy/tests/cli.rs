@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 fn proxy(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shroud-proxy"))
         .args(args)
+        .env_remove("SHROUD_CONFIG")
         .output()
         .expect("run shroud-proxy")
 }

@@ -43,8 +43,8 @@ impl Process {
     /// `output`.
     ///
     /// Every program gets `RUST_LOG=info` (shroud's binaries then log the lines tests wait
-    /// for), `NO_COLOR=1` (no escape codes inside those lines) and no `SHROUD_TRANSPORT` from
-    /// the caller's environment; `env` comes last and may override the first two.
+    /// for), `NO_COLOR=1` (no escape codes inside those lines) and no `SHROUD_TRANSPORT` or
+    /// `SHROUD_CONFIG` from the caller's environment; `env` comes last and may override them.
     pub fn spawn_with(
         program: &Path,
         args: &[String],
@@ -56,6 +56,7 @@ impl Process {
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("SHROUD_TRANSPORT")
+            .env_remove("SHROUD_CONFIG")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -5,8 +5,9 @@
 //! parser (and its records through the client's, the proxy's and the discovery service's own
 //! DNS code, served by a DNS server on 127.0.0.1), and every `SHROUD_*` variable the examples
 //! and units name must be one that the client's, the proxy's or the discovery service's
-//! command line reads. The settings a unit and its environment file give are also fed through
-//! the real clap parser, as the binary would see them.
+//! command line reads. Each config file goes through its binary's real loader
+//! (`shroud_process::config`) with the unit's own arguments and environment, as shipped and with
+//! every optional setting uncommented, and its values must come out as its comments say.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -197,9 +198,10 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
     for expected in [
         "README.md",
         "authorized.example",
-        "discovery.env.example",
         "fleet.example.toml",
-        "shroud.env.example",
+        "shroud-discovery.toml",
+        "shroud-proxy.toml",
+        "shroud.toml",
         "systemd/shroud-discovery.service",
         "systemd/shroud-proxy.service",
         "systemd/shroud-proxy.service.d/discovery.conf",
@@ -234,7 +236,7 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
 
     // The files meant for one binary name only that binary's variables.
     let client = client_env();
-    for file in ["shroud.env.example", "systemd/shroud@.service"] {
+    for file in ["shroud.toml", "systemd/shroud@.service"] {
         let names = shroud_names(&read(file));
         assert!(!names.is_empty(), "{file} names no variable");
         for name in names {
@@ -246,6 +248,7 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
     }
     let proxy = proxy_env();
     for file in [
+        "shroud-proxy.toml",
         "systemd/shroud-proxy.service",
         "systemd/shroud-proxy.service.d/discovery.conf",
     ] {
@@ -262,7 +265,7 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
     // SHROUD_DISCOVERY_KEY and the proxy's SHROUD_DISCOVERY_CA: the prefix alone proves
     // nothing.
     let discovery = discovery_env();
-    for file in ["discovery.env.example", "systemd/shroud-discovery.service"] {
+    for file in ["shroud-discovery.toml", "systemd/shroud-discovery.service"] {
         let names = shroud_names(&read(file));
         assert!(!names.is_empty(), "{file} names no variable");
         for name in names {
@@ -290,41 +293,24 @@ fn unit_environment(unit: &str, instance: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The `KEY=VALUE` lines of an environment file. With `commented_too`, also the assignments
-/// that are commented out (`#SHROUD_...=...`), which document optional settings.
-fn env_file(text: &str, commented_too: bool) -> Vec<(String, String)> {
-    let mut pairs = Vec::new();
-    for line in text.lines().map(str::trim) {
-        let line = match line.strip_prefix('#') {
-            Some(rest) if commented_too && rest.starts_with(|c: char| c.is_ascii_uppercase()) => {
-                rest
-            }
-            Some(_) => continue,
-            None if line.is_empty() => continue,
-            None => line,
-        };
-        let Some((name, value)) = line.split_once('=') else {
-            if commented_too {
-                continue;
-            }
-            panic!("not NAME=value: {line}");
-        };
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'),
-            "not a variable name: {name}"
-        );
-        assert!(
-            !value.contains(['"', '\'', '$', ' ']),
-            "keep values plain: {line}"
-        );
-        pairs.push((name.to_owned(), value.to_owned()));
-    }
-    pairs
+/// The arguments of a unit's `ExecStart=` line after the program, with `%i` standing for
+/// `instance`.
+fn unit_arguments(unit: &str, program: &str, instance: &str) -> Vec<String> {
+    let line = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    let mut words = line.split_whitespace();
+    assert_eq!(
+        words.next(),
+        Some(format!("/usr/local/bin/{program}").as_str())
+    );
+    words.map(|word| word.replace("%i", instance)).collect()
 }
 
 /// Turns environment settings into the argument list they stand for, so that the real parser
-/// checks their values. Later settings override earlier ones, as in systemd.
+/// checks their values. Later settings override earlier ones, as in systemd. Options come
+/// first, then positional arguments.
 fn to_args(command: &clap::Command, program: &str, env: &[(String, String)]) -> Vec<String> {
     let mut settings: Vec<(String, String)> = Vec::new();
     for (name, value) in env {
@@ -359,83 +345,335 @@ fn to_args(command: &clap::Command, program: &str, env: &[(String, String)]) -> 
     args
 }
 
-#[test]
-fn the_client_unit_and_env_example_make_a_valid_command_line() {
-    let unit = read("systemd/shroud@.service");
-    assert!(unit.contains("EnvironmentFile=/etc/shroud/%i.env"));
-    let instance = "my-app.example.com";
-    let mut command = shroud_client::cli::Cli::command();
-    // Building numbers the positional arguments.
-    command.build();
-    let example = read("shroud.env.example");
+/// A config file under `deploy/`, with the settings its comments offer (`#key = value`
+/// lines) uncommented when `uncomment` is true, except those of the keys in `keep`.
+fn config_text(file: &str, uncomment: bool, keep: &[&str]) -> String {
+    let text = read(file);
+    if !uncomment {
+        return text;
+    }
+    let mut uncommented = 0;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| match commented_setting(line) {
+            Some(key) if !keep.contains(&key) => {
+                uncommented += 1;
+                line[1..].to_owned()
+            }
+            _ => line.to_owned(),
+        })
+        .collect();
+    // Guards the test itself: a file whose optional settings this did not find would be
+    // checked as shipped only.
+    assert!(uncommented >= 5, "{file}: {uncommented} optional settings");
+    lines.join("\n") + "\n"
+}
 
-    for commented_too in [false, true] {
-        let mut env = unit_environment(&unit, instance);
-        env.extend(env_file(&example, commented_too));
-        let args = to_args(&command, "shroud", &env);
-        let cli: shroud_client::cli::Cli = parse(&args);
-        let run = cli.run.expect("run arguments");
-        assert_eq!(run.hostname.as_deref(), Some(instance));
-        assert_eq!(
-            run.key.as_deref(),
-            Some(Path::new("/var/lib/shroud/client.key"))
-        );
-        assert!(run.proxy.len() >= 2, "{:?}", run.proxy);
-        for proxy in &run.proxy {
-            shroud_client::cli::parse_proxy(proxy).unwrap();
+/// The key of a commented-out setting, `#key = value`; `None` for prose (`# text`).
+fn commented_setting(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('#')?;
+    let (key, _) = rest.split_once(" = ")?;
+    let is_key = !key.is_empty()
+        && key.starts_with(|c: char| c.is_ascii_lowercase())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    is_key.then_some(key)
+}
+
+/// Every key a config file under `deploy/` sets or offers, in order.
+fn config_keys(file: &str) -> Vec<String> {
+    read(file)
+        .lines()
+        .filter_map(|line| {
+            commented_setting(line).or_else(|| {
+                line.split_once(" = ")
+                    .map(|(key, _)| key)
+                    .filter(|k| !k.starts_with('#'))
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value of a flag clap requires whenever the binary runs its service, whether its CLI
+/// holds it plainly or as an `Option` (as a CLI whose subcommands need no such flag does).
+fn required<T>(value: impl Into<Option<T>>) -> T {
+    value.into().expect("a required flag")
+}
+
+/// Parses `args` with `text` as their config file, written to `dir` as `name`, through the
+/// binary's real loader; refused arguments are named.
+fn load<T: clap::Parser>(args: &[String], dir: &Path, name: &str, text: &str) -> T {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    let mut args = args.to_vec();
+    args.push(format!("--config={}", path.display()));
+    match shroud_process::config::try_parse_from::<T, _, _>(&args) {
+        Ok(parsed) => {
+            assert_eq!(parsed.file.as_deref(), Some(path.as_path()));
+            parsed.cli
         }
-        shroud_client::cli::parse_target(run.target.as_deref().unwrap()).unwrap();
-        if commented_too {
-            assert!(run.http_target.is_some() && run.tls_cert.is_some());
-            assert_eq!(run.resolve.len(), 1);
+        Err(err) => panic!("{args:?} with\n{text}\n: {err}"),
+    }
+}
+
+#[test]
+fn every_key_of_the_config_examples_is_a_flag_of_its_binary() {
+    for (file, command) in [
+        ("shroud.toml", shroud_client::cli::Cli::command()),
+        ("shroud-proxy.toml", shroud_proxy::cli::Cli::command()),
+        (
+            "shroud-discovery.toml",
+            shroud_discovery::cli::Cli::command(),
+        ),
+    ] {
+        let keys = config_keys(file);
+        assert!(keys.len() >= 10, "{file}: {keys:?}");
+        let mut seen = BTreeSet::new();
+        for key in &keys {
+            assert!(seen.insert(key), "{file}: {key} twice");
+            let flag = command.get_arguments().any(|arg| {
+                arg.get_long() == Some(key.as_str())
+                    || (arg.is_positional() && arg.get_id().as_str() == key)
+            });
+            assert!(flag, "{file}: {key} is no flag of {}", command.get_name());
         }
     }
 }
 
 #[test]
-fn the_proxy_unit_makes_a_valid_command_line() {
-    let unit = read("systemd/shroud-proxy.service");
-    let command = shroud_proxy::cli::Cli::command();
-    let mut env = unit_environment(&unit, "unused");
-    // The one setting every proxy must give in /etc/shroud/proxy.env.
-    assert!(unit.contains("EnvironmentFile=/etc/shroud/proxy.env"));
-    env.push((
-        "SHROUD_TUNNEL_NAME".to_owned(),
-        "proxy1.example.net".to_owned(),
-    ));
-    let args = to_args(&command, "shroud-proxy", &env);
-    let cli: shroud_proxy::cli::Cli = parse(&args);
-    assert_eq!(cli.listen_https.map(|a| a.port()), Some(443));
-    assert_eq!(cli.listen_http.map(|a| a.port()), Some(80));
+fn every_key_the_readmes_show_is_a_flag() {
+    let commands = [
+        shroud_client::cli::Cli::command(),
+        shroud_proxy::cli::Cli::command(),
+        shroud_discovery::cli::Cli::command(),
+    ];
+    let is_flag = |key: &str| {
+        commands.iter().any(|command| {
+            command.get_arguments().any(|arg| {
+                arg.get_long() == Some(key) || (arg.is_positional() && arg.get_id() == key)
+            })
+        })
+    };
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let mut blocks = 0;
+    for text in [std::fs::read_to_string(readme).unwrap(), read("README.md")] {
+        for block in text.split("```toml\n").skip(1) {
+            let block = block.split("```").next().unwrap();
+            // Commented-out settings count too.
+            let uncommented: String = block
+                .lines()
+                .map(|line| match commented_setting(line) {
+                    Some(_) => &line[1..],
+                    None => line,
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let table: toml::Table = uncommented
+                .parse()
+                .unwrap_or_else(|err| panic!("{err}\n{block}"));
+            for key in table.keys() {
+                assert!(is_flag(key), "{key} in\n{block}");
+            }
+            blocks += 1;
+        }
+    }
+    assert!(blocks >= 5, "{blocks} TOML blocks");
+}
 
-    // systemd must wait longer than the drain before it sends SIGKILL.
-    let stop = unit
-        .lines()
-        .find_map(|line| line.strip_prefix("TimeoutStopSec="))
-        .expect("TimeoutStopSec");
-    let stop: u64 = stop.trim().parse().unwrap();
-    assert!(
-        stop > cli.drain_timeout_secs,
-        "TimeoutStopSec={stop} <= drain {}",
-        cli.drain_timeout_secs
+#[test]
+fn the_readmes_proxy_config_loads_as_its_comments_say() {
+    let readme = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let readme = std::fs::read_to_string(readme).unwrap();
+    let block = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("a TOML block in README.md");
+    assert!(block.contains("shroud-proxy --config"), "{block}");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["shroud-proxy".to_owned()];
+    let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", block);
+    assert_eq!(required::<String>(cli.tunnel_name), "proxy1.example.net");
+    assert_eq!(
+        required::<PathBuf>(cli.tls_cert),
+        dir.path().join("proxy/fullchain.pem")
     );
-    assert!(unit.contains("KillSignal=SIGTERM"));
+    assert_eq!(cli.authorized, Some(dir.path().join("authorized")));
+    assert!(cli.authorize_dns);
+    assert_eq!(cli.word_names, ["free.example.net"]);
+    assert_eq!(cli.max_connections, 20_000);
+    assert_eq!(cli.log.verbose, 1);
 }
 
-/// Parses `args` as the binary would, naming them if they are refused.
-fn parse<T: clap::Parser>(args: &[String]) -> T {
-    T::try_parse_from(args).unwrap_or_else(|err| panic!("{args:?}: {err}"))
+#[test]
+fn the_client_unit_and_config_make_a_valid_command_line() {
+    let unit = read("systemd/shroud@.service");
+    assert!(unit.contains("EnvironmentFile=-/etc/shroud/%i.env"));
+    let instance = "my-app.example.com";
+    assert_eq!(
+        unit_arguments(&unit, "shroud", instance),
+        ["--config", &format!("/etc/shroud/{instance}.toml")]
+    );
+    let mut command = shroud_client::cli::Cli::command();
+    // Building numbers the positional arguments.
+    command.build();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("{instance}.toml");
+
+    // As shipped; then every optional setting, with the two ways to a certificate in turn.
+    for (uncomment, keep) in [
+        (false, &[][..]),
+        (true, &["acme", "acme-agree-tos"][..]),
+        (true, &["tls-cert", "tls-key"][..]),
+    ] {
+        let text = config_text("shroud.toml", uncomment, keep);
+        let args = to_args(&command, "shroud", &unit_environment(&unit, instance));
+        let cli: shroud_client::cli::Cli = load(&args, dir.path(), &name, &text);
+        let run = cli.run.expect("run arguments");
+        // The unit's settings beat the file's.
+        assert_eq!(run.hostname.as_deref(), Some(instance));
+        assert_eq!(
+            run.key.as_deref(),
+            Some(Path::new("/var/lib/shroud/client.key"))
+        );
+        assert_eq!(run.state_dir.as_deref(), Some(Path::new("/var/lib/shroud")));
+        assert_eq!(run.proxy.len(), 2, "{:?}", run.proxy);
+        for proxy in &run.proxy {
+            shroud_client::cli::parse_proxy(proxy).unwrap();
+        }
+        assert_eq!(run.target.as_deref(), Some("127.0.0.1:443"));
+        shroud_client::cli::parse_target(run.target.as_deref().unwrap()).unwrap();
+        assert_eq!(run.transport, shroud_client::transport::TransportKind::Tor);
+        if !uncomment {
+            assert!(run.discovery.is_empty() && run.http_target.is_none());
+            continue;
+        }
+        // The optional settings mean what their comments say.
+        assert_eq!(run.discovery.len(), 2);
+        let key: PublicKey = run.discovery_key.as_deref().unwrap().parse().unwrap();
+        assert_eq!(Some(key.to_string()), run.discovery_key);
+        assert!(run.srv);
+        assert_eq!(run.max_proxies, 3);
+        assert!(run.http_target.is_some());
+        assert_eq!(
+            run.proxy_protocol,
+            Some(shroud_client::proxy_protocol::Version::V2)
+        );
+        assert_eq!(run.resolve.len(), 1);
+        assert_eq!(run.connect_timeout_secs, Some(60));
+        assert_eq!(
+            (
+                run.tor_bootstrap_timeout_secs,
+                run.keepalive_secs,
+                run.max_backoff_secs
+            ),
+            (300, 10, 60)
+        );
+        assert_eq!(run.stream_buffer_bytes, 16 * 1024 * 1024);
+        assert_eq!(run.max_streams, 8192);
+        assert_eq!(cli.log.verbose, 1);
+        if keep.contains(&"acme") {
+            assert!(run.tls_cert.is_some() && run.tls_key.is_some());
+            assert_eq!(run.acme, None);
+        } else {
+            assert_eq!(run.tls_cert, None);
+            assert!(run.acme.is_some() && run.acme_agree_tos);
+        }
+    }
 }
 
-/// The `SHROUD_...=value` settings a unit's comments tell the operator to add to an
-/// environment file (lines such as `#   SHROUD_REGION=eu`).
-fn documented_settings(unit: &str) -> Vec<(String, String)> {
+#[test]
+fn the_proxy_unit_and_config_make_a_valid_command_line() {
+    let unit = read("systemd/shroud-proxy.service");
+    assert!(unit.contains("EnvironmentFile=-/etc/shroud/proxy.env"));
+    assert_eq!(
+        unit_arguments(&unit, "shroud-proxy", "unused"),
+        ["--config", "/etc/shroud/proxy.toml"]
+    );
+    let command = shroud_proxy::cli::Cli::command();
+    let dir = tempfile::tempdir().unwrap();
+    let args = to_args(&command, "shroud-proxy", &unit_environment(&unit, "unused"));
+
+    for uncomment in [false, true] {
+        let text = config_text("shroud-proxy.toml", uncomment, &[]);
+        let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &text);
+        assert_eq!(
+            required::<String>(cli.tunnel_name.clone()),
+            "proxy1.example.net"
+        );
+        assert_eq!(cli.listen_https.map(|a| a.port()), Some(443));
+        assert_eq!(cli.listen_http.map(|a| a.port()), Some(80));
+        assert_eq!(
+            cli.authorized.as_deref(),
+            Some(Path::new("/etc/shroud/authorized"))
+        );
+        // The certificate comes from the unit's credentials, whatever the file says.
+        for path in [cli.tls_cert.clone(), cli.tls_key.clone()] {
+            let path = required::<PathBuf>(path);
+            assert!(loads_credential(&unit, &path), "{}", path.display());
+        }
+        // systemd must wait longer than the drain before it sends SIGKILL.
+        assert_eq!(cli.drain_timeout_secs, 30);
+        assert!(timeout_stop_secs(&unit) > cli.drain_timeout_secs);
+        // LimitNOFILE stays above the connections the file allows.
+        let nofile: usize = unit
+            .lines()
+            .find_map(|line| line.strip_prefix("LimitNOFILE="))
+            .expect("LimitNOFILE")
+            .parse()
+            .unwrap();
+        assert!(nofile > cli.max_connections);
+        if !uncomment {
+            assert!(!cli.authorize_dns && cli.discovery.is_empty() && cli.listen_peer.is_none());
+            continue;
+        }
+        assert!(cli.authorize_dns);
+        assert_eq!(cli.word_names, ["free.example.net"]);
+        assert_eq!(cli.discovery.len(), 2);
+        assert_eq!(cli.public_addr.len(), 1);
+        assert_eq!(cli.peers.len(), 2);
+        assert_eq!(cli.listen_peer.map(|a| a.port()), Some(7443));
+        assert_eq!(cli.advertise_peer.map(|a| a.port()), Some(7443));
+        assert_eq!(
+            (
+                cli.route_wait_secs,
+                cli.tunnel_idle_timeout_secs,
+                cli.max_connections,
+                cli.max_connections_per_address,
+                cli.max_connections_per_hostname,
+                cli.max_streams_per_tunnel,
+                cli.max_tunnels_per_key,
+                cli.max_hostnames_per_key,
+                cli.stream_buffer_bytes,
+                cli.heartbeat_secs,
+            ),
+            (
+                10,
+                45,
+                20_000,
+                512,
+                10_000,
+                4096,
+                8,
+                64,
+                16 * 1024 * 1024,
+                10
+            )
+        );
+        assert_eq!(cli.log.verbose, 1);
+    }
+}
+
+/// The config lines a unit's comments tell the operator to add to its config file (lines such
+/// as `#   region = "eu"`).
+fn documented_settings(unit: &str) -> Vec<String> {
     unit.lines()
         .filter_map(|line| line.trim().strip_prefix('#'))
         .map(str::trim)
-        .filter(|line| line.starts_with("SHROUD_"))
-        .filter_map(|line| line.split_once('='))
-        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .filter(|line| commented_setting(&format!("#{line}")).is_some())
+        .map(str::to_owned)
         .collect()
 }
 
@@ -457,19 +695,40 @@ fn loads_credential(unit: &str, path: &Path) -> bool {
     unit.lines().any(|line| line.starts_with(&prefix))
 }
 
-#[test]
-fn the_discovery_unit_and_env_example_make_a_valid_command_line() {
+/// `shroud-discovery.toml` with every optional setting, parsed as the unit runs it.
+fn discovery_config(dir: &Path) -> shroud_discovery::cli::ServeArgs {
     let unit = read("systemd/shroud-discovery.service");
-    // The environment file is optional: the unit alone gives every required setting.
-    assert!(unit.contains("EnvironmentFile=-/etc/shroud/discovery.env"));
     let command = shroud_discovery::cli::Cli::command();
-    let example = read("discovery.env.example");
+    let args = to_args(
+        &command,
+        "shroud-discovery",
+        &unit_environment(&unit, "unused"),
+    );
+    let text = config_text("shroud-discovery.toml", true, &[]);
+    let cli: shroud_discovery::cli::Cli = load(&args, dir, "discovery.toml", &text);
+    cli.serve.expect("serve options")
+}
 
-    for commented_too in [false, true] {
-        let mut env = unit_environment(&unit, "unused");
-        env.extend(env_file(&example, commented_too));
-        let args = to_args(&command, "shroud-discovery", &env);
-        let cli: shroud_discovery::cli::Cli = parse(&args);
+#[test]
+fn the_discovery_unit_and_config_make_a_valid_command_line() {
+    let unit = read("systemd/shroud-discovery.service");
+    // The environment file is optional: the unit and the config file give every setting.
+    assert!(unit.contains("EnvironmentFile=-/etc/shroud/discovery.env"));
+    assert_eq!(
+        unit_arguments(&unit, "shroud-discovery", "unused"),
+        ["--config", "/etc/shroud/discovery.toml"]
+    );
+    let command = shroud_discovery::cli::Cli::command();
+    let dir = tempfile::tempdir().unwrap();
+    let args = to_args(
+        &command,
+        "shroud-discovery",
+        &unit_environment(&unit, "unused"),
+    );
+
+    for uncomment in [false, true] {
+        let text = config_text("shroud-discovery.toml", uncomment, &[]);
+        let cli: shroud_discovery::cli::Cli = load(&args, dir.path(), "discovery.toml", &text);
         assert!(cli.command.is_none());
         let serve = cli.serve.expect("serve options");
         assert_eq!(serve.listen.port(), 443);
@@ -487,19 +746,31 @@ fn the_discovery_unit_and_env_example_make_a_valid_command_line() {
                 path.display()
             );
         }
-        if commented_too {
-            assert_eq!(
-                serve.fleet.as_deref(),
-                Some(Path::new("/etc/shroud/fleet.toml"))
-            );
-            assert_eq!(
-                serve.require_cname.as_deref(),
-                Some(required_cname_domain().as_str())
-            );
-            assert_eq!(serve.dns_server.len(), 1);
-        } else {
+        if !uncomment {
             assert_eq!(serve.require_cname, None);
+            assert_eq!(serve.fleet, None);
+            continue;
         }
+        // A relative path is the config file's neighbour: /etc/shroud/fleet.toml, installed.
+        assert_eq!(serve.fleet, Some(dir.path().join("fleet.toml")));
+        assert!(read("shroud-discovery.toml").contains("/etc/shroud/fleet.toml"));
+        assert_eq!(
+            serve.require_cname.as_deref(),
+            Some(required_cname_domain().as_str())
+        );
+        assert_eq!(serve.dns_server.len(), 1);
+        assert_eq!(serve.dns_listen.map(|a| a.port()), Some(53));
+        assert_eq!(
+            (
+                serve.max_proxies,
+                serve.list_ttl_secs,
+                serve.heartbeat_timeout_secs,
+                serve.max_connections,
+                serve.dns_ttl_secs
+            ),
+            (3, 300, 30, 1024, 30)
+        );
+        assert_eq!(cli.log.verbose, 1);
     }
 
     // The service lets requests finish for 5 s on SIGTERM; systemd must wait longer.
@@ -507,13 +778,39 @@ fn the_discovery_unit_and_env_example_make_a_valid_command_line() {
     assert!(unit.contains("KillSignal=SIGTERM"));
 }
 
-/// The `--require-cname` domain that `discovery.env.example` suggests.
+#[test]
+fn a_subcommand_runs_beside_the_config_examples() {
+    // `shroud key` and `shroud-discovery key` with the unit's config file: the file's own
+    // settings are no error there, and a key file it names is the one used.
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text("shroud.toml", true, &["acme", "acme-agree-tos"]);
+    let args = ["shroud".to_owned(), "key".to_owned()];
+    let cli: shroud_client::cli::Cli = load(&args, dir.path(), "app.toml", &text);
+    let Some(shroud_client::cli::Command::Key(key)) = cli.command else {
+        panic!("not the key subcommand")
+    };
+    assert_eq!(
+        key.key.as_deref(),
+        Some(Path::new("/var/lib/shroud/client.key"))
+    );
+    let text = config_text("shroud-discovery.toml", true, &[]);
+    let args = ["shroud-discovery".to_owned(), "key".to_owned()];
+    let cli: shroud_discovery::cli::Cli = load(&args, dir.path(), "discovery.toml", &text);
+    let Some(shroud_discovery::cli::Command::Key(key)) = cli.command else {
+        panic!("not the key subcommand")
+    };
+    assert_eq!(
+        key.signing_key,
+        Path::new("/etc/shroud/discovery/signing.key")
+    );
+}
+
+/// The `--require-cname` domain that `shroud-discovery.toml` suggests.
 fn required_cname_domain() -> String {
-    env_file(&read("discovery.env.example"), true)
-        .into_iter()
-        .find(|(name, _)| name == "SHROUD_DISCOVERY_REQUIRE_CNAME")
-        .map(|(_, value)| value)
-        .expect("SHROUD_DISCOVERY_REQUIRE_CNAME in discovery.env.example")
+    let dir = tempfile::tempdir().unwrap();
+    discovery_config(dir.path())
+        .require_cname
+        .expect("require-cname in shroud-discovery.toml")
 }
 
 #[test]
@@ -523,24 +820,29 @@ fn the_proxy_discovery_drop_in_makes_a_valid_command_line() {
     let command = shroud_proxy::cli::Cli::command();
     let mut env = unit_environment(&unit, "unused");
     env.extend(unit_environment(&drop_in, "unused"));
-    env.push((
-        "SHROUD_TUNNEL_NAME".to_owned(),
-        "proxy1.example.net".to_owned(),
-    ));
-    // Without this proxy's own settings, which the drop-in's comment lists, clap refuses.
     let args = to_args(&command, "shroud-proxy", &env);
-    let err = <shroud_proxy::cli::Cli as clap::Parser>::try_parse_from(&args).unwrap_err();
-    assert!(err.to_string().contains("--region"), "{err}");
-
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = config_text("shroud-proxy.toml", false, &[]);
     let documented = documented_settings(&drop_in);
-    assert!(documented.len() >= 2, "{documented:?}");
-    env.extend(documented);
+    assert!(documented.len() >= 3, "{documented:?}");
+
+    // The service alone, without this proxy's own settings that the comment lists: refused,
+    // with a word on where the flag came from.
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, format!("{shipped}{}\n", documented[0])).unwrap();
+    let mut bare = args.clone();
+    bare.push(format!("--config={}", path.display()));
+    let err =
+        shroud_process::config::try_parse_from::<shroud_proxy::cli::Cli, _, _>(&bare).unwrap_err();
+    assert!(err.to_string().contains("--region"), "{err}");
+    assert!(err.to_string().contains("discovery (line"), "{err}");
+    assert_eq!(err.exit_code(), 2);
+
     // As deploy/README.md says to switch on authorization by DNS.
-    env.push(("SHROUD_AUTHORIZE_DNS".to_owned(), "true".to_owned()));
-    let args = to_args(&command, "shroud-proxy", &env);
-    let cli: shroud_proxy::cli::Cli = parse(&args);
+    let text = format!("{shipped}{}\nauthorize-dns = true\n", documented.join("\n"));
+    let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &text);
     assert!(cli.authorize_dns);
-    assert!(cli.authorized.is_some(), "the unit's authorized file stays");
+    assert!(cli.authorized.is_some(), "the authorized file stays");
 
     let url: shroud_discovery::announce::DiscoveryUrl =
         cli.discovery.first().expect("--discovery").parse().unwrap();
@@ -776,7 +1078,7 @@ fn zone_example_publishes_what_its_comments_say() {
         )))]
     );
     // The operator delegates DOMAIN to the discovery instances, which answer it themselves,
-    // as discovery.env.example configures them; each name server has an address and lies
+    // as shroud-discovery.toml configures them; each name server has an address and lies
     // outside the zone.
     let delegated: Vec<String> = operator
         .data(&domain, RecordType::NS)
@@ -790,18 +1092,10 @@ fn zone_example_publishes_what_its_comments_say() {
     for ns in &delegated {
         assert_eq!(operator.addresses(ns).len(), 1, "{ns}");
     }
-    let env = env_file(&read("discovery.env.example"), true);
-    let setting = |name: &str| {
-        env.iter()
-            .find(|(key, _)| key == name)
-            .map(|(_, value)| value.clone())
-            .unwrap_or_else(|| panic!("{name} in discovery.env.example"))
-    };
-    assert_eq!(setting("SHROUD_DISCOVERY_DNS_ZONE"), domain);
-    let configured: Vec<String> = setting("SHROUD_DISCOVERY_DNS_NS")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let discovery = discovery_config(dir.path());
+    assert_eq!(discovery.dns_zone.as_deref(), Some(domain.as_str()));
+    let configured = discovery.dns_ns.clone();
     assert_eq!(configured, delegated);
     shroud_discovery::dns::DnsZone::new(&domain, &configured, 30, 3).unwrap();
     // A CNAME stands alone at its name.
