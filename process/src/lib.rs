@@ -4,7 +4,8 @@
 //! [`logging`], raise their [`limits`], stop on a [`signal`], and end with an [`exit`] status.
 //! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
 //! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
-//! these, the `--resolve` overrides ([`resolve`]) and the DNS resolver they fall back to ([`dns`]), is written once here, so that the binaries cannot drift apart.
+//! these, the `--resolve` overrides ([`resolve`]) and the DNS resolver they fall back to ([`dns`]), is written once here, so that the binaries cannot drift apart. Each serves its
+//! Prometheus metrics, health and readiness on `--metrics-listen` through [`metrics`].
 
 #![forbid(unsafe_code)]
 
@@ -13,6 +14,7 @@ pub mod exit;
 pub mod key;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod resolve;
 pub mod signal;
 pub mod tls;
