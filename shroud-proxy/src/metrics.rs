@@ -187,18 +187,6 @@ impl Handshake {
     }
 }
 
-/// The statuses a bind result can carry, in `BindStatus` order, and their labels.
-const BIND_STATUSES: [(BindStatus, &str); 8] = [
-    (BindStatus::Bound, "bound"),
-    (BindStatus::NotAuthorized, "not_authorized"),
-    (BindStatus::InvalidHostname, "invalid_hostname"),
-    (BindStatus::LimitReached, "limit_reached"),
-    (BindStatus::BadProof, "bad_proof"),
-    (BindStatus::Unavailable, "unavailable"),
-    (BindStatus::ExceedsLimit, "exceeds_limit"),
-    (BindStatus::NotListed, "not_listed"),
-];
-
 /// Which way a visitor's bytes went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
@@ -298,9 +286,9 @@ impl ProxyMetrics {
             .map(|h| handshakes.get_or_create_owned(&[("result", h.label())]))
             .collect();
         let binds = Family::<Labels1, Counter>::default();
-        let bind_handles = BIND_STATUSES
+        let bind_handles = BindStatus::KNOWN
             .iter()
-            .map(|(_, label)| binds.get_or_create_owned(&[("status", *label)]))
+            .map(|status| binds.get_or_create_owned(&[("status", status.label())]))
             .collect();
         let bind_other = binds.get_or_create_owned(&[("status", "other")]);
         let bytes = Family::<Labels2, Counter>::default();
@@ -369,7 +357,7 @@ impl ProxyMetrics {
 
     /// Counts one name's verdict in a bind result.
     pub(crate) fn bind_result(&self, status: BindStatus) {
-        let counter = match BIND_STATUSES.iter().position(|(s, _)| *s == status) {
+        let counter = match BindStatus::KNOWN.iter().position(|s| *s == status) {
             Some(at) => &self.bind_handles[at],
             None => &self.bind_other,
         };

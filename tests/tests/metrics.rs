@@ -428,3 +428,406 @@ async fn a_metrics_address_that_cannot_be_bound_stops_the_proxy_naming_the_flag(
     let log = proxy.output_text();
     assert!(log.contains(&format!("--metrics-listen {addr}")), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_is_ready_only_while_a_tunnel_is_bound() {
+    init();
+    let pki = Pki::new().unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = make_key(&key_path).unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let roots = pki.ca.root_store();
+    // One proxy, not up yet; another that refuses this key for good.
+    let one_addr = SocketAddr::from(([127, 0, 0, 1], shroud_tests::ports::free_port().unwrap()));
+    let other = shroud_mux::auth::SecretKey::generate().unwrap();
+    let refusing = ProxyProcess::start(
+        &pki,
+        "two.proxy.test",
+        &format!("{HOST} {}\n", other.public()),
+        ANY.parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    // Plain HTTP goes to a port where nothing listens.
+    let dead = SocketAddr::from(([127, 0, 0, 1], shroud_tests::ports::free_port().unwrap()));
+    let mut args = direct_client_args(
+        &pki,
+        &key_path,
+        HOST,
+        origin.addr(),
+        &[
+            ("one.proxy.test", one_addr),
+            ("two.proxy.test", refusing.https),
+        ],
+    );
+    args.extend(["--http-target", &dead.to_string(), "--metrics-listen", ANY].map(String::from));
+    let mut shroud = Process::spawn(&binary("shroud"), &args).unwrap();
+    let endpoint = metrics::endpoint(&mut shroud, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let one = format!("one.proxy.test:{}", one_addr.port());
+    let two = format!("two.proxy.test:{}", refusing.https.port());
+    let state = |e: &Exposition, proxy: &str, state: &str| {
+        e.value(
+            "shroud_client_tunnels",
+            &[("proxy", proxy), ("state", state)],
+        )
+    };
+
+    // No tunnel bound: not ready, and why.
+    let refused = metrics::wait_for(endpoint, SETTLE, "the refusal counted", |e| {
+        state(e, &two, "failed") == 1.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused.value(
+            "shroud_client_bind_refusals_total",
+            &[("status", "not_authorized")]
+        ),
+        1.0
+    );
+    assert_eq!(refused.sum("shroud_client_bind_refusals_total", &[]), 1.0);
+    assert_eq!(
+        refused.value(
+            "shroud_client_tunnel_attempts_total",
+            &[("result", "refused")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metrics::status(endpoint, "/readyz").await.unwrap(),
+        (
+            503,
+            "not ready: no tunnel bound (0 of 2 proxies)\n".to_owned()
+        )
+    );
+    assert_eq!(metrics::status(endpoint, "/healthz").await.unwrap().0, 200);
+    // The direct transport: no Tor gauges.
+    assert!(refused.families.keys().all(|name| !name.contains("tor")));
+
+    // The first proxy comes up: the client binds and is ready.
+    let policy = format!("{HOST} {key}\n");
+    let http_listener = ["--listen-http".to_owned(), ANY.to_owned()];
+    let mut proxy =
+        ProxyProcess::start_with_args(&pki, "one.proxy.test", &policy, one_addr, &http_listener)
+            .await
+            .unwrap();
+    let line = proxy
+        .process
+        .wait_for_line("listener=\"http\"", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let proxy_http = log_addr(&line).unwrap();
+    let body = metrics::wait_for_status(endpoint, "/readyz", 200, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(body, "ready\n");
+
+    // Three visitors served, and a plain-HTTP one whose origin is down.
+    for _ in 0..3 {
+        let response = within(
+            20,
+            shroud_tests::https_get(proxy.https, HOST, roots.clone(), "/"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200);
+    }
+    let response = within(20, shroud_tests::http_get(proxy_http, HOST, "/"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 502);
+    let served = metrics::wait_for(endpoint, SETTLE, "the visitors counted", |e| {
+        e.value("shroud_client_streams_total", &[]) == 4.0
+            && e.value("shroud_client_streams_active", &[]) == 0.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(state(&served, &one, "bound"), 1.0);
+    assert_eq!(state(&served, &one, "connecting"), 0.0);
+    assert_eq!(state(&served, &two, "failed"), 1.0);
+    assert_eq!(
+        served.value(
+            "shroud_client_tunnel_attempts_total",
+            &[("result", "bound")]
+        ),
+        1.0
+    );
+    assert!(
+        served.value(
+            "shroud_client_tunnel_attempts_total",
+            &[("result", "connect_failed")]
+        ) >= 1.0,
+        "the attempts while the proxy was down were not counted"
+    );
+    let failures = |kind| {
+        served.value(
+            "shroud_client_origin_connect_failures_total",
+            &[("kind", kind)],
+        )
+    };
+    assert_eq!((failures("http"), failures("tls")), (1.0, 0.0));
+
+    // The proxy killed: the tunnel is lost, and the client is not ready any more.
+    proxy.kill();
+    let body = metrics::wait_for_status(endpoint, "/readyz", 503, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(body, "not ready: no tunnel bound (0 of 2 proxies)\n");
+    let lost = metrics::wait_for(endpoint, SETTLE, "the loss counted", |e| {
+        e.value("shroud_client_tunnel_ends_total", &[("reason", "lost")]) == 1.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(state(&lost, &one, "bound"), 0.0);
+    assert_eq!(
+        lost.value("shroud_client_tunnel_ends_total", &[("reason", "go_away")]),
+        0.0
+    );
+}
+
+const DISCOVERY: &str = "discovery.test";
+const SECRET: &str = "a-fleet-secret-of-sufficient-length";
+
+/// Writes the fleet secret (mode 0600) and returns its path.
+fn secret_file(pki: &Pki) -> String {
+    let path = pki.dir().join("fleet.secret");
+    std::fs::write(&path, SECRET).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path.display().to_string()
+}
+
+/// `method path` over HTTPS to the discovery service, with `extra` header lines and `body`.
+async fn discovery_request(
+    pki: &Pki,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &str,
+    body: &str,
+) -> u16 {
+    let stream = tls_connect(addr, DISCOVERY, pki.ca.root_store())
+        .await
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {DISCOVERY}\r\n{extra}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    shroud_tests::http_exchange(stream, request.as_bytes())
+        .await
+        .unwrap()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_counts_heartbeats_lists_and_dns_answers() {
+    init();
+    let pki = Pki::new().unwrap();
+    let signing_key = pki.dir().join("signing.key");
+    shroud_mux::keyfile::load_or_create(&signing_key).unwrap();
+    let secret = secret_file(&pki);
+    let (cert, key) = pki.issue_files(DISCOVERY).unwrap();
+    let args: Vec<String> = [
+        "--listen",
+        ANY,
+        "--tls-cert",
+        &cert.display().to_string(),
+        "--tls-key",
+        &key.display().to_string(),
+        "--signing-key",
+        &signing_key.display().to_string(),
+        "--fleet-secret-file",
+        &secret,
+        "--heartbeat-timeout-secs",
+        "300",
+        "--dns-listen",
+        ANY,
+        "--dns-zone",
+        "proxy.test",
+        "--dns-ns",
+        "ns1.discovery.example",
+        "--metrics-listen",
+        ANY,
+    ]
+    .map(str::to_owned)
+    .into();
+    let mut discovery = Process::spawn(&binary("shroud-discovery"), &args).unwrap();
+    let limit = Duration::from_secs(20);
+    let dns = log_addr(
+        &discovery
+            .wait_for_line("answering DNS", limit)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let https = discovery
+        .output_text()
+        .lines()
+        .filter(|l| l.contains("listening") && !l.contains("listener=\"metrics\""))
+        .map(|l| log_addr(l).unwrap())
+        .next()
+        .expect("the HTTPS listener is logged before DNS");
+    let endpoint = metrics::endpoint(&mut discovery, limit).await.unwrap();
+    metrics::wait_for_status(endpoint, "/readyz", 200, SETTLE)
+        .await
+        .unwrap();
+    let start = metrics::scrape(endpoint).await.unwrap();
+    assert_eq!(
+        start.value("shroud_discovery_proxies", &[("kind", "live")]),
+        0.0
+    );
+    assert_eq!(
+        start.value("shroud_discovery_proxies", &[("kind", "static")]),
+        0.0
+    );
+    assert_eq!(start.sum("shroud_discovery_heartbeats_total", &[]), 0.0);
+    assert_eq!(start.sum("shroud_discovery_dns_queries_total", &[]), 0.0);
+
+    // A proxy announces itself every second, holding HOST's tunnel.
+    let client_key = pki.dir().join("client.key");
+    let policy = format!("{HOST} {}\n", make_key(&client_key).unwrap());
+    let extra: Vec<String> = [
+        "--discovery".to_owned(),
+        format!("https://{DISCOVERY}:{}", https.port()),
+        "--resolve".into(),
+        format!("{DISCOVERY}:{}:127.0.0.1", https.port()),
+        "--discovery-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--fleet-secret-file".into(),
+        secret.clone(),
+        "--region".into(),
+        "eu".into(),
+        "--public-name".into(),
+        "one.proxy.test:443".into(),
+        "--public-addr".into(),
+        "192.0.2.10".into(),
+        "--heartbeat-secs".into(),
+        "1".into(),
+    ]
+    .into();
+    let mut proxy = ProxyProcess::start_with_args(
+        &pki,
+        "one.proxy.test",
+        &policy,
+        ANY.parse().unwrap(),
+        &extra,
+    )
+    .await
+    .unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let client_args = direct_client_args(
+        &pki,
+        &client_key,
+        HOST,
+        origin.addr(),
+        &[("one.proxy.test", proxy.https)],
+    );
+    let _shroud = Process::spawn(&binary("shroud"), &client_args).unwrap();
+    let joined = metrics::wait_for(endpoint, SETTLE, "the proxy joined and refreshed", |e| {
+        e.value(
+            "shroud_discovery_heartbeats_total",
+            &[("outcome", "refreshed")],
+        ) >= 1.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        joined.value(
+            "shroud_discovery_heartbeats_total",
+            &[("outcome", "joined")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        joined.value("shroud_discovery_proxies", &[("kind", "live")]),
+        1.0
+    );
+
+    // Three lists served, one request without a host, one heartbeat with the wrong secret.
+    for host in [HOST, "other.test", HOST] {
+        let status = discovery_request(
+            &pki,
+            https,
+            "GET",
+            &format!("/v1/proxies?host={host}"),
+            "",
+            "",
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        discovery_request(&pki, https, "GET", "/v1/proxies", "", "").await,
+        400
+    );
+    let wrong = "Authorization: Bearer not-the-fleet-secret\r\n";
+    assert_eq!(
+        discovery_request(&pki, https, "POST", "/v1/heartbeat", wrong, "{}").await,
+        401
+    );
+    // DNS: the zone answers HOST with the address of the proxy holding it, once bound.
+    let resolver = shroud_process::dns::resolver(Some(dns), Duration::from_secs(2), false).unwrap();
+    let name = format!("{HOST}.proxy.test.");
+    let answered = within(20, async {
+        loop {
+            if let Ok(found) = resolver.ipv4_lookup(name.as_str()).await {
+                if found.answers().len() == 1 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    answered.await;
+
+    let counted = metrics::wait_for(endpoint, SETTLE, "the requests counted", |e| {
+        e.value("shroud_discovery_lists_total", &[("outcome", "served")]) == 3.0
+    })
+    .await
+    .unwrap();
+    let lists = |outcome| counted.value("shroud_discovery_lists_total", &[("outcome", outcome)]);
+    assert_eq!((lists("bad_request"), lists("no_proxies")), (1.0, 0.0));
+    assert_eq!(counted.sum("shroud_discovery_lists_total", &[]), 4.0);
+    assert_eq!(
+        counted.value(
+            "shroud_discovery_heartbeats_total",
+            &[("outcome", "unauthorized")]
+        ),
+        1.0
+    );
+    // Each lookup was one question; those before the bind was announced found no address.
+    let noerror = counted.value(
+        "shroud_discovery_dns_queries_total",
+        &[("rcode", "noerror")],
+    );
+    assert!(noerror >= 1.0);
+    assert_eq!(
+        counted.sum("shroud_discovery_dns_queries_total", &[]),
+        noerror
+    );
+
+    // The proxy leaves on SIGTERM: counted, and no longer listed.
+    proxy.process.terminate();
+    assert!(proxy
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap()
+        .success());
+    let left = metrics::wait_for(endpoint, SETTLE, "the proxy left", |e| {
+        e.value("shroud_discovery_heartbeats_total", &[("outcome", "left")]) == 1.0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        left.value("shroud_discovery_proxies", &[("kind", "live")]),
+        0.0
+    );
+
+    // On SIGTERM the service says it is going, then stops.
+    discovery.terminate();
+    let status = discovery.wait_exit(Duration::from_secs(20)).await.unwrap();
+    assert!(status.success(), "{status}");
+}
