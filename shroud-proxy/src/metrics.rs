@@ -517,6 +517,13 @@ impl Collector for Collected {
                 None,
                 MetricType::Gauge,
             )?)?;
+            let held = i64::try_from(peers.held_names()).unwrap_or(i64::MAX);
+            ConstGauge::new(held).encode(encoder.encode_descriptor(
+                "peer_hostnames",
+                "Hostnames that alive peers hold: those this proxy can forward visitors of",
+                None,
+                MetricType::Gauge,
+            )?)?;
         }
         Ok(())
     }

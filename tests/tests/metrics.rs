@@ -97,7 +97,12 @@ async fn echo_over_http(addr: SocketAddr, len: usize) -> u64 {
     stream.shutdown().await.unwrap();
     let mut back = Vec::new();
     stream.read_to_end(&mut back).await.unwrap();
-    assert!(back == sent, "the echo came back altered");
+    assert!(
+        back == sent,
+        "the echo came back altered: {} bytes, starting {:?}",
+        back.len(),
+        String::from_utf8_lossy(&back[..back.len().min(200)])
+    );
     sent.len() as u64
 }
 
@@ -830,4 +835,143 @@ async fn discovery_counts_heartbeats_lists_and_dns_answers() {
     discovery.terminate();
     let status = discovery.wait_exit(Duration::from_secs(20)).await.unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_visitor_is_counted_out_at_one_proxy_and_in_at_the_other() {
+    init();
+    let pki = Pki::new().unwrap();
+    let secret = secret_file(&pki);
+    let client_key = shroud_mux::auth::SecretKey::generate().unwrap();
+    let policy = format!("{HOST} {}\n", client_key.public());
+    let peer_ports = shroud_tests::ports::free_ports::<2>().unwrap();
+    let peer = |i: usize| format!("127.0.0.1:{}", peer_ports[i]);
+    let mut members = Vec::new();
+    for i in 0..2 {
+        let name = format!("p{i}.proxy.test");
+        let args = [
+            "--listen-http",
+            ANY,
+            "--metrics-listen",
+            ANY,
+            "--listen-peer",
+            &peer(i),
+            "--peer",
+            &peer(1 - i),
+            "--fleet-secret-file",
+            &secret,
+        ]
+        .map(str::to_owned);
+        let mut process =
+            ProxyProcess::start_with_args(&pki, &name, &policy, ANY.parse().unwrap(), &args)
+                .await
+                .unwrap();
+        let line = process
+            .process
+            .wait_for_line("listener=\"http\"", Duration::from_secs(20))
+            .await
+            .unwrap();
+        let http = log_addr(&line).unwrap();
+        let metrics = metrics::endpoint(&mut process.process, Duration::from_secs(20))
+            .await
+            .unwrap();
+        members.push(Proxy {
+            process,
+            http,
+            metrics,
+        });
+    }
+    // The client holds a tunnel to the first proxy only.
+    let echo = EchoOrigin::plain().await.unwrap();
+    let mut spec = shroud_tests::stack::ClientSpec::new(
+        HOST,
+        echo.addr(),
+        vec![("p0.proxy.test".to_owned(), members[0].process.https)],
+    );
+    spec.key = client_key;
+    spec.http_target = Some(echo.addr());
+    let mut client = shroud_tests::stack::TestClient::start(&pki, spec).unwrap();
+    within(30, client.wait_bound(1)).await;
+    for member in &members {
+        member
+            .wait_for("the other proxy alive", |e| {
+                e.value("shroud_proxy_peers_alive", &[]) == 1.0
+            })
+            .await;
+    }
+    // The second proxy has heard the first holds the name: gossip may take up to its
+    // refresh (15 s) to carry a list sent before the two counted each other as members.
+    metrics::wait_for(
+        members[1].metrics,
+        Duration::from_secs(30),
+        "the holder's names gossiped",
+        |e| e.value("shroud_proxy_peer_hostnames", &[]) == 1.0,
+    )
+    .await
+    .unwrap();
+    let holder_knows = members[0].scrape().await;
+    assert_eq!(holder_knows.value("shroud_proxy_peer_hostnames", &[]), 0.0);
+
+    // A visitor at the second proxy goes to the first, which holds the name.
+    let moved = within(30, echo_over_http(members[1].http, 50_000)).await as f64;
+    let bytes = |e: &Exposition, path, direction| {
+        e.value(
+            "shroud_proxy_visitor_bytes_total",
+            &[("path", path), ("direction", direction)],
+        )
+    };
+    let out = members[1]
+        .wait_for("the forwarder's bytes", |e| {
+            bytes(e, "forwarded_out", "to_visitor") == moved
+        })
+        .await;
+    assert_eq!(bytes(&out, "forwarded_out", "to_origin"), moved);
+    assert_eq!(connections(&out, "http", "forwarded"), 1.0);
+    assert_eq!(out.sum("shroud_proxy_connections_total", &[]), 1.0);
+    let forwarded = |e: &Exposition, direction, result| {
+        e.value(
+            "shroud_proxy_forwarded_visitors_total",
+            &[("direction", direction), ("result", result)],
+        )
+    };
+    assert_eq!(forwarded(&out, "out", "accepted"), 1.0);
+    assert_eq!(out.sum("shroud_proxy_forwarded_visitors_total", &[]), 1.0);
+    // Nothing is bound there, so no name is labelled there.
+    assert_eq!(out.value("shroud_proxy_bound_hostnames", &[]), 0.0);
+    assert!(out.all("shroud_proxy_hostname_visitors_total").is_empty());
+
+    let holder = members[0]
+        .wait_for("the holder's bytes", |e| {
+            bytes(e, "forwarded_in", "to_visitor") == moved
+        })
+        .await;
+    assert_eq!(bytes(&holder, "forwarded_in", "to_origin"), moved);
+    assert_eq!(forwarded(&holder, "in", "accepted"), 1.0);
+    assert_eq!(
+        holder.sum("shroud_proxy_forwarded_visitors_total", &[]),
+        1.0
+    );
+    // It reached no listener there, yet had its stream opened and counts under its name.
+    assert_eq!(
+        holder.sum("shroud_proxy_connections_total", &[("listener", "http")]),
+        0.0
+    );
+    assert_eq!(
+        holder.value("shroud_proxy_stream_open_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(
+        holder.value(
+            "shroud_proxy_hostname_visitors_total",
+            &[("hostname", HOST)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        holder.value(
+            "shroud_proxy_hostname_bytes_total",
+            &[("hostname", HOST), ("direction", "to_origin")]
+        ),
+        moved
+    );
 }
