@@ -286,7 +286,7 @@ impl Collector for Collected {
             let mut family = encoder.encode_descriptor(
                 "proxies",
                 "Proxies that may be listed now, by kind: static (the fleet file) or live (heard \
-                 from within the heartbeat timeout)",
+                 from within the heartbeat timeout).",
                 None,
                 MetricType::Gauge,
             )?;
@@ -298,7 +298,7 @@ impl Collector for Collected {
         if self.metrics.dns_enabled.get().is_some() {
             let mut family = encoder.encode_descriptor(
                 "dns_queries",
-                "DNS questions answered, by response code",
+                "DNS questions answered, by response code.",
                 None,
                 MetricType::Counter,
             )?;

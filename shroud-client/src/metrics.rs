@@ -296,7 +296,7 @@ impl Collector for Collected {
                 .collect();
             let mut family = encoder.encode_descriptor(
                 "tunnels",
-                "Each proxy's tunnel, 1 for the state it is in and 0 for the others",
+                "Each proxy's tunnel, 1 for the state it is in and 0 for the others.",
                 None,
                 MetricType::Gauge,
             )?;
@@ -311,13 +311,13 @@ impl Collector for Collected {
         if let Some((percent, ready)) = self.metrics.tor_progress() {
             ConstGauge::new(percent).encode(encoder.encode_descriptor(
                 "tor_bootstrap_percent",
-                "How far Tor has bootstrapped, 0 to 100",
+                "How far Tor has bootstrapped, 0 to 100.",
                 None,
                 MetricType::Gauge,
             )?)?;
             ConstGauge::new(i64::from(ready)).encode(encoder.encode_descriptor(
                 "tor_ready",
-                "1 when Tor can build circuits for traffic, else 0",
+                "1 when Tor can build circuits for traffic, else 0.",
                 None,
                 MetricType::Gauge,
             )?)?;
@@ -336,7 +336,7 @@ impl Collector for Collected {
             let mut family = encoder.encode_descriptor(
                 "certificate_expiry_timestamp",
                 "When the certificate visitors' TLS is terminated with expires, in seconds \
-                 since the Unix epoch, by where it came from (acme, file)",
+                 since the Unix epoch, by where it came from (acme, file).",
                 Some(&Unit::Seconds),
                 MetricType::Gauge,
             )?;

@@ -494,7 +494,7 @@ impl Collector for Collected {
         let refusals = self.shared.admission.refusals();
         let mut family = encoder.encode_descriptor(
             "limit_refusals",
-            "Work refused by each limit since start, by the flag that sets it",
+            "Work refused by each limit since start, by the flag that sets it.",
             None,
             MetricType::Counter,
         )?;
@@ -505,7 +505,7 @@ impl Collector for Collected {
         let bound = i64::try_from(self.shared.registry.hostname_count()).unwrap_or(i64::MAX);
         ConstGauge::new(bound).encode(encoder.encode_descriptor(
             "bound_hostnames",
-            "Hostnames with at least one tunnel bound here",
+            "Hostnames with at least one tunnel bound here.",
             None,
             MetricType::Gauge,
         )?)?;
@@ -513,14 +513,14 @@ impl Collector for Collected {
             let alive = i64::try_from(peers.alive()).unwrap_or(i64::MAX);
             ConstGauge::new(alive).encode(encoder.encode_descriptor(
                 "peers_alive",
-                "Other proxies of the fleet this one knows to be alive",
+                "Other proxies of the fleet this one knows to be alive.",
                 None,
                 MetricType::Gauge,
             )?)?;
             let held = i64::try_from(peers.held_names()).unwrap_or(i64::MAX);
             ConstGauge::new(held).encode(encoder.encode_descriptor(
                 "peer_hostnames",
-                "Hostnames that alive peers hold: those this proxy can forward visitors of",
+                "Hostnames that alive peers hold: those this proxy can forward visitors of.",
                 None,
                 MetricType::Gauge,
             )?)?;
