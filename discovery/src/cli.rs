@@ -41,6 +41,10 @@ pub struct Cli {
     #[command(flatten)]
     pub config: shroud_process::config::ConfigArgs,
 
+    /// Where to serve metrics, health and readiness (--metrics-listen); for serving only.
+    #[command(flatten)]
+    pub metrics: shroud_process::metrics::MetricsArgs,
+
     /// A subcommand, if one was given instead of the options to serve.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -279,6 +283,7 @@ impl ServeArgs {
                 ..Limits::default()
             },
             dns: None,
+            metrics: Arc::default(),
         })
     }
 
@@ -344,7 +349,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
-            server::run(listener, config, shutdown).await
+            // The endpoint outlives the drain, so that /readyz says so while it lasts.
+            let metrics_stop = CancellationToken::new();
+            let _stop_metrics = metrics_stop.clone().drop_guard();
+            let endpoint = if cli.metrics.metrics_listen.is_some() {
+                let mut registry = shroud_process::metrics::registry("shroud_discovery");
+                let readiness = crate::metrics::register(&config.metrics, &mut registry);
+                shroud_process::metrics::spawn(
+                    &cli.metrics,
+                    registry,
+                    readiness,
+                    metrics_stop.clone(),
+                )?
+            } else {
+                None
+            };
+            let result = server::run(listener, config, shutdown).await;
+            metrics_stop.cancel();
+            if let Some(endpoint) = endpoint {
+                let _ = endpoint.await;
+            }
+            result
         }
         (None, None) => {
             anyhow::bail!("give --listen and the other options, or a subcommand; see --help")
@@ -394,6 +419,11 @@ mod tests {
             }
             if id == "config" {
                 assert_eq!(env, shroud_process::config::CONFIG_ENV);
+                continue;
+            }
+            // So is the metrics endpoint's.
+            if id == "metrics_listen" {
+                assert_eq!(env, "SHROUD_METRICS_LISTEN");
                 continue;
             }
             assert!(

@@ -165,12 +165,23 @@ impl Answer {
 pub struct Answerer {
     zone: DnsZone,
     fleet: Arc<Mutex<Fleet>>,
+    metrics: Option<Arc<crate::metrics::DiscoveryMetrics>>,
 }
 
 impl Answerer {
     /// Answers for `zone` from `fleet`, the service's live view.
     pub fn new(zone: DnsZone, fleet: Arc<Mutex<Fleet>>) -> Self {
-        Self { zone, fleet }
+        Self {
+            zone,
+            fleet,
+            metrics: None,
+        }
+    }
+
+    /// Counts every answer's response code in `metrics`.
+    pub fn counting(mut self, metrics: Arc<crate::metrics::DiscoveryMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn answer(&self, name: &Name, qtype: RecordType, class: DNSClass) -> Answer {
@@ -318,7 +329,11 @@ pub trait Zone: Send + Sync + Unpin + 'static {
 
 impl Zone for Answerer {
     fn answer(&self, query: &Query) -> Answer {
-        Answerer::answer(self, query.name(), query.query_type(), query.query_class())
+        let answer = Answerer::answer(self, query.name(), query.query_type(), query.query_class());
+        if let Some(metrics) = &self.metrics {
+            metrics.dns_answer(answer.code);
+        }
+        answer
     }
 }
 

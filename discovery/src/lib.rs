@@ -20,6 +20,7 @@
 //! - [`secret`]: the fleet secret that authorises heartbeats.
 //! - [`announce`]: what a proxy runs to register itself: heartbeats, and a last one saying it
 //!   leaves.
+//! - [`metrics`]: what it counts, for Prometheus on `--metrics-listen`.
 //! - [`cli`]: the `shroud-discovery` command line.
 //!
 //! Nothing is persisted: a restarted service rebuilds its state from the fleet file and the
@@ -34,6 +35,7 @@ pub mod cname;
 pub mod dns;
 pub mod fleet;
 pub mod http;
+pub mod metrics;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;

@@ -32,6 +32,7 @@ use crate::api::{self, Heartbeat, HeartbeatReply, MAX_PEERS_IN_REPLY};
 use crate::cname::{CnameCheck, Verdict};
 use crate::dns::{Answerer, DnsZone};
 use crate::fleet::{Fleet, HeartbeatError};
+use crate::metrics::{DiscoveryMetrics, HeartbeatOutcome, ListOutcome};
 use crate::ratelimit::{RateConfig, RateLimiter};
 use crate::secret::FleetSecret;
 use crate::signed::{self, ProxyList, LIST_VERSION};
@@ -106,6 +107,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// The authoritative DNS zone to serve as well, if any.
     pub dns: Option<DnsService>,
+    /// What the service counts, for `--metrics-listen`.
+    pub metrics: Arc<DiscoveryMetrics>,
 }
 
 /// The service's DNS: a zone and the sockets to answer it on.
@@ -133,6 +136,7 @@ impl ServerConfig {
             require_cname: None,
             limits: Limits::default(),
             dns: None,
+            metrics: Arc::default(),
         }
     }
 }
@@ -159,6 +163,7 @@ struct State {
     own_zone: Option<String>,
     limiter: Mutex<RateLimiter>,
     max_body: usize,
+    metrics: Arc<DiscoveryMetrics>,
 }
 
 /// Locks a mutex whose holders never leave its data half-changed, so a poisoned one is fine.
@@ -201,7 +206,10 @@ pub async fn run(
         }),
         limiter: Mutex::new(RateLimiter::new(limits.rate)),
         max_body: limits.max_body,
+        metrics: config.metrics.clone(),
     });
+    let metrics = config.metrics;
+    metrics.watch_fleet(state.fleet.clone());
     let acceptor = TlsAcceptor::from(config.tls);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
@@ -212,7 +220,8 @@ pub async fn run(
         if let Ok(addr) = dns.udp.local_addr() {
             info!(%addr, zone = %dns.zone.apex, "answering DNS");
         }
-        let answerer = Answerer::new(dns.zone, state.fleet.clone());
+        metrics.dns_enabled();
+        let answerer = Answerer::new(dns.zone, state.fleet.clone()).counting(metrics.clone());
         tracker.spawn(crate::dns::serve(
             dns.udp,
             dns.tcp,
@@ -221,6 +230,7 @@ pub async fn run(
         ));
     }
 
+    metrics.serving();
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -256,6 +266,7 @@ pub async fn run(
     }
 
     drop(listener);
+    metrics.stopping();
     tracker.close();
     info!("shutting down");
     if tokio::time::timeout(limits.drain_timeout, tracker.wait())
@@ -340,6 +351,7 @@ type Reply = Response<Full<Bytes>>;
 async fn handle(request: Request<Incoming>, peer: SocketAddr, state: &State) -> Reply {
     if !lock(&state.limiter).allow(peer.ip(), Instant::now()) {
         debug!("rate limit exceeded");
+        state.metrics.rate_limited();
         let mut reply = text(StatusCode::TOO_MANY_REQUESTS, "too many requests\n");
         reply
             .headers_mut()
@@ -349,7 +361,19 @@ async fn handle(request: Request<Incoming>, peer: SocketAddr, state: &State) -> 
     let method = request.method().clone();
     match (method, request.uri().path()) {
         (Method::GET, api::HEALTHZ_PATH) => text(StatusCode::OK, "ok\n"),
-        (Method::GET, api::PROXIES_PATH) => proxies(&request, state).await,
+        (Method::GET, api::PROXIES_PATH) => {
+            let reply = proxies(&request, state).await;
+            // Each way a list request ends has a status of its own.
+            state.metrics.list(match reply.status() {
+                StatusCode::OK => ListOutcome::Served,
+                StatusCode::BAD_REQUEST => ListOutcome::BadRequest,
+                StatusCode::FORBIDDEN => ListOutcome::NotCname,
+                StatusCode::SERVICE_UNAVAILABLE => ListOutcome::CnameUnavailable,
+                StatusCode::NOT_FOUND => ListOutcome::NoProxies,
+                _ => ListOutcome::Error,
+            });
+            reply
+        }
         (Method::POST, api::HEARTBEAT_PATH) => heartbeat(request, peer, state).await,
         (_, api::HEALTHZ_PATH | api::PROXIES_PATH) => not_allowed("GET"),
         (_, api::HEARTBEAT_PATH) => not_allowed("POST"),
@@ -462,6 +486,7 @@ fn host_param(query: Option<&str>) -> Option<String> {
 
 async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) -> Reply {
     let Some(secret) = &state.fleet_secret else {
+        state.metrics.heartbeat(HeartbeatOutcome::Disabled);
         return text(
             StatusCode::FORBIDDEN,
             "heartbeats are not enabled on this service\n",
@@ -475,6 +500,7 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
     if !authorized {
         // Neither the expected nor the received value is logged.
         warn!(%peer, "heartbeat with a missing or wrong fleet secret");
+        state.metrics.heartbeat(HeartbeatOutcome::Unauthorized);
         let mut reply = text(StatusCode::UNAUTHORIZED, "wrong or missing fleet secret\n");
         reply
             .headers_mut()
@@ -484,15 +510,19 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
 
     let body = match read_body(request, state.max_body).await {
         Ok(body) => body,
-        Err(reply) => return reply,
+        Err(reply) => {
+            state.metrics.heartbeat(HeartbeatOutcome::BadRequest);
+            return reply;
+        }
     };
     let beat: Heartbeat = match serde_json::from_slice(&body) {
         Ok(beat) => beat,
         Err(err) => {
+            state.metrics.heartbeat(HeartbeatOutcome::BadRequest);
             return text(
                 StatusCode::BAD_REQUEST,
                 &format!("invalid heartbeat: {err}\n"),
-            )
+            );
         }
     };
     let mut fleet = lock(&state.fleet);
@@ -500,6 +530,7 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
         if fleet.leave(&beat.name, beat.port) {
             info!(name = %beat.name, port = beat.port, "proxy left");
         }
+        state.metrics.heartbeat(HeartbeatOutcome::Left);
         return no_content();
     }
     let now = Instant::now();
@@ -508,6 +539,11 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
             if joined {
                 info!(name = %beat.name, port = beat.port, region = %beat.region, "proxy joined");
             }
+            state.metrics.heartbeat(if joined {
+                HeartbeatOutcome::Joined
+            } else {
+                HeartbeatOutcome::Refreshed
+            });
             if beat.peer.is_none() {
                 return no_content();
             }
@@ -515,11 +551,15 @@ async fn heartbeat(request: Request<Incoming>, peer: SocketAddr, state: &State) 
             drop(fleet);
             json(&HeartbeatReply { peers })
         }
-        Err(err @ HeartbeatError::Entry(_)) => text(
-            StatusCode::BAD_REQUEST,
-            &format!("invalid heartbeat: {err}\n"),
-        ),
+        Err(err @ HeartbeatError::Entry(_)) => {
+            state.metrics.heartbeat(HeartbeatOutcome::BadRequest);
+            text(
+                StatusCode::BAD_REQUEST,
+                &format!("invalid heartbeat: {err}\n"),
+            )
+        }
         Err(err @ HeartbeatError::Full(_)) => {
+            state.metrics.heartbeat(HeartbeatOutcome::Full);
             warn!(%err, name = %beat.name, "heartbeat refused");
             text(StatusCode::SERVICE_UNAVAILABLE, &format!("{err}\n"))
         }

@@ -150,6 +150,34 @@ impl BindStatus {
         }
     }
 
+    /// Every status this crate knows, in code order.
+    pub const KNOWN: [BindStatus; 8] = [
+        Self::Bound,
+        Self::NotAuthorized,
+        Self::InvalidHostname,
+        Self::LimitReached,
+        Self::BadProof,
+        Self::Unavailable,
+        Self::ExceedsLimit,
+        Self::NotListed,
+    ];
+
+    /// A short name for logs and metric labels: `bound`, `not_authorized`, …, and `other` for
+    /// every status this crate does not know.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Bound => "bound",
+            Self::NotAuthorized => "not_authorized",
+            Self::InvalidHostname => "invalid_hostname",
+            Self::LimitReached => "limit_reached",
+            Self::BadProof => "bad_proof",
+            Self::Unavailable => "unavailable",
+            Self::ExceedsLimit => "exceeds_limit",
+            Self::NotListed => "not_listed",
+            Self::Other(_) => "other",
+        }
+    }
+
     /// Whether retrying the same bind later can change the answer.
     pub fn is_permanent(self) -> bool {
         matches!(

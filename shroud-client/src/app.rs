@@ -15,6 +15,7 @@ use crate::cli::{self, Cli, Command, RunArgs};
 use crate::client::Client;
 use crate::discovery::DiscoverySource;
 use crate::fleet::ProxySource;
+use crate::metrics::{ClientMetrics, Sources};
 use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, TunnelState};
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
@@ -38,18 +39,52 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
             let tunnels = Arc::new(OnceLock::new());
-            let (config, source) = config(&run, &shutdown, tunnels.clone()).await?;
+            // The endpoint starts first, so that it reports Tor's bootstrap, and ends last.
+            let metrics = Arc::new(ClientMetrics::new());
+            let sources = Sources {
+                states: tunnels.clone(),
+                acme: Arc::default(),
+            };
+            let metrics_stop = CancellationToken::new();
+            let _stop_metrics = metrics_stop.clone().drop_guard();
+            let endpoint = start_metrics(&cli.metrics, &metrics, &sources, metrics_stop.clone())?;
+            let (config, source) = config(&run, &shutdown, tunnels.clone(), &metrics).await?;
             let acme = config.acme.as_ref().map(|tls| tls.acme.clone());
+            if let Some(acme) = &acme {
+                let _ = sources.acme.set(acme.clone());
+            }
             let client = Client::spawn(config, source, shutdown)?;
             let _ = tunnels.set(client.watch_states());
             tokio::select! {
                 joined = client.join() => joined?,
                 refused = never_certified(acme) => return Err(refused.into()),
             }
+            metrics_stop.cancel();
+            if let Some(endpoint) = endpoint {
+                let _ = endpoint.await;
+            }
             Ok(())
         }
         (None, None) => anyhow::bail!("give HOSTNAME and TARGET, or a subcommand; see --help"),
     }
+}
+
+/// Serves the client's metrics, health and readiness when `--metrics-listen` asks for them,
+/// until `stop`.
+fn start_metrics(
+    args: &shroud_process::metrics::MetricsArgs,
+    metrics: &Arc<ClientMetrics>,
+    sources: &Sources,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if args.metrics_listen.is_none() {
+        return Ok(None);
+    }
+    let mut registry = shroud_process::metrics::registry("shroud_client");
+    let readiness = crate::metrics::register(metrics, sources, &mut registry);
+    Ok(shroud_process::metrics::spawn(
+        args, registry, readiness, stop,
+    )?)
 }
 
 /// Resolves only when ACME has failed for good with no certificate in hand: the client then
@@ -100,11 +135,13 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// the files they name. With the tor transport this bootstraps Tor, which can take a while.
 ///
 /// With `--acme` it also starts getting the certificate; `tunnels` is where the client's
-/// tunnel states will be, which ACME waits on before asking the CA to validate.
+/// tunnel states will be, which ACME waits on before asking the CA to validate. What the
+/// client counts goes to `metrics`.
 pub async fn config(
     run: &RunArgs,
     shutdown: &CancellationToken,
     tunnels: Arc<OnceLock<watch::Receiver<States>>>,
+    metrics: &Arc<ClientMetrics>,
 ) -> anyhow::Result<(ClientConfig, ProxySource)> {
     let key_path = key_path(run.key.clone())?;
     let (key, created) = key::load_or_create(&key_path)?;
@@ -140,7 +177,13 @@ pub async fn config(
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;
     let origin_tls = match (&run.tls_cert, &run.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::origin_server_config(cert, key)?.into()),
+        (Some(cert), Some(key)) => {
+            let config = tls::origin_server_config(cert, key)?;
+            if let Some(expiry) = tls::leaf_expiry(cert) {
+                metrics.set_certificate_expiry(expiry);
+            }
+            Some(config.into())
+        }
         _ => None,
     };
     // Last, because it may take a while: every local check has passed by now.
@@ -164,7 +207,7 @@ pub async fn config(
                 bootstrap_timeout: Duration::from_secs(run.tor_bootstrap_timeout_secs),
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            Arc::new(TorTransport::bootstrap(options).await?)
+            Arc::new(TorTransport::bootstrap_reporting(options, Some(metrics.clone())).await?)
         }
     };
     let acme = match &run.acme {
@@ -203,6 +246,7 @@ pub async fn config(
         tls,
         key,
         timing,
+        metrics: metrics.clone(),
     };
     Ok((config, source))
 }

@@ -35,6 +35,10 @@ pub struct Cli {
     #[command(flatten)]
     pub config: shroud_process::config::ConfigArgs,
 
+    /// Where to serve metrics, health and readiness (--metrics-listen); for running only.
+    #[command(flatten)]
+    pub metrics: shroud_process::metrics::MetricsArgs,
+
     /// A subcommand, if one was given instead of the options to run a tunnel.
     #[command(subcommand)]
     pub command: Option<Command>,

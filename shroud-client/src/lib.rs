@@ -8,7 +8,8 @@
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
 //! requests through the transport and its checks answered through the tunnel ([`hello`] tells
-//! a check from a visitor). [`cli`] and [`app`] are the command line.
+//! a check from a visitor). [`cli`] and [`app`] are the command line. [`metrics`] counts
+//! what happens, for Prometheus on `--metrics-listen`.
 
 pub mod acme;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod discovery;
 pub mod fleet;
 pub mod hello;
 pub mod key;
+pub mod metrics;
 pub mod origin;
 pub mod proxy_protocol;
 pub mod shared;

@@ -38,6 +38,7 @@ the origin server is not reachable.\n";
 /// Serves one stream the proxy opened. Errors end the stream and are logged at debug level:
 /// they concern one visitor, never the tunnel.
 pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
+    let _counted = config.metrics.stream();
     let timing = &config.timing;
     if timeout(timing.stream_header_timeout, header::write_ack(&mut stream))
         .await
@@ -112,6 +113,7 @@ async fn forward(
         Ok(origin) => origin,
         Err(err) => {
             debug!(%err, "origin unreachable");
+            config.metrics.origin_failed(kind == StreamKind::Http);
             if kind == StreamKind::Http {
                 let _ = stream.write_all(BAD_GATEWAY).await;
             }

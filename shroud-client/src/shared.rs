@@ -128,6 +128,8 @@ pub struct ClientConfig {
     pub key: SecretKey,
     /// Timeouts and intervals.
     pub timing: Timing,
+    /// What the client counts, for `--metrics-listen`.
+    pub metrics: Arc<crate::metrics::ClientMetrics>,
 }
 
 /// The hostname's certificate from ACME (`--acme`).

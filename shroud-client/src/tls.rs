@@ -159,6 +159,15 @@ pub fn origin_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>
     Ok(Arc::new(config))
 }
 
+/// When the first (leaf) certificate of a PEM file expires; `None` if the file cannot be read
+/// or parsed (loading it for TLS says why).
+pub fn leaf_expiry(path: &Path) -> Option<std::time::SystemTime> {
+    let certs = read_certificates(path).ok()?;
+    let secs = crate::metrics::not_after(certs.first()?)?;
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
 /// Every certificate in a PEM file; at least one.
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
     let read_error = |source| TlsSetupError::ReadCertificates {

@@ -18,6 +18,7 @@ use futures::StreamExt as _;
 use tor_rtcompat::PreferredRuntime;
 use tracing::{info, warn};
 
+use crate::metrics::ClientMetrics;
 use crate::transport::{BoxStream, Resolve, Transport};
 
 /// Why Tor could not be set up.
@@ -120,6 +121,15 @@ pub struct TorTransport {
 impl TorTransport {
     /// Starts Arti and waits until it has bootstrapped, showing progress.
     pub async fn bootstrap(options: TorOptions) -> Result<Self, TorError> {
+        Self::bootstrap_reporting(options, None).await
+    }
+
+    /// [`TorTransport::bootstrap`], with Tor's progress and readiness also kept in `metrics`,
+    /// during the bootstrap and for as long as Arti reports on it after.
+    pub async fn bootstrap_reporting(
+        options: TorOptions,
+        metrics: Option<Arc<ClientMetrics>>,
+    ) -> Result<Self, TorError> {
         if options.network_file.is_none() && !options.resolve.is_empty() {
             return Err(TorError::ResolveRefused);
         }
@@ -137,10 +147,14 @@ impl TorTransport {
             .blocked()
             .map(|b| b.to_string())
             .unwrap_or_default();
+        if let Some(metrics) = &metrics {
+            metrics.tor_enabled();
+        }
         let progress = tokio::spawn(show_progress(
             client.bootstrap_events(),
             options.progress_bar,
             not_started,
+            metrics.clone(),
         ));
         let bootstrap = tokio::time::timeout(options.bootstrap_timeout, client.bootstrap()).await;
         progress.abort();
@@ -155,6 +169,11 @@ impl TorTransport {
             }
         }
         info!(elapsed = ?started.elapsed(), "Tor bootstrapped");
+        if let Some(metrics) = metrics {
+            let status = client.bootstrap_status();
+            metrics.tor_status(percent(&status), status.ready_for_traffic());
+            tokio::spawn(follow_status(client.bootstrap_events(), metrics));
+        }
         Ok(Self {
             client,
             resolve: options.resolve,
@@ -188,12 +207,29 @@ impl Transport for TorTransport {
     }
 }
 
+/// A bootstrap status as a percentage.
+fn percent(status: &arti_client::status::BootstrapStatus) -> i64 {
+    (status.as_frac() * 100.0).round() as i64
+}
+
+/// Keeps `metrics` in step with Arti's status after the bootstrap (a directory gone stale
+/// shows there), until Arti stops reporting.
+async fn follow_status(
+    mut events: arti_client::status::BootstrapEvents,
+    metrics: Arc<ClientMetrics>,
+) {
+    while let Some(status) = events.next().await {
+        metrics.tor_status(percent(&status), status.ready_for_traffic());
+    }
+}
+
 /// Reports bootstrap progress until it is aborted: a bar on a terminal, log lines otherwise.
 /// When progress stalls, says why (Arti's blocked reason).
 async fn show_progress(
     mut events: arti_client::status::BootstrapEvents,
     bar: bool,
     not_started: String,
+    metrics: Option<Arc<ClientMetrics>>,
 ) {
     let bar = bar.then(|| {
         let bar = indicatif::ProgressBar::new(100);
@@ -217,6 +253,9 @@ async fn show_progress(
                 continue;
             }
         };
+        if let Some(metrics) = &metrics {
+            metrics.tor_status(self::percent(&status), status.ready_for_traffic());
+        }
         let percent = (status.as_frac() * 100.0).round() as i32;
         let blocked = status.blocked().map(|b| b.to_string()).unwrap_or_default();
         if let Some(bar) = &bar {

@@ -115,6 +115,7 @@ pub async fn hold(
             attempt = connect_and_bind(&proxy, &config) => attempt,
         };
         let mut attempt_failed = false;
+        config.metrics.attempt(attempt.as_ref().map(|_| ()));
         let reason = match attempt {
             Ok(bound) => {
                 info!("tunnel up");
@@ -123,6 +124,7 @@ pub async fn hold(
                 match serve(bound, &config, &stop, &tasks).await {
                     End::Shutdown => break,
                     End::GoAway => {
+                        config.metrics.tunnel_ended(true);
                         // The proxy refuses new tunnels until it is back: the jittered delays
                         // from the base spread a fleet's attempts while it restarts.
                         backoff.record_go_away(Instant::now());
@@ -130,6 +132,7 @@ pub async fn hold(
                         "the proxy is draining".to_owned()
                     }
                     End::Lost(reason) => {
+                        config.metrics.tunnel_ended(false);
                         backoff.record_disconnected(Instant::now());
                         info!(%reason, "tunnel lost");
                         reason
@@ -284,6 +287,9 @@ async fn bind(
         Message::Error { message, .. } => return Err(AttemptError::Protocol(message)),
         other => return Err(unexpected(&other, "bind result")),
     };
+    for result in results.iter().filter(|r| r.status != BindStatus::Bound) {
+        config.metrics.bind_refused(result.status);
+    }
     check_results(&results, &names)
 }
 

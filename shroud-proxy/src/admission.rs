@@ -96,7 +96,8 @@ pub enum Limit {
 }
 
 impl Limit {
-    const ALL: [Limit; 6] = [
+    /// Every limit, in the order of the module documentation.
+    pub const ALL: [Limit; 6] = [
         Limit::Connections,
         Limit::ConnectionsPerAddress,
         Limit::ConnectionsPerHostname,

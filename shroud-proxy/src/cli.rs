@@ -41,6 +41,10 @@ pub struct Cli {
     #[command(flatten)]
     pub config: shroud_process::config::ConfigArgs,
 
+    /// Where to serve metrics, health and readiness (--metrics-listen).
+    #[command(flatten)]
+    pub metrics: shroud_process::metrics::MetricsArgs,
+
     /// Public TLS listener: visitors are routed by SNI; shroud clients (ALPN shroud/1) become
     /// tunnels. Usually 0.0.0.0:443, since Tor exits commonly allow 443.
     #[arg(long, env = "SHROUD_LISTEN_HTTPS", value_name = "ADDR")]
@@ -423,6 +427,9 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
     let shared = Shared::new(config, shutdown.clone());
+    // The endpoint outlives the drain, so that /readyz says "draining" while it lasts.
+    let metrics_stop = CancellationToken::new();
+    let metrics = start_metrics(&cli.metrics, &shared, metrics_stop.clone())?;
     let announce = cli
         .announcement(&shared)?
         .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
@@ -431,7 +438,28 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
         // It says goodbye to the discovery services on shutdown, within its own deadline.
         let _ = announce.await;
     }
+    metrics_stop.cancel();
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     result
+}
+
+/// Serves the proxy's metrics, health and readiness when `--metrics-listen` asks for them,
+/// until `stop`.
+pub fn start_metrics(
+    args: &shroud_process::metrics::MetricsArgs,
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    if args.metrics_listen.is_none() {
+        return Ok(None);
+    }
+    let mut registry = shroud_process::metrics::registry("shroud_proxy");
+    let readiness = crate::metrics::register(shared, &mut registry);
+    Ok(shroud_process::metrics::spawn(
+        args, registry, readiness, stop,
+    )?)
 }
 
 /// What the proxy tells its discovery services about itself.

@@ -22,9 +22,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument as _};
 
 use crate::handoff::{self, Refusal, SpliceError, OPEN_ATTEMPTS};
+use crate::metrics::{Listener, Outcome, Path};
 use crate::peers::Peers;
 use crate::registry::Route;
 use crate::shared::Shared;
+use crate::visitor::count_bytes;
 
 /// How long a stream on a link may take to say what it is and send its header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,8 +54,30 @@ pub(crate) async fn forward(
         match offer(shared, peers, holder, &first).await {
             Ok((Reply::Accepted, mut stream)) => {
                 debug!(peer = %holder, "forwarded");
+                let listener = match header.kind {
+                    VisitorKind::Http => Listener::Http,
+                    VisitorKind::Tls => Listener::Https,
+                };
+                shared.metrics.connection(listener, Outcome::Forwarded);
+                shared.metrics.forwarded(true, true);
                 let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
-                if let Err(err) = shroud_mux::splice::splice(visitor, &mut stream, buffer).await {
+                let [to_origin, to_visitor] = shared.metrics.bytes(Path::ForwardedOut);
+                // What was read to route it went with the offer.
+                to_origin.inc_by(bytes.len() as u64);
+                let copied = shroud_mux::splice::splice_reporting(
+                    visitor,
+                    &mut stream,
+                    buffer,
+                    |up, down| {
+                        if up > 0 {
+                            to_origin.inc_by(up);
+                        }
+                        if down > 0 {
+                            to_visitor.inc_by(down);
+                        }
+                    },
+                );
+                if let Err(err) = copied.await {
                     debug!(%err, "forwarded visitor ended with an error");
                 }
                 return Ok(());
@@ -69,6 +93,7 @@ pub(crate) async fn forward(
             Err(err) => debug!(peer = %holder, %err, "forwarding failed"),
         }
     }
+    shared.metrics.forwarded(true, false);
     Err(refusal)
 }
 
@@ -212,15 +237,25 @@ async fn serve_forwarded(mut stream: MuxStream, shared: &Shared) {
         let (mut tunnel, _counted) = match reply {
             Ok(ready) => ready,
             Err(refusal) => {
+                shared.metrics.forwarded(false, false);
                 let _ = refusal.write(&mut stream).await;
                 return;
             }
         };
+        shared.metrics.forwarded(false, true);
         if Reply::Accepted.write(&mut stream).await.is_err() {
             return;
         }
+        let host = shared.metrics.hostnames().series(&header.hostname);
+        host.visitors.inc();
         let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
-        if let Err(err) = shroud_mux::splice::splice(&mut stream, &mut tunnel, buffer).await {
+        let [to_origin, to_visitor] = shared.metrics.bytes(Path::ForwardedIn);
+        let copied =
+            shroud_mux::splice::splice_reporting(&mut stream, &mut tunnel, buffer, |up, down| {
+                count_bytes([to_origin, &host.bytes[0]], up);
+                count_bytes([to_visitor, &host.bytes[1]], down);
+            });
+        if let Err(err) = copied.await {
             debug!(%err, "forwarded visitor ended with an error");
         }
     }

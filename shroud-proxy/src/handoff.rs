@@ -29,6 +29,24 @@ pub(crate) enum Refusal {
     Forward,
 }
 
+impl Refusal {
+    /// What this refusal makes of the visitor's connection, for the metrics.
+    pub(crate) fn outcome(&self) -> crate::metrics::Outcome {
+        use crate::metrics::Outcome;
+        match self {
+            Refusal::NoTunnel(Route::RedirectToHttps) => Outcome::Redirected,
+            Refusal::NoTunnel(_) => Outcome::UnknownName,
+            Refusal::HostnameFull => Outcome::RefusedPerHostname,
+            Refusal::Open(SpliceError::Open(SessionError::TooManyStreams)) => {
+                Outcome::RefusedStreamsPerTunnel
+            }
+            Refusal::Open(SpliceError::AckTimeout) => Outcome::TunnelTimeout,
+            Refusal::Open(SpliceError::Open(_) | SpliceError::Tunnel(_)) => Outcome::TunnelFailed,
+            Refusal::Forward => Outcome::ForwardFailed,
+        }
+    }
+}
+
 /// Finds a tunnel at this proxy for `hostname`, waiting a while for one if it is expected
 /// back, unless the proxy is shutting down.
 pub(crate) async fn route_locally(shared: &Shared, hostname: &str, http: bool) -> Route {
@@ -97,6 +115,7 @@ pub(crate) async fn open(
     let mut first = header.encode();
     first.extend_from_slice(initial);
     let http = header.kind == StreamKind::Http;
+    let started = tokio::time::Instant::now();
     let mut attempt = 1;
     loop {
         // A TLS visitor whose tunnel is slow to acknowledge may move on to another tunnel.
@@ -109,6 +128,7 @@ pub(crate) async fn open(
         let err = match open_once(shared, &session, &first, patience).await {
             Ok(stream) => {
                 session.set_unresponsive(false);
+                shared.metrics.stream_opened(started.elapsed());
                 return Ok(stream);
             }
             Err(err) => err,

@@ -220,6 +220,11 @@ impl Peers {
         self.lock().alive.len()
     }
 
+    /// How many hostnames alive peers hold: the names this proxy can forward visitors of.
+    pub fn held_names(&self) -> usize {
+        self.lock().index.len()
+    }
+
     /// Whether the member at `addr` is known to be alive.
     pub(crate) fn is_alive_at(&self, addr: SocketAddr) -> bool {
         self.lock().alive.iter().any(|id| id.addr == addr)

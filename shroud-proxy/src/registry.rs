@@ -22,6 +22,8 @@ use shroud_mux::Session;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::metrics::Hostnames;
+
 /// For this long after the proxy starts, any name may be about to be bound again: visitors
 /// for unbound names wait for a tunnel.
 pub const STARTUP_GRACE: Duration = Duration::from_secs(60);
@@ -61,6 +63,9 @@ pub struct Registry {
     started: Instant,
     next_tunnel: AtomicU64,
     turn: AtomicUsize,
+    /// The per-hostname metrics, told under the lock when a name gains its first tunnel and
+    /// loses its last, so that the two never cross.
+    hostnames: Hostnames,
 }
 
 #[derive(Default)]
@@ -72,6 +77,13 @@ struct State {
 
 impl Default for Registry {
     fn default() -> Self {
+        Self::with_hostnames(Hostnames::new(crate::metrics::HOSTNAME_SERIES))
+    }
+}
+
+impl Registry {
+    /// An empty registry that keeps `hostnames` in step with the names bound.
+    pub fn with_hostnames(hostnames: Hostnames) -> Self {
         Self {
             state: Mutex::default(),
             bound: watch::Sender::new(0),
@@ -79,11 +91,10 @@ impl Default for Registry {
             started: Instant::now(),
             next_tunnel: AtomicU64::new(0),
             turn: AtomicUsize::new(0),
+            hostnames,
         }
     }
-}
 
-impl Registry {
     /// A fresh id for a new tunnel.
     pub fn new_tunnel_id(&self) -> TunnelId {
         self.next_tunnel.fetch_add(1, Ordering::Relaxed)
@@ -93,6 +104,9 @@ impl Registry {
     pub fn bind(&self, hostname: &str, tunnel: TunnelId, session: Session, http: bool) {
         let mut state = self.lock();
         state.recently_unbound.remove(hostname);
+        if !state.bindings.contains_key(hostname) {
+            self.hostnames.bound(hostname);
+        }
         state
             .bindings
             .entry(hostname.to_owned())
@@ -144,6 +158,7 @@ impl Registry {
             !list.is_empty()
         });
         for name in emptied {
+            self.hostnames.unbound(&name);
             state.remember_unbound(name);
         }
         drop(state);
@@ -158,6 +173,7 @@ impl Registry {
             list.retain(|b| b.tunnel != tunnel);
             if list.is_empty() {
                 state.bindings.remove(hostname);
+                self.hostnames.unbound(hostname);
             }
         }
         drop(state);

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::admission::{AddressGuard, Limit};
+use crate::metrics::{Listener, Outcome};
 use crate::shared::{ProxyConfig, Shared};
 use crate::{tunnel, visitor};
 
@@ -103,7 +104,9 @@ pub async fn serve(
         tracker.spawn(acceptor.run());
     }
     tracker.close();
+    shared.metrics.serving();
     shutdown.cancelled().await;
+    shared.metrics.draining();
     info!("shutting down: draining tunnels");
     // Every tunnel sends go-away and waits for its own streams; give them that long, and a
     // little more for the last bytes to leave.
@@ -201,6 +204,14 @@ impl Kind {
             Kind::Tunnel => "tunnel",
         }
     }
+
+    fn listener(self) -> Listener {
+        match self {
+            Kind::Https => Listener::Https,
+            Kind::Http => Listener::Http,
+            Kind::Tunnel => Listener::Tunnel,
+        }
+    }
 }
 
 struct Acceptor {
@@ -239,17 +250,21 @@ impl Acceptor {
     /// address has too many connections already: the first two checks of
     /// [`crate::admission`], made before anything is read.
     fn dispatch(&self, stream: TcpStream, peer: SocketAddr) {
+        let metrics = &self.shared.metrics;
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             debug!(%peer, "connection limit reached; closing new connection");
             self.shared.admission.refused(Limit::Connections);
+            metrics.connection(self.kind.listener(), Outcome::RefusedConnections);
             return;
         };
+        let open = metrics.open_connection();
         let Some(address) = self.shared.admission.connection_from(peer.ip()) else {
+            metrics.connection(self.kind.listener(), Outcome::RefusedPerAddress);
             if let Kind::Http = self.kind {
                 // Plain HTTP can be told why, cheaply and within a short deadline.
                 self.tracker.spawn(async move {
                     visitor::refuse_http_early(stream).await;
-                    drop(permit);
+                    drop((permit, open));
                 });
             }
             return;
@@ -258,7 +273,7 @@ impl Acceptor {
         let (shared, shutdown, kind) = (self.shared.clone(), self.shutdown.clone(), self.kind);
         self.tracker.spawn(async move {
             serve_connection(kind, stream, peer, address, shared, shutdown).await;
-            drop(permit);
+            drop((permit, open));
         });
     }
 
@@ -290,6 +305,7 @@ async fn serve_connection(
             drop(address);
         }
         Kind::Tunnel => {
+            shared.metrics.connection(Listener::Tunnel, Outcome::Tunnel);
             let span = tracing::info_span!("tunnel", %peer);
             if let Err(err) = tunnel::serve(stream, peer, shared, shutdown, Some(address))
                 .instrument(span.clone())

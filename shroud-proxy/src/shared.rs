@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionLimits};
 use crate::dns_auth::DnsAuthorizer;
+use crate::metrics::ProxyMetrics;
 use crate::peers::{FleetConfig, Peers};
 use crate::policy::Policy;
 use crate::registry::Registry;
@@ -131,6 +132,8 @@ pub struct Shared {
     pub(crate) routing: AtomicUsize,
     /// Cancelled when the proxy starts shutting down.
     pub(crate) shutdown: CancellationToken,
+    /// What the proxy counts, for `--metrics-listen`.
+    pub(crate) metrics: ProxyMetrics,
 }
 
 impl Shared {
@@ -161,6 +164,7 @@ impl Shared {
     /// The state of a proxy serving `config`, which stops when `shutdown` is cancelled. Nothing
     /// is bound or spawned: the routing table starts empty.
     pub fn new(config: ProxyConfig, shutdown: CancellationToken) -> Arc<Self> {
+        let metrics = ProxyMetrics::new();
         Arc::new(Self {
             tunnel_name: config.tunnel_name,
             tls_acceptor: TlsAcceptor::from(config.tls),
@@ -172,9 +176,10 @@ impl Shared {
                 .fleet
                 .map(|fleet| Arc::new(Peers::new(fleet, config.limits.stream_buffer))),
             limits: config.limits,
-            registry: Registry::default(),
+            registry: Registry::with_hostnames(metrics.hostnames().clone()),
             routing: AtomicUsize::new(0),
             shutdown,
+            metrics,
         })
     }
 

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::admission::{AddressGuard, KeyGuard};
 use crate::dns_auth::DnsVerdict;
+use crate::metrics::Handshake;
 use crate::registry::TunnelId;
 use crate::shared::Shared;
 
@@ -69,7 +70,27 @@ pub async fn serve<IO>(
     peer: SocketAddr,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    address: Option<AddressGuard>,
+) -> Result<(), TunnelError>
+where
+    IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    // Set once the bind is answered; any end before that is a failed handshake.
+    let mut answered = false;
+    let result = serve_tunnel(io, peer, shared.clone(), shutdown, address, &mut answered).await;
+    if !answered {
+        shared.metrics.handshake(Handshake::Failed);
+    }
+    result
+}
+
+async fn serve_tunnel<IO>(
+    io: IO,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
     mut address: Option<AddressGuard>,
+    answered: &mut bool,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -134,7 +155,9 @@ where
             return Err(TunnelError::Timeout("the bind"));
         }
     };
+    *answered = true;
     if granted.names.is_empty() {
+        shared.metrics.handshake(Handshake::Refused);
         // Give the client a moment to read the result before the connection goes.
         let _ = timeout(Duration::from_secs(2), control.shutdown_and_wait()).await;
         session.close();
@@ -143,6 +166,8 @@ where
 
     let names: Vec<&str> = granted.names.iter().map(|n| n.name.as_str()).collect();
     info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
+    shared.metrics.handshake(Handshake::Bound);
+    let _bound = shared.metrics.tunnel_bound();
 
     let mut rechecks = DnsRechecks {
         key: granted.key,
@@ -255,6 +280,9 @@ async fn handshake(
         .filter(|(_, outcome)| outcome.status == BindStatus::Bound)
         .map(|(name, _)| name.clone())
         .collect();
+    for outcome in &judged {
+        shared.metrics.bind_result(outcome.status);
+    }
     for outcome in judged.iter().filter(|o| o.status != BindStatus::Bound) {
         info!(hostname = %outcome.name, status = ?outcome.status, "bind refused");
     }

@@ -20,6 +20,7 @@ use tracing::{debug, Instrument as _};
 use crate::admission::AddressGuard;
 use crate::handoff::{self, Refusal, SpliceError};
 use crate::http_sniff::{self, HttpSniffError};
+use crate::metrics::{HostSeries, Listener, Outcome, Path};
 use crate::peers::Peers;
 use crate::registry::Route;
 use crate::shared::{RoutingGuard, Shared};
@@ -48,14 +49,24 @@ pub async fn serve_https(
         limits.client_hello_timeout,
         tls_sniff::read_client_hello(&mut stream, limits.max_client_hello),
     );
+    let metrics = &shared.metrics;
     let (hello, bytes) = match read.await {
         Ok(Ok(found)) => found,
         Ok(Err(err)) => {
             debug!(%err, "unreadable ClientHello; closing");
+            let outcome = match err {
+                tls_sniff::SniffError::Eof | tls_sniff::SniffError::Io(_) => Outcome::ClosedEarly,
+                tls_sniff::SniffError::TooLarge => Outcome::TooLarge,
+                tls_sniff::SniffError::NotTls | tls_sniff::SniffError::Malformed(_) => {
+                    Outcome::Malformed
+                }
+            };
+            metrics.connection(Listener::Https, outcome);
             return;
         }
         Err(_) => {
             debug!("no complete ClientHello in time; closing");
+            metrics.connection(Listener::Https, Outcome::SniffTimeout);
             return;
         }
     };
@@ -67,6 +78,7 @@ pub async fn serve_https(
         .is_none_or(|sni| sni == shared.tunnel_name);
     if offers_shroud && for_proxy {
         drop(routing);
+        metrics.connection(Listener::Https, Outcome::Tunnel);
         let span = tracing::info_span!("tunnel", %peer);
         let io = Replay::new(bytes, stream);
         let served = tunnel::serve(io, peer, shared.clone(), shutdown, Some(address))
@@ -80,6 +92,7 @@ pub async fn serve_https(
 
     let Some(sni) = hello.sni else {
         debug!("ClientHello without SNI; closing");
+        metrics.connection(Listener::Https, Outcome::NoSni);
         return;
     };
     let span = tracing::debug_span!("visitor", host = %sni, %peer);
@@ -91,6 +104,9 @@ pub async fn serve_https(
             public_port: local_port(&stream),
         };
         if let Err(refusal) = splice_visitor(&mut stream, &shared, routing, header, bytes).await {
+            shared
+                .metrics
+                .connection(Listener::Https, refusal.outcome());
             // A TLS visitor can only be told with an alert; which one is all it learns.
             let alert = match refusal {
                 Refusal::NoTunnel(_) => tls_sniff::unrecognized_name_alert(),
@@ -118,6 +134,15 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
         Ok(Ok(found)) => found,
         Ok(Err(err)) => {
             debug!(%peer, %err, "bad HTTP request head");
+            let outcome = match err {
+                HttpSniffError::Eof | HttpSniffError::Io(_) => Outcome::ClosedEarly,
+                HttpSniffError::TooLarge | HttpSniffError::TooManyHeaders => Outcome::TooLarge,
+                HttpSniffError::Malformed(_)
+                | HttpSniffError::MissingHost
+                | HttpSniffError::DuplicateHost
+                | HttpSniffError::BadHost(_) => Outcome::Malformed,
+            };
+            shared.metrics.connection(Listener::Http, outcome);
             if let Some(response) = error_response(&err) {
                 respond(&mut stream, &response).await;
             }
@@ -125,6 +150,9 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
         }
         Err(_) => {
             debug!(%peer, "no complete HTTP request head in time");
+            shared
+                .metrics
+                .connection(Listener::Http, Outcome::SniffTimeout);
             let response =
                 http_sniff::simple_response(408, "Request Timeout", &[], "request timeout\n");
             respond(&mut stream, &response).await;
@@ -143,6 +171,7 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
         else {
             return;
         };
+        shared.metrics.connection(Listener::Http, refusal.outcome());
         let response = match refusal {
             Refusal::NoTunnel(Route::RedirectToHttps) => {
                 let location = format!("https://{}{}", head.host, head.path);
@@ -203,7 +232,8 @@ pub async fn serve_http(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Sha
 /// `header.hostname`, count the visitor against its name, open a tunnel stream carrying the
 /// header and the `bytes` already read (or forward it all to a peer holding the name), then
 /// copy both ways until both directions are done. `routing` counts the visitor as not yet
-/// routed, for draining tunnels to wait on.
+/// routed, for draining tunnels to wait on. A visitor routed or forwarded is counted here, as
+/// soon as it is; one refused is left to the caller to count.
 async fn splice_visitor(
     stream: &mut TcpStream,
     shared: &Shared,
@@ -240,8 +270,22 @@ async fn splice_visitor(
             return Err(Refusal::Open(err));
         }
     };
+    let listener = if http {
+        Listener::Http
+    } else {
+        Listener::Https
+    };
+    shared.metrics.connection(listener, Outcome::Routed);
+    let host = shared.metrics.hostnames().series(&header.hostname);
+    host.visitors.inc();
+    // What was read to route it went with the stream's header.
+    let sniffed = bytes.len() as u64;
+    count_bytes(
+        [&shared.metrics.bytes(Path::Local)[0], &host.bytes[0]],
+        sniffed,
+    );
     drop(bytes);
-    if let Err(err) = copy(stream, tunnel, shared).await {
+    if let Err(err) = copy(stream, tunnel, shared, &host).await {
         debug!(%err, "visitor connection ended with an error");
     }
     Ok(())
@@ -353,17 +397,32 @@ fn error_response(err: &HttpSniffError) -> Option<Vec<u8>> {
 }
 
 /// Copies both ways between a visitor and its accepted tunnel stream until both directions
-/// are done.
+/// are done, counting the bytes for the proxy and for the visitor's hostname.
 async fn copy(
     visitor: &mut TcpStream,
     mut tunnel: MuxStream,
     shared: &Shared,
+    host: &HostSeries,
 ) -> std::io::Result<()> {
     // Per direction, while data flows; with the stream's yamux window this is all one visitor
     // holds here.
     let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
-    shroud_mux::splice::splice(visitor, &mut tunnel, buffer).await?;
+    let [to_origin, to_visitor] = shared.metrics.bytes(Path::Local);
+    shroud_mux::splice::splice_reporting(visitor, &mut tunnel, buffer, |up, down| {
+        count_bytes([to_origin, &host.bytes[0]], up);
+        count_bytes([to_visitor, &host.bytes[1]], down);
+    })
+    .await?;
     Ok(())
+}
+
+/// Adds `n` bytes to each of `counters`, when there are any.
+pub(crate) fn count_bytes(counters: [&prometheus_client::metrics::counter::Counter; 2], n: u64) {
+    if n > 0 {
+        for counter in counters {
+            counter.inc_by(n);
+        }
+    }
 }
 
 fn local_port(stream: &TcpStream) -> u16 {

@@ -26,6 +26,8 @@
 //! - [`stack`]: shroud's own parts, started for a test: proxies and clients
 //!   in-process or as the real binaries, with the keys, certificates and
 //!   arguments they need.
+//! - [`metrics`]: scraping a binary's `--metrics-listen` endpoint, with a strict parser of
+//!   the OpenMetrics text it serves.
 //! - [`ports`]: ports free on 127.0.0.1, for programs that must be told one.
 //! - [`pebble`]: Debian's pebble, a test ACME CA, with its DNS answering
 //!   127.0.0.1 for every name, so its validator reaches a proxy on loopback.
@@ -53,6 +55,7 @@
 pub mod bulk;
 pub mod dns;
 pub mod load;
+pub mod metrics;
 pub mod nginx;
 pub mod origin;
 pub mod pebble;

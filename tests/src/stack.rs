@@ -292,6 +292,7 @@ impl TestClient {
             tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
             key: spec.key,
             timing: spec.timing,
+            metrics: Arc::default(),
         };
         let source = match spec.fleet {
             Some(fleet) => shroud_client::fleet::ProxySource::Dynamic(fleet),

@@ -451,6 +451,7 @@ impl Held {
             tls: client_tls,
             key: SecretKey::from_seed(&[7; 32]),
             timing,
+            metrics: Arc::default(),
         };
         let proxy = ProxyAddr {
             name: PROXY.to_owned(),
