@@ -1,7 +1,8 @@
 //! What every shroud binary does as a process, apart from its own work.
 //!
 //! `shroud`, `shroud-proxy` and `shroud-discovery` each parse their command line, set up
-//! [`logging`], raise their [`limits`], stop on a [`signal`], and end with an [`exit`] status.
+//! [`logging`], raise their [`limits`], stop on a [`signal`], reload their files on SIGHUP or
+//! when they change ([`reload`]), and end with an [`exit`] status.
 //! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
 //! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
 //! these, the `--resolve` overrides ([`resolve`]) and the DNS resolver they fall back to ([`dns`]), is written once here, so that the binaries cannot drift apart.
@@ -13,6 +14,7 @@ pub mod exit;
 pub mod key;
 pub mod limits;
 pub mod logging;
+pub mod reload;
 pub mod resolve;
 pub mod signal;
 pub mod tls;
