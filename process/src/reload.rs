@@ -141,7 +141,11 @@ type Fingerprint = Option<(u64, Option<SystemTime>, [u8; 32])>;
 fn fingerprint(path: &PathBuf) -> Fingerprint {
     let contents = std::fs::read(path).ok()?;
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    Some((contents.len() as u64, modified, Sha256::digest(&contents).into()))
+    Some((
+        contents.len() as u64,
+        modified,
+        Sha256::digest(&contents).into(),
+    ))
 }
 
 /// Every watched file's fingerprint, read off the runtime's threads.
@@ -190,10 +194,7 @@ async fn watch_files(
         }
         if watched.has_changed().unwrap_or(false) {
             // New files: what they held when they were named is the starting point.
-            Watched {
-                files: list,
-                seen,
-            } = watched.borrow_and_update().clone();
+            Watched { files: list, seen } = watched.borrow_and_update().clone();
         }
         let mut now = fingerprints(list.clone()).await;
         let Some(changed) = first_change(&list, &seen, &now) else {
@@ -212,6 +213,34 @@ async fn watch_files(
         tracing::debug!(path = %changed.display(), "watched file changed");
         // Full: a request is waiting already, and its reload reads this change too.
         drop(requests.try_send(Trigger::Changed(changed)));
+    }
+}
+
+/// What a binary reloads: its one reload entry point, as SIGHUP and `--watch` call it.
+pub trait Reload: Send + 'static {
+    /// Re-reads every file the running settings name and, if all of them load, puts what they
+    /// hold in place; otherwise changes nothing. Logs what it did either way.
+    fn reload(&mut self);
+
+    /// The files [`Reload::reload`] reads, for `--watch`.
+    fn files(&self) -> Vec<PathBuf>;
+}
+
+/// Reloads `reloader` at each of `reloads`' requests until `shutdown` is cancelled.
+pub async fn serve(
+    mut reloader: impl Reload,
+    mut reloads: Reloads,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let trigger = tokio::select! {
+            () = shutdown.cancelled() => return,
+            trigger = reloads.next() => trigger,
+        };
+        let Some(trigger) = trigger else { return };
+        tracing::info!(%trigger, "reloading");
+        reloader.reload();
+        reloads.set_files(reloader.files());
     }
 }
 
@@ -327,9 +356,7 @@ fn field_line(line: &str) -> Option<(&str, &str)> {
     let rest = line.strip_prefix("    ")?;
     let (name, value) = rest.split_once(": ")?;
     let starts_well = name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_');
-    let identifier = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let identifier = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     (starts_well && identifier).then_some((name, value))
 }
 

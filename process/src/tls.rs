@@ -49,8 +49,18 @@ pub fn server_config(
     key: &Path,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsFilesError> {
-    let certified = load_certified_key(cert, key)?;
-    config_with(Arc::new(rustls::sign::SingleCertAndKey::from(certified)), alpn)
+    single_cert_config(load_certified_key(cert, key)?, alpn)
+}
+
+/// A TLS server configuration serving `certified`, as [`server_config`] makes from files.
+pub fn single_cert_config(
+    certified: CertifiedKey,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsFilesError> {
+    config_with(
+        Arc::new(rustls::sign::SingleCertAndKey::from(certified)),
+        alpn,
+    )
 }
 
 /// The certificate chain in `cert` and the private key in `key` (both PEM), checked to belong

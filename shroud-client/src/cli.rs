@@ -342,6 +342,22 @@ pub struct RunArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000)
     )]
     pub max_streams: usize,
+
+    /// After a proxy's policy refuses the hostname (not authorized, at bind time or later when
+    /// the proxy reloads its authorized file), seconds before asking that proxy again; SIGHUP
+    /// asks at once
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 120,
+        env = "SHROUD_REFUSED_RETRY_SECS",
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub refused_retry_secs: u64,
+
+    /// Reload on edits too, not only on SIGHUP.
+    #[command(flatten)]
+    pub watch: shroud_process::reload::WatchArgs,
 }
 
 /// A stream buffer size yamux can honour.

@@ -8,7 +8,8 @@
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
 //! requests through the transport and its checks answered through the tunnel ([`hello`] tells
-//! a check from a visitor). [`cli`] and [`app`] are the command line.
+//! a check from a visitor). [`cli`] and [`app`] are the command line; [`reload`] re-reads
+//! the visitors' certificate on SIGHUP.
 
 pub mod acme;
 pub mod app;
@@ -21,6 +22,7 @@ pub mod hello;
 pub mod key;
 pub mod origin;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod shared;
 pub mod srv;
 pub mod tls;

@@ -244,7 +244,7 @@ async fn bind_any(control: &mut MuxStream) {
     let hello = control::read_message(control).await.expect("hello");
     assert!(matches!(hello, Message::Hello { .. }), "{hello:?}");
     let hello = Message::Hello {
-        versions: vec![VERSION],
+        versions: vec![shroud_mux::control::VERSION],
     };
     control::write_message(control, &hello)
         .await
@@ -414,6 +414,8 @@ struct Held {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     task: JoinHandle<Option<String>>,
+    /// What SIGHUP does: asks a tunnel waiting after a policy refusal to try again now.
+    retry: watch::Sender<u64>,
 }
 
 impl Held {
@@ -465,12 +467,14 @@ impl Held {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
         };
+        let retry = watch::Sender::new(0);
         let task = tokio::spawn(hold(
             proxy.clone(),
             Arc::new(config),
             reporter,
             stop.clone(),
             tasks,
+            retry.subscribe(),
         ));
         Self {
             log,
@@ -480,6 +484,7 @@ impl Held {
             shutdown,
             tracker,
             task,
+            retry,
         }
     }
 
