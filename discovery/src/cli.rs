@@ -180,6 +180,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30, env = "SHROUD_DISCOVERY_DNS_TTL_SECS",
           value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub dns_ttl_secs: u32,
+
+    /// Reload on edits too, not only on SIGHUP.
+    #[command(flatten)]
+    pub watch: shroud_process::reload::WatchArgs,
 }
 
 /// Reads `IP` (port 53) or `IP:PORT`.
@@ -310,6 +314,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match (cli.command, cli.serve) {
         (Some(Command::Key(args)), _) => print_key(&args.signing_key),
         (None, Some(serve)) => {
+            // First of all, so that a SIGHUP from here on reloads rather than ends the process.
+            let reloads =
+                shroud_process::reload::Reloads::listen(&serve.watch, crate::reload::files(&serve))
+                    .context("listening for SIGHUP")?;
             let mut config = serve.config()?;
             config.dns = serve.dns()?;
             let listener = TcpListener::bind(serve.listen)
@@ -324,7 +332,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
-            server::run(listener, config, shutdown).await
+            let service = server::Service::new(config)?;
+            let reloader = crate::reload::Reloader::new(serve, service.handle());
+            tokio::spawn(shroud_process::reload::serve(
+                reloader,
+                reloads,
+                shutdown.clone(),
+            ));
+            service.run(listener, shutdown).await
         }
         (None, None) => {
             anyhow::bail!("give --listen and the other options, or a subcommand; see --help")

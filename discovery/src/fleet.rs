@@ -295,6 +295,19 @@ struct Live {
     peer: Option<SocketAddr>,
 }
 
+/// What replacing the fleet file's proxies changed, counted by name and port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StaticsChange {
+    /// Proxies the new file lists and the old one did not.
+    pub added: usize,
+    /// Proxies the old file listed and the new one does not.
+    pub removed: usize,
+    /// Proxies both list, with another region or other addresses.
+    pub changed: usize,
+    /// Proxies the new file lists.
+    pub total: usize,
+}
+
 /// The set of proxies the service knows, static and live.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -336,6 +349,44 @@ impl Fleet {
     /// The static entries.
     pub fn statics(&self) -> &[ProxyEntry] {
         &self.statics
+    }
+
+    /// Lists `file`'s proxies as the static ones from now on, in place of the old file's (a
+    /// reload of the fleet file). Live entries stay: a proxy that the new file no longer lists
+    /// but that sends heartbeats is listed again by its next one.
+    pub fn replace_statics(&mut self, file: FleetFile) -> StaticsChange {
+        let key = |entry: &ProxyEntry| (entry.name.clone(), entry.port);
+        let old: HashMap<(String, u16), (&str, Option<&Vec<IpAddr>>)> = self
+            .statics
+            .iter()
+            .map(|entry| {
+                let addrs = self.static_addrs.get(&key(entry));
+                (key(entry), (entry.region.as_str(), addrs))
+            })
+            .collect();
+        let mut change = StaticsChange {
+            total: file.proxy.len(),
+            ..StaticsChange::default()
+        };
+        for proxy in &file.proxy {
+            match old.get(&(proxy.name.clone(), proxy.port)) {
+                None => change.added += 1,
+                Some((region, addrs)) => {
+                    if *region != proxy.region || addrs.map_or(true, |a| *a != proxy.addrs) {
+                        change.changed += 1;
+                    }
+                }
+            }
+        }
+        change.removed = old.len() + change.added - file.proxy.len();
+        let Fleet {
+            statics,
+            static_addrs,
+            ..
+        } = Fleet::new(file, self.heartbeat_timeout);
+        self.statics = statics;
+        self.static_addrs = static_addrs;
+        change
     }
 
     /// Records a heartbeat from `entry` at `now`, adding it or refreshing it (its region and

@@ -21,6 +21,7 @@
 //! - [`announce`]: what a proxy runs to register itself: heartbeats, and a last one saying it
 //!   leaves.
 //! - [`cli`]: the `shroud-discovery` command line.
+//! - [`reload`]: on SIGHUP, the HTTPS certificate and the fleet file read again while serving.
 //!
 //! Nothing is persisted: a restarted service rebuilds its state from the fleet file and the
 //! next heartbeats. See `README.md` beside this crate for the API and formats.
@@ -35,6 +36,7 @@ pub mod dns;
 pub mod fleet;
 pub mod http;
 pub mod ratelimit;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod signed;
