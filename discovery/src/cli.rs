@@ -181,9 +181,16 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub dns_ttl_secs: u32,
 
-    /// Reload on edits too, not only on SIGHUP.
-    #[command(flatten)]
-    pub watch: shroud_process::reload::WatchArgs,
+    /// Also reload, as SIGHUP does, when --tls-cert, --tls-key or --fleet changes: its size,
+    /// time or content, looked at every --watch-interval-secs
+    // Not a flattened shroud_process::reload::WatchArgs: see its documentation.
+    #[arg(long, env = "SHROUD_DISCOVERY_WATCH")]
+    pub watch: bool,
+
+    /// How often --watch looks at the files, in seconds
+    #[arg(long, env = "SHROUD_DISCOVERY_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_interval_secs: u64,
 }
 
 /// Reads `IP` (port 53) or `IP:PORT`.
@@ -315,9 +322,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Some(Command::Key(args)), _) => print_key(&args.signing_key),
         (None, Some(serve)) => {
             // First of all, so that a SIGHUP from here on reloads rather than ends the process.
-            let reloads =
-                shroud_process::reload::Reloads::listen(&serve.watch, crate::reload::files(&serve))
-                    .context("listening for SIGHUP")?;
+            let reloads = shroud_process::reload::Reloads::listen(
+                shroud_process::reload::watch_every(serve.watch, serve.watch_interval_secs),
+                crate::reload::files(&serve),
+            )
+            .context("listening for SIGHUP")?;
             let mut config = serve.config()?;
             config.dns = serve.dns()?;
             let listener = TcpListener::bind(serve.listen)

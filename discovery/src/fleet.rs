@@ -183,9 +183,10 @@ pub enum FleetError {
         /// The file.
         path: PathBuf,
     },
-    /// The file is not valid TOML of the expected shape.
-    #[error("the fleet file is not valid")]
-    Parse(#[source] toml::de::Error),
+    /// The file is not valid TOML of the expected shape. Said on one line, with the line and
+    /// column, since it goes to logs (a reload that fails).
+    #[error("the fleet file is not valid: {}", one_line(.0))]
+    Parse(toml::de::Error),
     /// An entry is not acceptable.
     #[error("[[proxy]] number {number} in the fleet file")]
     Entry {
@@ -203,6 +204,16 @@ pub enum FleetError {
         /// The proxy's port.
         port: u16,
     },
+}
+
+/// A TOML error as one line: where (`TOML parse error at line 2, column 8`), then what.
+fn one_line(err: &toml::de::Error) -> String {
+    let text = err.to_string();
+    let message = err.message().trim().replace('\n', "; ");
+    match text.lines().next() {
+        Some(place) if place.starts_with("TOML parse error") => format!("{place}: {message}"),
+        _ => message,
+    }
 }
 
 impl FleetFile {
@@ -355,37 +366,35 @@ impl Fleet {
     /// reload of the fleet file). Live entries stay: a proxy that the new file no longer lists
     /// but that sends heartbeats is listed again by its next one.
     pub fn replace_statics(&mut self, file: FleetFile) -> StaticsChange {
-        let key = |entry: &ProxyEntry| (entry.name.clone(), entry.port);
-        let old: HashMap<(String, u16), (&str, Option<&Vec<IpAddr>>)> = self
-            .statics
-            .iter()
-            .map(|entry| {
-                let addrs = self.static_addrs.get(&key(entry));
-                (key(entry), (entry.region.as_str(), addrs))
-            })
-            .collect();
-        let mut change = StaticsChange {
-            total: file.proxy.len(),
-            ..StaticsChange::default()
+        let new = Fleet::new(file, self.heartbeat_timeout);
+        let regions = |statics: &[ProxyEntry]| -> HashMap<(String, u16), String> {
+            statics
+                .iter()
+                .map(|entry| ((entry.name.clone(), entry.port), entry.region.clone()))
+                .collect()
         };
-        for proxy in &file.proxy {
-            match old.get(&(proxy.name.clone(), proxy.port)) {
-                None => change.added += 1,
-                Some((region, addrs)) => {
-                    if *region != proxy.region || addrs.map_or(true, |a| *a != proxy.addrs) {
-                        change.changed += 1;
-                    }
-                }
-            }
-        }
-        change.removed = old.len() + change.added - file.proxy.len();
-        let Fleet {
-            statics,
-            static_addrs,
-            ..
-        } = Fleet::new(file, self.heartbeat_timeout);
-        self.statics = statics;
-        self.static_addrs = static_addrs;
+        let (old_regions, new_regions) = (regions(&self.statics), regions(&new.statics));
+        let change = StaticsChange {
+            added: new_regions
+                .keys()
+                .filter(|key| !old_regions.contains_key(*key))
+                .count(),
+            removed: old_regions
+                .keys()
+                .filter(|key| !new_regions.contains_key(*key))
+                .count(),
+            changed: new_regions
+                .iter()
+                .filter(|(key, region)| {
+                    old_regions.get(*key).is_some_and(|old| {
+                        old != *region || self.static_addrs.get(*key) != new.static_addrs.get(*key)
+                    })
+                })
+                .count(),
+            total: new.statics.len(),
+        };
+        self.statics = new.statics;
+        self.static_addrs = new.static_addrs;
         change
     }
 

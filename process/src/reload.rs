@@ -16,7 +16,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
-/// The `--watch` flags every binary shares.
+/// The `--watch` flags every binary shares. Flatten it into a command's arguments, except into
+/// a group that is itself an `Option` (a command with subcommands): clap leaves such a group
+/// `None` when it holds a flattened group (clap issue #4697), so copy the two fields there.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
     /// Also reload, as SIGHUP does, when a file this process reads changes: its size, time or
@@ -28,6 +30,18 @@ pub struct WatchArgs {
     #[arg(long, env = "SHROUD_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub watch_interval_secs: u64,
+}
+
+impl WatchArgs {
+    /// How often to look at the files, when watching.
+    pub fn every(&self) -> Option<Duration> {
+        watch_every(self.watch, self.watch_interval_secs)
+    }
+}
+
+/// How often to look at the files: every `interval_secs` (at least 1) when `watch` is set.
+pub fn watch_every(watch: bool, interval_secs: u64) -> Option<Duration> {
+    watch.then(|| Duration::from_secs(interval_secs.max(1)))
 }
 
 impl Default for WatchArgs {
@@ -93,9 +107,9 @@ const MAX_SETTLE_LOOKS: usize = 10;
 
 impl Reloads {
     /// Starts listening for SIGHUP at once (from here on SIGHUP no longer ends the process)
-    /// and, when `watch.watch` is set, looking at `files` every `watch.watch_interval_secs`.
+    /// and, with `watch_every` (see [`WatchArgs::every`]), looking at `files` that often.
     /// Needs a tokio runtime; fails only if the signal handler cannot be installed.
-    pub fn listen(watch: &WatchArgs, files: Vec<PathBuf>) -> std::io::Result<Self> {
+    pub fn listen(watch_every: Option<Duration>, files: Vec<PathBuf>) -> std::io::Result<Self> {
         let mut hangups = crate::signal::hangups()?;
         let (requests_tx, requests) = mpsc::channel(1);
         let signals = requests_tx.clone();
@@ -112,9 +126,8 @@ impl Reloads {
             }
         });
         let (watched, watched_rx) = watch::channel(Watched::default());
-        if watch.watch {
+        if let Some(every) = watch_every {
             watched.send_replace(Watched::now(files));
-            let every = Duration::from_secs(watch.watch_interval_secs.max(1));
             tokio::spawn(watch_files(watched_rx, every, requests_tx));
         }
         Ok(Self { requests, watched })
@@ -455,7 +468,7 @@ mod tests {
             watch: true,
             watch_interval_secs: 1,
         };
-        let mut reloads = Reloads::listen(&watch, vec![file.clone()]).unwrap();
+        let mut reloads = Reloads::listen(watch.every(), vec![file.clone()]).unwrap();
         // Same size, same second: only the content tells.
         std::fs::write(&file, "two\n").unwrap();
         let trigger = tokio::time::timeout(Duration::from_secs(10), reloads.next())

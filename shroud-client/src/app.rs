@@ -21,7 +21,7 @@ use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
 use crate::{key, reload, tls};
 use shroud_mux::auth::PublicKey;
-use shroud_process::reload::Reloads;
+use shroud_process::reload::{watch_every, Reloads};
 use shroud_process::tls::CertSlot;
 
 /// Runs the command line to completion.
@@ -31,8 +31,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         (None, Some(run)) => {
             // First of all, so that a SIGHUP from here on (while Tor bootstraps, say) reloads
             // rather than ends the process.
-            let reloads =
-                Reloads::listen(&run.watch, reload::files(&run)).context("listening for SIGHUP")?;
+            let reloads = Reloads::listen(
+                watch_every(run.watch, run.watch_interval_secs),
+                reload::files(&run),
+            )
+            .context("listening for SIGHUP")?;
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
             let tunnels = Arc::new(OnceLock::new());

@@ -355,9 +355,16 @@ pub struct RunArgs {
     )]
     pub refused_retry_secs: u64,
 
-    /// Reload on edits too, not only on SIGHUP.
-    #[command(flatten)]
-    pub watch: shroud_process::reload::WatchArgs,
+    /// Also reload, as SIGHUP does, when --tls-cert or --tls-key changes: its size, time or
+    /// content, looked at every --watch-interval-secs
+    // Not a flattened shroud_process::reload::WatchArgs: see its documentation.
+    #[arg(long, env = "SHROUD_WATCH")]
+    pub watch: bool,
+
+    /// How often --watch looks at the files, in seconds
+    #[arg(long, env = "SHROUD_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_interval_secs: u64,
 }
 
 /// A stream buffer size yamux can honour.

@@ -47,7 +47,7 @@ pub struct Client {
 pub struct RetryRefused(Arc<watch::Sender<u64>>);
 
 impl RetryRefused {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Arc::new(watch::Sender::new(0)))
     }
 
@@ -56,7 +56,7 @@ impl RetryRefused {
         self.0.send_modify(|asked| *asked += 1);
     }
 
-    fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.0.subscribe()
     }
 }

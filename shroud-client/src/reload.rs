@@ -156,3 +156,146 @@ pub fn files(settings: &RunArgs) -> Vec<PathBuf> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use clap::Parser as _;
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls_pki_types::ServerName;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    /// A CA, written to `ca.pem` in `dir`, that issues certificates for `example.test`.
+    struct Ca {
+        issuer: CertifiedIssuer<'static, KeyPair>,
+        pem: PathBuf,
+    }
+
+    impl Ca {
+        fn new(dir: &Path, name: &str) -> Self {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let issuer =
+                CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+            let pem = dir.join(format!("{name}.pem"));
+            std::fs::write(&pem, issuer.pem()).unwrap();
+            Self { issuer, pem }
+        }
+
+        /// Writes a fresh certificate for `example.test` and its key over `cert` and `key`.
+        fn issue(&self, cert: &Path, key: &Path) {
+            let leaf_key = KeyPair::generate().unwrap();
+            let leaf = CertificateParams::new(vec!["example.test".to_owned()])
+                .unwrap()
+                .signed_by(&leaf_key, &self.issuer)
+                .unwrap();
+            std::fs::write(cert, leaf.pem()).unwrap();
+            std::fs::write(key, leaf_key.serialize_pem()).unwrap();
+        }
+    }
+
+    /// Whether a visitor trusting only `ca` completes a handshake with `server`.
+    async fn visitor_trusts(server: Arc<rustls::ServerConfig>, ca: &Path) -> bool {
+        let client = crate::tls::https_client_config(Some(ca)).unwrap();
+        let (client_io, server_io) = tokio::io::duplex(16 * 1024);
+        let server = tokio::spawn(TlsAcceptor::from(server).accept(server_io));
+        let name = ServerName::try_from("example.test").unwrap();
+        let trusted = TlsConnector::from(client)
+            .connect(name, client_io)
+            .await
+            .is_ok();
+        drop(server.await.unwrap());
+        trusted
+    }
+
+    fn settings(cert: &Path, key: &Path, extra: &[&str]) -> RunArgs {
+        let mut args = vec![
+            "shroud".to_owned(),
+            "example.test".into(),
+            "127.0.0.1:8080".into(),
+            "--proxy".into(),
+            "proxy.test".into(),
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        crate::cli::Cli::try_parse_from(args).unwrap().run.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reload_serves_the_new_certificate_and_a_bad_one_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_ca, new_ca) = (Ca::new(dir.path(), "old"), Ca::new(dir.path(), "new"));
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        old_ca.issue(&cert, &key);
+        let (server, slot) = crate::tls::origin_tls(&cert, &key).unwrap();
+        let retry = RetryRefused::new();
+        let mut asked = retry.subscribe();
+        let mut reloader = Reloader::new(settings(&cert, &key, &[]), Some(slot), retry);
+        assert_eq!(reloader.files(), [cert.clone(), key.clone()]);
+        assert!(visitor_trusts(server.clone(), &old_ca.pem).await);
+
+        // Nothing changed on disk: nothing is replaced, and refused proxies are asked again.
+        let reloaded = reloader.reload().unwrap();
+        assert!(!reloaded.certificate_replaced);
+        assert!(asked.has_changed().unwrap());
+        asked.borrow_and_update();
+
+        new_ca.issue(&cert, &key);
+        assert!(reloader.reload().unwrap().certificate_replaced);
+        assert!(visitor_trusts(server.clone(), &new_ca.pem).await);
+        assert!(!visitor_trusts(server.clone(), &old_ca.pem).await);
+
+        // A key that is not the certificate's: refused, the certificate in place stays.
+        let (other_cert, other_key) = (dir.path().join("o.pem"), dir.path().join("o.key"));
+        new_ca.issue(&other_cert, &other_key);
+        std::fs::copy(&other_key, &key).unwrap();
+        let err = reloader.reload().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot be used together"),
+            "{err:#}"
+        );
+        assert!(visitor_trusts(server.clone(), &new_ca.pem).await);
+        // An unreadable key: refused, named.
+        std::fs::remove_file(&key).unwrap();
+        let err = reloader.reload().unwrap_err();
+        assert!(format!("{err:#}").contains("key.pem"), "{err:#}");
+        assert!(visitor_trusts(server, &new_ca.pem).await);
+        // Refused proxies are asked again all the same.
+        assert!(asked.has_changed().unwrap());
+
+        let counts = reloader.counts();
+        assert_eq!((counts.succeeded(), counts.failed()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn applied_settings_say_which_changes_need_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "ca");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        ca.issue(&cert, &key);
+        let (_, slot) = crate::tls::origin_tls(&cert, &key).unwrap();
+        let mut reloader =
+            Reloader::new(settings(&cert, &key, &[]), Some(slot), RetryRefused::new());
+        let (new_cert, new_key) = (dir.path().join("new.pem"), dir.path().join("new.key"));
+        ca.issue(&new_cert, &new_key);
+        let changed = settings(&new_cert, &new_key, &["--keepalive-secs", "5", "-v"]);
+        let reloaded = reloader.apply(changed).unwrap();
+        assert!(reloaded.certificate_replaced);
+        assert_eq!(reloaded.needs_restart, ["--keepalive-secs"]);
+        // The new paths are the ones read from now on.
+        assert_eq!(reloader.files(), [new_cert, new_key]);
+
+        // Without a certificate from files, there is nothing to re-read.
+        let mut passthrough = Reloader::new(settings(&cert, &key, &[]), None, RetryRefused::new());
+        assert!(passthrough.files().is_empty());
+        assert!(!passthrough.reload().unwrap().certificate_replaced);
+    }
+}

@@ -380,8 +380,9 @@ impl Cli {
 /// Runs the proxy as the command line says, until SIGTERM or SIGINT; reloads on SIGHUP.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // First of all, so that a SIGHUP from here on reloads rather than ends the process.
-    let reloads = shroud_process::reload::Reloads::listen(&cli.watch, crate::reload::files(&cli))
-        .context("listening for SIGHUP")?;
+    let reloads =
+        shroud_process::reload::Reloads::listen(cli.watch.every(), crate::reload::files(&cli))
+            .context("listening for SIGHUP")?;
     let mut config = cli.config()?;
     let listeners = cli.listeners().await?;
     let peer_addr = listeners.peer.as_ref().map(TcpListener::local_addr);

@@ -608,7 +608,7 @@ impl BoundNames {
         tunnel: TunnelId,
         shared: &Shared,
     ) -> Vec<Withdrawn> {
-        let Some(key) = self.key.clone() else {
+        let Some(key) = self.key else {
             return Vec::new();
         };
         let mut withdrawn = Vec::new();
@@ -668,7 +668,7 @@ impl BoundNames {
     /// lists the key (or that could not be checked for too long). A name the authorized file
     /// grants by now needs no record.
     async fn recheck_dns(&mut self, tunnel: TunnelId, shared: &Shared) -> Vec<Withdrawn> {
-        let (Some(key), Some(authorizer)) = (self.key.clone(), &shared.dns) else {
+        let (Some(key), Some(authorizer)) = (self.key, &shared.dns) else {
             for held in &mut self.names {
                 held.dns_due = None;
             }
