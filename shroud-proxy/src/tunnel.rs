@@ -367,29 +367,41 @@ fn judge_bind(
             }
             Ok(_) => match refusal(&h.name, &key, authorization) {
                 None => outcome(h, BindStatus::Bound, ""),
-                Some(reason) => outcome(h, BindStatus::NotAuthorized, &reason),
+                Some((status, reason)) => outcome(h, status, &reason),
             },
         })
         .collect();
     (Some(key), judged)
 }
 
-/// Why `authorization` does not let `key` bind `name` (valid and normalised), or `None` when
-/// it does. Under a word-name domain a key binds its own words and nothing else; elsewhere the
-/// authorized file decides.
-fn refusal(name: &str, key: &PublicKey, authorization: &Authorization) -> Option<String> {
+/// Why `authorization` does not let `key` bind `name` (valid and normalised), as a bind's
+/// status and reason, or `None` when it does. Under a word-name domain a key binds its own
+/// words and nothing else: any other name there is reserved for the key whose words it is,
+/// which no change of policy can alter (InvalidHostname). Elsewhere the authorized file
+/// decides (NotAuthorized, which its operator may change).
+fn refusal(
+    name: &str,
+    key: &PublicKey,
+    authorization: &Authorization,
+) -> Option<(BindStatus, String)> {
     let domains = &authorization.word_domains;
     if words::allows(name, domains, key) {
         return None;
     }
     match words::word_domain(name, domains) {
-        Some(domain) => Some(format!(
-            "names under {domain} are word names, each bound by the key whose words it is; \
-             this key's is {}",
-            words::word_name(key, domain)
+        Some(domain) => Some((
+            BindStatus::InvalidHostname,
+            format!(
+                "names under {domain} are word names, each bound by the key whose words it is; \
+                 this key's is {}",
+                words::word_name(key, domain)
+            ),
         )),
         None if authorization.policy.allows(name, key) => None,
-        None => Some("this key is not authorized for this hostname on this proxy".to_owned()),
+        None => Some((
+            BindStatus::NotAuthorized,
+            "this key is not authorized for this hostname on this proxy".to_owned(),
+        )),
     }
 }
 
@@ -614,7 +626,7 @@ impl BoundNames {
         let mut withdrawn = Vec::new();
         let mut kept = Vec::with_capacity(self.names.len());
         for mut held in std::mem::take(&mut self.names) {
-            let Some(reason) = refusal(&held.name, &key, authorization) else {
+            let Some((status, reason)) = refusal(&held.name, &key, authorization) else {
                 held.dns_due = None;
                 kept.push(held);
                 continue;
@@ -628,7 +640,7 @@ impl BoundNames {
                 Some(authorizer) if !word_name => authorizer.allows(&held.name, &key).await,
                 _ => {
                     let reason = format!("no longer granted: {reason}");
-                    withdrawn.push(self.unbind(held.name, BindStatus::NotAuthorized, reason));
+                    withdrawn.push(self.unbind(held.name, status, reason));
                     continue;
                 }
             };
