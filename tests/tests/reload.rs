@@ -640,3 +640,68 @@ async fn a_client_serves_visitors_its_new_certificate_after_sighup_and_keeps_it_
     wait_routed(proxy.https, A, &other_ca.root_store()).await;
     assert!(client.try_status().unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_the_reloaded_file_drops_stays_bound_while_its_dns_record_grants_it() {
+    init();
+    let pki = Pki::new().unwrap();
+    let key = SecretKey::generate().unwrap();
+    let public = key.public().to_string();
+    let (in_dns, not_in_dns) = ("a.example.test", "b.example.test");
+    let dns = shroud_tests::dns::TestDns::start("example.test")
+        .await
+        .unwrap();
+    dns.add_txt(
+        &format!("_shroud.{in_dns}."),
+        &format!("shroud-key={public}"),
+        300,
+    )
+    .unwrap();
+    let extra = [
+        "--authorize-dns".to_owned(),
+        "--dns-server".into(),
+        dns.addr.to_string(),
+    ];
+    let proxy = ProxyProcess::start_with_args(
+        &pki,
+        PROXY,
+        &lines(&public, &[in_dns, not_in_dns]),
+        loopback(),
+        &extra,
+    )
+    .await
+    .unwrap();
+    let mut kept = within(
+        20,
+        RawTunnel::bind(&pki, proxy.https, &key, &[2, 1], in_dns),
+    )
+    .await;
+    let dropped = within(
+        20,
+        RawTunnel::bind(&pki, proxy.https, &key, &[2, 1], not_in_dns),
+    )
+    .await;
+
+    // The file no longer grants either name; DNS still grants one of them.
+    std::fs::write(authorized_file(&pki), "").unwrap();
+    proxy.process.hangup();
+    let told = within(10, dropped.messages_until_closed()).await;
+    match &told[..] {
+        [Message::Unbound {
+            hostname,
+            status: BindStatus::NotListed,
+            reason,
+        }] => {
+            assert_eq!(hostname, not_in_dns);
+            assert!(reason.contains("_shroud.b.example.test"), "{reason}");
+        }
+        other => panic!("expected one Unbound, got {other:?}"),
+    }
+    control::write_message(&mut kept.control, &Message::Ping { nonce: 1 })
+        .await
+        .unwrap();
+    let pong = within(10, control::read_message(&mut kept.control))
+        .await
+        .unwrap();
+    assert_eq!(pong, Message::Pong { nonce: 1 });
+}
