@@ -196,6 +196,17 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30, env = "SHROUD_DISCOVERY_DNS_TTL_SECS",
           value_parser = clap::value_parser!(u32).range(1..=86_400))]
     pub dns_ttl_secs: u32,
+
+    /// Also reload, as SIGHUP does, when --tls-cert, --tls-key or --fleet changes: its size,
+    /// time or content, looked at every --watch-interval-secs
+    // Not a flattened shroud_process::reload::WatchArgs: see its documentation.
+    #[arg(long, env = "SHROUD_DISCOVERY_WATCH")]
+    pub watch: bool,
+
+    /// How often --watch looks at the files, in seconds
+    #[arg(long, env = "SHROUD_DISCOVERY_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_interval_secs: u64,
 }
 
 /// Reads `IP` (port 53) or `IP:PORT`.
@@ -335,6 +346,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             &args,
         )?),
         (None, Some(serve)) => {
+            // First of all, so that a SIGHUP from here on reloads rather than ends the process.
+            let config_file = cli.config.config.clone();
+            let reloads = shroud_process::reload::Reloads::listen(
+                shroud_process::reload::watch_every(serve.watch, serve.watch_interval_secs),
+                crate::reload::files(&serve)
+                    .into_iter()
+                    .chain(config_file.clone())
+                    .collect(),
+            )
+            .context("listening for SIGHUP")?;
             let mut config = serve.config()?;
             config.dns = serve.dns()?;
             let listener = TcpListener::bind(serve.listen)
@@ -364,7 +385,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let result = server::run(listener, config, shutdown).await;
+            let service = server::Service::new(config)?;
+            let reloader =
+                crate::reload::Reloader::new(serve, service.handle()).with_config_file(config_file);
+            tokio::spawn(shroud_process::reload::serve(
+                reloader,
+                reloads,
+                shutdown.clone(),
+            ));
+            let result = service.run(listener, shutdown).await;
             metrics_stop.cancel();
             if let Some(endpoint) = endpoint {
                 let _ = endpoint.await;

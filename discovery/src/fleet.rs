@@ -183,9 +183,10 @@ pub enum FleetError {
         /// The file.
         path: PathBuf,
     },
-    /// The file is not valid TOML of the expected shape.
-    #[error("the fleet file is not valid")]
-    Parse(#[source] toml::de::Error),
+    /// The file is not valid TOML of the expected shape. Said on one line, with the line and
+    /// column, since it goes to logs (a reload that fails).
+    #[error("the fleet file is not valid: {}", one_line(.0))]
+    Parse(toml::de::Error),
     /// An entry is not acceptable.
     #[error("[[proxy]] number {number} in the fleet file")]
     Entry {
@@ -203,6 +204,16 @@ pub enum FleetError {
         /// The proxy's port.
         port: u16,
     },
+}
+
+/// A TOML error as one line: where (`TOML parse error at line 2, column 8`), then what.
+fn one_line(err: &toml::de::Error) -> String {
+    let text = err.to_string();
+    let message = err.message().trim().replace('\n', "; ");
+    match text.lines().next() {
+        Some(place) if place.starts_with("TOML parse error") => format!("{place}: {message}"),
+        _ => message,
+    }
 }
 
 impl FleetFile {
@@ -295,6 +306,19 @@ struct Live {
     peer: Option<SocketAddr>,
 }
 
+/// What replacing the fleet file's proxies changed, counted by name and port.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StaticsChange {
+    /// Proxies the new file lists and the old one did not.
+    pub added: usize,
+    /// Proxies the old file listed and the new one does not.
+    pub removed: usize,
+    /// Proxies both list, with another region or other addresses.
+    pub changed: usize,
+    /// Proxies the new file lists.
+    pub total: usize,
+}
+
 /// The set of proxies the service knows, static and live.
 #[derive(Debug, Clone)]
 pub struct Fleet {
@@ -336,6 +360,42 @@ impl Fleet {
     /// The static entries.
     pub fn statics(&self) -> &[ProxyEntry] {
         &self.statics
+    }
+
+    /// Lists `file`'s proxies as the static ones from now on, in place of the old file's (a
+    /// reload of the fleet file). Live entries stay: a proxy that the new file no longer lists
+    /// but that sends heartbeats is listed again by its next one.
+    pub fn replace_statics(&mut self, file: FleetFile) -> StaticsChange {
+        let new = Fleet::new(file, self.heartbeat_timeout);
+        let regions = |statics: &[ProxyEntry]| -> HashMap<(String, u16), String> {
+            statics
+                .iter()
+                .map(|entry| ((entry.name.clone(), entry.port), entry.region.clone()))
+                .collect()
+        };
+        let (old_regions, new_regions) = (regions(&self.statics), regions(&new.statics));
+        let change = StaticsChange {
+            added: new_regions
+                .keys()
+                .filter(|key| !old_regions.contains_key(*key))
+                .count(),
+            removed: old_regions
+                .keys()
+                .filter(|key| !new_regions.contains_key(*key))
+                .count(),
+            changed: new_regions
+                .iter()
+                .filter(|(key, region)| {
+                    old_regions.get(*key).is_some_and(|old| {
+                        old != *region || self.static_addrs.get(*key) != new.static_addrs.get(*key)
+                    })
+                })
+                .count(),
+            total: new.statics.len(),
+        };
+        self.statics = new.statics;
+        self.static_addrs = new.static_addrs;
+        change
     }
 
     /// Records a heartbeat from `entry` at `now`, adding it or refreshing it (its region and

@@ -22,6 +22,7 @@
 //!   leaves.
 //! - [`metrics`]: what it counts, for Prometheus on `--metrics-listen`.
 //! - [`cli`]: the `shroud-discovery` command line.
+//! - [`reload`]: on SIGHUP, the HTTPS certificate and the fleet file read again while serving.
 //!
 //! Nothing is persisted: a restarted service rebuilds its state from the fleet file and the
 //! next heartbeats. See `README.md` beside this crate for the API and formats.
@@ -37,6 +38,7 @@ pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod ratelimit;
+pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod signed;

@@ -3,12 +3,13 @@
 //! Every connection is bounded: a TLS handshake deadline, a header read deadline, a deadline on
 //! the whole connection, a 4 KiB request body, a cap on connections at once, and a per-address
 //! rate limit. State lives in memory only; a restarted service rebuilds it from the fleet file
-//! and the next heartbeats. See [`crate::api`] for the routes.
+//! and the next heartbeats. See [`crate::api`] for the routes. A reload replaces the HTTPS
+//! certificate and the fleet file's proxies while it runs, through a [`ServiceHandle`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -31,7 +32,7 @@ use tracing::{debug, info, warn, Instrument as _};
 use crate::api::{self, Heartbeat, HeartbeatReply, MAX_PEERS_IN_REPLY};
 use crate::cname::{CnameCheck, Verdict};
 use crate::dns::{Answerer, DnsZone};
-use crate::fleet::{Fleet, HeartbeatError};
+use crate::fleet::{Fleet, FleetFile, HeartbeatError, StaticsChange};
 use crate::metrics::{DiscoveryMetrics, HeartbeatOutcome, ListOutcome};
 use crate::ratelimit::{RateConfig, RateLimiter};
 use crate::secret::FleetSecret;
@@ -143,15 +144,24 @@ impl ServerConfig {
 
 /// Loads the HTTPS certificate chain and key from PEM files (ALPN `http/1.1`).
 pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    Ok(Arc::new(shroud_process::tls::server_config(
-        cert,
-        key,
+    tls_config_for(shroud_process::tls::load_certified_key(cert, key)?)
+}
+
+/// The HTTPS configuration serving `certified` (ALPN `http/1.1`).
+pub fn tls_config_for(
+    certified: rustls::sign::CertifiedKey,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    Ok(Arc::new(shroud_process::tls::single_cert_config(
+        certified,
         &[b"http/1.1"],
     )?))
 }
 
 /// Shared state of all connections.
 struct State {
+    /// The HTTPS configuration; a reload replaces it, and each handshake takes the one in place.
+    tls: RwLock<Arc<rustls::ServerConfig>>,
+    reloads: shroud_process::reload::ReloadCounts,
     signing_key: Arc<SecretKey>,
     fleet: Arc<Mutex<Fleet>>,
     fleet_secret: Option<FleetSecret>,
@@ -178,104 +188,186 @@ pub async fn run(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let cname = match &config.require_cname {
-        None => None,
-        Some(require) => {
-            if require.dns_servers.is_empty() {
-                anyhow::bail!("the CNAME requirement needs at least one DNS server");
-            }
-            let check = CnameCheck::new(require.domain.clone(), &require.dns_servers)
-                .context("setting up the DNS resolver")?;
-            Some(check)
+    Service::new(config)?.run(listener, shutdown).await
+}
+
+/// A service set up and ready to serve, as [`run`] does in one step; its [`ServiceHandle`]
+/// reaches into it while it runs.
+pub struct Service {
+    state: Arc<State>,
+    limits: Limits,
+    dns: Option<DnsService>,
+    metrics: Arc<DiscoveryMetrics>,
+}
+
+/// What a reload replaces in a running service: the HTTPS certificate and the fleet file's
+/// static proxies. Heartbeats' proxies, the signing key and every other setting stay.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    state: Arc<State>,
+}
+
+impl ServiceHandle {
+    /// Serves new connections with `tls`; connections already open keep theirs.
+    pub fn set_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        match self.state.tls.write() {
+            Ok(mut slot) => *slot = tls,
+            Err(poisoned) => *poisoned.into_inner() = tls,
         }
-    };
-    let limits = config.limits;
-    let state = Arc::new(State {
-        signing_key: config.signing_key,
-        fleet: Arc::new(Mutex::new(config.fleet)),
-        fleet_secret: config.fleet_secret,
-        max_proxies: config.max_proxies.min(signed::MAX_PROXIES),
-        // Clients refuse lists valid for longer than this; never make one.
-        list_ttl: config
-            .list_ttl
-            .min(Duration::from_secs(signed::MAX_LIFETIME_SECS)),
-        cname,
-        own_zone: config.dns.as_ref().map(|dns| {
-            let apex = dns.zone.apex.to_ascii();
-            apex.strip_suffix('.').unwrap_or(&apex).to_owned()
-        }),
-        limiter: Mutex::new(RateLimiter::new(limits.rate)),
-        max_body: limits.max_body,
-        metrics: config.metrics.clone(),
-    });
-    let metrics = config.metrics;
-    metrics.watch_fleet(state.fleet.clone());
-    let acceptor = TlsAcceptor::from(config.tls);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let tracker = TaskTracker::new();
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "listening");
-    }
-    if let Some(dns) = config.dns {
-        if let Ok(addr) = dns.udp.local_addr() {
-            info!(%addr, zone = %dns.zone.apex, "answering DNS");
-        }
-        metrics.dns_enabled();
-        let answerer = Answerer::new(dns.zone, state.fleet.clone()).counting(metrics.clone());
-        tracker.spawn(crate::dns::serve(
-            dns.udp,
-            dns.tcp,
-            answerer,
-            shutdown.clone(),
-        ));
     }
 
-    metrics.serving();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
+    /// Lists `file`'s proxies as the static ones from now on, in place of the old file's.
+    pub fn replace_statics(&self, file: FleetFile) -> StaticsChange {
+        lock(&self.state.fleet).replace_statics(file)
+    }
+
+    /// How many reloads took effect, and how many failed.
+    pub fn reload_counts(&self) -> &shroud_process::reload::ReloadCounts {
+        &self.state.reloads
+    }
+}
+
+impl Service {
+    /// Sets up the service `config` describes: its state, and the CNAME check's resolver.
+    pub fn new(config: ServerConfig) -> anyhow::Result<Self> {
+        let cname = match &config.require_cname {
+            None => None,
+            Some(require) => {
+                if require.dns_servers.is_empty() {
+                    anyhow::bail!("the CNAME requirement needs at least one DNS server");
+                }
+                let check = CnameCheck::new(require.domain.clone(), &require.dns_servers)
+                    .context("setting up the DNS resolver")?;
+                Some(check)
+            }
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(err) => {
-                // EMFILE and friends: back off instead of spinning; the listener survives.
-                warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        let limits = config.limits;
+        let state = Arc::new(State {
+            tls: RwLock::new(config.tls),
+            reloads: shroud_process::reload::ReloadCounts::default(),
+            signing_key: config.signing_key,
+            fleet: Arc::new(Mutex::new(config.fleet)),
+            fleet_secret: config.fleet_secret,
+            max_proxies: config.max_proxies.min(signed::MAX_PROXIES),
+            // Clients refuse lists valid for longer than this; never make one.
+            list_ttl: config
+                .list_ttl
+                .min(Duration::from_secs(signed::MAX_LIFETIME_SECS)),
+            cname,
+            own_zone: config.dns.as_ref().map(|dns| {
+                let apex = dns.zone.apex.to_ascii();
+                apex.strip_suffix('.').unwrap_or(&apex).to_owned()
+            }),
+            limiter: Mutex::new(RateLimiter::new(limits.rate)),
+            max_body: limits.max_body,
+            metrics: config.metrics.clone(),
+        });
+        config.metrics.watch_fleet(state.fleet.clone());
+        Ok(Self {
+            state,
+            limits,
+            dns: config.dns,
+            metrics: config.metrics,
+        })
+    }
+
+    /// The handle a reload uses while the service runs.
+    pub fn handle(&self) -> ServiceHandle {
+        ServiceHandle {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves the API on `listener` until `shutdown` is cancelled, then stops accepting and
+    /// waits up to the drain deadline for requests in flight.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Self {
+            state,
+            limits,
+            dns,
+            metrics,
+        } = self;
+        let permits = Arc::new(Semaphore::new(limits.max_connections));
+        let tracker = TaskTracker::new();
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "listening");
+        }
+        if let Some(dns) = dns {
+            if let Ok(addr) = dns.udp.local_addr() {
+                info!(%addr, zone = %dns.zone.apex, "answering DNS");
+            }
+            metrics.dns_enabled();
+            let answerer = Answerer::new(dns.zone, state.fleet.clone()).counting(metrics.clone());
+            tracker.spawn(crate::dns::serve(
+                dns.udp,
+                dns.tcp,
+                answerer,
+                shutdown.clone(),
+            ));
+        }
+
+        metrics.serving();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, peer) = match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning; the listener survives.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                debug!(%peer, "connection limit reached; closing new connection");
                 continue;
-            }
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            debug!(%peer, "connection limit reached; closing new connection");
-            continue;
-        };
-        let connection = Connection {
-            state: state.clone(),
-            acceptor: acceptor.clone(),
-            limits: limits.clone(),
-            shutdown: shutdown.clone(),
-            peer,
-        };
-        tracker.spawn(
-            async move {
-                connection.serve(stream).await;
-                drop(permit);
-            }
-            .instrument(tracing::debug_span!("connection", %peer)),
-        );
-    }
+            };
+            let connection = Connection {
+                // The certificate in place now: a reload may have replaced it.
+                acceptor: TlsAcceptor::from(state.tls()),
+                state: state.clone(),
+                limits: limits.clone(),
+                shutdown: shutdown.clone(),
+                peer,
+            };
+            tracker.spawn(
+                async move {
+                    connection.serve(stream).await;
+                    drop(permit);
+                }
+                .instrument(tracing::debug_span!("connection", %peer)),
+            );
+        }
 
-    drop(listener);
-    metrics.stopping();
-    tracker.close();
-    info!("shutting down");
-    if tokio::time::timeout(limits.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!("drain deadline passed with connections still open; closing them");
+        drop(listener);
+        metrics.stopping();
+        tracker.close();
+        info!("shutting down");
+        if tokio::time::timeout(limits.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("drain deadline passed with connections still open; closing them");
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl State {
+    fn tls(&self) -> Arc<rustls::ServerConfig> {
+        match self.tls.read() {
+            Ok(tls) => tls.clone(),
+            // A writer panicked mid-assignment of an Arc: the value is still whole.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
 }
 
 /// One accepted connection.

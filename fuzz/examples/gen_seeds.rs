@@ -88,6 +88,11 @@ fn main() {
             code: ErrorCode::UnsupportedVersion,
             message: "bad version".into(),
         },
+        Message::Unbound {
+            hostname: "x.test".into(),
+            status: BindStatus::NotAuthorized,
+            reason: "no longer authorized".into(),
+        },
     ];
     for (i, message) in messages.iter().enumerate() {
         write("control", &format!("body-{i}"), &message.encode());

@@ -11,8 +11,19 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::auth::CHALLENGE_LEN;
 use crate::codec::{put_str8, DecodeError, Reader};
 
-/// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+/// The newest protocol version this crate speaks.
+pub const VERSION: u8 = 2;
+/// Every protocol version this crate speaks, most preferred first. Version 2 is version 1 with
+/// [`Message::Unbound`]; a peer that speaks only version 1 never receives one.
+pub const VERSIONS: [u8; 2] = [2, 1];
+/// The first version in which a proxy may send [`Message::Unbound`].
+pub const UNBOUND_SINCE: u8 = 2;
+
+/// The version a proxy chooses from the versions a client's Hello offers: the first of them,
+/// in the client's order of preference, that this crate speaks.
+pub fn choose_version(offered: &[u8]) -> Option<u8> {
+    offered.iter().copied().find(|v| VERSIONS.contains(v))
+}
 /// Largest control frame body accepted, in bytes.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Most hostnames one bind may carry.
@@ -58,6 +69,17 @@ pub enum Message {
     /// Proxy: it is shutting down; open a tunnel elsewhere. Streams in flight may finish.
     GoAway {
         /// Human-readable reason.
+        reason: String,
+    },
+    /// Proxy, version 2 on: it no longer routes `hostname` to this tunnel, unasked (its
+    /// authorization was withdrawn: the authorized file was reloaded, or its DNS record went).
+    /// The tunnel stays up for its other names; with none left, the proxy closes it.
+    Unbound {
+        /// The hostname, as the bind gave it.
+        hostname: String,
+        /// Why, as a bind would have been refused now; never [`BindStatus::Bound`].
+        status: BindStatus,
+        /// Human-readable detail.
         reason: String,
     },
     /// Either side: a fatal protocol error; the sender closes the tunnel after sending it.
@@ -232,6 +254,7 @@ const T_PING: u8 = 0x05;
 const T_PONG: u8 = 0x06;
 const T_GO_AWAY: u8 = 0x07;
 const T_ERROR: u8 = 0x08;
+const T_UNBOUND: u8 = 0x09;
 
 impl Message {
     /// Encodes the message body (without the length prefix).
@@ -287,6 +310,16 @@ impl Message {
                 out.push(T_ERROR);
                 out.push(code.code());
                 put_str8(&mut out, message);
+            }
+            Self::Unbound {
+                hostname,
+                status,
+                reason,
+            } => {
+                out.push(T_UNBOUND);
+                put_str8(&mut out, hostname);
+                out.push(status.code());
+                put_str8(&mut out, reason);
             }
         }
         out
@@ -352,6 +385,18 @@ impl Message {
                 code: ErrorCode::from_code(r.u8()?),
                 message: r.str8("message")?,
             },
+            T_UNBOUND => {
+                let hostname = r.str8("hostname")?;
+                let status = match BindStatus::from_code(r.u8()?) {
+                    BindStatus::Bound => return Err(DecodeError::Invalid("unbound status")),
+                    status => status,
+                };
+                Self::Unbound {
+                    hostname,
+                    status,
+                    reason: r.str8("reason")?,
+                }
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         r.finish()?;
@@ -456,6 +501,11 @@ mod tests {
                 code: ErrorCode::UnsupportedVersion,
                 message: "speak 1".into(),
             },
+            Message::Unbound {
+                hostname: "example.test".into(),
+                status: BindStatus::NotAuthorized,
+                reason: "no longer authorized".into(),
+            },
         ]
     }
 
@@ -559,5 +609,49 @@ mod tests {
                 assert!(Message::decode(&body[..cut]).is_err(), "{m:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn versions_are_chosen_in_the_clients_order() {
+        assert_eq!(choose_version(&[2, 1]), Some(2));
+        assert_eq!(choose_version(&[1]), Some(1));
+        assert_eq!(choose_version(&[1, 2]), Some(1));
+        assert_eq!(choose_version(&[9, 2]), Some(2));
+        assert_eq!(choose_version(&[0, 3]), None);
+        assert_eq!(choose_version(&[]), None);
+        assert_eq!(VERSIONS[0], VERSION);
+        assert!(VERSIONS.contains(&UNBOUND_SINCE));
+    }
+
+    #[test]
+    fn unbound_has_its_worked_example_and_never_says_bound() {
+        let unbound = Message::Unbound {
+            hostname: "b.test".into(),
+            status: BindStatus::NotAuthorized,
+            reason: "gone".into(),
+        };
+        // PROTOCOL.md §4.9.
+        let body = unbound.encode();
+        assert_eq!(
+            body,
+            [0x09, 0x06, b'b', b'.', b't', b'e', b's', b't', 0x01, 0x04, b'g', b'o', b'n', b'e']
+        );
+        assert_eq!(Message::decode(&body), Ok(unbound));
+        let mut bound = body.clone();
+        bound[8] = 0;
+        assert_eq!(
+            Message::decode(&bound),
+            Err(DecodeError::Invalid("unbound status"))
+        );
+        // A status this crate does not know yet still decodes.
+        let mut newer = body;
+        newer[8] = 42;
+        assert!(matches!(
+            Message::decode(&newer),
+            Ok(Message::Unbound {
+                status: BindStatus::Other(42),
+                ..
+            })
+        ));
     }
 }

@@ -1,8 +1,8 @@
 //! What every shroud binary does as a process, apart from its own work.
 //!
 //! `shroud`, `shroud-proxy` and `shroud-discovery` each parse their command line with its
-//! [`config`] file, set up [`logging`], raise their [`limits`], stop on a [`signal`], and end
-//! with an [`exit`] status.
+//! [`config`] file, set up [`logging`], raise their [`limits`], stop on a [`signal`], reload
+//! their files on SIGHUP or when they change ([`reload`]), and end with an [`exit`] status.
 //! The proxy and the discovery service serve TLS from PEM files ([`tls`]); the client and the
 //! discovery service print a key's public half for their `key` subcommands ([`key`]). Each of
 //! these, the `--resolve` overrides ([`resolve`]) and the DNS resolver they fall back to
@@ -20,6 +20,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod packaging;
+pub mod reload;
 pub mod resolve;
 pub mod signal;
 pub mod tls;

@@ -1,6 +1,6 @@
-//! Stopping on a signal.
+//! Stopping on a signal, and hearing SIGHUP.
 
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -19,4 +19,12 @@ pub async fn shutdown_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+/// Every SIGHUP from now on. Installing the handler is what stops SIGHUP's default action,
+/// which ends the process; it stays installed for the life of the process, even once the
+/// returned stream is dropped. Call it (through [`crate::reload::Reloads::listen`]) before
+/// the process says it is ready. Needs a tokio runtime.
+pub fn hangups() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
 }

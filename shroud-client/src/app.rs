@@ -20,8 +20,10 @@ use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, Tu
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
-use crate::{key, tls};
+use crate::{key, reload, tls};
 use shroud_mux::auth::PublicKey;
+use shroud_process::reload::{watch_every, Reloads};
+use shroud_process::tls::CertSlot;
 
 /// Runs the command line to completion.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -36,6 +38,17 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             &args,
         )?),
         (None, Some(run)) => {
+            // First of all, so that a SIGHUP from here on (while Tor bootstraps, say) reloads
+            // rather than ends the process.
+            let config_file = cli.config.config.clone();
+            let reloads = Reloads::listen(
+                watch_every(run.watch, run.watch_interval_secs),
+                reload::files(&run)
+                    .into_iter()
+                    .chain(config_file.clone())
+                    .collect(),
+            )
+            .context("listening for SIGHUP")?;
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
             let tunnels = Arc::new(OnceLock::new());
@@ -48,13 +61,18 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let metrics_stop = CancellationToken::new();
             let _stop_metrics = metrics_stop.clone().drop_guard();
             let endpoint = start_metrics(&cli.metrics, &metrics, &sources, metrics_stop.clone())?;
-            let (config, source) = config(&run, &shutdown, tunnels.clone(), &metrics).await?;
+            let (config, source, certificate) =
+                config(&run, &shutdown, tunnels.clone(), &metrics).await?;
             let acme = config.acme.as_ref().map(|tls| tls.acme.clone());
             if let Some(acme) = &acme {
                 let _ = sources.acme.set(acme.clone());
             }
-            let client = Client::spawn(config, source, shutdown)?;
+            let client = Client::spawn(config, source, shutdown.clone())?;
             let _ = tunnels.set(client.watch_states());
+            let reloader = reload::Reloader::new(run, certificate, client.retry_refused())
+                .with_metrics(metrics.clone())
+                .with_config_file(config_file);
+            tokio::spawn(shroud_process::reload::serve(reloader, reloads, shutdown));
             tokio::select! {
                 joined = client.join() => joined?,
                 refused = never_certified(acme) => return Err(refused.into()),
@@ -132,7 +150,9 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 /// Turns the run arguments into a client configuration and the source of its proxies, loading
-/// the files they name. With the tor transport this bootstraps Tor, which can take a while.
+/// the files they name, and the certificate visitors' TLS is terminated with when it comes
+/// from files (for a reload to replace). With the tor transport this bootstraps Tor, which can
+/// take a while.
 ///
 /// With `--acme` it also starts getting the certificate; `tunnels` is where the client's
 /// tunnel states will be, which ACME waits on before asking the CA to validate. What the
@@ -142,7 +162,7 @@ pub async fn config(
     shutdown: &CancellationToken,
     tunnels: Arc<OnceLock<watch::Receiver<States>>>,
     metrics: &Arc<ClientMetrics>,
-) -> anyhow::Result<(ClientConfig, ProxySource)> {
+) -> anyhow::Result<(ClientConfig, ProxySource, Option<Arc<CertSlot>>)> {
     let key_path = key_path(run.key.clone())?;
     let (key, created) = key::load_or_create(&key_path)?;
     if created {
@@ -173,18 +193,19 @@ pub async fn config(
         stream_buffer: run.stream_buffer_bytes,
         max_streams: run.max_streams,
         proxy_protocol: run.proxy_protocol,
+        refused_retry: Duration::from_secs(run.refused_retry_secs),
         ..default_timing
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;
-    let origin_tls = match (&run.tls_cert, &run.tls_key) {
+    let (origin_tls, certificate) = match (&run.tls_cert, &run.tls_key) {
         (Some(cert), Some(key)) => {
-            let config = tls::origin_server_config(cert, key)?;
+            let (config, certificate) = tls::origin_tls(cert, key)?;
             if let Some(expiry) = tls::leaf_expiry(cert) {
                 metrics.set_certificate_expiry(expiry);
             }
-            Some(config.into())
+            (Some(config.into()), Some(certificate))
         }
-        _ => None,
+        _ => (None, None),
     };
     // Last, because it may take a while: every local check has passed by now.
     let transport: Arc<dyn Transport> = match run.transport {
@@ -248,7 +269,7 @@ pub async fn config(
         timing,
         metrics: metrics.clone(),
     };
-    Ok((config, source))
+    Ok((config, source, certificate))
 }
 
 /// The hostname to publish and the TARGET text: both as given, or with `--fleet-name`, the

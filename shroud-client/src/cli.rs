@@ -357,6 +357,29 @@ pub struct RunArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000)
     )]
     pub max_streams: usize,
+
+    /// After a proxy's policy refuses the hostname (not authorized, at bind time or later when
+    /// the proxy reloads its authorized file), seconds before asking that proxy again; SIGHUP
+    /// asks at once
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 120,
+        env = "SHROUD_REFUSED_RETRY_SECS",
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub refused_retry_secs: u64,
+
+    /// Also reload, as SIGHUP does, when --tls-cert or --tls-key changes: its size, time or
+    /// content, looked at every --watch-interval-secs
+    // Not a flattened shroud_process::reload::WatchArgs: see its documentation.
+    #[arg(long, env = "SHROUD_WATCH")]
+    pub watch: bool,
+
+    /// How often --watch looks at the files, in seconds
+    #[arg(long, env = "SHROUD_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub watch_interval_secs: u64,
 }
 
 /// A stream buffer size yamux can honour.

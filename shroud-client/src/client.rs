@@ -38,6 +38,27 @@ pub enum ClientError {
 pub struct Client {
     states: watch::Receiver<States>,
     task: JoinHandle<Result<(), ClientError>>,
+    retry: RetryRefused,
+}
+
+/// Tells every tunnel that waits after a refusal by its proxy's policy to ask again now,
+/// instead of at the end of its wait: what SIGHUP does to a client.
+#[derive(Debug, Clone)]
+pub struct RetryRefused(Arc<watch::Sender<u64>>);
+
+impl RetryRefused {
+    pub(crate) fn new() -> Self {
+        Self(Arc::new(watch::Sender::new(0)))
+    }
+
+    /// Asks every waiting tunnel to try its proxy again now.
+    pub fn now(&self) {
+        self.0.send_modify(|asked| *asked += 1);
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 impl Client {
@@ -53,8 +74,24 @@ impl Client {
             return Err(ClientError::NoProxies);
         }
         let (states_tx, states) = watch::channel(States::new());
-        let task = tokio::spawn(supervise(Arc::new(config), source, states_tx, shutdown));
-        Ok(Client { states, task })
+        let retry = RetryRefused::new();
+        let task = tokio::spawn(supervise(
+            Arc::new(config),
+            source,
+            states_tx,
+            shutdown,
+            retry.clone(),
+        ));
+        Ok(Client {
+            states,
+            task,
+            retry,
+        })
+    }
+
+    /// What tells the tunnels that wait after a policy refusal to ask again now.
+    pub fn retry_refused(&self) -> RetryRefused {
+        self.retry.clone()
     }
 
     /// The current state of each tunnel.
@@ -124,6 +161,7 @@ struct Tunnels {
     shutdown: CancellationToken,
     streams: TaskTracker,
     running: HashMap<ProxyAddr, Running>,
+    retry: RetryRefused,
 }
 
 impl Tunnels {
@@ -167,6 +205,7 @@ impl Tunnels {
                     reporter,
                     stop.clone(),
                     tasks,
+                    self.retry.subscribe(),
                 )
                 .instrument(span),
             );
@@ -200,6 +239,7 @@ async fn supervise(
     source: ProxySource,
     states: watch::Sender<States>,
     shutdown: CancellationToken,
+    retry: RetryRefused,
 ) -> Result<(), ClientError> {
     let mut tunnels = Tunnels {
         config: config.clone(),
@@ -207,6 +247,7 @@ async fn supervise(
         shutdown: shutdown.clone(),
         streams: TaskTracker::new(),
         running: HashMap::new(),
+        retry,
     };
     let result = match source {
         ProxySource::Static(list) => {

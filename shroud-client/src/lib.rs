@@ -8,8 +8,9 @@
 //! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
 //! requests through the transport and its checks answered through the tunnel ([`hello`] tells
-//! a check from a visitor). [`cli`] and [`app`] are the command line. [`metrics`] counts
-//! what happens, for Prometheus on `--metrics-listen`.
+//! a check from a visitor). [`cli`] and [`app`] are the command line; [`reload`] re-reads
+//! the visitors' certificate on SIGHUP. [`metrics`] counts what happens, for Prometheus on
+//! `--metrics-listen`.
 
 pub mod acme;
 pub mod app;
@@ -23,6 +24,7 @@ pub mod key;
 pub mod metrics;
 pub mod origin;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod shared;
 pub mod srv;
 pub mod tls;

@@ -148,7 +148,11 @@ impl ClientMetrics {
             Err(AttemptError::NotShroud) => "not_shroud",
             Err(AttemptError::Timeout(_)) => "timeout",
             Err(AttemptError::Protocol(_)) => "protocol_error",
-            Err(AttemptError::Refused(_) | AttemptError::RefusedForGood(_)) => "refused",
+            Err(
+                AttemptError::Refused(_)
+                | AttemptError::RefusedForGood(_)
+                | AttemptError::NotAuthorized(_),
+            ) => "refused",
         };
         if let Some(at) = ATTEMPT_RESULTS.iter().position(|r| *r == label) {
             self.attempt_handles[at].inc();

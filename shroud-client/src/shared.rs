@@ -48,6 +48,9 @@ impl std::fmt::Debug for Target {
     }
 }
 
+/// How long a client waits, by default, before asking a proxy whose policy refused it again.
+pub const DEFAULT_REFUSED_RETRY: Duration = Duration::from_secs(120);
+
 /// Timeouts and intervals of a client, and the settings of each visitor's stream.
 #[derive(Debug, Clone)]
 pub struct Timing {
@@ -75,6 +78,9 @@ pub struct Timing {
     pub stream_buffer: usize,
     /// The PROXY protocol header each connection to the origin starts with, if any.
     pub proxy_protocol: Option<crate::proxy_protocol::Version>,
+    /// After a proxy's policy refused the hostname (at bind time or later), how long before
+    /// asking that proxy again.
+    pub refused_retry: Duration,
 }
 
 impl Default for Timing {
@@ -91,6 +97,7 @@ impl Default for Timing {
             max_streams: 8192,
             stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
             proxy_protocol: None,
+            refused_retry: DEFAULT_REFUSED_RETRY,
         }
     }
 }

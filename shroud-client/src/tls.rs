@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, InvalidDnsNameError, ServerName};
 use shroud_mux::ALPN;
+use shroud_process::tls::{CertSlot, TlsFilesError};
 
 /// The ALPN protocol offered to visitors whose TLS the client terminates.
 pub const ORIGIN_ALPN: &[u8] = b"http/1.1";
@@ -141,22 +143,43 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsSetupError> {
 /// (leaf first) and a PEM private key. Offers ALPN `http/1.1` only, since what lies behind is
 /// spoken to as plain HTTP/1 or raw bytes; every browser offers `http/1.1` alongside `h2`.
 pub fn origin_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    use shroud_process::tls::TlsFilesError;
-    let config =
-        shroud_process::tls::server_config(cert, key, &[ORIGIN_ALPN]).map_err(|err| match err {
-            TlsFilesError::Certificates { path, source } => {
-                TlsSetupError::ReadCertificates { path, source }
-            }
-            TlsFilesError::NoCertificate(path) => TlsSetupError::NoCertificates { path },
-            TlsFilesError::Key { path, source } => TlsSetupError::ReadKey { path, source },
-            TlsFilesError::Unusable(source) => TlsSetupError::CertKeyMismatch {
-                cert: cert.to_owned(),
-                key: key.to_owned(),
-                source,
-            },
-            TlsFilesError::Protocols(source) => TlsSetupError::Rustls(source),
-        })?;
-    Ok(Arc::new(config))
+    origin_tls(cert, key).map(|(config, _)| config)
+}
+
+/// [`origin_server_config`], serving whatever certificate the returned slot holds at each
+/// handshake: a reload puts a new one in it ([`origin_certificate`]).
+pub fn origin_tls(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<CertSlot>), TlsSetupError> {
+    let slot = CertSlot::load(cert, key).map_err(|err| files_error(err, cert, key))?;
+    let config = slot
+        .server_config(&[ORIGIN_ALPN])
+        .map_err(|err| files_error(err, cert, key))?;
+    Ok((Arc::new(config), slot))
+}
+
+/// The certificate chain in `cert` and the key in `key`, checked to belong together, for a
+/// reload to put in the slot [`origin_tls`] made.
+pub fn origin_certificate(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsSetupError> {
+    shroud_process::tls::load_certified_key(cert, key).map_err(|err| files_error(err, cert, key))
+}
+
+/// The error of the files `cert` and `key`, as this module says it.
+fn files_error(err: TlsFilesError, cert: &Path, key: &Path) -> TlsSetupError {
+    match err {
+        TlsFilesError::Certificates { path, source } => {
+            TlsSetupError::ReadCertificates { path, source }
+        }
+        TlsFilesError::NoCertificate(path) => TlsSetupError::NoCertificates { path },
+        TlsFilesError::Key { path, source } => TlsSetupError::ReadKey { path, source },
+        TlsFilesError::Unusable(source) => TlsSetupError::CertKeyMismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            source,
+        },
+        TlsFilesError::Protocols(source) => TlsSetupError::Rustls(source),
+    }
 }
 
 /// When the first (leaf) certificate of a PEM file expires; `None` if the file cannot be read

@@ -4,8 +4,14 @@
 //! ALPN `shroud/1` (the proxy's certificate checked for its name), yamux, then the control
 //! handshake and bind. While bound, it answers every stream the proxy opens (see
 //! [`crate::origin`]) and pings the proxy; a missing pong marks the tunnel dead. On failure it
-//! retries with exponential backoff and jitter; a refusal that retrying cannot change (policy,
-//! certificate) ends the task.
+//! retries with exponential backoff and jitter; a refusal that retrying cannot change (a
+//! malformed or reserved name, a certificate that does not verify) ends the task.
+//!
+//! A refusal by the proxy's policy (NotAuthorized), at bind time or later in an `Unbound`
+//! message, is different: the proxy's operator may change the policy while it runs, so the
+//! task asks that proxy again, but only after `--refused-retry-secs` (2 minutes by default),
+//! never in a loop against the refusal, or at once when the client is told to (SIGHUP, see
+//! [`crate::client::RetryRefused`]).
 //!
 //! When the proxy says go-away (it is restarting), the task reconnects while the old session
 //! drains on a task of its own: it keeps serving streams, late ones included, until the proxy
@@ -15,10 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shroud_mux::auth::{self, EXPORTER_LABEL, EXPORTER_LEN};
-use shroud_mux::control::{self, BindName, BindOutcome, BindStatus, Message, ReadError, VERSION};
+use shroud_mux::control::{self, BindName, BindOutcome, BindStatus, Message, ReadError, VERSIONS};
 use shroud_mux::{Incoming, MuxStream, Role, Session, SessionConfig};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +61,10 @@ pub enum AttemptError {
     /// The proxy refused every hostname, and trying again cannot change it.
     #[error("bind refused: {0}")]
     RefusedForGood(String),
+    /// The proxy's policy refused every hostname: only its operator can change that, so the
+    /// proxy is asked again only after a long wait.
+    #[error("bind refused: {0}")]
+    NotAuthorized(String),
 }
 
 impl AttemptError {
@@ -94,17 +104,34 @@ enum End {
     Lost(String),
     /// The tunnel was told to stop: the client is shutting down, or the proxy left the list.
     Shutdown,
+    /// The proxy took the hostname away (`Unbound`), as a bind would now be refused.
+    Unbound {
+        /// The status a bind would get.
+        status: BindStatus,
+        /// The proxy's reason.
+        reason: String,
+    },
+}
+
+/// What a tunnel task does after an attempt or a session ends.
+enum Next {
+    /// Try again after the backoff's next delay; `failed` says the attempt itself failed (it
+    /// is worth a warning, with the delay).
+    Backoff { reason: String, failed: bool },
+    /// The proxy's policy refused: ask it again only after the long wait, or when told to.
+    Refused { reason: String },
 }
 
 /// Holds a tunnel to `proxy` until `stop` is cancelled, or until the proxy refuses for good.
 /// Returns the reason in the latter case. Visitor streams, and sessions the proxy is draining,
-/// run on `tasks`.
+/// run on `tasks`. A change seen on `retry` cuts short the wait after a policy refusal.
 pub async fn hold(
     proxy: ProxyAddr,
     config: Arc<ClientConfig>,
     state: StateReporter,
     stop: CancellationToken,
     tasks: StreamTasks,
+    mut retry: watch::Receiver<u64>,
 ) -> Option<String> {
     let timing = &config.timing;
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
@@ -114,9 +141,8 @@ pub async fn hold(
             () = stop.cancelled() => break,
             attempt = connect_and_bind(&proxy, &config) => attempt,
         };
-        let mut attempt_failed = false;
         config.metrics.attempt(attempt.as_ref().map(|_| ()));
-        let reason = match attempt {
+        let next = match attempt {
             Ok(bound) => {
                 info!("tunnel up");
                 state.send_replace(TunnelState::Bound);
@@ -129,13 +155,32 @@ pub async fn hold(
                         // from the base spread a fleet's attempts while it restarts.
                         backoff.record_go_away(Instant::now());
                         info!("proxy is draining; reconnecting");
-                        "the proxy is draining".to_owned()
+                        Next::Backoff {
+                            reason: "the proxy is draining".to_owned(),
+                            failed: false,
+                        }
                     }
                     End::Lost(reason) => {
                         config.metrics.tunnel_ended(false);
                         backoff.record_disconnected(Instant::now());
                         info!(%reason, "tunnel lost");
-                        reason
+                        Next::Backoff {
+                            reason,
+                            failed: false,
+                        }
+                    }
+                    End::Unbound { status, reason } => {
+                        config.metrics.tunnel_ended(false);
+                        backoff.record_disconnected(Instant::now());
+                        let reason = format!("the proxy unbound {}: {reason}", config.hostname);
+                        if status == BindStatus::NotAuthorized {
+                            Next::Refused { reason }
+                        } else {
+                            Next::Backoff {
+                                reason,
+                                failed: true,
+                            }
+                        }
                     }
                 }
             }
@@ -147,23 +192,46 @@ pub async fn hold(
                 });
                 return Some(reason);
             }
-            Err(err) => {
-                attempt_failed = true;
-                err.to_string()
-            }
+            Err(err @ AttemptError::NotAuthorized(_)) => Next::Refused {
+                reason: err.to_string(),
+            },
+            Err(err) => Next::Backoff {
+                reason: err.to_string(),
+                failed: true,
+            },
         };
-        let delay = backoff.next_delay();
-        if attempt_failed {
-            // Say when the next try is: a refusal that can change without the client (a TXT
-            // record not yet published, a limit) is waited out, not given up on.
-            warn!(err = %reason, retry_in_secs = delay.as_secs(), "tunnel attempt failed; trying again");
-        } else {
-            debug!(?delay, "waiting before the next attempt");
-        }
-        state.send_replace(TunnelState::Waiting { reason });
-        tokio::select! {
-            () = stop.cancelled() => break,
-            () = tokio::time::sleep(delay) => {}
+        match next {
+            Next::Backoff { reason, failed } => {
+                let delay = backoff.next_delay();
+                if failed {
+                    // Say when the next try is: a refusal that can change without the client
+                    // (a TXT record not yet published, a limit) is waited out, not given up on.
+                    warn!(err = %reason, retry_in_secs = delay.as_secs(), "tunnel attempt failed; trying again");
+                } else {
+                    debug!(?delay, "waiting before the next attempt");
+                }
+                state.send_replace(TunnelState::Waiting { reason });
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Next::Refused { reason } => {
+                // Only the proxy's operator can change this; asking again in a loop would only
+                // load the proxy with refusals.
+                let wait = timing.refused_retry;
+                info!(
+                    retry_in_secs = wait.as_secs(),
+                    "not authorized by this proxy; asking it again later, or at once on SIGHUP"
+                );
+                state.send_replace(TunnelState::Waiting { reason });
+                retry.borrow_and_update();
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                    Ok(()) = retry.changed() => info!("asking the proxy again, as told"),
+                }
+            }
         }
     }
     state.send_replace(TunnelState::Stopped);
@@ -254,12 +322,13 @@ async fn bind(
     control::write_message(
         control,
         &Message::Hello {
-            versions: vec![VERSION],
+            versions: VERSIONS.to_vec(),
         },
     )
     .await?;
     match control::read_message(control).await? {
-        Message::Hello { versions } if versions == [VERSION] => {}
+        // Version 1 proxies never send Unbound; nothing else differs.
+        Message::Hello { versions } if versions.len() == 1 && VERSIONS.contains(&versions[0]) => {}
         Message::Error { message, .. } => return Err(AttemptError::RefusedForGood(message)),
         other => return Err(unexpected(&other, "hello")),
     }
@@ -293,20 +362,25 @@ async fn bind(
     check_results(&results, &names)
 }
 
-/// Accepts the bind result if the hostname was bound; otherwise says why not.
+/// Accepts the bind result if the hostname was bound; otherwise says why not, and whether
+/// trying again soon, later, or never can change it.
 fn check_results(results: &[BindOutcome], names: &[String]) -> Result<(), AttemptError> {
     let mut bound = 0;
     let mut refusals = Vec::new();
-    let mut permanent = true;
+    // Every refusal is one that no retry can change.
+    let mut for_good = true;
+    // Every refusal is for good, or the policy's, which only its operator can change.
+    let mut not_soon = true;
     for name in names {
         match results.iter().find(|r| &r.name == name) {
             Some(r) if r.status == BindStatus::Bound => bound += 1,
             Some(r) => {
-                permanent &= r.status.is_permanent();
+                for_good &= r.status.is_permanent() && r.status != BindStatus::NotAuthorized;
+                not_soon &= r.status.is_permanent();
                 refusals.push(format!("{}: {}", r.name, r.reason));
             }
             None => {
-                permanent = false;
+                (for_good, not_soon) = (false, false);
                 refusals.push(format!("{name}: no answer from the proxy"));
             }
         }
@@ -314,9 +388,10 @@ fn check_results(results: &[BindOutcome], names: &[String]) -> Result<(), Attemp
     for refusal in &refusals {
         warn!(%refusal, "hostname not bound");
     }
-    match (bound, permanent) {
-        (0, true) => Err(AttemptError::RefusedForGood(refusals.join("; "))),
-        (0, false) => Err(AttemptError::Refused(refusals.join("; "))),
+    match (bound, for_good, not_soon) {
+        (0, true, _) => Err(AttemptError::RefusedForGood(refusals.join("; "))),
+        (0, false, true) => Err(AttemptError::NotAuthorized(refusals.join("; "))),
+        (0, false, false) => Err(AttemptError::Refused(refusals.join("; "))),
         _ => Ok(()),
     }
 }
@@ -369,6 +444,13 @@ async fn serve(
                     info!(%reason, "go-away from the proxy");
                     break End::GoAway;
                 }
+                Some(Ok(Message::Unbound { hostname, status, reason })) => {
+                    if hostname == config.hostname {
+                        warn!(%hostname, ?status, %reason, "the proxy unbound this hostname");
+                        break End::Unbound { status, reason };
+                    }
+                    debug!(%hostname, "the proxy unbound a name this tunnel never bound; ignored");
+                }
                 Some(Ok(Message::Error { message, .. })) => {
                     break End::Lost(format!("the proxy reported an error: {message}"));
                 }
@@ -404,7 +486,7 @@ async fn serve(
             let drain = draining.run(config.clone(), tasks.clone());
             tasks.tracker.spawn(drain.in_current_span());
         }
-        End::Lost(_) | End::Shutdown => session.close(),
+        End::Lost(_) | End::Shutdown | End::Unbound { .. } => session.close(),
     }
     end
 }
@@ -474,8 +556,8 @@ impl Draining {
                             outstanding = None;
                         }
                     }
-                    // The go-away again.
-                    Some(Ok(Message::GoAway { .. })) => {}
+                    // The go-away again, or names taken from a tunnel already leaving.
+                    Some(Ok(Message::GoAway { .. } | Message::Unbound { .. })) => {}
                     Some(Ok(other)) => {
                         debug!(message = ?other, "the proxy broke off its drain; closing");
                         self.session.close();
@@ -542,6 +624,19 @@ mod bind_result_tests {
         // So is a status from a newer proxy that this client does not know.
         let err = check_results(&refused(BindStatus::Other(9), "new"), &names).unwrap_err();
         assert!(!err.is_permanent());
+    }
+
+    #[test]
+    fn a_policy_refusal_is_asked_again_only_slowly() {
+        let names = ["example.test".to_owned()];
+        let reason = "this key is not authorized for this hostname on this proxy";
+        let err = check_results(&refused(BindStatus::NotAuthorized, reason), &names).unwrap_err();
+        assert!(matches!(err, AttemptError::NotAuthorized(_)), "{err:?}");
+        assert!(!err.is_permanent());
+        assert!(err.to_string().contains(reason), "{err}");
+        // NotListed waits for a DNS record, which may appear any moment: the usual backoff.
+        let err = check_results(&refused(BindStatus::NotListed, "no record"), &names).unwrap_err();
+        assert!(matches!(err, AttemptError::Refused(_)), "{err:?}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
 use crate::peers::FleetConfig;
 use crate::policy::Policy;
 use crate::server::{self, Listeners};
-use crate::shared::{Limits, ProxyConfig, Shared};
+use crate::shared::{Authorization, Limits, ProxyConfig, Shared};
 
 /// A shroud proxy: publishes services whose clients hold tunnels to it, routing visitors by TLS
 /// SNI or HTTP Host without decrypting their traffic.
@@ -247,6 +247,10 @@ pub struct Cli {
           default_value_t = shroud_mux::session::DEFAULT_STREAM_BUFFER,
           value_parser = stream_buffer_bytes())]
     pub stream_buffer_bytes: usize,
+
+    /// Reload on edits too, not only on SIGHUP.
+    #[command(flatten)]
+    pub watch: shroud_process::reload::WatchArgs,
 }
 
 /// A count of 1 or more.
@@ -298,24 +302,10 @@ impl Cli {
         let tunnel_name = shroud_mux::hostname::normalize(name)
             .with_context(|| format!("--tunnel-name {name:?}"))?;
         let tls = server::tunnel_tls_config(cert, key)?;
-        let policy = match &self.authorized {
-            Some(path) => {
-                Policy::load(path).with_context(|| format!("--authorized {}", path.display()))?
-            }
-            None if self.authorize_dns || !self.word_names.is_empty() => Policy::default(),
-            None => anyhow::bail!(
-                "no client can be authorized: give --authorized FILE, --authorize-dns, \
-                 --word-names DOMAIN, or several"
-            ),
-        };
-        let word_domains = self
-            .word_names
-            .iter()
-            .map(|domain| {
-                shroud_mux::hostname::normalize(domain)
-                    .with_context(|| format!("--word-names {domain:?}"))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let Authorization {
+            policy,
+            word_domains,
+        } = self.authorization()?;
         let dns = if self.authorize_dns {
             let authorizer = DnsAuthorizer::new(self.dns_server, DnsAuthLimits::default())
                 .context("--authorize-dns")?;
@@ -347,6 +337,33 @@ impl Cli {
             word_domains,
             limits,
             fleet: None,
+        })
+    }
+
+    /// The authorized file's policy and the word-name domains these settings name: what
+    /// decides, besides DNS, which key may bind which name. Loaded at start and by each reload.
+    pub fn authorization(&self) -> anyhow::Result<Authorization> {
+        let policy = match &self.authorized {
+            Some(path) => {
+                Policy::load(path).with_context(|| format!("--authorized {}", path.display()))?
+            }
+            None if self.authorize_dns || !self.word_names.is_empty() => Policy::default(),
+            None => anyhow::bail!(
+                "no client can be authorized: give --authorized FILE, --authorize-dns, \
+                 --word-names DOMAIN, or several"
+            ),
+        };
+        let word_domains = self
+            .word_names
+            .iter()
+            .map(|domain| {
+                shroud_mux::hostname::normalize(domain)
+                    .with_context(|| format!("--word-names {domain:?}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Authorization {
+            policy,
+            word_domains,
         })
     }
 
@@ -410,11 +427,15 @@ impl Cli {
     }
 }
 
-/// Runs the proxy as the command line says, until SIGTERM or SIGINT.
+/// Runs the proxy as the command line says, until SIGTERM or SIGINT; reloads on SIGHUP.
 pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     if let Some(command) = cli.command.take() {
         return command.run();
     }
+    // First of all, so that a SIGHUP from here on reloads rather than ends the process.
+    let reloads =
+        shroud_process::reload::Reloads::listen(cli.watch.every(), crate::reload::files(&cli))
+            .context("listening for SIGHUP")?;
     let mut config = cli.config()?;
     let listeners = cli.listeners().await?;
     let peer_addr = listeners.peer.as_ref().map(TcpListener::local_addr);
@@ -433,6 +454,12 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let announce = cli
         .announcement(&shared)?
         .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
+    let reloader = crate::reload::Reloader::new(cli, shared.clone());
+    tokio::spawn(shroud_process::reload::serve(
+        reloader,
+        reloads,
+        shutdown.clone(),
+    ));
     let result = server::serve(listeners, shared, shutdown).await;
     if let Some(announce) = announce {
         // It says goodbye to the discovery services on shutdown, within its own deadline.

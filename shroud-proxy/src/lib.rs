@@ -10,8 +10,9 @@
 //! and per hostname, tunnels and hostnames per key) and documents the order of every check.
 //! [`shared`] holds what every task shares (configuration, limits, routing table, admission
 //! counts) and imports none of them; [`server`] owns the listeners and graceful shutdown;
-//! [`cli`] turns flags into a [`shared::ProxyConfig`]. [`metrics`] counts what happens, for
-//! Prometheus on `--metrics-listen`.
+//! [`cli`] turns flags into a [`shared::ProxyConfig`]; [`reload`] re-reads the authorized
+//! file and the certificate on SIGHUP, without touching a tunnel or a visitor. [`metrics`]
+//! counts what happens, for Prometheus on `--metrics-listen`.
 //!
 //! A fleet's proxies serve each other's names. [`peers`] is what one knows of the others,
 //! kept by [`gossip`] (foca, over [`peer_link`]s whose ends prove the fleet secret);
@@ -30,6 +31,7 @@ pub mod peer_link;
 pub mod peers;
 pub mod policy;
 pub mod registry;
+pub mod reload;
 pub mod server;
 pub mod shared;
 #[cfg(test)]

@@ -142,10 +142,30 @@ impl Policy {
         self.bindings
     }
 
+    /// How many bindings this policy has that `old` has not, and how many `old` has that this
+    /// one has not: what a reload from `old` to this policy adds and removes.
+    pub fn changes_from(&self, old: &Policy) -> (usize, usize) {
+        (missing_from(self, old), missing_from(old, self))
+    }
+
     /// Whether the policy allows nothing at all.
     pub fn is_empty(&self) -> bool {
         self.bindings == 0
     }
+}
+
+/// How many bindings of `policy` `other` lacks.
+fn missing_from(policy: &Policy, other: &Policy) -> usize {
+    let missing = |mine: &HashMap<String, HashSet<PublicKey>>,
+                   theirs: &HashMap<String, HashSet<PublicKey>>| {
+        mine.iter()
+            .map(|(name, keys)| match theirs.get(name) {
+                Some(their_keys) => keys.difference(their_keys).count(),
+                None => keys.len(),
+            })
+            .sum::<usize>()
+    };
+    missing(&policy.exact, &other.exact) + missing(&policy.below, &other.below)
 }
 
 /// Whether an entry names one hostname or everything below one.
@@ -256,6 +276,21 @@ mod tests {
             assert_eq!(policy.len(), 0);
             assert!(!policy.allows("x.test", &a));
         }
+    }
+
+    #[test]
+    fn changes_count_bindings_added_and_removed() {
+        let (a, b) = (key(1), key(2));
+        let old = Policy::parse(&format!("x.test {a}\ny.test {a}\n*.z.test {b}\n")).unwrap();
+        let new = Policy::parse(&format!(
+            "x.test {a}\nx.test {b}\n*.z.test {a}\nw.test {b}\n"
+        ))
+        .unwrap();
+        // Added: x.test b, *.z.test a, w.test b. Removed: y.test a, *.z.test b.
+        assert_eq!(new.changes_from(&old), (3, 2));
+        assert_eq!(old.changes_from(&new), (2, 3));
+        assert_eq!(old.changes_from(&old), (0, 0));
+        assert_eq!(Policy::default().changes_from(&old), (0, 3));
     }
 
     #[test]

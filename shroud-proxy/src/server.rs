@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::sign::CertifiedKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +47,12 @@ pub fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Builds the TLS configuration for tunnels from PEM files.
 pub fn tunnel_tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let mut config = shroud_process::tls::server_config(cert, key, &[shroud_mux::ALPN])?;
+    tunnel_tls_for(shroud_process::tls::load_certified_key(cert, key)?)
+}
+
+/// The TLS configuration for tunnels serving `certified`.
+pub fn tunnel_tls_for(certified: CertifiedKey) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut config = shroud_process::tls::single_cert_config(certified, &[shroud_mux::ALPN])?;
     // The bind proof relies on the TLS exporter, which is only a sound channel binding under
     // TLS 1.2 with the extended master secret (RFC 7627); TLS 1.3 always has it.
     config.require_ems = true;
@@ -130,7 +136,6 @@ fn start_fleet(
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let tls = crate::peer_link::server_config(shared.tls_acceptor.config());
     let (gossip, inbound) = tokio::sync::mpsc::channel(GOSSIP_BACKLOG);
     info!(addr = %listener.local_addr()?, advertised = %peers.advertise(), "listening for peers");
     tracker.spawn(crate::gossip::run(
@@ -158,10 +163,11 @@ fn start_fleet(
                 debug!(%from, "too many peer links being set up; closing");
                 continue;
             };
-            let (shared, peers, tls, gossip, stop) = (
+            // The tunnel certificate in place now: a reload may have replaced it.
+            let tls = crate::peer_link::server_config(&shared.tunnel_tls());
+            let (shared, peers, gossip, stop) = (
                 shared.clone(),
                 peers.clone(),
-                tls.clone(),
                 gossip.clone(),
                 shutdown.clone(),
             );

@@ -1,15 +1,17 @@
 //! The state every task of a proxy shares: its configuration and limits, the routing table,
-//! the admission counts, and the shutdown signal.
+//! the admission counts, and the shutdown signal; and what a reload replaces while it runs
+//! (the [`Authorization`] and the tunnel certificate, see [`crate::reload`]).
 //!
 //! The per-connection tasks ([`crate::tunnel`], [`crate::visitor`]) and the listeners
 //! ([`crate::server`]) all import this module; it imports none of them, so a [`Shared`] can be
 //! built on its own with [`Shared::new`], in unit tests as in [`crate::server::run`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio_rustls::TlsAcceptor;
+use shroud_process::reload::ReloadCounts;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::{Admission, AdmissionLimits};
@@ -115,13 +117,24 @@ pub struct ProxyConfig {
     pub fleet: Option<FleetConfig>,
 }
 
+/// Which key may bind which name, besides DNS: the authorized file's policy and the word-name
+/// domains. A reload replaces it whole; each bound tunnel then checks its names against it.
+#[derive(Debug, Default)]
+pub struct Authorization {
+    /// Which key may bind which hostname, from the authorized file.
+    pub policy: Policy,
+    /// Domains (normalised) under which a key may bind its own word name, and only that.
+    pub word_domains: Vec<String>,
+}
+
 /// State shared by every connection of a proxy.
 pub struct Shared {
     pub(crate) tunnel_name: String,
-    pub(crate) tls_acceptor: TlsAcceptor,
-    pub(crate) policy: Policy,
+    /// TLS for tunnels; a reload replaces it, and each handshake takes the one in place.
+    tunnel_tls: RwLock<Arc<rustls::ServerConfig>>,
+    /// The authorized file and word names in force; tunnels watch it for reloads.
+    authorization: watch::Sender<Arc<Authorization>>,
     pub(crate) dns: Option<DnsAuthorizer>,
-    pub(crate) word_domains: Vec<String>,
     pub(crate) limits: Limits,
     pub(crate) registry: Registry,
     /// The rest of the fleet, when this proxy is a member of one.
@@ -134,6 +147,8 @@ pub struct Shared {
     pub(crate) shutdown: CancellationToken,
     /// What the proxy counts, for `--metrics-listen`.
     pub(crate) metrics: ProxyMetrics,
+    /// Reloads made, and failed.
+    pub(crate) reloads: ReloadCounts,
 }
 
 impl Shared {
@@ -156,9 +171,48 @@ impl Shared {
     /// Whether some client may be able to bind `hostname` here: the authorized file or DNS
     /// could grant it, or it is a word name under an offered domain.
     pub(crate) fn may_bind(&self, hostname: &str) -> bool {
+        let authorization = self.authorization();
         self.dns.is_some()
-            || self.policy.covers(hostname)
-            || shroud_mux::words::word_domain(hostname, &self.word_domains).is_some()
+            || authorization.policy.covers(hostname)
+            || shroud_mux::words::word_domain(hostname, &authorization.word_domains).is_some()
+    }
+
+    /// The authorization in force now.
+    pub fn authorization(&self) -> Arc<Authorization> {
+        self.authorization.borrow().clone()
+    }
+
+    /// A receiver of the authorization in force, which sees each reload's.
+    pub(crate) fn watch_authorization(&self) -> watch::Receiver<Arc<Authorization>> {
+        self.authorization.subscribe()
+    }
+
+    /// Puts `authorization` in force: binds from now on are judged by it, and every bound
+    /// tunnel checks its names against it at once, unbinding those it no longer grants.
+    pub(crate) fn set_authorization(&self, authorization: Authorization) {
+        self.authorization.send_replace(Arc::new(authorization));
+    }
+
+    /// The TLS configuration tunnels are served with now.
+    pub(crate) fn tunnel_tls(&self) -> Arc<rustls::ServerConfig> {
+        match self.tunnel_tls.read() {
+            Ok(tls) => tls.clone(),
+            // A writer panicked mid-assignment of an Arc: the value is still whole.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Serves new tunnels (and peer links) with `tls`; connections already open keep theirs.
+    pub(crate) fn set_tunnel_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        match self.tunnel_tls.write() {
+            Ok(mut slot) => *slot = tls,
+            Err(poisoned) => *poisoned.into_inner() = tls,
+        }
+    }
+
+    /// How many reloads took effect, and how many failed.
+    pub fn reload_counts(&self) -> &ReloadCounts {
+        &self.reloads
     }
 
     /// The state of a proxy serving `config`, which stops when `shutdown` is cancelled. Nothing
@@ -167,10 +221,12 @@ impl Shared {
         let metrics = ProxyMetrics::new();
         Arc::new(Self {
             tunnel_name: config.tunnel_name,
-            tls_acceptor: TlsAcceptor::from(config.tls),
-            policy: config.policy,
+            tunnel_tls: RwLock::new(config.tls),
+            authorization: watch::Sender::new(Arc::new(Authorization {
+                policy: config.policy,
+                word_domains: config.word_domains,
+            })),
             dns: config.dns,
-            word_domains: config.word_domains,
             admission: Admission::new(config.limits.admission()),
             peers: config
                 .fleet
@@ -180,6 +236,7 @@ impl Shared {
             routing: AtomicUsize::new(0),
             shutdown,
             metrics,
+            reloads: ReloadCounts::default(),
         })
     }
 

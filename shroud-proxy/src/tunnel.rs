@@ -5,6 +5,12 @@
 //! enter the [`Registry`](crate::registry::Registry) until the tunnel ends. On shutdown the
 //! proxy sends go-away, takes the names out of the registry so that no new visitor lands here,
 //! and lets the streams in flight finish up to the drain deadline.
+//!
+//! A bound name stays bound while what granted it still does. After each reload of the
+//! [`Authorization`] the tunnel checks every name against it at once, and a name granted by a
+//! DNS TXT record is checked again when the record's answer expires. A name no longer granted
+//! is unbound, and a client of protocol version 2 is told why (`Unbound`); a tunnel left with
+//! no name is closed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,11 +18,11 @@ use std::time::Duration;
 
 use shroud_mux::auth::{self, PublicKey, EXPORTER_LABEL, EXPORTER_LEN};
 use shroud_mux::control::{
-    self, BindName, BindOutcome, BindStatus, ErrorCode, Message, ReadError, VERSION,
+    self, BindName, BindOutcome, BindStatus, ErrorCode, Message, ReadError, UNBOUND_SINCE, VERSIONS,
 };
 use shroud_mux::{hostname, words, MuxStream, Role, Session, SessionConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadHalf};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -25,7 +31,7 @@ use crate::admission::{AddressGuard, KeyGuard};
 use crate::dns_auth::DnsVerdict;
 use crate::metrics::Handshake;
 use crate::registry::TunnelId;
-use crate::shared::Shared;
+use crate::shared::{Authorization, Shared};
 
 /// Why a tunnel ended before it was bound, or while it was up.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +60,8 @@ pub enum TunnelError {
     /// The TLS exporter could not be computed.
     #[error("TLS keying material exporter failed: {0}")]
     Exporter(String),
-    /// Every name the tunnel had bound lost its DNS authorization.
-    #[error("every hostname's DNS authorization was withdrawn")]
+    /// Every name the tunnel had bound lost its authorization (a reload, or DNS).
+    #[error("every hostname's authorization was withdrawn")]
     Revoked,
 }
 
@@ -100,7 +106,8 @@ where
     // rustls reads a socket 4 KiB at a time, so a 16 KiB record took four syscalls; reads
     // from this buffer are copies instead.
     let io = tokio::io::BufReader::with_capacity(SOCKET_READ_BUFFER, io);
-    let tls = tokio::time::timeout_at(deadline, shared.tls_acceptor.accept(io))
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.tunnel_tls());
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(io))
         .await
         .map_err(|_| TunnelError::Timeout("the TLS handshake"))?
         .map_err(TunnelError::Tls)?;
@@ -165,17 +172,38 @@ where
     }
 
     let names: Vec<&str> = granted.names.iter().map(|n| n.name.as_str()).collect();
-    info!(tunnel, %peer, hostnames = ?names, "tunnel bound");
+    info!(tunnel, %peer, hostnames = ?names, version = granted.version, "tunnel bound");
     shared.metrics.handshake(Handshake::Bound);
     let _bound = shared.metrics.tunnel_bound();
 
-    let mut rechecks = DnsRechecks {
+    let authorization = granted.authorization;
+    let mut bound = BoundNames {
         key: granted.key,
-        due: granted.dns,
-        bound: granted.names.len(),
+        names: granted
+            .names
+            .iter()
+            .map(|name| Held {
+                name: name.name.clone(),
+                dns_due: granted
+                    .dns
+                    .iter()
+                    .find(|(dns_name, _)| *dns_name == name.name)
+                    .map(|(_, due)| *due),
+            })
+            .collect(),
         admitted: granted.admitted,
+        version: granted.version,
     };
-    let result = keep_alive(control, &session, tunnel, &shared, &shutdown, &mut rechecks).await;
+    let result = keep_alive(
+        control,
+        &session,
+        tunnel,
+        &shared,
+        &shutdown,
+        &mut bound,
+        authorization,
+    )
+    .await;
     shared.registry.unbind_tunnel(tunnel);
     match &result {
         Ok(()) => info!(tunnel, "tunnel closed"),
@@ -193,6 +221,10 @@ struct Granted {
     dns: Vec<(String, Instant)>,
     /// The tunnel and its names, counted against the key's limits while this lives.
     admitted: Option<KeyGuard>,
+    /// The protocol version agreed in Hello.
+    version: u8,
+    /// The authorization the bind was judged by, and every reload after it.
+    authorization: watch::Receiver<Arc<Authorization>>,
 }
 
 /// Hello, challenge, bind, result. Granted names enter the registry before the result is
@@ -208,22 +240,24 @@ async fn handshake(
     session: &Session,
     address: &mut Option<AddressGuard>,
 ) -> Result<Granted, TunnelError> {
-    match control::read_message(control).await? {
-        Message::Hello { versions } if versions.contains(&VERSION) => {}
-        Message::Hello { versions } => {
-            let detail =
-                format!("this proxy speaks version {VERSION}; client offered {versions:?}");
-            send_error(control, ErrorCode::UnsupportedVersion, &detail).await?;
-            return Err(TunnelError::Protocol(detail));
-        }
+    let version = match control::read_message(control).await? {
+        Message::Hello { versions } => match control::choose_version(&versions) {
+            Some(version) => version,
+            None => {
+                let detail =
+                    format!("this proxy speaks versions {VERSIONS:?}; client offered {versions:?}");
+                send_error(control, ErrorCode::UnsupportedVersion, &detail).await?;
+                return Err(TunnelError::Protocol(detail));
+            }
+        },
         other => return Err(unexpected(control, &other, "hello").await),
-    }
+    };
     let challenge =
         auth::new_challenge().map_err(|err| TunnelError::Protocol(format!("random: {err}")))?;
     control::write_message(
         control,
         &Message::Hello {
-            versions: vec![VERSION],
+            versions: vec![version],
         },
     )
     .await?;
@@ -237,13 +271,18 @@ async fn handshake(
         } if !hostnames.is_empty() => (key, signature, hostnames),
         other => return Err(unexpected(control, &other, "bind").await),
     };
-    let (verified, mut judged) =
-        judge_bind(&key, &signature, &hostnames, &challenge, exporter, shared);
+    // Judged by the authorization in force now. The receiver sees every reload from here on,
+    // so one that lands while this bind completes is checked as soon as the tunnel is up.
+    let mut authorization = shared.watch_authorization();
+    let in_force = authorization.borrow_and_update().clone();
+    let (verified, mut judged) = judge_bind(
+        &key, &signature, &hostnames, &challenge, exporter, shared, &in_force,
+    );
     let mut dns = Vec::new();
     if let (Some(key), Some(authorizer)) = (&verified, &shared.dns) {
         for (entry, outcome) in hostnames.iter().zip(judged.iter_mut()) {
             // A word name is its key's or no one's: DNS cannot grant it.
-            let word_name = words::word_domain(&entry.name, &shared.word_domains).is_some();
+            let word_name = words::word_domain(&entry.name, &in_force.word_domains).is_some();
             if outcome.status != BindStatus::NotAuthorized || word_name {
                 continue;
             }
@@ -302,12 +341,14 @@ async fn handshake(
         key: verified,
         dns,
         admitted,
+        version,
+        authorization,
     })
 }
 
-/// The proxy's verdict on each hostname of a bind, from the proof and the authorized file;
-/// DNS is consulted afterwards for names the file does not grant. Returns the key when the
-/// proof verified.
+/// The proxy's verdict on each hostname of a bind, from the proof and `authorization` (the
+/// authorized file and word names); DNS is consulted afterwards for names these do not grant.
+/// Returns the key when the proof verified.
 fn judge_bind(
     key: &[u8; 32],
     signature: &[u8; 64],
@@ -315,6 +356,7 @@ fn judge_bind(
     challenge: &[u8; 32],
     exporter: &[u8; EXPORTER_LEN],
     shared: &Shared,
+    authorization: &Authorization,
 ) -> (Option<PublicKey>, Vec<BindOutcome>) {
     let outcome = |name: &BindName, status, reason: &str| BindOutcome {
         name: name.name.clone(),
@@ -351,52 +393,69 @@ fn judge_bind(
             Ok(_) if !seen.insert(h.name.clone()) => {
                 outcome(h, BindStatus::InvalidHostname, "hostname listed twice")
             }
-            Ok(_) if words::allows(&h.name, &shared.word_domains, &key) => {
-                outcome(h, BindStatus::Bound, "")
-            }
-            // Under a word-name domain, a key binds its own words and nothing else.
-            Ok(_) => match words::word_domain(&h.name, &shared.word_domains) {
-                Some(domain) => outcome(
-                    h,
-                    BindStatus::NotAuthorized,
-                    &format!(
-                        "names under {domain} are word names, each bound by the key whose words \
-                         it is; this key's is {}",
-                        words::word_name(&key, domain)
-                    ),
-                ),
-                None if shared.policy.allows(&h.name, &key) => outcome(h, BindStatus::Bound, ""),
-                None => outcome(
-                    h,
-                    BindStatus::NotAuthorized,
-                    "this key is not authorized for this hostname on this proxy",
-                ),
+            Ok(_) => match refusal(&h.name, &key, authorization) {
+                None => outcome(h, BindStatus::Bound, ""),
+                Some((status, reason)) => outcome(h, status, &reason),
             },
         })
         .collect();
     (Some(key), judged)
 }
 
+/// Why `authorization` does not let `key` bind `name` (valid and normalised), as a bind's
+/// status and reason, or `None` when it does. Under a word-name domain a key binds its own
+/// words and nothing else: any other name there is reserved for the key whose words it is,
+/// which no change of policy can alter (InvalidHostname). Elsewhere the authorized file
+/// decides (NotAuthorized, which its operator may change).
+fn refusal(
+    name: &str,
+    key: &PublicKey,
+    authorization: &Authorization,
+) -> Option<(BindStatus, String)> {
+    let domains = &authorization.word_domains;
+    if words::allows(name, domains, key) {
+        return None;
+    }
+    match words::word_domain(name, domains) {
+        Some(domain) => Some((
+            BindStatus::InvalidHostname,
+            format!(
+                "names under {domain} are word names, each bound by the key whose words it is; \
+                 this key's is {}",
+                words::word_name(key, domain)
+            ),
+        )),
+        None if authorization.policy.allows(name, key) => None,
+        None => Some((
+            BindStatus::NotAuthorized,
+            "this key is not authorized for this hostname on this proxy".to_owned(),
+        )),
+    }
+}
+
 /// Answers pings until the client goes quiet, the session ends, or the proxy shuts down; then
-/// drains: go-away, and pings still answered while the streams in flight finish.
+/// drains: go-away, and pings still answered while the streams in flight finish. Meanwhile it
+/// unbinds the names whose authorization goes: at each reload of `authorization`, and when a
+/// DNS grant is due to be checked again.
 async fn keep_alive(
     control: MuxStream,
     session: &Session,
     tunnel: TunnelId,
     shared: &Shared,
     shutdown: &CancellationToken,
-    rechecks: &mut DnsRechecks,
+    bound: &mut BoundNames,
+    mut authorization: watch::Receiver<Arc<Authorization>>,
 ) -> Result<(), TunnelError> {
     let idle = shared.limits.tunnel_idle_timeout;
     let (reader, mut writer) = tokio::io::split(control);
     let mut messages = spawn_reader(reader);
     loop {
-        let next_check = rechecks.next_due();
-        tokio::select! {
-            () = sleep_until_or_never(next_check) => {
-                if rechecks.run(tunnel, shared).await == 0 {
-                    return Err(TunnelError::Revoked);
-                }
+        let next_check = bound.next_dns_check();
+        let withdrawn = tokio::select! {
+            () = sleep_until_or_never(next_check) => bound.recheck_dns(tunnel, shared).await,
+            Ok(()) = authorization.changed() => {
+                let in_force = authorization.borrow_and_update().clone();
+                bound.recheck(&in_force, tunnel, shared).await
             }
             message = timeout(idle, messages.recv()) => match message {
                 Err(_) => return Err(TunnelError::Timeout("a keepalive from the client")),
@@ -405,10 +464,25 @@ async fn keep_alive(
                     if !answer(&mut writer, message?).await? {
                         return Ok(());
                     }
+                    Vec::new()
                 }
             },
             () = session.closed() => return Ok(()),
             () = shutdown.cancelled() => break,
+        };
+        if withdrawn.is_empty() {
+            continue;
+        }
+        bound.tell(&mut writer, &withdrawn).await?;
+        if bound.names.is_empty() {
+            // Let the client read why before the tunnel goes: close our side of the control
+            // stream, and give it a moment to close its own.
+            let _ = writer.shutdown().await;
+            let _ = timeout(Duration::from_secs(2), async {
+                while messages.recv().await.is_some() {}
+            })
+            .await;
+            return Err(TunnelError::Revoked);
         }
     }
     // Draining: the listeners are closed, so the only visitors still to come are those
@@ -508,6 +582,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Ping { .. } => "ping",
         Message::Pong { .. } => "pong",
         Message::GoAway { .. } => "go-away",
+        Message::Unbound { .. } => "unbound",
         Message::Error { .. } => "error",
     }
 }
@@ -528,14 +603,29 @@ impl ShutdownAndWait for MuxStream {
     }
 }
 
-/// The names of a tunnel that hold only while their `_shroud` TXT record lists the key.
-struct DnsRechecks {
+/// The names a bound tunnel holds, and what each holds by.
+struct BoundNames {
     key: Option<PublicKey>,
-    due: Vec<(String, Instant)>,
-    /// How many names the tunnel still has bound.
-    bound: usize,
-    /// The tunnel's count against its key's limits; a name DNS unbinds leaves it.
+    names: Vec<Held>,
+    /// The tunnel's count against its key's limits; a name unbound leaves it.
     admitted: Option<KeyGuard>,
+    /// The protocol version agreed in Hello: whether the client can be sent `Unbound`.
+    version: u8,
+}
+
+/// One bound name.
+struct Held {
+    name: String,
+    /// When a name granted by a `_shroud` TXT record is to be checked again; `None` for a
+    /// name the authorized file or the word names grant.
+    dns_due: Option<Instant>,
+}
+
+/// A name taken from a tunnel, and why: what a bind of it would be told now.
+struct Withdrawn {
+    hostname: String,
+    status: BindStatus,
+    reason: String,
 }
 
 /// How long a name granted by DNS stays bound when DNS cannot be asked, past its TTL.
@@ -543,47 +633,166 @@ const DNS_FAILURE_GRACE: Duration = Duration::from_secs(300);
 /// How soon to ask again after DNS could not be asked.
 const DNS_RETRY: Duration = Duration::from_secs(30);
 
-impl DnsRechecks {
-    fn next_due(&self) -> Option<Instant> {
-        self.due.iter().map(|(_, at)| *at).min()
+impl BoundNames {
+    fn next_dns_check(&self) -> Option<Instant> {
+        self.names.iter().filter_map(|held| held.dns_due).min()
     }
 
-    /// Checks every name that is due; unbinds those whose record no longer lists the key.
-    /// Returns how many names the tunnel still has bound.
-    async fn run(&mut self, tunnel: TunnelId, shared: &Shared) -> usize {
-        let (Some(key), Some(authorizer)) = (&self.key, &shared.dns) else {
-            self.due.clear();
-            return self.bound;
+    /// Checks every name against `authorization`, just put in force by a reload, and unbinds
+    /// those nothing grants any more. A name the authorized file (or the word names) no longer
+    /// grants may still hold by DNS, when the proxy consults it; a name DNS granted already
+    /// is left to its own next check.
+    async fn recheck(
+        &mut self,
+        authorization: &Authorization,
+        tunnel: TunnelId,
+        shared: &Shared,
+    ) -> Vec<Withdrawn> {
+        let Some(key) = self.key else {
+            return Vec::new();
         };
-        let now = Instant::now();
-        let mut kept = Vec::new();
-        for (name, at) in std::mem::take(&mut self.due) {
-            if at > now {
-                kept.push((name, at));
+        let mut withdrawn = Vec::new();
+        let mut kept = Vec::with_capacity(self.names.len());
+        for mut held in std::mem::take(&mut self.names) {
+            let Some((status, reason)) = refusal(&held.name, &key, authorization) else {
+                held.dns_due = None;
+                kept.push(held);
                 continue;
-            }
-            match authorizer.allows(&name, key).await {
-                DnsVerdict::Allowed { valid_for } => kept.push((name, Instant::now() + valid_for)),
-                DnsVerdict::NotListed => {
-                    info!(hostname = %name, "DNS no longer authorizes this key; unbinding");
-                    shared.registry.unbind_name(tunnel, &name);
-                    release_name(&mut self.admitted, &name);
-                    self.bound -= 1;
+            };
+            let word_name = words::word_domain(&held.name, &authorization.word_domains).is_some();
+            let verdict = match &shared.dns {
+                Some(_) if held.dns_due.is_some() && !word_name => {
+                    kept.push(held);
+                    continue;
                 }
-                DnsVerdict::Unavailable(why) if now.duration_since(at) < DNS_FAILURE_GRACE => {
-                    warn!(hostname = %name, %why, "cannot recheck DNS authorization; will retry");
-                    kept.push((name, now + DNS_RETRY));
+                Some(authorizer) if !word_name => authorizer.allows(&held.name, &key).await,
+                _ => {
+                    let reason = format!("no longer granted: {reason}");
+                    withdrawn.push(self.unbind(held.name, status, reason));
+                    continue;
+                }
+            };
+            match verdict {
+                DnsVerdict::Allowed { valid_for } => {
+                    held.dns_due = Some(Instant::now() + valid_for);
+                    kept.push(held);
+                }
+                DnsVerdict::NotListed => {
+                    let reason = format!(
+                        "this key is no longer authorized for this hostname on this proxy, nor \
+                         by a TXT record at _shroud.{}",
+                        held.name
+                    );
+                    withdrawn.push(self.unbind(held.name, BindStatus::NotListed, reason));
                 }
                 DnsVerdict::Unavailable(why) => {
-                    warn!(hostname = %name, %why, "DNS authorization unverifiable for too long; unbinding");
-                    shared.registry.unbind_name(tunnel, &name);
-                    release_name(&mut self.admitted, &name);
-                    self.bound -= 1;
+                    // A check that cannot be made refuses; it never grants.
+                    let reason = format!(
+                        "the authorized file no longer grants this hostname, and its DNS \
+                         authorization could not be checked: {why}"
+                    );
+                    withdrawn.push(self.unbind(held.name, BindStatus::Unavailable, reason));
                 }
             }
         }
-        self.due = kept;
-        self.bound
+        self.names.extend(kept);
+        for gone in &withdrawn {
+            shared.registry.unbind_name(tunnel, &gone.hostname);
+            info!(tunnel, hostname = %gone.hostname, status = ?gone.status, reason = %gone.reason,
+                  "no longer authorized; unbinding");
+        }
+        withdrawn
+    }
+
+    /// Checks every name granted by DNS that is due; unbinds those whose record no longer
+    /// lists the key (or that could not be checked for too long). A name the authorized file
+    /// grants by now needs no record.
+    async fn recheck_dns(&mut self, tunnel: TunnelId, shared: &Shared) -> Vec<Withdrawn> {
+        let (Some(key), Some(authorizer)) = (self.key, &shared.dns) else {
+            for held in &mut self.names {
+                held.dns_due = None;
+            }
+            return Vec::new();
+        };
+        let authorization = shared.authorization();
+        let now = Instant::now();
+        let mut withdrawn = Vec::new();
+        let mut kept = Vec::with_capacity(self.names.len());
+        for mut held in std::mem::take(&mut self.names) {
+            let Some(at) = held.dns_due.filter(|at| *at <= now) else {
+                kept.push(held);
+                continue;
+            };
+            if refusal(&held.name, &key, &authorization).is_none() {
+                held.dns_due = None;
+                kept.push(held);
+                continue;
+            }
+            match authorizer.allows(&held.name, &key).await {
+                DnsVerdict::Allowed { valid_for } => {
+                    held.dns_due = Some(Instant::now() + valid_for);
+                    kept.push(held);
+                }
+                DnsVerdict::NotListed => {
+                    info!(hostname = %held.name, "DNS no longer authorizes this key; unbinding");
+                    let reason = format!(
+                        "the TXT record at _shroud.{} no longer lists this key",
+                        held.name
+                    );
+                    withdrawn.push(self.unbind(held.name, BindStatus::NotListed, reason));
+                }
+                DnsVerdict::Unavailable(why) if now.duration_since(at) < DNS_FAILURE_GRACE => {
+                    warn!(hostname = %held.name, %why, "cannot recheck DNS authorization; will retry");
+                    held.dns_due = Some(now + DNS_RETRY);
+                    kept.push(held);
+                }
+                DnsVerdict::Unavailable(why) => {
+                    warn!(hostname = %held.name, %why, "DNS authorization unverifiable for too long; unbinding");
+                    let reason = format!(
+                        "the DNS authorization could not be checked for {} minutes: {why}",
+                        DNS_FAILURE_GRACE.as_secs() / 60
+                    );
+                    withdrawn.push(self.unbind(held.name, BindStatus::Unavailable, reason));
+                }
+            }
+        }
+        self.names.extend(kept);
+        for gone in &withdrawn {
+            shared.registry.unbind_name(tunnel, &gone.hostname);
+        }
+        withdrawn
+    }
+
+    /// Stops counting `hostname` against the tunnel's key; the caller takes it out of the
+    /// registry.
+    fn unbind(&mut self, hostname: String, status: BindStatus, reason: String) -> Withdrawn {
+        release_name(&mut self.admitted, &hostname);
+        Withdrawn {
+            hostname,
+            status,
+            reason,
+        }
+    }
+
+    /// Tells the client which names were taken and why, if its protocol version can hear it;
+    /// a version 1 client learns why at its next bind.
+    async fn tell<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        withdrawn: &[Withdrawn],
+    ) -> Result<(), TunnelError> {
+        if self.version < UNBOUND_SINCE {
+            return Ok(());
+        }
+        for gone in withdrawn {
+            let unbound = Message::Unbound {
+                hostname: gone.hostname.clone(),
+                status: gone.status,
+                reason: gone.reason.clone(),
+            };
+            control::write_message(writer, &unbound).await?;
+        }
+        Ok(())
     }
 }
 

@@ -143,6 +143,14 @@ impl Process {
             .status();
     }
 
+    /// Sends SIGHUP, which makes a shroud binary reload its files; returns once it is sent.
+    pub fn hangup(&self) {
+        // Err: it has exited already, which the caller's next look at it shows.
+        let _ = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status();
+    }
+
     /// How the process exited, if it has; `None` while it runs.
     pub fn try_status(&mut self) -> std::io::Result<Option<ExitStatus>> {
         self.child.try_wait()

@@ -254,14 +254,15 @@ fn client(
     TestClient::start(pki, spec).unwrap()
 }
 
-/// Waits until the client's only tunnel has given up with a reason containing `text`.
-async fn wait_failed(client: &mut TestClient, text: &str) {
+/// Waits until the client's only tunnel has been refused with a reason containing `text`:
+/// given up on, or (a refusal by the policy, which a reload may change) waiting to ask again.
+async fn wait_refused(client: &mut TestClient, text: &str) {
     within(
         20,
-        client.client.wait_for(
-            0,
-            |s| matches!(s, TunnelState::Failed { reason } if reason.contains(text)),
-        ),
+        client.client.wait_for(0, |s| {
+            matches!(s, TunnelState::Failed { reason } | TunnelState::Waiting { reason }
+                if reason.contains(text))
+        }),
     )
     .await;
 }
@@ -287,9 +288,10 @@ async fn a_key_not_authorized_for_the_name_binds_nothing() {
         .await
         .unwrap();
 
-    // The attacker's real client asks first, while the name is free: refused for good.
+    // The attacker's real client asks first, while the name is free: refused, and it asks
+    // again only after a long wait.
     let mut attacker_client = client(&pki, &proxy, TENANT, fake.addr(), same_key(&attacker));
-    wait_failed(&mut attacker_client, "not authorized").await;
+    wait_refused(&mut attacker_client, "not authorized").await;
 
     // By hand: its own key for the victim's name, beside its own name. The proxy judges each
     // name: the attacker's name binds, the victim's is NotAuthorized.
@@ -355,8 +357,8 @@ async fn a_key_not_authorized_for_the_name_binds_nothing() {
     assert_eq!(attacker_tunnel.streams(), 1);
     assert_eq!(fake.accepted(), 1);
     assert!(matches!(
-        attacker_client.client.states()[0].1,
-        TunnelState::Failed { .. }
+        &attacker_client.client.states()[0].1,
+        TunnelState::Waiting { reason } if reason.contains("not authorized")
     ));
 }
 
@@ -584,7 +586,7 @@ async fn a_bind_relayed_through_a_man_in_the_middle_is_a_bad_proof() {
     let mut spec = ClientSpec::new(TENANT, legit.addr(), vec![(PROXY.to_owned(), mitm.addr)]);
     spec.key = same_key(&owner);
     let mut victim = TestClient::start(&pki, spec).unwrap();
-    wait_failed(&mut victim, "signature did not verify").await;
+    wait_refused(&mut victim, "signature did not verify").await;
 
     let report = std::mem::take(&mut *mitm.report.lock().unwrap());
     assert_eq!(
@@ -921,7 +923,7 @@ async fn a_wildcard_grant_covers_names_below_only() {
         ])
     );
     let holder_tunnel = raw.serve(holder_origin.addr());
-    // The holder's real client, for the apex: refused for good.
+    // The holder's real client, for the apex: refused.
     let mut apex_try = client(
         &pki,
         &proxy,
@@ -929,7 +931,7 @@ async fn a_wildcard_grant_covers_names_below_only() {
         holder_origin.addr(),
         same_key(&holder),
     );
-    wait_failed(&mut apex_try, "not authorized").await;
+    wait_refused(&mut apex_try, "not authorized").await;
 
     let mut apex = client(&pki, &proxy, TENANT, apex_origin.addr(), apex_owner);
     within(20, apex.wait_bound(1)).await;

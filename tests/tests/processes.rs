@@ -24,28 +24,64 @@ fn client_args(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_every_proxy_refuses_exits_non_zero_and_says_why() {
+async fn a_client_every_proxy_refuses_for_good_exits_non_zero_and_says_why() {
+    init();
+    let pki = Pki::new().unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    // The proxy's own name: no reload can ever let a client bind it.
+    let mut args = direct_client_args(
+        &pki,
+        &key_path,
+        "proxy.test",
+        "127.0.0.1:9".parse().unwrap(),
+        &[("proxy.test", proxy.https)],
+    );
+    args.extend(["--refused-retry-secs".into(), "1".into()]);
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let status = client.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = client.output_text();
+    assert!(log.contains("the proxy's own name"), "{log}");
+    assert!(log.contains("no tunnel can succeed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_the_policy_refuses_stays_up_says_why_and_asks_again_later() {
     init();
     let pki = Pki::new().unwrap();
     let key_path = pki.dir().join("client.key");
     make_key(&key_path).unwrap();
-    // The proxy authorizes some other key only.
+    // The proxy authorizes some other key only, for now: its operator may add this one and
+    // reload, so the client asks again, slowly, rather than exit.
     let other = shroud_mux::auth::SecretKey::generate().unwrap();
     let proxy = TestProxy::start(&pki, "proxy.test", &authorize(HOST, &other))
         .await
         .unwrap();
-    let args = client_args(
+    let mut args = client_args(
         &pki,
         &key_path,
         "127.0.0.1:9".parse().unwrap(),
         &[("proxy.test", proxy.https)],
     );
+    args.extend(["--refused-retry-secs".into(), "1".into()]);
     let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
-    let status = client.wait_exit(Duration::from_secs(30)).await.unwrap();
-    assert_eq!(status.code(), Some(1));
-    let log = client.output_text();
-    assert!(log.contains("not authorized"), "{log}");
-    assert!(log.contains("no tunnel can succeed"), "{log}");
+    for _ in 0..2 {
+        let refused = client
+            .wait_for_line("hostname not bound", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(refused.contains("not authorized"), "{refused}");
+        let waiting = client
+            .wait_for_line("asking it again later", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(waiting.contains("retry_in_secs=1"), "{waiting}");
+    }
+    assert!(client.try_status().unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

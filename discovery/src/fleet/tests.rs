@@ -426,3 +426,67 @@ fn joining_members_are_told_the_other_live_links() {
         .peer_links(("p3.proxy.test", 443), 16, later)
         .is_empty());
 }
+
+#[test]
+fn a_toml_error_is_one_line_that_says_where() {
+    let err = FleetFile::parse("[[proxy]]\nname = \"a.test\nport = 443\n").unwrap_err();
+    let text = err.to_string();
+    assert!(!text.contains('\n'), "{text}");
+    assert!(text.contains("line 2"), "{text}");
+    assert!(
+        text.starts_with("the fleet file is not valid: TOML parse error"),
+        "{text}"
+    );
+}
+
+#[test]
+fn replacing_the_statics_counts_the_change_and_keeps_live_entries() {
+    let mut fleet = fleet_of(vec![entry("a.test", "eu"), entry("b.test", "eu")]);
+    let now = Instant::now();
+    fleet
+        .heartbeat(entry("live.test", "us"), Reach::default(), now)
+        .unwrap();
+    let file = FleetFile::parse(
+        "[[proxy]]\nname = \"b.test\"\nport = 443\nregion = \"us\"\n\n\
+         [[proxy]]\nname = \"c.test\"\nport = 443\nregion = \"eu\"\naddrs = [\"192.0.2.3\"]\n",
+    )
+    .unwrap();
+    let change = fleet.replace_statics(file);
+    assert_eq!(
+        change,
+        StaticsChange {
+            added: 1,
+            removed: 1,
+            changed: 1,
+            total: 2
+        }
+    );
+    let mut names: Vec<String> = fleet.healthy(now).into_iter().map(|e| e.name).collect();
+    names.sort();
+    assert_eq!(names, ["b.test", "c.test", "live.test"]);
+    // The new entries' addresses answer for them.
+    assert_eq!(fleet.addresses("x.test", 3, now), ips(&["192.0.2.3"]));
+    // The same file again changes nothing.
+    let same = FleetFile {
+        proxy: fleet
+            .statics()
+            .iter()
+            .cloned()
+            .map(|entry| StaticProxy {
+                addrs: if entry.name == "c.test" {
+                    ips(&["192.0.2.3"])
+                } else {
+                    Vec::new()
+                },
+                ..entry.into()
+            })
+            .collect(),
+    };
+    assert_eq!(
+        fleet.replace_statics(same),
+        StaticsChange {
+            total: 2,
+            ..StaticsChange::default()
+        }
+    );
+}

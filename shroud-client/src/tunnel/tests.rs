@@ -154,6 +154,8 @@ enum Plan {
     Refuse,
     /// Complete TLS and the bind, then run the script on the proxy's end of the tunnel.
     Bind(Script),
+    /// Complete TLS, then refuse the bind with this status, and close.
+    RefuseBind(BindStatus),
 }
 
 type Script = Box<dyn FnOnce(ProxyEnd) -> BoxFuture<'static, ()> + Send>;
@@ -191,6 +193,11 @@ impl Transport for FakeProxy {
                     let tunnel =
                         serve_tunnel(proxy, self.tls.clone(), conn, script, self.log.clone());
                     tokio::spawn(tunnel);
+                    Ok(Box::new(client) as BoxStream)
+                }
+                Plan::RefuseBind(status) => {
+                    let (client, proxy) = tokio::io::duplex(64 * 1024);
+                    tokio::spawn(refuse_bind(proxy, self.tls.clone(), status));
                     Ok(Box::new(client) as BoxStream)
                 }
             }
@@ -238,13 +245,30 @@ async fn serve_tunnel(io: DuplexStream, tls: TlsAcceptor, conn: usize, script: S
     .await;
 }
 
+/// The proxy's side of a tunnel whose bind it refuses with `status`.
+async fn refuse_bind(io: DuplexStream, tls: TlsAcceptor, status: BindStatus) {
+    let tls = tls.accept(io).await.expect("TLS with the client");
+    let (session, mut incoming) = Session::spawn(tls, Role::Proxy, SessionConfig::default());
+    let mut control = incoming.accept().await.expect("the control stream");
+    bind_with(&mut control, status).await;
+    // The client reads the result, then closes.
+    let mut rest = Vec::new();
+    let _ = control.read_to_end(&mut rest).await;
+    session.close();
+}
+
 /// Hello, challenge, bind, and every name bound. The proof is not checked: binding is not what
 /// these tests are about.
 async fn bind_any(control: &mut MuxStream) {
+    bind_with(control, BindStatus::Bound).await;
+}
+
+/// Hello, challenge, bind, and every name given `status`.
+async fn bind_with(control: &mut MuxStream, status: BindStatus) {
     let hello = control::read_message(control).await.expect("hello");
     assert!(matches!(hello, Message::Hello { .. }), "{hello:?}");
     let hello = Message::Hello {
-        versions: vec![VERSION],
+        versions: vec![shroud_mux::control::VERSION],
     };
     control::write_message(control, &hello)
         .await
@@ -261,8 +285,11 @@ async fn bind_any(control: &mut MuxStream) {
         .into_iter()
         .map(|name| BindOutcome {
             name: name.name,
-            status: BindStatus::Bound,
-            reason: String::new(),
+            status,
+            reason: match status {
+                BindStatus::Bound => String::new(),
+                _ => "not on this proxy's list".into(),
+            },
         })
         .collect();
     control::write_message(control, &Message::BindResult { results })
@@ -321,6 +348,18 @@ impl ProxyEnd {
             }
         }
         false
+    }
+
+    /// Takes `hostname` from the tunnel, as a proxy whose authorization was reloaded does.
+    async fn unbind(&mut self, hostname: &str, status: BindStatus) {
+        let unbound = Message::Unbound {
+            hostname: hostname.into(),
+            status,
+            reason: "the authorized file no longer lists it".into(),
+        };
+        control::write_message(&mut self.writer, &unbound)
+            .await
+            .expect("unbound");
     }
 
     async fn go_away(&mut self) {
@@ -414,6 +453,8 @@ struct Held {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     task: JoinHandle<Option<String>>,
+    /// What SIGHUP does: asks a tunnel waiting after a policy refusal to try again now.
+    retry: watch::Sender<u64>,
 }
 
 impl Held {
@@ -466,12 +507,14 @@ impl Held {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
         };
+        let retry = watch::Sender::new(0);
         let task = tokio::spawn(hold(
             proxy.clone(),
             Arc::new(config),
             reporter,
             stop.clone(),
             tasks,
+            retry.subscribe(),
         ));
         Self {
             log,
@@ -481,6 +524,7 @@ impl Held {
             shutdown,
             tracker,
             task,
+            retry,
         }
     }
 
@@ -833,5 +877,85 @@ async fn with_proxy_protocol_the_origin_reads_the_visitor_then_their_bytes() {
     let mut expected = b"PROXY TCP4 192.0.2.1 0.0.0.0 5000 443\r\n".to_vec();
     expected.extend_from_slice(&secret);
     assert!(decrypted == expected, "{:?}", decrypted.get(..60));
+    assert_eq!(held.stop().await, None);
+}
+
+/// Timing with round numbers, and 100 s before asking a proxy whose policy refused again.
+fn refused_timing() -> Timing {
+    Timing {
+        refused_retry: secs(100),
+        ..timing()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_refusal_is_asked_again_after_the_long_wait_or_at_once_when_told() {
+    let plans = (0..3)
+        .map(|_| Plan::RefuseBind(BindStatus::NotAuthorized))
+        .collect();
+    let mut held = Held::start(plans, refused_timing(), NO_ORIGIN);
+    let events = held.log.wait_for(attempts_at_least(2)).await;
+    let attempts = times(&events, What::Attempt);
+    // Not the backoff's 1 s: the refusal's own wait, not a loop against it.
+    assert_eq!(attempts[1] - attempts[0], secs(100));
+    let state = held
+        .wait_state(|s| matches!(s, TunnelState::Waiting { .. }))
+        .await;
+    assert!(
+        format!("{state:?}").contains("not on this proxy's list"),
+        "{state:?}"
+    );
+    // What SIGHUP does: the waiting tunnel asks again now.
+    tokio::time::advance(secs(10)).await;
+    let told = Instant::now();
+    held.retry.send_modify(|asked| *asked += 1);
+    let events = held.log.wait_for(attempts_at_least(3)).await;
+    assert!(times(&events, What::Attempt)[2] - told < secs(1));
+    // Never given up on.
+    assert_eq!(held.stop().await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unbound_hostname_ends_the_tunnel_and_waits_as_a_refusal_does() {
+    let plans = vec![
+        bind(|mut end| async move {
+            // A name this tunnel never bound is no business of it.
+            end.unbind("other.test", BindStatus::NotAuthorized).await;
+            assert!(end.ping(1).await, "the tunnel stays up");
+            end.unbind(HOST, BindStatus::NotAuthorized).await;
+            end.answer_pings(usize::MAX).await;
+        }),
+        Plan::RefuseBind(BindStatus::NotAuthorized),
+    ];
+    let mut held = Held::start(plans, refused_timing(), NO_ORIGIN);
+    let events = held.log.wait_for(has(0, What::Ended)).await;
+    let ended = time_of(&events, 0, What::Ended).expect("ended");
+    let state = held
+        .wait_state(|s| matches!(s, TunnelState::Waiting { .. }))
+        .await;
+    assert!(
+        format!("{state:?}").contains("the authorized file no longer lists it"),
+        "{state:?}"
+    );
+    let events = held.log.wait_for(attempts_at_least(2)).await;
+    assert_eq!(times(&events, What::Attempt)[1] - ended, secs(100));
+    assert_eq!(held.stop().await, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unbound_for_want_of_a_dns_record_retries_with_the_backoff() {
+    let plans = vec![bind(|mut end| async move {
+        end.unbind(HOST, BindStatus::NotListed).await;
+        end.answer_pings(usize::MAX).await;
+    })];
+    let held = Held::start(plans, refused_timing(), NO_ORIGIN);
+    let events = held.log.wait_for(attempts_at_least(2)).await;
+    let ended = time_of(&events, 0, What::Ended).expect("ended");
+    // A record may be published any moment: the usual delays, from the base.
+    assert_delay(
+        times(&events, What::Attempt)[1] - ended,
+        secs(1),
+        "after NotListed",
+    );
     assert_eq!(held.stop().await, None);
 }
