@@ -705,3 +705,101 @@ async fn a_name_the_reloaded_file_drops_stays_bound_while_its_dns_record_grants_
         .unwrap();
     assert_eq!(pong, Message::Pong { nonce: 1 });
 }
+
+/// The TOML of a proxy config file holding `args` (pairs of `--flag value`), and `extra` lines.
+fn config_toml(args: &[String], extra: &str) -> String {
+    let mut text: String = args
+        .chunks(2)
+        .map(|pair| format!("{} = {:?}\n", pair[0].trim_start_matches("--"), pair[1]))
+        .collect();
+    text.push_str(extra);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reads_the_config_file_anew_and_a_broken_one_changes_nothing() {
+    init();
+    let pki = Pki::new().unwrap();
+    let roots = pki.ca.root_store();
+    let key_path = pki.dir().join("client.key");
+    let key = make_key(&key_path).unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[A, B])).await.unwrap();
+    // The config file names the authorized file; a second one, granting B instead of A, waits
+    // beside it.
+    let args = shroud_tests::stack::proxy_args(&pki, PROXY, &lines(&key, &[A])).unwrap();
+    let only_b = pki.dir().join("only-b.authorized");
+    std::fs::write(&only_b, lines(&key, &[B])).unwrap();
+    let config = pki.dir().join("proxy.toml");
+    std::fs::write(&config, config_toml(&args, "")).unwrap();
+    let mut proxy = ProxyProcess::start_args(vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--listen-https".into(),
+        "127.0.0.1:0".into(),
+    ])
+    .await
+    .unwrap();
+    let mut clients: Vec<Process> = [A, B]
+        .iter()
+        .map(|name| {
+            spawn_client(
+                &pki,
+                &key_path,
+                name,
+                origin.addr(),
+                proxy.https,
+                &pki.ca_path,
+            )
+        })
+        .collect();
+    wait_routed(proxy.https, A, &roots).await;
+    assert!(turned_away(proxy.https, B, &roots).await);
+
+    // The file now points at the other authorized file, and changes a limit no reload applies.
+    let authorized_at = args.iter().position(|a| a == "--authorized").unwrap() + 1;
+    let mut moved = args.clone();
+    moved[authorized_at] = only_b.display().to_string();
+    std::fs::write(&config, config_toml(&moved, "max-connections = 1000\n")).unwrap();
+    let signalled = Instant::now();
+    proxy.process.hangup();
+    let mut looks = 0;
+    while visit(proxy.https, A, &roots).await != Visit::TurnedAway {
+        looks += 1;
+        assert!(looks < 500, "A is still routed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let unrouted_after = signalled.elapsed();
+    assert!(
+        unrouted_after < Duration::from_secs(1),
+        "A routed for {unrouted_after:?} after the signal"
+    );
+    let restart = proxy
+        .process
+        .wait_for_line("only after a restart", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(restart.contains("--max-connections"), "{restart}");
+    assert!(!restart.contains("--authorized"), "{restart}");
+    wait_routed(proxy.https, B, &roots).await;
+
+    // A key the proxy does not know, on line 6: nothing changes, and the log says where.
+    let broken = config_toml(&moved, "max-connections = 1000\nmax-conections = 5\n");
+    assert_eq!(broken.lines().count(), 6);
+    std::fs::write(&config, broken).unwrap();
+    proxy.process.hangup();
+    let failed = proxy
+        .process
+        .wait_for_line("reload failed", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(
+        failed.contains(&format!("{}:6", config.display())),
+        "{failed}"
+    );
+    assert!(failed.contains("max-conections"), "{failed}");
+    wait_routed(proxy.https, B, &roots).await;
+    assert!(turned_away(proxy.https, A, &roots).await);
+    for client in &mut clients {
+        assert!(client.try_status().unwrap().is_none(), "a client exited");
+    }
+}
