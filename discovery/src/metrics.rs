@@ -125,6 +125,8 @@ enum Phase {
 
 /// The discovery service's counters.
 pub struct DiscoveryMetrics {
+    /// Reloads made, and failed; the service's reloads count into it.
+    pub reloads: shroud_process::reload::ReloadCounts,
     lists: Family<Labels1, Counter>,
     list_handles: Vec<Counter>,
     heartbeats: Family<Labels1, Counter>,
@@ -166,6 +168,7 @@ impl DiscoveryMetrics {
         let dns_handles = RCODES.iter().map(|_| Counter::default()).collect();
         let dns_other = Counter::default();
         Self {
+            reloads: shroud_process::reload::ReloadCounts::default(),
             lists,
             list_handles,
             heartbeats,
@@ -247,6 +250,7 @@ impl DiscoveryMetrics {
 /// Registers the service's metrics in `registry` (made with the prefix `shroud_discovery`),
 /// and returns what `/readyz` asks.
 pub fn register(metrics: &Arc<DiscoveryMetrics>, registry: &mut Registry) -> ReadinessFn {
+    metrics.reloads.register(registry);
     registry.register(
         "lists",
         "Requests for a list of proxies, by outcome",

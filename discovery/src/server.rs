@@ -244,7 +244,7 @@ impl Service {
         let limits = config.limits;
         let state = Arc::new(State {
             tls: RwLock::new(config.tls),
-            reloads: shroud_process::reload::ReloadCounts::default(),
+            reloads: config.metrics.reloads.clone(),
             signing_key: config.signing_key,
             fleet: Arc::new(Mutex::new(config.fleet)),
             fleet_secret: config.fleet_secret,

@@ -9,9 +9,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
@@ -257,11 +258,28 @@ pub async fn serve(
     }
 }
 
-/// How many reloads a process made, and how many failed (and changed nothing); for metrics.
-#[derive(Debug, Default)]
+/// How many reloads a process made, and how many failed (and changed nothing). A handle: its
+/// clones count into the same counters, which [`ReloadCounts::register`] exposes as
+/// `PREFIX_reloads_total{result="succeeded"|"failed"}`.
+#[derive(Debug, Clone)]
 pub struct ReloadCounts {
-    succeeded: AtomicU64,
-    failed: AtomicU64,
+    family: Family<[(&'static str, &'static str); 1], Counter>,
+    succeeded: Counter,
+    failed: Counter,
+}
+
+impl Default for ReloadCounts {
+    fn default() -> Self {
+        let family = Family::default();
+        // Both series exist from the start, at 0: an alert on failures needs its series.
+        let succeeded = family.get_or_create_owned(&[("result", "succeeded")]);
+        let failed = family.get_or_create_owned(&[("result", "failed")]);
+        Self {
+            family,
+            succeeded,
+            failed,
+        }
+    }
 }
 
 impl ReloadCounts {
@@ -272,17 +290,26 @@ impl ReloadCounts {
         } else {
             &self.failed
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
     }
 
     /// Reloads that took effect.
     pub fn succeeded(&self) -> u64 {
-        self.succeeded.load(Ordering::Relaxed)
+        self.succeeded.get()
     }
 
     /// Reloads that failed, keeping the state they found.
     pub fn failed(&self) -> u64 {
-        self.failed.load(Ordering::Relaxed)
+        self.failed.get()
+    }
+
+    /// Serves these counts from `registry` as `reloads_total`, by result.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "reloads",
+            "Reloads (SIGHUP or --watch), by result: succeeded, or failed and changed nothing",
+            self.family.clone(),
+        );
     }
 }
 

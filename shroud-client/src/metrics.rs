@@ -45,6 +45,8 @@ const ATTEMPT_RESULTS: [&str; 8] = [
 
 /// The client's counters and gauges.
 pub struct ClientMetrics {
+    /// Reloads made, and failed; the reloader counts into it.
+    pub reloads: shroud_process::reload::ReloadCounts,
     streams: Counter,
     streams_active: Gauge,
     origin_failures: Family<Labels1, Counter>,
@@ -96,6 +98,7 @@ impl ClientMetrics {
         let end_handles =
             ["lost", "go_away"].map(|why| ends.get_or_create_owned(&[("reason", why)]));
         Self {
+            reloads: shroud_process::reload::ReloadCounts::default(),
             streams: Counter::default(),
             streams_active: Gauge::default(),
             origin_failures,
@@ -219,6 +222,7 @@ pub fn register(
     registry: &mut Registry,
 ) -> ReadinessFn {
     let m = metrics;
+    m.reloads.register(registry);
     registry.register(
         "streams",
         "Streams the proxies opened, one per visitor",

@@ -69,6 +69,7 @@ impl Reloader {
 
     /// Reports each replaced certificate's expiry to `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<ClientMetrics>) -> Self {
+        self.counts = Arc::new(metrics.reloads.clone());
         self.metrics = Some(metrics);
         self
     }

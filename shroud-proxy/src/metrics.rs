@@ -471,6 +471,7 @@ pub fn register(shared: &Arc<Shared>, registry: &mut Registry) -> ReadinessFn {
         Unit::Bytes,
         m.hostnames.bytes.clone(),
     );
+    shared.reloads.register(registry);
     registry.register_collector(Box::new(Collected {
         shared: shared.clone(),
     }));

@@ -736,9 +736,14 @@ async fn sighup_reads_the_config_file_anew_and_a_broken_one_changes_nothing() {
         config.display().to_string(),
         "--listen-https".into(),
         "127.0.0.1:0".into(),
+        "--metrics-listen".into(),
+        "127.0.0.1:0".into(),
     ])
     .await
     .unwrap();
+    let metrics = shroud_tests::metrics::endpoint(&mut proxy.process, Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut clients: Vec<Process> = [A, B]
         .iter()
         .map(|name| {
@@ -799,6 +804,10 @@ async fn sighup_reads_the_config_file_anew_and_a_broken_one_changes_nothing() {
     assert!(failed.contains("max-conections"), "{failed}");
     wait_routed(proxy.https, B, &roots).await;
     assert!(turned_away(proxy.https, A, &roots).await);
+    // Both reloads counted, by result.
+    let scraped = shroud_tests::metrics::scrape(metrics).await.unwrap();
+    let reloads = |result| scraped.value("shroud_proxy_reloads_total", &[("result", result)]);
+    assert_eq!((reloads("succeeded"), reloads("failed")), (1.0, 1.0));
     for client in &mut clients {
         assert!(client.try_status().unwrap().is_none(), "a client exited");
     }
