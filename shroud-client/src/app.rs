@@ -19,8 +19,10 @@ use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, Tu
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
-use crate::{key, tls};
+use crate::{key, onion, socks, tls};
+use arti_client::TorClient;
 use shroud_mux::auth::PublicKey;
+use tor_rtcompat::PreferredRuntime;
 
 /// Runs the command line to completion.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -37,19 +39,97 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
         (None, Some(run)) => {
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
+            // Checked and bound before Tor bootstraps, so a mistake shows at once.
+            let socks_listener = bind_socks(&run).await?;
+            if run.onion && run.transport != TransportKind::Tor {
+                anyhow::bail!("--onion publishes through Tor: it needs --transport tor");
+            }
             let tunnels = Arc::new(OnceLock::new());
-            let (config, source) = config(&run, &shutdown, tunnels.clone()).await?;
+            let (config, source, tor) = config(&run, &shutdown, tunnels.clone()).await?;
+            let config = Arc::new(config);
             let acme = config.acme.as_ref().map(|tls| tls.acme.clone());
-            let client = Client::spawn(config, source, shutdown)?;
+            let client = Client::spawn(config.clone(), source, shutdown.clone())?;
             let _ = tunnels.set(client.watch_states());
+            let beside = start_beside_tunnels(&run, tor, &config, socks_listener, &shutdown)?;
             tokio::select! {
                 joined = client.join() => joined?,
                 refused = never_certified(acme) => return Err(refused.into()),
+            }
+            // The client has stopped (shutdown is cancelled): so do the onion service and the
+            // SOCKS proxy, each within a few seconds.
+            shutdown.cancel();
+            for task in beside {
+                let _ = task.await;
             }
             Ok(())
         }
         (None, None) => anyhow::bail!("give HOSTNAME and TARGET, or a subcommand; see --help"),
     }
+}
+
+/// Checks `--socks-listen` (loopback unless allowed otherwise, and Tor) and binds it.
+async fn bind_socks(run: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = run.socks_listen else {
+        return Ok(None);
+    };
+    if run.transport != TransportKind::Tor {
+        anyhow::bail!(
+            "--socks-listen sends programs' connections through Tor: it needs --transport tor"
+        );
+    }
+    socks::check_listen_addr(addr, run.socks_allow_non_loopback).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--socks-listen {addr}: binding"))?;
+    Ok(Some(listener))
+}
+
+/// Starts what runs beside the tunnels on the client's Tor: its onion service (`--onion`,
+/// whose address goes to stdout) and the proxy for local programs (`--socks-listen`).
+/// Returns their tasks, which end after `shutdown`.
+fn start_beside_tunnels(
+    run: &RunArgs,
+    tor: Option<Arc<TorClient<PreferredRuntime>>>,
+    config: &Arc<ClientConfig>,
+    socks_listener: Option<tokio::net::TcpListener>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let Some(tor) = tor else {
+        return Ok(tasks);
+    };
+    if run.onion {
+        let onion = onion::launch(&tor, config.clone(), shutdown.clone()).context("--onion")?;
+        let ports = if config.http_target.is_some() {
+            "443 to TARGET, 80 to --http-target"
+        } else {
+            "443 to TARGET"
+        };
+        info!(address = %onion.address, ports, "onion service address");
+        // The address goes to stdout, for whoever started the client (and scripts) to take.
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{}", onion.address).and_then(|()| stdout.flush());
+        tasks.push(onion.task);
+    }
+    if let Some(listener) = socks_listener {
+        let addr = listener.local_addr().context("--socks-listen")?;
+        let options = socks::SocksOptions {
+            allow_local: run.tor_network.is_some(),
+            max_connections: run.socks_max_connections,
+            connect_timeout: config.timing.connect_timeout,
+            copy_buffer: shroud_mux::session::copy_buffer_len(config.timing.stream_buffer),
+            ..socks::SocksOptions::default()
+        };
+        info!(%addr, "SOCKS5 and HTTP CONNECT proxy for local programs listening (through Tor)");
+        let outbound = Arc::new(socks::TorOutbound::new(tor));
+        tasks.push(tokio::spawn(socks::serve(
+            listener,
+            outbound,
+            options,
+            shutdown.clone(),
+        )));
+    }
+    Ok(tasks)
 }
 
 /// Resolves only when ACME has failed for good with no certificate in hand: the client then
@@ -100,12 +180,17 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// the files they name. With the tor transport this bootstraps Tor, which can take a while.
 ///
 /// With `--acme` it also starts getting the certificate; `tunnels` is where the client's
-/// tunnel states will be, which ACME waits on before asking the CA to validate.
+/// tunnel states will be, which ACME waits on before asking the CA to validate. With Tor, the
+/// Arti client comes back too, for what else runs through it.
 pub async fn config(
     run: &RunArgs,
     shutdown: &CancellationToken,
     tunnels: Arc<OnceLock<watch::Receiver<States>>>,
-) -> anyhow::Result<(ClientConfig, ProxySource)> {
+) -> anyhow::Result<(
+    ClientConfig,
+    ProxySource,
+    Option<Arc<TorClient<PreferredRuntime>>>,
+)> {
     let key_path = key_path(run.key.clone())?;
     let (key, created) = key::load_or_create(&key_path)?;
     if created {
@@ -144,6 +229,7 @@ pub async fn config(
         _ => None,
     };
     // Last, because it may take a while: every local check has passed by now.
+    let mut tor_client = None;
     let transport: Arc<dyn Transport> = match run.transport {
         TransportKind::Direct => {
             let direct = DirectTransport::new(resolve, timing.connect_timeout);
@@ -164,7 +250,9 @@ pub async fn config(
                 bootstrap_timeout: Duration::from_secs(run.tor_bootstrap_timeout_secs),
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            Arc::new(TorTransport::bootstrap(options).await?)
+            let tor = TorTransport::bootstrap(options).await?;
+            tor_client = Some(tor.client());
+            Arc::new(tor)
         }
     };
     let acme = match &run.acme {
@@ -204,7 +292,7 @@ pub async fn config(
         key,
         timing,
     };
-    Ok((config, source))
+    Ok((config, source, tor_client))
 }
 
 /// The hostname to publish and the TARGET text: both as given, or with `--fleet-name`, the

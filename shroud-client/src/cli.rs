@@ -349,6 +349,42 @@ pub struct RunArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=1_000_000)
     )]
     pub max_streams: usize,
+
+    /// Also publish TARGET as this client's own onion service, through its embedded Tor:
+    /// visitors with a Tor client reach the origin at ADDRESS.onion (port 443 to TARGET, port
+    /// 80 to --http-target), through no proxy and no exit. The address is printed on stdout
+    /// at start; its key lives in the state directory and keeps it the same across restarts.
+    /// Needs the tor transport
+    #[arg(long, env = "SHROUD_ONION")]
+    pub onion: bool,
+
+    /// Serve SOCKS5 and HTTP CONNECT on ADDR (e.g. 127.0.0.1:9050) for the origin's own
+    /// programs: their connections leave through the client's Tor (names resolved by the
+    /// exit, never here), each destination on circuits of its own. Destinations on this
+    /// machine or a local network are refused unless --tor-network is given. Needs the tor
+    /// transport
+    #[arg(long, value_name = "ADDR", env = "SHROUD_SOCKS_LISTEN")]
+    pub socks_listen: Option<std::net::SocketAddr>,
+
+    /// Let --socks-listen take an address that is not loopback. Anyone who can reach it can
+    /// then use this machine's Tor, their traffic leaving as the origin's: only where every
+    /// host that can reach it is yours
+    #[arg(
+        long,
+        env = "SHROUD_SOCKS_ALLOW_NON_LOOPBACK",
+        requires = "socks_listen"
+    )]
+    pub socks_allow_non_loopback: bool,
+
+    /// Most connections --socks-listen serves at once; one more is closed at once
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        env = "SHROUD_SOCKS_MAX_CONNECTIONS",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536)
+    )]
+    pub socks_max_connections: usize,
 }
 
 /// A stream buffer size yamux can honour.

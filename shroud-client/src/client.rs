@@ -45,7 +45,7 @@ impl Client {
     /// names. It runs until `shutdown` is cancelled, until every proxy of a fixed list has
     /// refused for good, or until its list of proxies cannot be had at all.
     pub fn spawn(
-        config: ClientConfig,
+        config: impl Into<Arc<ClientConfig>>,
         source: ProxySource,
         shutdown: CancellationToken,
     ) -> Result<Client, ClientError> {
@@ -53,7 +53,7 @@ impl Client {
             return Err(ClientError::NoProxies);
         }
         let (states_tx, states) = watch::channel(States::new());
-        let task = tokio::spawn(supervise(Arc::new(config), source, states_tx, shutdown));
+        let task = tokio::spawn(supervise(config.into(), source, states_tx, shutdown));
         Ok(Client { states, task })
     }
 

@@ -9,6 +9,10 @@
 //! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
 //! requests through the transport and its checks answered through the tunnel ([`hello`] tells
 //! a check from a visitor). [`cli`] and [`app`] are the command line.
+//!
+//! Beside the tunnels, with Tor: [`onion`] publishes TARGET as the client's own onion service
+//! too (`--onion`), and [`socks`] serves SOCKS5 and HTTP CONNECT to the origin's own programs
+//! so that their outbound connections leave through Tor as well (`--socks-listen`).
 
 pub mod acme;
 pub mod app;
@@ -19,9 +23,11 @@ pub mod discovery;
 pub mod fleet;
 pub mod hello;
 pub mod key;
+pub mod onion;
 pub mod origin;
 pub mod proxy_protocol;
 pub mod shared;
+pub mod socks;
 pub mod srv;
 pub mod tls;
 pub mod tor;
