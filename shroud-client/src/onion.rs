@@ -66,7 +66,7 @@ pub struct Onion {
 /// Launches the client's onion service on `client` and serves its visitors from `config`'s
 /// targets until `shutdown`. Returns once Arti has the service's identity (made now, if this
 /// is the first start): the address is known, while the descriptor is published in the
-/// background (logged as "onion service is reachable").
+/// background (logged as "onion service published its descriptor").
 pub fn launch(
     client: &TorClient<PreferredRuntime>,
     config: Arc<ClientConfig>,
@@ -114,7 +114,7 @@ async fn serve(
     // As many visitors at once as one tunnel takes.
     let permits = Arc::new(Semaphore::new(config.timing.max_streams));
     let tracker = TaskTracker::new();
-    let mut reachable = false;
+    let mut published_logged = false;
     let mut last_state = None;
     loop {
         tokio::select! {
@@ -122,14 +122,22 @@ async fn serve(
             next = status.next() => {
                 let Some(now) = next else { continue };
                 let state = now.state();
-                if !reachable && state.is_fully_reachable() {
-                    info!("onion service is reachable: its descriptor is published");
-                    reachable = true;
+                let problem = now.current_problem();
+                // Arti counts a descriptor missing from the next time period's HSDirs as
+                // "unreachable": without a problem reported, visitors of this period find it
+                // (and on a private testing network there is no next period to publish to).
+                let published = state.is_fully_reachable()
+                    || (state == State::DegradedUnreachable && problem.is_none());
+                if !published_logged && published {
+                    info!("onion service published its descriptor: visitors can reach it");
+                    published_logged = true;
                 }
                 if last_state != Some(state) {
-                    debug!(?state, "onion service state");
-                    if matches!(state, State::Broken | State::DegradedUnreachable) {
-                        warn!(?state, problem = ?now.current_problem(), "onion service is not reachable");
+                    match (state, problem) {
+                        (State::Broken | State::DegradedUnreachable | State::Recovering, Some(problem)) => {
+                            warn!(?state, ?problem, "onion service state");
+                        }
+                        _ => info!(?state, "onion service state"),
                     }
                     last_state = Some(state);
                 }
