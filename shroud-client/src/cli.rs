@@ -649,6 +649,34 @@ mod tests {
     }
 
     #[test]
+    fn onion_and_socks_flags() {
+        let parse = |extra: &[&str]| {
+            let args = ["shroud", "--proxy=p.example", "a.example", "h:1"];
+            Cli::try_parse_from(args.iter().chain(extra))
+        };
+        let run = parse(&[]).unwrap().run.unwrap();
+        assert!(!run.onion);
+        assert_eq!(run.socks_listen, None);
+        assert_eq!(run.socks_max_connections, 1024);
+        let run = parse(&["--onion", "--socks-listen", "127.0.0.1:9050"])
+            .unwrap()
+            .run
+            .unwrap();
+        assert!(run.onion);
+        assert_eq!(run.socks_listen, Some("127.0.0.1:9050".parse().unwrap()));
+        assert!(!run.socks_allow_non_loopback);
+        // Allowing a non-loopback address means nothing without an address.
+        let err = parse(&["--socks-allow-non-loopback"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        for bad in ["0", "65537"] {
+            let err = parse(&["--socks-max-connections", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}: {err}");
+        }
+        let err = parse(&["--socks-listen", "localhost:9050"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation, "{err}");
+    }
+
+    #[test]
     fn transport_help_warns_about_direct() {
         let help = Cli::command().render_long_help().to_string();
         assert!(

@@ -640,3 +640,38 @@ async fn socks_listen_takes_local_programs_through_tor_exits() {
         "the client connected to the server itself: {direct:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onion_and_socks_refuse_what_they_cannot_do_safely() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("client.key");
+    let run = |extra: &[&str]| {
+        let mut args = vec![HOST, "127.0.0.1:9", "--proxy", "proxy.test", "--key"];
+        args.push(key.to_str().unwrap());
+        args.extend_from_slice(extra);
+        std::process::Command::new(binary("shroud"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [
+        (
+            &["--transport", "direct", "--onion"][..],
+            "--onion publishes through Tor",
+        ),
+        (
+            &["--transport", "direct", "--socks-listen", "127.0.0.1:0"][..],
+            "--socks-listen sends programs' connections through Tor",
+        ),
+        (
+            &["--socks-listen", "0.0.0.0:0"][..],
+            "is not a loopback address",
+        ),
+    ] {
+        let output = run(extra);
+        assert_eq!(output.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}
