@@ -203,3 +203,25 @@ async fn visit(request: StreamRequest, kind: StreamKind, config: &ClientConfig) 
         debug!(%err, "onion visitor's connection ended with an error");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tor_cell::relaycell::msg::{Begin, BeginFlags};
+
+    use super::*;
+
+    fn begin(port: u16) -> IncomingStreamRequest {
+        IncomingStreamRequest::Begin(Begin::new("", port, BeginFlags::empty()).unwrap())
+    }
+
+    #[test]
+    fn port_443_is_tls_and_80_is_http_only_with_an_http_target() {
+        assert_eq!(stream_kind(&begin(443), false), Some(StreamKind::Tls));
+        assert_eq!(stream_kind(&begin(443), true), Some(StreamKind::Tls));
+        assert_eq!(stream_kind(&begin(80), true), Some(StreamKind::Http));
+        assert_eq!(stream_kind(&begin(80), false), None);
+        for port in [22, 8080, 8443] {
+            assert_eq!(stream_kind(&begin(port), true), None, "{port}");
+        }
+    }
+}
