@@ -119,8 +119,9 @@ async fn serve(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            next = status.next() => {
-                let Some(now) = next else { continue };
+            // A status stream that ended disables this branch (each turn of the loop polls it
+            // once more, and finds it ended at once).
+            Some(now) = status.next() => {
                 let state = now.state();
                 let problem = now.current_problem();
                 // Arti counts a descriptor missing from the next time period's HSDirs as
