@@ -286,7 +286,7 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     first_onion_connection(socks, &own.address, &roots).await?;
 
     progress(format_args!(
-        "{samples} rounds of fresh visitors: shroud, onion, direct"
+        "{samples} rounds of fresh visitors: shroud, onion, shroud --onion, direct"
     ));
     let (mut shroud, mut onion_series, mut direct) =
         (Series::default(), Series::default(), Series::default());
@@ -1007,6 +1007,26 @@ fn document(net: &TorNet, results: &Results, report: &str) -> String {
         .map(|s| s.response.saturating_sub(s.first_byte))
         .collect();
     let shroud_n = results.shroud.samples.len();
+    let own_onion_note = match (
+        Stats::of(&results.own_onion.first_bytes()),
+        Stats::of(&results.onion.first_bytes()),
+        Stats::of(&results.shroud.first_bytes()),
+    ) {
+        (Some(own), Some(ctor), Some(shroud)) if !shroud.median.is_zero() => format!(
+            "A fresh visitor's first byte through the origin's own onion service (`shroud \
+             --onion`, hosted by Arti) came in a median {} (p90 {}, max {}), against {} through \
+             the C-tor onion service: the same protocol work per visitor (an introduction and a \
+             fresh rendezvous circuit), so about the same cost, {:.1}× a visitor through a \
+             proxy and a tunnel's existing circuit. What `--onion` buys is not speed but a path \
+             with no proxy and no exit.",
+            ms(own.median),
+            ms(own.p90),
+            ms(own.max),
+            ms(ctor.median),
+            own.median.as_secs_f64() / shroud.median.as_secs_f64()
+        ),
+        _ => "Too few connections to the origin's own onion service succeeded to compare.".into(),
+    };
     let fast_note = match Stats::of(&fast) {
         Some(stats) => format!(
             "In this run {} of {shroud_n} shroud first bytes took under 20 ms; in those, the \
@@ -1126,6 +1146,8 @@ the client side the acknowledgement is sent early on purpose (§7.3), so that tr
 would need a protocol decision. A relay of our own in front of the proxy that forced
 immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the
 exit-to-proxy hop.
+
+**shroud --onion against the C-tor onion service.** {own_onion_note}
 
 **The onion path's tail.** Fresh onion connections usually cost one introduction and
 one rendezvous, but some take much longer (p90 and max above; up to 7.6 s in an earlier
