@@ -20,10 +20,12 @@ use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, Tu
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
-use crate::{key, reload, tls};
+use crate::{key, onion, reload, socks, tls};
+use arti_client::TorClient;
 use shroud_mux::auth::PublicKey;
 use shroud_process::reload::{watch_every, Reloads};
 use shroud_process::tls::CertSlot;
+use tor_rtcompat::PreferredRuntime;
 
 /// Runs the command line to completion.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -51,6 +53,11 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             .context("listening for SIGHUP")?;
             let shutdown = CancellationToken::new();
             tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
+            // Checked and bound before Tor bootstraps, so a mistake shows at once.
+            let socks_listener = bind_socks(&run).await?;
+            if run.onion && run.transport != TransportKind::Tor {
+                anyhow::bail!("--onion publishes through Tor: it needs --transport tor");
+            }
             let tunnels = Arc::new(OnceLock::new());
             // The endpoint starts first, so that it reports Tor's bootstrap, and ends last.
             let metrics = Arc::new(ClientMetrics::new());
@@ -61,21 +68,37 @@ pub async fn main(cli: Cli) -> anyhow::Result<()> {
             let metrics_stop = CancellationToken::new();
             let _stop_metrics = metrics_stop.clone().drop_guard();
             let endpoint = start_metrics(&cli.metrics, &metrics, &sources, metrics_stop.clone())?;
-            let (config, source, certificate) =
-                config(&run, &shutdown, tunnels.clone(), &metrics).await?;
+            let Prepared {
+                config,
+                source,
+                certificate,
+                tor,
+            } = config(&run, &shutdown, tunnels.clone(), &metrics).await?;
+            let config = Arc::new(config);
             let acme = config.acme.as_ref().map(|tls| tls.acme.clone());
             if let Some(acme) = &acme {
                 let _ = sources.acme.set(acme.clone());
             }
-            let client = Client::spawn(config, source, shutdown.clone())?;
+            let client = Client::spawn(config.clone(), source, shutdown.clone())?;
             let _ = tunnels.set(client.watch_states());
+            let beside = start_beside_tunnels(&run, tor, &config, socks_listener, &shutdown)?;
             let reloader = reload::Reloader::new(run, certificate, client.retry_refused())
                 .with_metrics(metrics.clone())
                 .with_config_file(config_file);
-            tokio::spawn(shroud_process::reload::serve(reloader, reloads, shutdown));
+            tokio::spawn(shroud_process::reload::serve(
+                reloader,
+                reloads,
+                shutdown.clone(),
+            ));
             tokio::select! {
                 joined = client.join() => joined?,
                 refused = never_certified(acme) => return Err(refused.into()),
+            }
+            // The client has stopped (shutdown is cancelled): so do the onion service and the
+            // SOCKS proxy, each within a few seconds.
+            shutdown.cancel();
+            for task in beside {
+                let _ = task.await;
             }
             metrics_stop.cancel();
             if let Some(endpoint) = endpoint {
@@ -103,6 +126,71 @@ fn start_metrics(
     Ok(shroud_process::metrics::spawn(
         args, registry, readiness, stop,
     )?)
+}
+
+/// Checks `--socks-listen` (loopback unless allowed otherwise, and Tor) and binds it.
+async fn bind_socks(run: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = run.socks_listen else {
+        return Ok(None);
+    };
+    if run.transport != TransportKind::Tor {
+        anyhow::bail!(
+            "--socks-listen sends programs' connections through Tor: it needs --transport tor"
+        );
+    }
+    socks::check_listen_addr(addr, run.socks_allow_non_loopback).map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--socks-listen {addr}: binding"))?;
+    Ok(Some(listener))
+}
+
+/// Starts what runs beside the tunnels on the client's Tor: its onion service (`--onion`,
+/// whose address goes to stdout) and the proxy for local programs (`--socks-listen`).
+/// Returns their tasks, which end after `shutdown`.
+fn start_beside_tunnels(
+    run: &RunArgs,
+    tor: Option<Arc<TorClient<PreferredRuntime>>>,
+    config: &Arc<ClientConfig>,
+    socks_listener: Option<tokio::net::TcpListener>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    let Some(tor) = tor else {
+        return Ok(tasks);
+    };
+    if run.onion {
+        let onion = onion::launch(&tor, config.clone(), shutdown.clone()).context("--onion")?;
+        let ports = if config.http_target.is_some() {
+            "443 to TARGET, 80 to --http-target"
+        } else {
+            "443 to TARGET"
+        };
+        info!(address = %onion.address, ports, "onion service address");
+        // The address goes to stdout, for whoever started the client (and scripts) to take.
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{}", onion.address).and_then(|()| stdout.flush());
+        tasks.push(onion.task);
+    }
+    if let Some(listener) = socks_listener {
+        let addr = listener.local_addr().context("--socks-listen")?;
+        let options = socks::SocksOptions {
+            allow_local: run.tor_network.is_some(),
+            max_connections: run.socks_max_connections,
+            connect_timeout: config.timing.connect_timeout,
+            copy_buffer: shroud_mux::session::copy_buffer_len(config.timing.stream_buffer),
+            ..socks::SocksOptions::default()
+        };
+        info!(%addr, "SOCKS5 and HTTP CONNECT proxy for local programs listening (through Tor)");
+        let outbound = Arc::new(socks::TorOutbound::new(tor));
+        tasks.push(tokio::spawn(socks::serve(
+            listener,
+            outbound,
+            options,
+            shutdown.clone(),
+        )));
+    }
+    Ok(tasks)
 }
 
 /// Resolves only when ACME has failed for good with no certificate in hand: the client then
@@ -149,6 +237,18 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// What [`config`] makes of the run arguments.
+pub struct Prepared {
+    /// The client's configuration.
+    pub config: ClientConfig,
+    /// Where its proxies come from.
+    pub source: ProxySource,
+    /// The certificate visitors' TLS is terminated with, when it comes from files.
+    pub certificate: Option<Arc<CertSlot>>,
+    /// The Arti client, with the tor transport.
+    pub tor: Option<Arc<TorClient<PreferredRuntime>>>,
+}
+
 /// Turns the run arguments into a client configuration and the source of its proxies, loading
 /// the files they name, and the certificate visitors' TLS is terminated with when it comes
 /// from files (for a reload to replace). With the tor transport this bootstraps Tor, which can
@@ -156,13 +256,14 @@ fn key_path(path: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 ///
 /// With `--acme` it also starts getting the certificate; `tunnels` is where the client's
 /// tunnel states will be, which ACME waits on before asking the CA to validate. What the
-/// client counts goes to `metrics`.
+/// client counts goes to `metrics`. With Tor, the Arti client comes back too, for what else
+/// runs through it.
 pub async fn config(
     run: &RunArgs,
     shutdown: &CancellationToken,
     tunnels: Arc<OnceLock<watch::Receiver<States>>>,
     metrics: &Arc<ClientMetrics>,
-) -> anyhow::Result<(ClientConfig, ProxySource, Option<Arc<CertSlot>>)> {
+) -> anyhow::Result<Prepared> {
     let key_path = key_path(run.key.clone())?;
     let (key, created) = key::load_or_create(&key_path)?;
     if created {
@@ -208,6 +309,7 @@ pub async fn config(
         _ => (None, None),
     };
     // Last, because it may take a while: every local check has passed by now.
+    let mut tor_client = None;
     let transport: Arc<dyn Transport> = match run.transport {
         TransportKind::Direct => {
             let direct = DirectTransport::new(resolve, timing.connect_timeout);
@@ -228,7 +330,9 @@ pub async fn config(
                 bootstrap_timeout: Duration::from_secs(run.tor_bootstrap_timeout_secs),
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
-            Arc::new(TorTransport::bootstrap_reporting(options, Some(metrics.clone())).await?)
+            let tor = TorTransport::bootstrap_reporting(options, Some(metrics.clone())).await?;
+            tor_client = Some(tor.client());
+            Arc::new(tor)
         }
     };
     let acme = match &run.acme {
@@ -269,7 +373,12 @@ pub async fn config(
         timing,
         metrics: metrics.clone(),
     };
-    Ok((config, source, certificate))
+    Ok(Prepared {
+        config,
+        source,
+        certificate,
+        tor: tor_client,
+    })
 }
 
 /// The hostname to publish and the TARGET text: both as given, or with `--fleet-name`, the

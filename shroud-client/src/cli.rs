@@ -380,6 +380,42 @@ pub struct RunArgs {
     #[arg(long, env = "SHROUD_WATCH_INTERVAL_SECS", value_name = "SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub watch_interval_secs: u64,
+
+    /// Also publish TARGET as this client's own onion service, through its embedded Tor:
+    /// visitors with a Tor client reach the origin at ADDRESS.onion (port 443 to TARGET, port
+    /// 80 to --http-target), through no proxy and no exit. The address is printed on stdout
+    /// at start; its key lives in the state directory and keeps it the same across restarts.
+    /// Needs the tor transport
+    #[arg(long, env = "SHROUD_ONION")]
+    pub onion: bool,
+
+    /// Serve SOCKS5 and HTTP CONNECT on ADDR (e.g. 127.0.0.1:9050) for the origin's own
+    /// programs: their connections leave through the client's Tor (names resolved by the
+    /// exit, never here), each destination on circuits of its own. Destinations on this
+    /// machine or a local network are refused unless --tor-network is given. Needs the tor
+    /// transport
+    #[arg(long, value_name = "ADDR", env = "SHROUD_SOCKS_LISTEN")]
+    pub socks_listen: Option<std::net::SocketAddr>,
+
+    /// Let --socks-listen take an address that is not loopback. Anyone who can reach it can
+    /// then use this machine's Tor, their traffic leaving as the origin's: only where every
+    /// host that can reach it is yours
+    #[arg(
+        long,
+        env = "SHROUD_SOCKS_ALLOW_NON_LOOPBACK",
+        requires = "socks_listen"
+    )]
+    pub socks_allow_non_loopback: bool,
+
+    /// Most connections --socks-listen serves at once; one more is closed at once
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        env = "SHROUD_SOCKS_MAX_CONNECTIONS",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536)
+    )]
+    pub socks_max_connections: usize,
 }
 
 /// A stream buffer size yamux can honour.
@@ -641,6 +677,34 @@ mod tests {
         assert_eq!(run.proxy_protocol, Some(Version::V1));
         let err = parse("v3").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidValue, "{err}");
+    }
+
+    #[test]
+    fn onion_and_socks_flags() {
+        let parse = |extra: &[&str]| {
+            let args = ["shroud", "--proxy=p.example", "a.example", "h:1"];
+            Cli::try_parse_from(args.iter().chain(extra))
+        };
+        let run = parse(&[]).unwrap().run.unwrap();
+        assert!(!run.onion);
+        assert_eq!(run.socks_listen, None);
+        assert_eq!(run.socks_max_connections, 1024);
+        let run = parse(&["--onion", "--socks-listen", "127.0.0.1:9050"])
+            .unwrap()
+            .run
+            .unwrap();
+        assert!(run.onion);
+        assert_eq!(run.socks_listen, Some("127.0.0.1:9050".parse().unwrap()));
+        assert!(!run.socks_allow_non_loopback);
+        // Allowing a non-loopback address means nothing without an address.
+        let err = parse(&["--socks-allow-non-loopback"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{err}");
+        for bad in ["0", "65537"] {
+            let err = parse(&["--socks-max-connections", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}: {err}");
+        }
+        let err = parse(&["--socks-listen", "localhost:9050"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ValueValidation, "{err}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Client {
     /// names. It runs until `shutdown` is cancelled, until every proxy of a fixed list has
     /// refused for good, or until its list of proxies cannot be had at all.
     pub fn spawn(
-        config: ClientConfig,
+        config: impl Into<Arc<ClientConfig>>,
         source: ProxySource,
         shutdown: CancellationToken,
     ) -> Result<Client, ClientError> {
@@ -76,7 +76,7 @@ impl Client {
         let (states_tx, states) = watch::channel(States::new());
         let retry = RetryRefused::new();
         let task = tokio::spawn(supervise(
-            Arc::new(config),
+            config.into(),
             source,
             states_tx,
             shutdown,

@@ -11,6 +11,10 @@
 //! a check from a visitor). [`cli`] and [`app`] are the command line; [`reload`] re-reads
 //! the visitors' certificate on SIGHUP. [`metrics`] counts what happens, for Prometheus on
 //! `--metrics-listen`.
+//!
+//! Beside the tunnels, with Tor: [`onion`] publishes TARGET as the client's own onion service
+//! too (`--onion`), and [`socks`] serves SOCKS5 and HTTP CONNECT to the origin's own programs
+//! so that their outbound connections leave through Tor as well (`--socks-listen`).
 
 pub mod acme;
 pub mod app;
@@ -22,10 +26,12 @@ pub mod fleet;
 pub mod hello;
 pub mod key;
 pub mod metrics;
+pub mod onion;
 pub mod origin;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod shared;
+pub mod socks;
 pub mod srv;
 pub mod tls;
 pub mod tor;

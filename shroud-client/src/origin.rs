@@ -10,7 +10,12 @@
 //! `--proxy-protocol` the origin connection starts with a PROXY protocol header naming the
 //! visitor, written as soon as it is dialled, so before any byte of the visitor's (decrypted
 //! or not).
+//!
+//! Visitors of the client's own onion service ([`crate::onion`]) take the same path from
+//! [`forward`] on, with [`Peer::Onion`]: they have no address, so their PROXY protocol header
+//! says so (v1 `UNKNOWN`, v2 `LOCAL`) and the origin uses the connection's own addresses.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shroud_mux::header::{self, StreamHeader, StreamKind};
@@ -73,7 +78,11 @@ pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
             debug!(hostname = %header.hostname, "stream for a hostname this client does not serve");
             return;
         }
-        if let Err(err) = forward(stream, &header, &config).await {
+        let peer = Peer::Visitor {
+            addr: header.visitor,
+            public_port: header.public_port,
+        };
+        if let Err(err) = forward(stream, header.kind, &peer, &config).await {
             debug!(%err, "visitor connection ended with an error");
         }
     }
@@ -81,12 +90,33 @@ pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
     .await
 }
 
-async fn forward(
-    mut stream: MuxStream,
-    header: &StreamHeader,
+/// Who a connection to the origin serves, as far as the origin's PROXY protocol header can
+/// tell it.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    /// A visitor through a proxy: its address, and the proxy's public port it connected to.
+    Visitor {
+        /// The visitor's address, as the proxy saw it.
+        addr: SocketAddr,
+        /// The proxy's public port.
+        public_port: u16,
+    },
+    /// A visitor over Tor to the client's onion service: no address to tell.
+    Onion,
+}
+
+/// Serves one visitor's connection, `stream`, of `kind`: answers a CA's TLS-ALPN-01 check
+/// (with `--acme`), or dials the origin that serves `kind` and copies both ways, terminating
+/// TLS here with `--tls-cert` or the ACME certificate.
+pub async fn forward<S>(
+    mut stream: S,
+    kind: StreamKind,
+    peer: &Peer,
     config: &ClientConfig,
-) -> std::io::Result<()> {
-    let kind = header.kind;
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     // With ACME, a TLS stream may be the CA checking the name: look before dialling.
     let mut hello_bytes = None;
     if let (Some(acme), StreamKind::Tls) = (&config.acme, kind) {
@@ -109,7 +139,7 @@ async fn forward(
             None => return Ok(()), // The proxy redirects these; it should not send them.
         },
     };
-    let origin = match dial(target, header, config).await {
+    let origin = match dial(target, peer, config).await {
         Ok(origin) => origin,
         Err(err) => {
             debug!(%err, "origin unreachable");
@@ -157,13 +187,16 @@ async fn forward(
 /// Answers a certificate authority's TLS-ALPN-01 check (RFC 8737) with the challenge
 /// certificate for the name, if one is pending, and ends the stream: the check ends with the
 /// handshake, and the origin never hears of it.
-async fn answer_validation(
+async fn answer_validation<S>(
     acme: &Acme,
     hello: Hello,
     bytes: Vec<u8>,
-    stream: MuxStream,
+    stream: S,
     config: &ClientConfig,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Some(tls) = hello
         .sni
         .as_deref()
@@ -184,17 +217,19 @@ async fn answer_validation(
 }
 
 /// Connects to the origin and, with `--proxy-protocol`, writes the PROXY protocol header that
-/// names the visitor: nothing else has been sent on the connection yet.
-async fn dial(
-    target: &Target,
-    header: &StreamHeader,
-    config: &ClientConfig,
-) -> std::io::Result<TcpStream> {
+/// names the visitor (or says there is none to name): nothing else has been sent on the
+/// connection yet.
+async fn dial(target: &Target, peer: &Peer, config: &ClientConfig) -> std::io::Result<TcpStream> {
     let connect = async {
         let mut stream = TcpStream::connect((target.host.as_str(), target.port)).await?;
         stream.set_nodelay(true)?;
         if let Some(version) = config.timing.proxy_protocol {
-            let proxy_header = proxy_protocol::encode(version, header.visitor, header.public_port);
+            let proxy_header = match *peer {
+                Peer::Visitor { addr, public_port } => {
+                    proxy_protocol::encode(version, addr, public_port)
+                }
+                Peer::Onion => proxy_protocol::encode_unknown(version),
+            };
             stream.write_all(&proxy_header).await?;
         }
         Ok(stream)

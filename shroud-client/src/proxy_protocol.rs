@@ -5,6 +5,10 @@
 //! The stream header carries the visitor's address and port and the proxy's public port, but
 //! not the proxy's public IP address: the destination address sent is the unspecified address
 //! of the visitor's family (`0.0.0.0` or `::`), with the public port as destination port.
+//!
+//! A visitor of the client's onion service has no address at all: [`encode_unknown`] says so
+//! in the form the spec makes every receiver accept (v1 `UNKNOWN`, v2 `LOCAL`), and the origin
+//! then uses the connection's own addresses, as if no header had been sent.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -12,6 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Version 2, command PROXY: the connection was relayed on behalf of another party.
 const V2_PROXY: u8 = 0x21;
+/// Version 2, command LOCAL: no peer to describe; the receiver must accept the connection and
+/// use its real endpoints.
+const V2_LOCAL: u8 = 0x20;
+/// Version 2 address family and transport: unspecified (what LOCAL is sent with).
+const V2_UNSPEC: u8 = 0x00;
 /// Version 2 address family and transport: TCP over IPv4.
 const V2_TCP4: u8 = 0x11;
 /// Version 2 address family and transport: TCP over IPv6.
@@ -65,6 +74,20 @@ pub fn encode(version: Version, visitor: SocketAddr, public_port: u16) -> Vec<u8
             }
             header.extend_from_slice(&source_port.to_be_bytes());
             header.extend_from_slice(&destination_port.to_be_bytes());
+            header
+        }
+    }
+}
+
+/// The header for a connection whose visitor has no address to tell (an onion service's
+/// visitor): v1 `PROXY UNKNOWN`, v2 the `LOCAL` command with no addresses. The spec has every
+/// receiver accept both and fall back to the connection's own addresses.
+pub fn encode_unknown(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => {
+            let mut header = V2_SIGNATURE.to_vec();
+            header.extend_from_slice(&[V2_LOCAL, V2_UNSPEC, 0, 0]);
             header
         }
     }
@@ -139,6 +162,15 @@ mod tests {
             encode(Version::V2, v4_visitor(), 443)
         );
         assert_eq!(encode(Version::V2, mapped, 443)[13], 0x11);
+    }
+
+    #[test]
+    fn a_visitor_without_an_address_is_unknown_or_local() {
+        assert_eq!(encode_unknown(Version::V1), b"PROXY UNKNOWN\r\n");
+        let mut expected = V2_SIGNATURE.to_vec();
+        // Version 2 LOCAL, family and transport unspecified, nothing follows.
+        expected.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        assert_eq!(encode_unknown(Version::V2), expected);
     }
 
     #[test]

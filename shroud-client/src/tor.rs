@@ -181,6 +181,14 @@ impl TorTransport {
     }
 }
 
+impl TorTransport {
+    /// The Arti client, for what else goes through this Tor: the client's own onion service
+    /// (`--onion`) and local programs' connections (`--socks-listen`).
+    pub fn client(&self) -> Arc<TorClient<PreferredRuntime>> {
+        self.client.clone()
+    }
+}
+
 impl Transport for TorTransport {
     fn connect<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {

@@ -143,6 +143,12 @@ impl Nginx {
         }
     }
 
+    /// The access log as nginx wrote it (a request without a PROXY source logs `-` for it,
+    /// which [`AccessLine`] does not read).
+    pub fn access_log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
     /// nginx's error log (what it says about broken PROXY headers, at `info`).
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()

@@ -309,3 +309,49 @@ async fn nginx_refuses_visitors_when_the_client_sends_no_header() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// An onion visitor has no address: the header shroud sends for one (v1 `UNKNOWN`, v2 `LOCAL`)
+/// is accepted by nginx, which serves the request and logs no PROXY source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_accepts_the_header_of_a_visitor_without_an_address() {
+    use shroud_client::proxy_protocol::{encode_unknown, Version};
+    use tokio::io::AsyncWriteExt as _;
+
+    init();
+    let file = b"served to an onion visitor\n";
+    let spec = NginxSpec {
+        server_name: HOST,
+        tls: None,
+        files: &[("onion.txt", file)],
+    };
+    let nginx = Nginx::start(&spec).await.unwrap();
+    for (round, version) in [Version::V1, Version::V2].into_iter().enumerate() {
+        let mut tcp = tokio::net::TcpStream::connect(nginx.http).await.unwrap();
+        tcp.write_all(&encode_unknown(version)).await.unwrap();
+        let response = within(
+            10,
+            http_exchange(tcp, get_request(HOST, "/onion.txt").as_bytes()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200, "{version:?}: {}", nginx.error_log());
+        assert_eq!(response.body, file);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let log = loop {
+            let log = nginx.access_log_text();
+            if log.lines().count() > round || Instant::now() >= deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let line = log.lines().nth(round).unwrap_or_default();
+        assert!(
+            line.starts_with("- "),
+            "{version:?}: no PROXY source: {line:?}"
+        );
+        assert!(
+            line.ends_with(" 200 27 /onion.txt"),
+            "{version:?}: {line:?}"
+        );
+    }
+}

@@ -362,3 +362,316 @@ async fn acme_reaches_the_ca_only_through_tor() {
         );
     }
 }
+
+/// The address in a line that holds one (`abc...xyz.onion`, alone on stdout or in a log line).
+fn onion_address_in(line: &str) -> Option<String> {
+    line.split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
+        .find(|word| word.ends_with(".onion") && word.len() == 56 + ".onion".len())
+        .map(str::to_owned)
+}
+
+/// Waits for the client to print its onion address (stdout, and its log; Arti's own lines
+/// show only the end of it).
+async fn wait_for_onion_address(client: &mut Process) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = client.wait_for_line(".onion", left).await.unwrap();
+        if let Some(address) = onion_address_in(&line) {
+            return address;
+        }
+    }
+}
+
+/// Every file and directory under `dir`, with its permission bits.
+fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(path) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        found.push((path.clone(), meta.permissions().mode() & 0o777));
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                pending.push(entry.unwrap().path());
+            }
+        }
+    }
+    found
+}
+
+/// `GET path` over TLS for HOST, through an Arti client to `onion`:443, verifying the origin's
+/// certificate for HOST against `roots`. Retried (bounded) while the service's descriptor is
+/// not yet where the visitor looks for it.
+async fn get_through_onion(
+    visitor: &arti_client::TorClient<tor_rtcompat::PreferredRuntime>,
+    onion: &str,
+    roots: rustls::RootCertStore,
+    path: &str,
+) -> shroud_tests::HttpResponse {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = async {
+            let mut prefs = arti_client::StreamPrefs::new();
+            prefs.connect_to_onion_services(arti_client::config::BoolOrAuto::Explicit(true));
+            let stream = visitor.connect_with_prefs((onion, 443), &prefs).await?;
+            let name = rustls_pki_types::ServerName::try_from(HOST)?;
+            let tls =
+                tokio_rustls::TlsConnector::from(shroud_tests::client_config(roots.clone(), &[]))
+                    .connect(name, stream)
+                    .await?;
+            shroud_tests::visitor::http_exchange(
+                tls,
+                shroud_tests::visitor::get_request(HOST, path).as_bytes(),
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(response) => {
+                eprintln!("tor: onion visit succeeded at attempt {attempt}");
+                return response;
+            }
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("tor: onion visit attempt {attempt} failed: {err:#}");
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            Err(err) => panic!("no visit through the onion service within 120 s: {err:#}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onion_publishes_the_origin_as_an_onion_service_with_a_lasting_address() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "onion.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let state = pki.dir().join("state");
+    let args: Vec<String> = vec![
+        HOST.to_owned(),
+        origin.addr().to_string(),
+        "--onion".into(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--proxy".into(),
+        format!("{}:{}", proxy.name, proxy.https.port()),
+        "--resolve".into(),
+        format!("{}:{}:127.0.0.1", proxy.name, proxy.https.port()),
+    ];
+    let started = Instant::now();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let onion = wait_for_onion_address(&mut client).await;
+    client
+        .wait_for_line(
+            "onion service published its descriptor",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    eprintln!(
+        "tor: onion service published {:?} after start",
+        started.elapsed()
+    );
+
+    // A Tor visitor (Arti) reaches the origin through the onion address and verifies the
+    // origin's own certificate for its public name: TLS passed through end to end.
+    let visitor_state = net.new_state_root().unwrap();
+    let visitor =
+        arti_client::TorClient::create_bootstrapped(net.arti_config(&visitor_state).unwrap())
+            .await
+            .unwrap();
+    let visited = Instant::now();
+    let response = get_through_onion(&visitor, &onion, pki.ca.root_store(), "/via-onion").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from origin: GET /via-onion\n");
+    eprintln!("tor: first onion visit took {:?}", visited.elapsed());
+    // The same origin answers at its public name, through the proxy (once the tunnel is up).
+    let response = within(
+        90,
+        shroud_tests::https_get_retrying(
+            proxy.https,
+            HOST,
+            pki.ca.root_store(),
+            "/via-proxy",
+            Duration::from_millis(200),
+        ),
+    )
+    .await;
+    assert_eq!(response.body_text(), "hello from origin: GET /via-proxy\n");
+
+    // The service's key: in Arti's keystore under the state directory, readable by no one else.
+    let keystore = state.join("tor/state/keystore");
+    let entries = modes_under(&keystore);
+    assert!(
+        entries
+            .iter()
+            .any(|(path, _)| path.to_string_lossy().contains("hs_id")),
+        "the identity key is in {}: {entries:?}",
+        keystore.display()
+    );
+    for (path, mode) in &entries {
+        eprintln!("tor: keystore entry {} mode {mode:o}", path.display());
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
+    }
+
+    // Stopped cleanly, and started again with the same state directory: the same address.
+    client.terminate();
+    let status = client.wait_exit(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{}", client.output_text());
+    assert!(client.output_text().contains("onion service stopped"));
+    let mut again = Process::spawn(&binary("shroud"), &args).unwrap();
+    assert_eq!(wait_for_onion_address(&mut again).await, onion);
+    let log = again.output_text();
+    assert!(
+        !log.contains(&origin.addr().to_string()),
+        "the target is never logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_listen_takes_local_programs_through_tor_exits() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let server = HttpOrigin::plain().await.unwrap();
+    // The server's connections pass a relay that records which process each comes from.
+    let relay = OwnerRecordingRelay::start(server.addr()).await;
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "socks.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let socks_port = shroud_tests::ports::free_port().unwrap();
+    let socks = format!("127.0.0.1:{socks_port}");
+    let args: Vec<String> = vec![
+        HOST.to_owned(),
+        "127.0.0.1:9".into(),
+        "--socks-listen".into(),
+        socks.clone(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        pki.dir().join("state").display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--proxy".into(),
+        format!("{}:{}", proxy.name, proxy.https.port()),
+        "--resolve".into(),
+        format!("{}:{}:127.0.0.1", proxy.name, proxy.https.port()),
+    ];
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("HTTP CONNECT proxy", Duration::from_secs(120))
+        .await
+        .unwrap();
+
+    let curl = |proxy_args: Vec<String>, path: &str| {
+        let url = format!("http://{}{path}", relay.addr);
+        async move {
+            let output = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("curl")
+                    .args(["--silent", "--show-error", "--max-time", "60"])
+                    .args(&proxy_args)
+                    .arg(&url)
+                    .output()
+                    .expect("curl runs (Debian's curl; .ci/run installs it)")
+            })
+            .await
+            .unwrap();
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+    };
+    // SOCKS5, the name (here an address) handed to the proxy, not resolved by curl.
+    let (code, body, err) =
+        curl(vec!["--socks5-hostname".into(), socks.clone()], "/by-socks").await;
+    assert_eq!(code, Some(0), "curl through SOCKS5: {err}");
+    assert_eq!(body, "hello from origin: GET /by-socks\n");
+    // HTTP CONNECT on the same port.
+    let (code, body, err) = curl(
+        vec![
+            "--proxytunnel".into(),
+            "--proxy".into(),
+            format!("http://{socks}"),
+        ],
+        "/by-connect",
+    )
+    .await;
+    assert_eq!(code, Some(0), "curl through HTTP CONNECT: {err}");
+    assert_eq!(body, "hello from origin: GET /by-connect\n");
+
+    // The server saw exit relays, never the client.
+    let exits: Vec<u32> = net.exits().iter().map(|r| r.pid).collect();
+    let owners = relay.owners.lock().unwrap().clone();
+    assert_eq!(owners.len(), 2, "one connection per request: {owners:?}");
+    for owner in owners {
+        let owner = owner.expect("the far end of each connection belongs to a process");
+        assert_ne!(owner, client.pid(), "the server saw the client directly");
+        assert!(
+            exits.contains(&owner),
+            "a connection from pid {owner}, not an exit {exits:?}"
+        );
+    }
+    let direct: Vec<_> = tcp_connections_of(client.pid())
+        .into_iter()
+        .filter(|(_, remote)| remote.port() == relay.addr.port())
+        .collect();
+    assert!(
+        direct.is_empty(),
+        "the client connected to the server itself: {direct:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onion_and_socks_refuse_what_they_cannot_do_safely() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("client.key");
+    let run = |extra: &[&str]| {
+        let mut args = vec![HOST, "127.0.0.1:9", "--proxy", "proxy.test", "--key"];
+        args.push(key.to_str().unwrap());
+        args.extend_from_slice(extra);
+        std::process::Command::new(binary("shroud"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [
+        (
+            &["--transport", "direct", "--onion"][..],
+            "--onion publishes through Tor",
+        ),
+        (
+            &["--transport", "direct", "--socks-listen", "127.0.0.1:0"][..],
+            "--socks-listen sends programs' connections through Tor",
+        ),
+        (
+            &["--socks-listen", "0.0.0.0:0"][..],
+            "is not a loopback address",
+        ),
+    ] {
+        let output = run(extra);
+        assert_eq!(output.status.code(), Some(1), "{extra:?}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}

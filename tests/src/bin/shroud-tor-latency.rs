@@ -13,7 +13,9 @@
 //! 3. Makes the first onion connection (the C-tor client fetches the descriptor), then N
 //!    rounds of one fresh visitor connection on each path: through the shroud proxy, to the
 //!    onion through SOCKS (a SOCKS username of its own, so C-tor isolates it on a fresh
-//!    rendezvous circuit), and straight to the origin as a floor. Each connection times its first byte back (TLS ServerHello, after TCP connect
+//!    rendezvous circuit), to the origin published as shroud's own onion service (`shroud
+//!    --onion`, hosted by a fresh Arti client) through the same SOCKS client, and straight to
+//!    the origin as a floor. Each connection times its first byte back (TLS ServerHello, after TCP connect
 //!    and ClientHello; after the SOCKS handshake too for the onion) and a whole HTTPS GET; the
 //!    origin's certificate is verified for `example.test` on every path.
 //! 4. Prints a Markdown report and writes it, with how it was made, to `docs/TOR-LATENCY.md`.
@@ -33,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{anyhow, bail, ensure, Context as _};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
-use shroud_client::shared::Timing;
+use shroud_client::shared::{ClientConfig, Target, Timing};
 use shroud_client::tor::{TorOptions, TorTransport};
 use shroud_client::transport::Resolve;
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
@@ -177,6 +179,8 @@ struct Results {
     first_onion_attempts: usize,
     shroud: Series,
     onion: Series,
+    /// Visitors of the origin published as shroud's own onion service (`shroud --onion`).
+    own_onion: Series,
     direct: Series,
 }
 
@@ -275,11 +279,18 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     let (first_onion, first_onion_attempts) =
         first_onion_connection(socks, &onion.hostname, &roots).await?;
 
+    progress("publishing the origin as shroud's own onion service (shroud --onion)");
+    let own = OwnOnion::start(net, &pki, origin.addr()).await?;
+    // Its first connection waits for the descriptor to be published and fetched; it is not
+    // one of the fresh-circuit samples.
+    first_onion_connection(socks, &own.address, &roots).await?;
+
     progress(format_args!(
-        "{samples} rounds of fresh visitors: shroud, onion, direct"
+        "{samples} rounds of fresh visitors: shroud, onion, shroud --onion, direct"
     ));
     let (mut shroud, mut onion_series, mut direct) =
         (Series::default(), Series::default(), Series::default());
+    let mut own_onion = Series::default();
     for round in 0..samples {
         shroud.record("shroud", visit(&Route::Tcp(proxy.https), &roots).await);
         let route = Route::Socks {
@@ -288,11 +299,19 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
             user: format!("visitor-{round}"),
         };
         onion_series.record("onion", visit(&route, &roots).await);
+        let route = Route::Socks {
+            socks,
+            host: &own.address,
+            user: format!("own-visitor-{round}"),
+        };
+        own_onion.record("shroud --onion", visit(&route, &roots).await);
         direct.record("direct", visit(&Route::Tcp(origin.addr()), &roots).await);
     }
+    own.stop().await;
     for (name, series) in [
         ("shroud", &shroud),
         ("onion", &onion_series),
+        ("shroud --onion", &own_onion),
         ("direct", &direct),
     ] {
         if series.samples.is_empty() {
@@ -322,8 +341,75 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
         first_onion_attempts,
         shroud,
         onion: onion_series,
+        own_onion,
         direct,
     })
+}
+
+/// The origin published as shroud's own onion service, as `shroud --onion` does, from a fresh
+/// Arti client of its own.
+struct OwnOnion {
+    address: String,
+    task: tokio::task::JoinHandle<()>,
+    shutdown: tokio_util::sync::CancellationToken,
+    /// Keeps Arti running while the service is.
+    _transport: Arc<TorTransport>,
+}
+
+impl OwnOnion {
+    async fn start(net: &TorNet, pki: &Pki, origin: SocketAddr) -> anyhow::Result<Self> {
+        let options = TorOptions {
+            state_dir: net.new_state_root()?,
+            network_file: Some(net.network_file.clone()),
+            resolve: Resolve::new(),
+            bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
+            progress_bar: false,
+        };
+        let transport = Arc::new(
+            TorTransport::bootstrap(options)
+                .await
+                .context("bootstrapping the onion service's Arti")?,
+        );
+        let spec = ClientSpec::new(HOST, origin, vec![]);
+        let config = Arc::new(ClientConfig {
+            hostname: spec.hostname,
+            target: Target {
+                host: origin.ip().to_string(),
+                port: origin.port(),
+            },
+            http_target: None,
+            origin_tls: None,
+            acme: None,
+            transport: transport.clone(),
+            tls: shroud_client::tls::client_config(Some(&pki.ca_path))?,
+            key: spec.key,
+            timing: Timing::tor(),
+            metrics: Arc::default(),
+        });
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let onion = shroud_client::onion::launch(&transport.client(), config, shutdown.clone())
+            .context("launching shroud's onion service")?;
+        progress(format_args!(
+            "shroud's own onion service: {}",
+            onion.address
+        ));
+        Ok(Self {
+            address: onion.address,
+            task: onion.task,
+            shutdown,
+            _transport: transport,
+        })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        if tokio::time::timeout(CLIENT_STOP_TIMEOUT, self.task)
+            .await
+            .is_err()
+        {
+            progress("shroud's onion service did not stop within 10 s; leaving it");
+        }
+    }
 }
 
 /// Starts the onion service (port 443 to `origin`) and the SOCKS client side by side, and
@@ -762,7 +848,7 @@ impl Results {
             samples: first.to_vec(),
             failures: Vec::new(),
         };
-        let paths: [(&str, &Series); 4] = [
+        let paths: [(&str, &Series); 5] = [
             (
                 "shroud: proxy, then the tunnel's existing Tor circuit",
                 &self.shroud,
@@ -774,6 +860,10 @@ impl Results {
             (
                 "C-tor onion service, first connection (descriptor fetch)",
                 &first_series,
+            ),
+            (
+                "shroud --onion: the client's own onion service (Arti), fresh circuits",
+                &self.own_onion,
             ),
             ("direct to the origin, no Tor (floor)", &self.direct),
         ];
@@ -884,6 +974,7 @@ impl Results {
         for (path, series) in [
             ("shroud", &self.shroud),
             ("onion, fresh circuits", &self.onion),
+            ("shroud --onion, fresh circuits", &self.own_onion),
             ("direct", &self.direct),
         ] {
             let each: Vec<String> = series
@@ -917,6 +1008,26 @@ fn document(net: &TorNet, results: &Results, report: &str) -> String {
         .map(|s| s.response.saturating_sub(s.first_byte))
         .collect();
     let shroud_n = results.shroud.samples.len();
+    let own_onion_note = match (
+        Stats::of(&results.own_onion.first_bytes()),
+        Stats::of(&results.onion.first_bytes()),
+        Stats::of(&results.shroud.first_bytes()),
+    ) {
+        (Some(own), Some(ctor), Some(shroud)) if !shroud.median.is_zero() => format!(
+            "A fresh visitor's first byte through the origin's own onion service (`shroud \
+             --onion`, hosted by Arti) came in a median {} (p90 {}, max {}), against {} through \
+             the C-tor onion service: the same protocol work per visitor (an introduction and a \
+             fresh rendezvous circuit), so about the same cost, {:.1}× a visitor through a \
+             proxy and a tunnel's existing circuit. What `--onion` buys is not speed but a path \
+             with no proxy and no exit.",
+            ms(own.median),
+            ms(own.p90),
+            ms(own.max),
+            ms(ctor.median),
+            own.median.as_secs_f64() / shroud.median.as_secs_f64()
+        ),
+        _ => "Too few connections to the origin's own onion service succeeded to compare.".into(),
+    };
     let fast_note = match Stats::of(&fast) {
         Some(stats) => format!(
             "In this run {} of {shroud_n} shroud first bytes took under 20 ms; in those, the \
@@ -962,7 +1073,7 @@ rendezvous circuit, and the very first one a descriptor fetch too.
 One private Tor network on 127.0.0.1 ({authorities} directory authorities, {middles} middle
 relays, {exits} exits; C-tor relays), one HTTPS origin for `example.test` (a test CA's
 certificate; every visitor verifies it for `example.test`, so every path reaches the real
-origin end to end), published two ways at once:
+origin end to end), published three ways at once:
 
 - **shroud**: an in-process proxy; a shroud client in this process reaching it through
   embedded Arti {arti} (its tunnel on its own 3-hop circuit to an exit, which connects to
@@ -973,6 +1084,11 @@ origin end to end), published two ways at once:
   default), so tor gives it a fresh rendezvous circuit, as it would a new, unlinkable
   visitor; the descriptor stays cached after the first connection. The first connection,
   which fetches the descriptor from an HSDir, is reported on its own row.
+- **shroud --onion**: the same origin published as shroud's own onion service, hosted by
+  Arti {arti} as `shroud --onion` does (`onion::launch`, port 443 to the origin; a fresh Arti
+  client of its own here). Visitors reach it through the same C-tor client and SOCKS port as
+  the C-tor onion service, each with its own SOCKS username, so each gets a fresh rendezvous
+  circuit; its first connection (descriptor fetch) is made before the rounds and not counted.
 - **direct**: the visitor connects to the origin itself, no Tor: the floor (local TCP and
   TLS cost).
 
@@ -987,7 +1103,8 @@ the SOCKS port, or the origin):
 - **HTTPS GET complete**: TLS handshake done, `GET {PATH}` sent, and the whole response
   read (per its `Content-Length`).
 
-The paths are measured in interleaved rounds (shroud, onion, direct, then again), one
+The paths are measured in interleaved rounds (shroud, onion, shroud --onion, direct, then
+again), one
 connection at a time, so slow periods of the machine hit all paths alike. Before that, the
 setup costs: {trials} fresh Arti clients, each with a fresh state directory, bootstrap
 (consensus and microdescriptors from the authorities); each then binds one shroud tunnel
@@ -1030,6 +1147,8 @@ the client side the acknowledgement is sent early on purpose (§7.3), so that tr
 would need a protocol decision. A relay of our own in front of the proxy that forced
 immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the
 exit-to-proxy hop.
+
+**shroud --onion against the C-tor onion service.** {own_onion_note}
 
 **The onion path's tail.** Fresh onion connections usually cost one introduction and
 one rendezvous, but some take much longer (p90 and max above; up to 7.6 s in an earlier

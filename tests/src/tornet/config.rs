@@ -63,7 +63,12 @@ pub(super) fn network_toml(relays: &[Relay]) -> String {
          ipv6_subnet_family_prefix = 129\n\
          \n\
          [address_filter]\n\
-         allow_local_addrs = true\n",
+         allow_local_addrs = true\n\
+         \n\
+         # A testing network's onion time period is 24 voting intervals (8 minutes here, not\n\
+         # a day): onion services and their visitors must agree on it with the relays.\n\
+         [override_net_params]\n\
+         hsdir_interval = 8\n",
     );
     out
 }
