@@ -10,7 +10,9 @@
 //! and per hostname, tunnels and hostnames per key) and documents the order of every check.
 //! [`shared`] holds what every task shares (configuration, limits, routing table, admission
 //! counts) and imports none of them; [`server`] owns the listeners and graceful shutdown;
-//! [`cli`] turns flags into a [`shared::ProxyConfig`].
+//! [`cli`] turns flags into a [`shared::ProxyConfig`]. With `--onion-tunnel`, [`onion`] also
+//! hosts the tunnel listener as a Tor onion service, and hands what arrives there to
+//! [`tunnel`] like any tunnel connection.
 //!
 //! A fleet's proxies serve each other's names. [`peers`] is what one knows of the others,
 //! kept by [`gossip`] (foca, over [`peer_link`]s whose ends prove the fleet secret);
@@ -24,6 +26,7 @@ pub mod forward;
 pub mod gossip;
 pub mod handoff;
 pub mod http_sniff;
+pub mod onion;
 pub mod peer_link;
 pub mod peers;
 pub mod policy;

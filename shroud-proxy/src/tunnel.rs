@@ -6,7 +6,6 @@
 //! proxy sends go-away, takes the names out of the registry so that no new visitor lands here,
 //! and lets the streams in flight finish up to the drain deadline.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,15 +63,18 @@ const SOCKET_READ_BUFFER: usize = 32 * 1024;
 /// Serves one tunnel connection whose first bytes may already have been read (they are in
 /// `io`, replayed). Returns when the tunnel has ended. `address`, if given, counts the
 /// connection against its address until it is bound; from then on the per-key limits hold it.
-pub async fn serve<IO>(
+/// `peer` is where the connection came from, for the log: its address, or `onion` for one
+/// that arrived on the onion service.
+pub async fn serve<IO, P>(
     io: IO,
-    peer: SocketAddr,
+    peer: P,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     mut address: Option<AddressGuard>,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    P: std::fmt::Display + Send,
 {
     let limits = &shared.limits;
     let deadline = Instant::now() + limits.handshake_timeout;

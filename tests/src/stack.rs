@@ -153,6 +153,7 @@ impl TestProxy {
             http: Some(http),
             tunnel: Some(tunnel),
             peer: None,
+            onion: None,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(shroud_proxy::server::run(
