@@ -274,10 +274,7 @@ impl TestClient {
         let proxies = spec
             .proxies
             .iter()
-            .map(|(name, addr)| ProxyAddr {
-                name: name.clone(),
-                port: addr.port(),
-            })
+            .map(|(name, addr)| ProxyAddr::new(name.clone(), addr.port()))
             .collect();
         let target = |addr: SocketAddr| Target {
             host: addr.ip().to_string(),

@@ -452,10 +452,7 @@ impl Held {
             key: SecretKey::from_seed(&[7; 32]),
             timing,
         };
-        let proxy = ProxyAddr {
-            name: PROXY.to_owned(),
-            port: 443,
-        };
+        let proxy = ProxyAddr::new(PROXY.to_owned(), 443);
         let (states_tx, states) = watch::channel(States::new());
         let (reporter, _retired) = StateReporter::new(states_tx, proxy.clone());
         let shutdown = CancellationToken::new();
