@@ -8,9 +8,10 @@
 //! bootstrap at once and build circuits to any `127.0.0.1` port.
 //!
 //! How Arti finds this network is the file at [`TorNet::network_file`]: Arti's
-//! own TOML configuration with only the `[tor_network]`, `[path_rules]` and
-//! `[address_filter]` sections, the same file a user hands shroud's client as
-//! `--tor-network FILE`.
+//! own TOML configuration with only the `[tor_network]`, `[path_rules]`,
+//! `[address_filter]` and `[override_net_params]` (the onion-service time
+//! period of a testing network) sections, the same file a user hands shroud's
+//! client and proxy as `--tor-network FILE`.
 //!
 //! A network costs eight processes and 20 to 40 seconds of voting, so a test
 //! binary normally shares one: [`TorNet::shared`] starts it on first use and
@@ -129,6 +130,12 @@ impl Relay {
         self.data_dir.join("notice.log")
     }
 
+    /// Its log of onion-service events at info level: a relay that became an introduction
+    /// point logs `Received an ESTABLISH_INTRO request` there.
+    pub fn rend_log(&self) -> PathBuf {
+        self.data_dir.join("rend.log")
+    }
+
     /// Its ORPort address.
     pub fn or_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.or_port))
@@ -153,8 +160,8 @@ pub struct TorNet {
     /// Holds every relay's data directory and the network file.
     dir: TempDir,
     /// Arti's TOML configuration for this network: `[tor_network]`
-    /// (authorities and fallback caches), `[path_rules]` and
-    /// `[address_filter]`. Parses as a `TorClientConfigBuilder`.
+    /// (authorities and fallback caches), `[path_rules]`, `[address_filter]`
+    /// and `[override_net_params]`. Parses as a `TorClientConfigBuilder`.
     pub network_file: PathBuf,
     /// Every relay started so far (all of them, once `start` returns).
     relays: Vec<Relay>,
