@@ -186,10 +186,20 @@ impl TorNet {
     /// consensus listing every relay within 120 s; the message then quotes
     /// the end of every tor's notice log.
     pub fn start() -> anyhow::Result<TorNet> {
+        Self::start_with_middles(build::MIDDLES)
+    }
+
+    /// [`TorNet::start`] with `middles` middle relays instead of two: for a test that kills
+    /// several relays and needs the survivors to still make paths that avoid the dead ones
+    /// (the consensus keeps listing a killed relay, and Tor clients keep picking it).
+    ///
+    /// # Errors
+    /// As [`TorNet::start`].
+    pub fn start_with_middles(middles: usize) -> anyhow::Result<TorNet> {
         let began = Instant::now();
         let mut attempt = 1;
         loop {
-            match Self::try_start(began) {
+            match Self::try_start(began, middles) {
                 Err(err) if err.is::<PortTaken>() && attempt < START_ATTEMPTS => {
                     tracing::warn!(%err, attempt, "a relay port was taken; retrying with new ports");
                     attempt += 1;
