@@ -177,8 +177,9 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
 
     /// Use another Tor network than the public one: a file in Arti's TOML config form (its
-    /// `[tor_network]` section, and optionally `[path_rules]` and `[address_filter]`). Only
-    /// then may circuits lead to loopback or private addresses, and --resolve be used
+    /// `[tor_network]` section, and optionally `[path_rules]`, `[address_filter]` and
+    /// `[override_net_params]`). Only then may circuits lead to loopback or private addresses,
+    /// and --resolve be used
     #[arg(long, value_name = "FILE", env = "SHROUD_TOR_NETWORK")]
     pub tor_network: Option<PathBuf>,
 
