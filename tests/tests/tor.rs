@@ -564,3 +564,126 @@ async fn an_onion_proxy_takes_tunnels_that_never_touch_an_exit() {
     .unwrap();
     assert_eq!(response.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_list_carries_an_onion_proxys_endpoint_and_a_tor_client_dials_it() {
+    use shroud_discovery::fleet::{Fleet, FleetFile};
+    use shroud_mux::auth::SecretKey;
+
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+
+    // A discovery service with no static proxies: the onion proxy announces itself.
+    const DISCOVERY: &str = "discovery.test";
+    const SECRET: &str = "a-fleet-secret-of-sufficient-length";
+    let (cert, key_file) = pki
+        .ca
+        .issue(&[DISCOVERY])
+        .write_files(pki.dir(), DISCOVERY)
+        .unwrap();
+    let signing = SecretKey::generate().unwrap();
+    let fleet = Fleet::new(FleetFile::default(), Duration::from_secs(30));
+    let mut config = shroud_discovery::server::ServerConfig::new(
+        shroud_discovery::server::tls_config(&cert, &key_file).unwrap(),
+        std::sync::Arc::new(SecretKey::from_seed(&signing.to_seed())),
+        fleet,
+    );
+    config.fleet_secret =
+        Some(shroud_discovery::secret::FleetSecret::new(SECRET.to_owned()).unwrap());
+    let listener = shroud_proxy::server::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let discovery = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_discovery = stop.clone().drop_guard();
+    tokio::spawn(shroud_discovery::server::run(listener, config, stop));
+    let secret_file = pki.dir().join("fleet.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let discovery_url = format!("https://{DISCOVERY}:{}", discovery.port());
+    let discovery_resolve = format!("{DISCOVERY}:{}:127.0.0.1", discovery.port());
+
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let name = "listed.proxy.test";
+    let mut args = OnionProxy::args(
+        shroud_tests::stack::proxy_args(&pki, name, &format!("{HOST} {key}\n")).unwrap(),
+        &pki.dir().join("proxy-state"),
+        &net.network_file,
+    );
+    args.extend(
+        [
+            "--discovery",
+            &discovery_url,
+            "--resolve",
+            &discovery_resolve,
+            "--discovery-ca",
+            &pki.ca_path.display().to_string(),
+            "--fleet-secret-file",
+            &secret_file.display().to_string(),
+            "--region",
+            "eu",
+            // The name and port a client would dial through an exit; the list says so, and
+            // carries the onion endpoint beside them.
+            "--public-name",
+            &format!("{name}:443"),
+            "--heartbeat-secs",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let proxy = OnionProxy::start(args).await.unwrap();
+
+    // A Tor client that knows only the discovery service: it asks through Tor, gets the entry
+    // with its onion endpoint, and dials that, checking the certificate for the entry's name.
+    let args: Vec<String> = [
+        HOST,
+        &origin.addr().to_string(),
+        "--discovery",
+        &discovery_url,
+        "--discovery-key",
+        &signing.public().to_string(),
+        "--resolve",
+        &discovery_resolve,
+        "--proxy-ca",
+        &pki.ca_path.display().to_string(),
+        "--key",
+        &key_path.display().to_string(),
+        "--state-dir",
+        &pki.dir().join("client-state").display().to_string(),
+        "--tor-network",
+        &net.network_file.display().to_string(),
+        "--max-backoff-secs",
+        "5",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let up = client
+        .wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert!(
+        up.contains(&format!("proxy={name}@{}:443", proxy.address)),
+        "the tunnel goes to the listed onion endpoint: {up}"
+    );
+    let response = within(
+        60,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/listed"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    // No exit carries the tunnel to the proxy's TLS port.
+    for exit in net.exits() {
+        let to_proxy: Vec<_> = tcp_connections_of(exit.pid)
+            .into_iter()
+            .filter(|(_, remote)| remote.port() == proxy.https.port())
+            .collect();
+        assert!(to_proxy.is_empty(), "{} holds {to_proxy:?}", exit.nick);
+    }
+}
