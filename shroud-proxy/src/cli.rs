@@ -757,6 +757,50 @@ mod limit_flag_tests {
     }
 
     #[test]
+    fn the_onion_tunnel_needs_a_state_directory_for_its_key() {
+        let cli = parse(&[]).unwrap();
+        assert!(!cli.onion_tunnel);
+        assert_eq!(cli.onion_port, 443);
+        let err = parse(&["--onion-tunnel"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        // The Tor network is the onion service's: meaningless without it.
+        let err = parse(&["--tor-network", "/net.toml"]).unwrap_err();
+        assert!(err.to_string().contains("--onion-tunnel"), "{err}");
+        let cli = parse(&[
+            "--onion-tunnel",
+            "--state-dir",
+            "/var/lib/shroud-proxy",
+            "--onion-port",
+            "8443",
+            "--tor-network",
+            "/net.toml",
+        ])
+        .unwrap();
+        assert!(cli.onion_tunnel);
+        assert_eq!(cli.onion_port, 8443);
+        assert_eq!(
+            cli.state_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/shroud-proxy"))
+        );
+        for bad in ["0", "65536", "https"] {
+            assert!(parse(&["--onion-port", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_state_directory_others_may_enter_is_refused_before_tor_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let cli = parse(&["--onion-tunnel", "--state-dir", state.to_str().unwrap()]).unwrap();
+        let err = cli.onion("proxy.test").await.err().expect("refused");
+        assert!(format!("{err:#}").contains("chmod 700"), "{err:#}");
+    }
+
+    #[test]
     fn peer_flags_need_a_listener_a_secret_and_an_address_others_can_reach() {
         // --peer and --advertise-peer mean nothing without --listen-peer, which needs the
         // secret the links prove.
