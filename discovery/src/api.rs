@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! | --- | --- |
-//! | `GET /v1/proxies?host=HOSTNAME` | 200 with a signed list ([`crate::signed`]); 400 bad host; 403 CNAME missing or elsewhere; 404 no healthy proxy; 503 DNS check impossible |
+//! | `GET /v1/proxies?host=HOSTNAME[&onion=1]` | 200 with a signed list ([`crate::signed`]), proxies' onion endpoints included with `onion=1`; 400 bad host; 403 CNAME missing or elsewhere; 404 no healthy proxy; 503 DNS check impossible |
 //! | `POST /v1/heartbeat` with `Authorization: Bearer SECRET` and a [`Heartbeat`] | 204, or 200 with a [`HeartbeatReply`] when the heartbeat named a peer address; 400 bad entry; 401 wrong secret; 403 heartbeats disabled; 413 body too large |
 //! | `GET /healthz` | 200 |
 //!
@@ -54,6 +54,12 @@ pub struct Heartbeat {
     /// through ([`HeartbeatReply`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<SocketAddr>,
+    /// The proxy's tunnel listener as an onion service, `ADDRESS.onion:PORT`
+    /// (`shroud-proxy --onion-tunnel`), for lists to carry ([`ProxyEntry::onion`]). Left out
+    /// when absent, like the fields above; a service that predates it refuses a heartbeat that
+    /// carries it, so upgrade the service before turning the onion listener on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onion: Option<String>,
 }
 
 /// Most peer addresses a [`HeartbeatReply`] carries.
@@ -78,6 +84,7 @@ impl Heartbeat {
             addrs: Vec::new(),
             names: Vec::new(),
             peer: None,
+            onion: entry.onion.clone(),
         }
     }
 
@@ -96,6 +103,7 @@ impl Heartbeat {
             name: self.name.clone(),
             port: self.port,
             region: self.region.clone(),
+            onion: self.onion.clone(),
         }
     }
 }
@@ -105,6 +113,11 @@ impl Heartbeat {
 pub fn proxies_target(host: &str) -> String {
     format!("{PROXIES_PATH}?host={host}")
 }
+
+/// The query parameter by which a client says it understands onion endpoints in lists
+/// ([`ProxyEntry::onion`]): only then does the service include them. A service that predates
+/// them ignores it.
+pub const ONION_PARAM: &str = "onion=1";
 
 /// Why fetching a list failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +140,8 @@ pub enum FetchError {
 
 /// Asks for `host`'s list over `stream` (already connected, usually TLS to the service) and
 /// verifies it. `authority` is the `Host` header (the service's name, with `:port` if not
-/// 443); `now` and `newest_seen` are as for [`signed::verify`]. No timeout here: wrap the call.
+/// 443); `now` and `newest_seen` are as for [`signed::verify`]; `onion` asks for proxies'
+/// onion endpoints too ([`ONION_PARAM`]). No timeout here: wrap the call.
 pub async fn fetch_list<S>(
     stream: S,
     authority: &str,
@@ -135,6 +149,7 @@ pub async fn fetch_list<S>(
     pinned: &PublicKey,
     now: u64,
     newest_seen: Option<u64>,
+    onion: bool,
 ) -> Result<ProxyList, FetchError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -145,7 +160,11 @@ where
         stream,
         "GET",
         authority,
-        &proxies_target(&host),
+        &if onion {
+            format!("{}&{ONION_PARAM}", proxies_target(&host))
+        } else {
+            proxies_target(&host)
+        },
         &[("Accept", "application/json")],
         None,
         signed::MAX_BODY_LEN,

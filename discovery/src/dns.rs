@@ -422,6 +422,7 @@ mod tests {
             name: "live.net".into(),
             port: 443,
             region: "us".into(),
+            onion: None,
         };
         let reach = Reach {
             addrs: vec!["192.0.2.9".parse().unwrap()],

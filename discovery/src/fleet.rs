@@ -68,6 +68,17 @@ pub enum EntryError {
         /// The proxy's name.
         name: String,
     },
+    /// The onion endpoint is not `ADDRESS.onion:PORT`.
+    #[error("proxy {name}:{port} has an onion endpoint that is not ADDRESS.onion:PORT")]
+    BadOnion {
+        /// The proxy's name.
+        name: String,
+        /// The proxy's port.
+        port: u16,
+        /// What is wrong with it.
+        #[source]
+        source: shroud_mux::onion::OnionError,
+    },
     /// The region is too long or holds control characters.
     #[error(
         "proxy {name}:{port} has a region longer than {MAX_REGION_LEN} bytes or with control \
@@ -103,15 +114,27 @@ pub fn check_entry(entry: ProxyEntry) -> Result<ProxyEntry, EntryError> {
             port: entry.port,
         });
     }
+    let onion = entry
+        .onion
+        .as_deref()
+        .map(crate::signed::check_onion)
+        .transpose()
+        .map_err(|source| EntryError::BadOnion {
+            name: name.clone(),
+            port: entry.port,
+            source,
+        })?;
     Ok(ProxyEntry {
         name,
         port: entry.port,
         region: entry.region,
+        onion,
     })
 }
 
 /// The fleet file: `[[proxy]]` tables with `name`, `port`, `region` and, optionally, the
-/// proxy's public `addrs` (which the service's DNS answers give visitors).
+/// proxy's public `addrs` (which the service's DNS answers give visitors) and its `onion`
+/// endpoint (what `shroud-proxy --onion-tunnel` printed, with the port).
 ///
 /// ```toml
 /// [[proxy]]
@@ -119,6 +142,7 @@ pub fn check_entry(entry: ProxyEntry) -> Result<ProxyEntry, EntryError> {
 /// port = 443
 /// region = "eu"
 /// addrs = ["192.0.2.10", "2001:db8::10"]
+/// onion = "2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion:443"
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +165,9 @@ pub struct StaticProxy {
     /// Its public addresses, if the service's DNS should answer them.
     #[serde(default)]
     pub addrs: Vec<IpAddr>,
+    /// Its tunnel listener as an onion service, `ADDRESS.onion:PORT`.
+    #[serde(default)]
+    pub onion: Option<String>,
 }
 
 impl StaticProxy {
@@ -150,6 +177,7 @@ impl StaticProxy {
             name: self.name.clone(),
             port: self.port,
             region: self.region.clone(),
+            onion: self.onion.clone(),
         }
     }
 }
@@ -161,6 +189,7 @@ impl From<ProxyEntry> for StaticProxy {
             port: entry.port,
             region: entry.region,
             addrs: Vec::new(),
+            onion: entry.onion,
         }
     }
 }
@@ -300,6 +329,7 @@ pub struct Reach {
 #[derive(Debug, Clone)]
 struct Live {
     region: String,
+    onion: Option<String>,
     last_seen: Instant,
     addrs: Vec<IpAddr>,
     names: HashSet<String>,
@@ -439,6 +469,7 @@ impl Fleet {
             key,
             Live {
                 region: entry.region,
+                onion: entry.onion,
                 last_seen: now,
                 addrs: reach.addrs,
                 names,
@@ -545,6 +576,7 @@ impl Fleet {
                     name: name.clone(),
                     port: *port,
                     region: live.region.clone(),
+                    onion: live.onion.clone(),
                 }),
         );
         out

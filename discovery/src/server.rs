@@ -521,7 +521,13 @@ async fn proxies(request: &Request<Incoming>, state: &State) -> Reply {
         }
     }
 
-    let proxies = lock(&state.fleet).select(&host, state.max_proxies, Instant::now());
+    let mut proxies = lock(&state.fleet).select(&host, state.max_proxies, Instant::now());
+    if !wants_onion(request.uri().query()) {
+        // Clients that did not ask would refuse an entry with a field they do not know.
+        for entry in &mut proxies {
+            entry.onion = None;
+        }
+    }
     if proxies.is_empty() {
         return text(
             StatusCode::NOT_FOUND,
@@ -559,6 +565,11 @@ async fn proxies(request: &Request<Incoming>, state: &State) -> Reply {
             )
         }
     }
+}
+
+/// Whether the request asks for proxies' onion endpoints ([`api::ONION_PARAM`]).
+fn wants_onion(query: Option<&str>) -> bool {
+    query.is_some_and(|query| query.split('&').any(|pair| pair == api::ONION_PARAM))
 }
 
 /// The value of the one `host` parameter; `None` if it is missing or repeated.
@@ -741,6 +752,14 @@ mod tests {
             Some("a.test")
         );
         assert_eq!(host_param(Some("host=a.test&host=b.test")), None);
+        assert_eq!(
+            host_param(Some("host=a.test&onion=1")).as_deref(),
+            Some("a.test")
+        );
+        assert!(wants_onion(Some("host=a.test&onion=1")));
+        assert!(!wants_onion(Some("host=a.test&onion=0")));
+        assert!(!wants_onion(Some("host=a.test")));
+        assert!(!wants_onion(None));
         assert_eq!(host_param(Some("hostx=a.test")), None);
         assert_eq!(host_param(None), None);
     }

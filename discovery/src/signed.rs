@@ -41,6 +41,15 @@ pub struct ProxyEntry {
     pub port: u16,
     /// A free-form region label; lists spread their entries across regions.
     pub region: String,
+    /// The proxy's tunnel listener as an onion service, `ADDRESS.onion:PORT`, when it has one
+    /// (`shroud-proxy --onion-tunnel`): a client with Tor dials it instead of `name:port`, so
+    /// its tunnel needs no exit, and still checks the proxy's certificate against `name`.
+    ///
+    /// Left out when absent, so such entries are byte for byte what they were before the
+    /// field existed; and served only to clients that ask for it (`onion=1` in the request),
+    /// since earlier clients refuse fields they do not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onion: Option<String>,
 }
 
 /// The proxies a client should use for one hostname, valid for a limited time.
@@ -171,6 +180,16 @@ pub enum VerifyError {
         /// The proxy's name.
         name: String,
     },
+    /// A proxy's onion endpoint is not `ADDRESS.onion:PORT` in normal form.
+    #[error(
+        "the proxy list gives {name} the onion endpoint {onion:?}, which is not ADDRESS.onion:PORT"
+    )]
+    BadOnion {
+        /// The proxy's name.
+        name: String,
+        /// The endpoint as listed.
+        onion: String,
+    },
 }
 
 /// Signs `list` with `key` and returns the wire form, the response body.
@@ -253,8 +272,26 @@ pub fn verify(
                 name: entry.name.clone(),
             });
         }
+        if let Some(onion) = &entry.onion {
+            if check_onion(onion).as_deref() != Ok(onion.as_str()) {
+                return Err(VerifyError::BadOnion {
+                    name: entry.name.clone(),
+                    onion: onion.clone(),
+                });
+            }
+        }
     }
     Ok(list)
+}
+
+/// Reads an onion endpoint, `ADDRESS.onion:PORT` (the port is required), and returns it in
+/// normal form (the address lower case).
+pub fn check_onion(text: &str) -> Result<String, shroud_mux::onion::OnionError> {
+    if !text.contains(':') {
+        return Err(shroud_mux::onion::OnionError::BadPort);
+    }
+    let (address, port) = shroud_mux::onion::parse_endpoint(text, 0)?;
+    Ok(format!("{address}:{port}"))
 }
 
 fn check_times(list: &ProxyList, now: u64, newest_seen: Option<u64>) -> Result<(), VerifyError> {
@@ -314,11 +351,16 @@ mod tests {
                     name: "p1.example.net".into(),
                     port: 443,
                     region: "eu".into(),
+                    onion: None,
                 },
                 ProxyEntry {
                     name: "p2.example.net".into(),
                     port: 8443,
                     region: "us".into(),
+                    onion: Some(format!(
+                        "{}:443",
+                        shroud_mux::onion::from_public_key(&[2; 32])
+                    )),
                 },
             ],
         }
@@ -490,12 +532,45 @@ mod tests {
                 name: format!("p{i}.example.net"),
                 port: 443,
                 region: "eu".into(),
+                onion: None,
             })
             .collect();
         assert!(matches!(
             check(&many, NOW, None),
             Err(VerifyError::TooManyProxies { count: 65 })
         ));
+    }
+
+    #[test]
+    fn onion_endpoints_must_be_valid_and_normal() {
+        let address = shroud_mux::onion::from_public_key(&[2; 32]);
+        for bad in [
+            address.clone(),
+            format!("{}:443", address.to_ascii_uppercase()),
+            format!("{address}:0"),
+            "p2.example.net:443".to_owned(),
+            format!("{}:443", address.replacen('a', "b", 1)),
+        ] {
+            let mut listed = list();
+            listed.proxies[1].onion = Some(bad.clone());
+            assert!(
+                matches!(check(&listed, NOW, None), Err(VerifyError::BadOnion { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_without_onion_signs_as_before_the_field_existed() {
+        // The payload of a list without onion endpoints has no trace of the field, so lists
+        // signed before it existed and after are the same bytes, and earlier clients (which
+        // refuse unknown fields) read them.
+        let mut plain = list();
+        plain.proxies[1].onion = None;
+        let payload = serde_json::to_string(&plain).unwrap();
+        assert!(!payload.contains("onion"), "{payload}");
+        let with = serde_json::to_string(&list()).unwrap();
+        assert!(with.contains(r#""onion":""#), "{with}");
     }
 
     #[test]

@@ -69,6 +69,7 @@ async fn list_verifies_with_the_pinned_key() {
         &pinned,
         now_unix(),
         Some(list.issued_at),
+        false,
     ))
     .await
     .unwrap();
@@ -113,6 +114,7 @@ async fn bad_requests_get_clear_statuses() {
         &SecretKey::from_seed(&[1; 32]).public(),
         now_unix(),
         None,
+        false,
     )
     .await
     .unwrap_err();
@@ -120,6 +122,57 @@ async fn bad_requests_get_clear_statuses() {
         matches!(err, api::FetchError::Verify(VerifyError::BadSignature)),
         "{err:?}"
     );
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn onion_endpoints_reach_only_the_clients_that_ask() {
+    let onion = format!("{}:443", shroud_mux::onion::from_public_key(&[9; 32]));
+    let mut listed = entry("static.proxy.test", 443, "eu");
+    listed.onion = Some(onion.to_ascii_uppercase());
+    // The fleet file's endpoint is normalised like names are.
+    let mut file = shroud_discovery::fleet::FleetFile {
+        proxy: vec![listed.into()],
+    }
+    .validate()
+    .unwrap();
+    let statics: Vec<_> = file.proxy.drain(..).map(|p| p.entry()).collect();
+    assert_eq!(statics[0].onion.as_deref(), Some(onion.as_str()));
+    let service = TestService::start(statics, with_secret).await;
+    let pinned = service.signing_key.public();
+
+    // A proxy announces its onion endpoint with its heartbeat; a malformed one is refused.
+    let beat =
+        format!(r#"{{"name":"live.proxy.test","port":443,"region":"us","onion":"{onion}"}}"#);
+    assert_eq!(service.heartbeat(SECRET, &beat).await.status, 204);
+    let bad = r#"{"name":"bad.proxy.test","port":443,"region":"us","onion":"bad.onion:443"}"#;
+    assert_eq!(service.heartbeat(SECRET, bad).await.status, 400);
+
+    // A client that asks gets both entries with their endpoints, signed like any list.
+    let stream = service.connect().await;
+    let list = within(api::fetch_list(
+        stream,
+        SERVICE_NAME,
+        "example.com",
+        &pinned,
+        now_unix(),
+        None,
+        true,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(list.proxies.len(), 2);
+    for entry in &list.proxies {
+        assert_eq!(entry.onion.as_deref(), Some(onion.as_str()), "{entry:?}");
+    }
+
+    // One that does not ask (every client before onion endpoints existed) gets none: its
+    // parser refuses fields it does not know.
+    let plain = service.get("/v1/proxies?host=example.com").await;
+    assert_eq!(plain.status, 200);
+    let payload = signed::verify(&plain.body, &pinned, "example.com", now_unix(), None).unwrap();
+    assert!(payload.proxies.iter().all(|entry| entry.onion.is_none()));
+
     service.stop().await;
 }
 
@@ -141,6 +194,7 @@ async fn heartbeats_add_and_leaving_removes() {
         &pinned,
         now_unix(),
         None,
+        false,
     )
     .await
     .unwrap_err();

@@ -171,11 +171,13 @@ fn main() {
                 name: "p1.fleet.test".into(),
                 port: 443,
                 region: "eu".into(),
+                onion: None,
             },
             ProxyEntry {
                 name: "p2.fleet.test".into(),
                 port: 8443,
                 region: "us".into(),
+                onion: None,
             },
         ],
     };

@@ -3,6 +3,7 @@
 //! - [`auth`]: client keys and the bind proof that ties a key to one TLS connection.
 //! - [`hostname`]: the one normalisation every hostname goes through.
 //! - [`keyfile`]: ed25519 keys on disk (PKCS#8 PEM, mode 0600).
+//! - [`onion`]: v3 onion addresses, as proxies announce them and clients dial them.
 //! - [`control`]: the control stream's messages and their framing.
 //! - [`header`]: the header that opens each data stream, and the client's acknowledgement.
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
@@ -17,6 +18,7 @@
 pub mod auth;
 pub mod hostname;
 pub mod keyfile;
+pub mod onion;
 
 /// The ALPN protocol identifier a client offers, and the proxy uses to recognise tunnels.
 pub const ALPN: &[u8] = b"shroud/1";

@@ -16,7 +16,7 @@ use crate::client::Client;
 use crate::discovery::DiscoverySource;
 use crate::fleet::ProxySource;
 use crate::metrics::{ClientMetrics, Sources};
-use crate::shared::{AcmeTls, ClientConfig, ProxyAddr, States, Target, Timing, TunnelState};
+use crate::shared::{AcmeTls, ClientConfig, States, Target, Timing, TunnelState};
 use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
@@ -421,12 +421,14 @@ fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<Prox
         let proxies = run
             .proxy
             .iter()
-            .map(|p| {
-                cli::parse_proxy(p)
-                    .map(|(name, port)| ProxyAddr { name, port })
-                    .map_err(|e| anyhow::anyhow!("--proxy {e}"))
-            })
+            .map(|p| cli::parse_proxy(p).map_err(|e| anyhow::anyhow!("--proxy {e}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        if let Some(onion) = proxies.iter().find(|p| p.onion.is_some()).filter(|_| !tor) {
+            anyhow::bail!(
+                "--proxy {onion}: an onion address is reached only through Tor; drop \
+                 --transport direct"
+            );
+        }
         return Ok(ProxySource::Static(proxies));
     }
     if !run.discovery.is_empty() {
@@ -445,7 +447,7 @@ fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<Prox
         } else {
             Duration::from_secs(30)
         };
-        let source = DiscoverySource::new(
+        let mut source = DiscoverySource::new(
             &run.discovery,
             key,
             hostname,
@@ -453,6 +455,11 @@ fn proxy_source(run: &RunArgs, hostname: &str, tor: bool) -> anyhow::Result<Prox
             max_proxies,
             request_timeout,
         )?;
+        if tor {
+            // Proxies that also host their tunnel listener as an onion service are dialed
+            // there: no exit on the way.
+            source = source.with_onion();
+        }
         return Ok(ProxySource::Dynamic(Box::new(source)));
     }
     if run.srv {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::proxy_protocol::Version;
+use crate::shared::ProxyAddr;
 use crate::transport::TransportKind;
 
 /// Publish a service that has no public address under a public hostname, through shroud proxies.
@@ -100,7 +101,10 @@ pub struct RunArgs {
     pub fleet_name: Option<String>,
 
     /// A proxy to hold a tunnel to, as NAME or NAME:PORT (port 443 if omitted); repeat for
-    /// several proxies. Takes precedence over --discovery and --srv
+    /// several proxies. A proxy run with --onion-tunnel is NAME@ADDRESS.onion[:PORT]: the tunnel
+    /// goes to its onion service through Tor, no exit on the way, and the certificate is still
+    /// checked for NAME (for a bare ADDRESS.onion, it must name the onion address). Takes
+    /// precedence over --discovery and --srv
     #[arg(
         long,
         value_name = "NAME[:PORT]",
@@ -181,8 +185,9 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
 
     /// Use another Tor network than the public one: a file in Arti's TOML config form (its
-    /// `[tor_network]` section, and optionally `[path_rules]` and `[address_filter]`). Only
-    /// then may circuits lead to loopback or private addresses, and --resolve be used
+    /// `[tor_network]` section, and optionally `[path_rules]`, `[address_filter]` and
+    /// `[override_net_params]`). Only then may circuits lead to loopback or private addresses,
+    /// and --resolve be used
     #[arg(long, value_name = "FILE", env = "SHROUD_TOR_NETWORK")]
     pub tor_network: Option<PathBuf>,
 
@@ -428,15 +433,47 @@ fn stream_buffer_bytes() -> clap::builder::RangedU64ValueParser<usize> {
 /// The port proxies listen on unless told otherwise: 443, which Tor exits commonly allow.
 pub const DEFAULT_PROXY_PORT: u16 = 443;
 
-/// Reads a `--proxy NAME[:PORT]` value into its normalised hostname and port (443 if absent).
-pub fn parse_proxy(s: &str) -> Result<(String, u16), String> {
-    let (name, port) = match s.rsplit_once(':') {
-        Some((name, port)) => (name, parse_port(s, port)?),
-        None => (s, DEFAULT_PROXY_PORT),
+/// Reads a `--proxy` value: `NAME[:PORT]`, `ADDRESS.onion[:PORT]`, or
+/// `NAME@ADDRESS.onion[:PORT]` (port 443 if absent), normalised.
+///
+/// An onion address is dialed through Tor; the proxy's certificate is checked against NAME,
+/// or against the onion address itself when no NAME is given.
+pub fn parse_proxy(s: &str) -> Result<ProxyAddr, String> {
+    let (name, rest) = match s.split_once('@') {
+        Some((name, rest)) => (Some(name), rest),
+        None => (None, s),
     };
-    let name = shroud_mux::hostname::normalize(name)
-        .map_err(|err| format!("{s:?}: {name:?} is not a hostname: {err}"))?;
-    Ok((name, port))
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => (host, parse_port(s, port)?),
+        None => (rest, DEFAULT_PROXY_PORT),
+    };
+    if !shroud_mux::onion::is_onion(host) {
+        if name.is_some() {
+            return Err(format!(
+                "{s:?}: NAME@ADDRESS is for onion addresses: {host:?} does not end in .onion"
+            ));
+        }
+        let name = shroud_mux::hostname::normalize(host)
+            .map_err(|err| format!("{s:?}: {host:?} is not a hostname: {err}"))?;
+        return Ok(ProxyAddr::new(name, port));
+    }
+    let onion = shroud_mux::onion::normalize(host).map_err(|err| format!("{s:?}: {err}"))?;
+    let name = match name {
+        None => onion.clone(),
+        Some(name) if shroud_mux::onion::is_onion(name) => {
+            return Err(format!(
+                "{s:?}: before the @ goes the name the proxy's certificate is for, not an onion \
+                 address"
+            ))
+        }
+        Some(name) => shroud_mux::hostname::normalize(name)
+            .map_err(|err| format!("{s:?}: {name:?} is not a hostname: {err}"))?,
+    };
+    Ok(ProxyAddr {
+        name,
+        port,
+        onion: Some(onion),
+    })
 }
 
 /// Reads a `HOST:PORT` target: an IPv4 address, a bracketed IPv6 address or a hostname, then a
@@ -718,16 +755,48 @@ mod tests {
 
     #[test]
     fn parses_proxies() {
+        let plain = |name: &str, port| Ok(ProxyAddr::new(name.to_owned(), port));
         assert_eq!(
             parse_proxy("Proxy.Example.:443"),
-            Ok(("proxy.example".to_owned(), 443))
+            plain("proxy.example", 443)
         );
-        assert_eq!(
-            parse_proxy("proxy.example"),
-            Ok(("proxy.example".to_owned(), 443))
-        );
+        assert_eq!(parse_proxy("proxy.example"), plain("proxy.example", 443));
         for bad in ["proxy.example:0", "proxy.example:65536", ":443", "a b:1"] {
             assert!(parse_proxy(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_onion_proxies_with_the_name_their_certificate_is_for() {
+        let onion = shroud_mux::onion::from_public_key(&[5; 32]);
+        let shouted = onion.to_ascii_uppercase();
+        // NAME@ADDRESS.onion[:PORT]: dial the onion, check the certificate for NAME.
+        let proxy = parse_proxy(&format!("Proxy.Example@{shouted}:8443")).unwrap();
+        assert_eq!(
+            proxy,
+            ProxyAddr {
+                name: "proxy.example".into(),
+                port: 8443,
+                onion: Some(onion.clone()),
+            }
+        );
+        assert_eq!(proxy.dial_host(), onion);
+        assert_eq!(proxy.to_string(), format!("proxy.example@{onion}:8443"));
+        // A bare onion address: the certificate must name the onion address; port 443.
+        let bare = parse_proxy(&onion).unwrap();
+        assert_eq!((bare.name.as_str(), bare.port), (onion.as_str(), 443));
+        assert_eq!(bare.onion.as_deref(), Some(onion.as_str()));
+        assert_eq!(bare.to_string(), format!("{onion}:443"));
+        for (bad, says) in [
+            (onion.replacen('a', "b", 1), "checksum"),
+            ("p.example@q.example:443".to_owned(), "onion addresses"),
+            (format!("{onion}@{onion}"), "not an onion address"),
+            (format!("a b@{onion}"), "not a hostname"),
+            (format!("p.example@{onion}:0"), "port"),
+            ("abc.onion".to_owned(), "56 characters"),
+        ] {
+            let err = parse_proxy(&bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
         }
     }
 

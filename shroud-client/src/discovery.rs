@@ -42,6 +42,8 @@ pub struct DiscoverySource {
     max_proxies: usize,
     request_timeout: Duration,
     newest_seen: Option<u64>,
+    /// Ask for, and dial, proxies' onion endpoints.
+    onion: bool,
 }
 
 impl DiscoverySource {
@@ -70,7 +72,16 @@ impl DiscoverySource {
             max_proxies,
             request_timeout,
             newest_seen: None,
+            onion: false,
         })
+    }
+
+    /// Asks for proxies' onion endpoints too (`shroud-proxy --onion-tunnel`), and dials a
+    /// proxy that has one there instead of at its name, still checking the certificate for
+    /// its name. Only for a transport that reaches onion services: Tor.
+    pub fn with_onion(mut self) -> Self {
+        self.onion = true;
+        self
     }
 
     /// Asks the instances in turn, starting with the current one, until one gives a list. The
@@ -141,7 +152,10 @@ impl DiscoverySource {
         } else {
             format!("{host}:{port}")
         };
-        let path = format!("/v1/proxies?host={}", self.hostname);
+        let mut path = format!("/v1/proxies?host={}", self.hostname);
+        if self.onion {
+            path = format!("{path}&{}", shroud_discovery::api::ONION_PARAM);
+        }
         let response = shroud_discovery::http::request(
             tls,
             "GET",
@@ -179,16 +193,34 @@ impl DiscoverySource {
             .proxies
             .iter()
             .take(self.max_proxies)
-            .map(|p| ProxyAddr {
-                name: p.name.clone(),
-                port: p.port,
-            })
+            .map(|p| self.proxy(p))
             .collect();
         let lifetime = list.expires_at.saturating_sub(now);
         Ok(Fleet {
             proxies,
             refresh_after: Duration::from_secs(lifetime * 2 / 3).max(MIN_REFRESH),
         })
+    }
+}
+
+impl DiscoverySource {
+    /// The proxy an entry names: at its onion endpoint when it has one and this source dials
+    /// them ([`DiscoverySource::with_onion`]), else at its name. The list's signature covers
+    /// both, and [`signed::verify`] checked the endpoint's form.
+    fn proxy(&self, entry: &signed::ProxyEntry) -> ProxyAddr {
+        let onion = entry
+            .onion
+            .as_deref()
+            .filter(|_| self.onion)
+            .and_then(|endpoint| shroud_mux::onion::parse_endpoint(endpoint, entry.port).ok());
+        match onion {
+            Some((address, port)) => ProxyAddr {
+                name: entry.name.clone(),
+                port,
+                onion: Some(address),
+            },
+            None => ProxyAddr::new(entry.name.clone(), entry.port),
+        }
     }
 }
 
@@ -261,7 +293,54 @@ fn parse_url(url: &str) -> anyhow::Result<(String, u16)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn onion_endpoints_are_asked_for_and_dialed_only_with_tor() {
+        let key = shroud_mux::auth::SecretKey::from_seed(&[1; 32]).public();
+        let source = DiscoverySource::new(
+            &["https://disco.example"],
+            key,
+            "a.example",
+            None,
+            3,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let onion = shroud_mux::onion::from_public_key(&[3; 32]);
+        let entry = signed::ProxyEntry {
+            name: "p.example".into(),
+            port: 443,
+            region: "eu".into(),
+            onion: Some(format!("{onion}:8443")),
+        };
+        // Without Tor the entry's name is dialed (and the service is not asked for onions).
+        assert_eq!(
+            source.proxy(&entry),
+            ProxyAddr::new("p.example".into(), 443)
+        );
+        // With Tor the onion endpoint is dialed, and the certificate still checked for the
+        // entry's name.
+        let source = source.with_onion();
+        assert_eq!(
+            source.proxy(&entry),
+            ProxyAddr {
+                name: "p.example".into(),
+                port: 8443,
+                onion: Some(onion),
+            }
+        );
+        let plain = signed::ProxyEntry {
+            onion: None,
+            ..entry
+        };
+        assert_eq!(
+            source.proxy(&plain),
+            ProxyAddr::new("p.example".into(), 443)
+        );
+    }
 
     #[test]
     fn urls() {

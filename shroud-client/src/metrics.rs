@@ -403,14 +403,8 @@ mod tests {
 
         metrics.tor_status(100, true);
         let mut states = States::new();
-        let one = ProxyAddr {
-            name: "one.test".into(),
-            port: 443,
-        };
-        let two = ProxyAddr {
-            name: "two.test".into(),
-            port: 8443,
-        };
+        let one = ProxyAddr::new("one.test".into(), 443);
+        let two = ProxyAddr::new("two.test".into(), 8443);
         states.insert(one.clone(), TunnelState::Connecting);
         states.insert(two.clone(), TunnelState::Waiting { reason: "x".into() });
         let (tx, rx) = watch::channel(states);

@@ -20,15 +20,42 @@ use crate::transport::Transport;
 /// A proxy to hold a tunnel to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProxyAddr {
-    /// Hostname, checked against the proxy's certificate.
+    /// Hostname, checked against the proxy's certificate (and sent as SNI).
     pub name: String,
-    /// TCP port.
+    /// TCP port: of `name`, or of `onion` when there is one.
     pub port: u16,
+    /// The proxy's tunnel listener as an onion service, `ADDRESS.onion` (normalised), dialed
+    /// through Tor instead of `name`; the certificate is still checked against `name`, which
+    /// is the onion address itself when nothing else names the proxy.
+    pub onion: Option<String>,
+}
+
+impl ProxyAddr {
+    /// A proxy reached at `name:port`.
+    pub fn new(name: String, port: u16) -> Self {
+        Self {
+            name,
+            port,
+            onion: None,
+        }
+    }
+
+    /// Where to connect: the onion address if there is one, else the name.
+    pub fn dial_host(&self) -> &str {
+        self.onion.as_deref().unwrap_or(&self.name)
+    }
 }
 
 impl std::fmt::Display for ProxyAddr {
+    /// `NAME:PORT`, or `NAME@ADDRESS.onion:PORT` (as `--proxy` takes it), or
+    /// `ADDRESS.onion:PORT` when the onion address is the name too.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.name, self.port)
+        match &self.onion {
+            Some(onion) if *onion != self.name => {
+                write!(f, "{}@{onion}:{}", self.name, self.port)
+            }
+            _ => write!(f, "{}:{}", self.name, self.port),
+        }
     }
 }
 

@@ -367,22 +367,52 @@ pub fn order_by_priority_and_weight(
 
 /// Proxies from SRV records (`--srv`): looked up again when the answer's TTL runs out (at least
 /// every minute, at most every hour), through the client's transport.
+///
+/// A target may be an onion address (a proxy run with `--onion-tunnel`): with Tor the tunnel
+/// is dialed there, and the proxy's certificate must then name that onion address, the only
+/// name an SRV record gives. Without Tor such targets cannot be reached and are skipped.
 pub struct SrvSource {
     hostname: String,
     dns_server: SocketAddr,
     max_proxies: usize,
     timeout: Duration,
+    tor: bool,
 }
 
 impl SrvSource {
     /// Looks up `_shroud._tcp.HOSTNAME` at `dns_server`, keeping the first `max_proxies`
-    /// targets. `tor` gives the query more time: it crosses a circuit.
+    /// targets. `tor` gives the query more time (it crosses a circuit), and lets onion targets
+    /// in.
     pub fn new(hostname: &str, dns_server: SocketAddr, max_proxies: usize, tor: bool) -> Self {
         Self {
             hostname: hostname.to_owned(),
             dns_server,
             max_proxies,
             timeout: Duration::from_secs(if tor { 60 } else { 10 }),
+            tor,
+        }
+    }
+
+    /// The proxy a target names; `None` for one that cannot be used here (an onion target
+    /// without Tor, or one that is not a valid onion address).
+    fn proxy(&self, target: SrvTarget) -> Option<crate::shared::ProxyAddr> {
+        if !shroud_mux::onion::is_onion(&target.name) {
+            return Some(crate::shared::ProxyAddr::new(target.name, target.port));
+        }
+        if !self.tor {
+            tracing::warn!(target = %target.name, "an SRV target is an onion address, which only the tor transport reaches; skipping it");
+            return None;
+        }
+        match shroud_mux::onion::normalize(&target.name) {
+            Ok(onion) => Some(crate::shared::ProxyAddr {
+                name: onion.clone(),
+                port: target.port,
+                onion: Some(onion),
+            }),
+            Err(err) => {
+                tracing::warn!(target = %target.name, %err, "skipping an SRV target");
+                None
+            }
         }
     }
 }
@@ -402,11 +432,8 @@ impl crate::fleet::FleetSource for SrvSource {
             let proxies = answer
                 .targets
                 .into_iter()
+                .filter_map(|t| self.proxy(t))
                 .take(self.max_proxies)
-                .map(|t| crate::shared::ProxyAddr {
-                    name: t.name,
-                    port: t.port,
-                })
                 .collect();
             Ok(crate::fleet::Fleet {
                 proxies,
@@ -458,6 +485,32 @@ mod tests {
             counts.iter_mut().find(|(name, _)| name == first).unwrap().1 += 1;
         }
         counts
+    }
+
+    #[test]
+    fn an_onion_target_is_dialed_through_tor_and_named_by_its_address() {
+        let onion = shroud_mux::onion::from_public_key(&[4; 32]);
+        let dns = "127.0.0.1:53".parse().unwrap();
+        let tor = SrvSource::new("a.example", dns, 3, true);
+        let mut listed = target(&format!("{}.", onion.to_ascii_uppercase()), 10, 1);
+        listed.port = 8443;
+        assert_eq!(
+            tor.proxy(listed.clone()),
+            Some(crate::shared::ProxyAddr {
+                name: onion.clone(),
+                port: 8443,
+                onion: Some(onion.clone()),
+            }),
+            "the certificate must then name the onion address, the only name SRV gives"
+        );
+        // Without Tor it cannot be reached: skipped, not looked up.
+        let direct = SrvSource::new("a.example", dns, 3, false);
+        assert_eq!(direct.proxy(listed), None);
+        // A mangled onion address is skipped; ordinary names pass as they are.
+        let mangled = target(&onion.replacen('a', "b", 1), 10, 1);
+        assert_eq!(tor.proxy(mangled), None);
+        let plain = tor.proxy(target("p.example", 10, 1)).unwrap();
+        assert_eq!(plain.onion, None);
     }
 
     #[test]

@@ -114,6 +114,14 @@ impl DirectTransport {
     }
 
     async fn dial(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        if shroud_mux::onion::is_onion(host) {
+            // Looking it up would only leak the name to a resolver.
+            let err = io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an onion address is reached only through Tor (--transport tor)",
+            );
+            return Err(dial_error(host, port, "cannot connect to", err));
+        }
         let deadline = Instant::now() + self.connect_timeout;
         let addrs = match tokio::time::timeout_at(deadline, self.addresses(host, port)).await {
             Ok(Ok(addrs)) => addrs,
@@ -256,6 +264,18 @@ mod tests {
             "{err}"
         );
         assert!(err.source().is_some(), "the cause is kept as the source");
+    }
+
+    #[tokio::test]
+    async fn never_looks_up_an_onion_address() {
+        let transport = DirectTransport::new(Resolve::new(), Duration::from_secs(5));
+        let onion = shroud_mux::onion::from_public_key(&[1; 32]);
+        let err = match transport.connect(&onion, 443).await {
+            Ok(_) => panic!("dialed an onion address directly"),
+            Err(err) => err,
+        };
+        assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        assert!(format!("{:?}", err).contains("only through Tor"), "{err:?}");
     }
 
     #[tokio::test]

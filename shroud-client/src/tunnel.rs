@@ -243,7 +243,7 @@ async fn connect_and_bind(proxy: &ProxyAddr, config: &ClientConfig) -> Result<Bo
     let timing = &config.timing;
     let io = timeout(
         timing.connect_timeout,
-        config.transport.connect(&proxy.name, proxy.port),
+        config.transport.connect(proxy.dial_host(), proxy.port),
     )
     .await
     .map_err(|_| AttemptError::Timeout("the connection to the proxy"))?

@@ -1,5 +1,6 @@
 //! Command-line interface of `shroud-proxy`.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::dns_auth::{DnsAuthLimits, DnsAuthorizer};
+use crate::onion::{OnionOptions, OnionTunnels};
 use crate::peers::FleetConfig;
 use crate::policy::Policy;
 use crate::server::{self, Listeners};
@@ -251,6 +253,42 @@ pub struct Cli {
     /// Reload on edits too, not only on SIGHUP.
     #[command(flatten)]
     pub watch: shroud_process::reload::WatchArgs,
+
+    /// Also host the tunnel listener as a Tor onion service, with embedded Tor: clients that
+    /// dial its address reach this proxy without a Tor exit. The address (the service's key,
+    /// kept under --state-dir) is printed on stdout at start and announced to --discovery.
+    /// Tunnels arriving there are served like any other: TLS with --tls-cert, then the bind
+    #[arg(long, env = "SHROUD_ONION_TUNNEL", requires = "state_dir")]
+    pub onion_tunnel: bool,
+
+    /// The port the onion service serves, as clients dial it (ADDRESS.onion:PORT)
+    #[arg(long, env = "SHROUD_ONION_PORT", value_name = "PORT",
+          default_value_t = crate::onion::DEFAULT_PORT,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub onion_port: u16,
+
+    /// Where the proxy keeps its state: with --onion-tunnel, Tor's state and cache and the
+    /// onion service's identity key, under DIR/tor. Created mode 0700; refused if others may
+    /// enter it. Keep it across restarts, or the onion address changes
+    #[arg(long, env = "SHROUD_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// With --onion-tunnel, use another Tor network than the public one: a file in Arti's TOML
+    /// config form (its [tor_network] section, and optionally [path_rules], [address_filter]
+    /// and [override_net_params]), as the client's --tor-network takes
+    #[arg(
+        long,
+        env = "SHROUD_TOR_NETWORK",
+        value_name = "FILE",
+        requires = "onion_tunnel"
+    )]
+    pub tor_network: Option<PathBuf>,
+
+    /// With --onion-tunnel, seconds Tor may take to bootstrap before the proxy gives up and
+    /// says why
+    #[arg(long, env = "SHROUD_TOR_BOOTSTRAP_TIMEOUT_SECS", value_name = "SECS",
+          default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tor_bootstrap_timeout_secs: u64,
 }
 
 /// A count of 1 or more.
@@ -417,10 +455,12 @@ impl Cli {
             http: bind(self.listen_http, "--listen-http").await?,
             tunnel: bind(self.listen_tunnel, "--listen-tunnel").await?,
             peer: bind(self.listen_peer, "--listen-peer").await?,
+            onion: None,
         };
-        if listeners.https.is_none() && listeners.tunnel.is_none() {
+        if listeners.https.is_none() && listeners.tunnel.is_none() && !self.onion_tunnel {
             anyhow::bail!(
-                "give --listen-https or --listen-tunnel, or clients cannot reach this proxy"
+                "give --listen-https, --listen-tunnel or --onion-tunnel, or clients cannot reach \
+                 this proxy"
             );
         }
         Ok(listeners)
@@ -437,9 +477,15 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
         shroud_process::reload::Reloads::listen(cli.watch.every(), crate::reload::files(&cli))
             .context("listening for SIGHUP")?;
     let mut config = cli.config()?;
-    let listeners = cli.listeners().await?;
+    let mut listeners = cli.listeners().await?;
     let peer_addr = listeners.peer.as_ref().map(TcpListener::local_addr);
     config.fleet = cli.fleet(peer_addr.transpose()?)?;
+    // Last, because Tor may take a while to bootstrap: every local check has passed by now.
+    listeners.onion = cli.onion(&config.tunnel_name).await?;
+    let onion = listeners
+        .onion
+        .as_ref()
+        .map(|onion| format!("{}:{}", onion.address(), onion.port()));
     info!(
         tunnel_name = %config.tunnel_name,
         bindings = config.policy.len(),
@@ -452,7 +498,7 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let metrics_stop = CancellationToken::new();
     let metrics = start_metrics(&cli.metrics, &shared, metrics_stop.clone())?;
     let announce = cli
-        .announcement(&shared)?
+        .announcement(&shared, onion)?
         .map(|announce| tokio::spawn(announce.run(shutdown.clone())));
     let reloader = crate::reload::Reloader::new(cli, shared.clone());
     tokio::spawn(shroud_process::reload::serve(
@@ -521,9 +567,46 @@ impl Announcement {
 }
 
 impl Cli {
+    /// The onion service --onion-tunnel asks for, launched, its address printed on stdout; or
+    /// `None` without the flag.
+    pub async fn onion(&self, tunnel_name: &str) -> anyhow::Result<Option<OnionTunnels>> {
+        if !self.onion_tunnel {
+            return Ok(None);
+        }
+        let state_dir = self
+            .state_dir
+            .clone()
+            .context("--onion-tunnel needs --state-dir DIR, where its key is kept")?;
+        let options = OnionOptions {
+            state_dir,
+            network_file: self.tor_network.clone(),
+            bootstrap_timeout: Duration::from_secs(self.tor_bootstrap_timeout_secs),
+            port: self.onion_port,
+        };
+        let onion = OnionTunnels::start(options)
+            .await
+            .context("--onion-tunnel")?;
+        let (address, port) = (onion.address(), onion.port());
+        info!(
+            onion = %address,
+            port,
+            client_proxy = %format!("{tunnel_name}@{address}:{port}"),
+            "tunnel listener published as an onion service"
+        );
+        // The address alone on stdout, for whoever started the proxy (and scripts) to take.
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "{address}").and_then(|()| stdout.flush());
+        Ok(Some(onion))
+    }
+
     /// The discovery announcement the flags ask for, if any; the names it announces are those
-    /// bound in `shared`'s registry at each heartbeat.
-    pub fn announcement(&self, shared: &Arc<Shared>) -> anyhow::Result<Option<Announcement>> {
+    /// bound in `shared`'s registry at each heartbeat. `onion` is the onion service's
+    /// `ADDRESS.onion:PORT`, when the tunnel listener is one, for lists to carry.
+    pub fn announcement(
+        &self,
+        shared: &Arc<Shared>,
+        onion: Option<String>,
+    ) -> anyhow::Result<Option<Announcement>> {
         if self.discovery.is_empty() {
             return Ok(None);
         }
@@ -567,7 +650,12 @@ impl Cli {
         let peers = shared.peers().cloned();
         let shared = shared.clone();
         let presence = shroud_discovery::announce::Presence {
-            entry: shroud_discovery::signed::ProxyEntry { name, port, region },
+            entry: shroud_discovery::signed::ProxyEntry {
+                name,
+                port,
+                region,
+                onion,
+            },
             addrs: self.public_addr.clone(),
             changes: Some(shared.watch_names()),
             names: Box::new(move || shared.bound_names()),
@@ -725,6 +813,50 @@ mod limit_flag_tests {
                 "--{flag}"
             );
         }
+    }
+
+    #[test]
+    fn the_onion_tunnel_needs_a_state_directory_for_its_key() {
+        let cli = parse(&[]).unwrap();
+        assert!(!cli.onion_tunnel);
+        assert_eq!(cli.onion_port, 443);
+        let err = parse(&["--onion-tunnel"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(err.to_string().contains("--state-dir"), "{err}");
+        // The Tor network is the onion service's: meaningless without it.
+        let err = parse(&["--tor-network", "/net.toml"]).unwrap_err();
+        assert!(err.to_string().contains("--onion-tunnel"), "{err}");
+        let cli = parse(&[
+            "--onion-tunnel",
+            "--state-dir",
+            "/var/lib/shroud-proxy",
+            "--onion-port",
+            "8443",
+            "--tor-network",
+            "/net.toml",
+        ])
+        .unwrap();
+        assert!(cli.onion_tunnel);
+        assert_eq!(cli.onion_port, 8443);
+        assert_eq!(
+            cli.state_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/shroud-proxy"))
+        );
+        for bad in ["0", "65536", "https"] {
+            assert!(parse(&["--onion-port", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_state_directory_others_may_enter_is_refused_before_tor_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let cli = parse(&["--onion-tunnel", "--state-dir", state.to_str().unwrap()]).unwrap();
+        let err = cli.onion("proxy.test").await.err().expect("refused");
+        assert!(format!("{err:#}").contains("chmod 700"), "{err:#}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! [`cli`] turns flags into a [`shared::ProxyConfig`]; [`reload`] re-reads the authorized
 //! file and the certificate on SIGHUP, without touching a tunnel or a visitor. [`metrics`]
 //! counts what happens, for Prometheus on `--metrics-listen`.
+//! With `--onion-tunnel`, [`onion`] also hosts the tunnel listener as a Tor onion service, and
+//! hands what arrives there to [`tunnel`] like any tunnel connection.
 //!
 //! A fleet's proxies serve each other's names. [`peers`] is what one knows of the others,
 //! kept by [`gossip`] (foca, over [`peer_link`]s whose ends prove the fleet secret);
@@ -27,6 +29,7 @@ pub mod gossip;
 pub mod handoff;
 pub mod http_sniff;
 pub mod metrics;
+pub mod onion;
 pub mod peer_link;
 pub mod peers;
 pub mod policy;

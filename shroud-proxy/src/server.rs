@@ -28,6 +28,8 @@ pub struct Listeners {
     pub tunnel: Option<TcpListener>,
     /// Links from the other proxies of the fleet; needs [`ProxyConfig::fleet`].
     pub peer: Option<TcpListener>,
+    /// Tunnels only, arriving on a Tor onion service (`--onion-tunnel`).
+    pub onion: Option<crate::onion::OnionTunnels>,
 }
 
 /// Listen backlog of the proxy's sockets. tokio's default (1024) overflows when a burst of
@@ -77,7 +79,11 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if listeners.https.is_none() && listeners.http.is_none() && listeners.tunnel.is_none() {
+    if listeners.https.is_none()
+        && listeners.http.is_none()
+        && listeners.tunnel.is_none()
+        && listeners.onion.is_none()
+    {
         anyhow::bail!("no listener given");
     }
     let tracker = TaskTracker::new();
@@ -89,6 +95,15 @@ pub async fn serve(
     }
     let permits = Arc::new(Semaphore::new(shared.limits.max_connections));
     let drain_timeout = shared.limits.drain_timeout;
+    if let Some(onion) = listeners.onion {
+        tracker.spawn(crate::onion::accept(
+            onion,
+            shared.clone(),
+            permits.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        ));
+    }
     let listeners = [
         (listeners.https, Kind::Https),
         (listeners.http, Kind::Http),

@@ -12,7 +12,6 @@
 //! is unbound, and a client of protocol version 2 is told why (`Unbound`); a tunnel left with
 //! no name is closed.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,15 +70,18 @@ const SOCKET_READ_BUFFER: usize = 32 * 1024;
 /// Serves one tunnel connection whose first bytes may already have been read (they are in
 /// `io`, replayed). Returns when the tunnel has ended. `address`, if given, counts the
 /// connection against its address until it is bound; from then on the per-key limits hold it.
-pub async fn serve<IO>(
+/// `peer` is where the connection came from, for the log: its address, or `onion` for one
+/// that arrived on the onion service.
+pub async fn serve<IO, P>(
     io: IO,
-    peer: SocketAddr,
+    peer: P,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     address: Option<AddressGuard>,
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    P: std::fmt::Display + Send,
 {
     // Set once the bind is answered; any end before that is a failed handshake.
     let mut answered = false;
@@ -90,9 +92,9 @@ where
     result
 }
 
-async fn serve_tunnel<IO>(
+async fn serve_tunnel<IO, P>(
     io: IO,
-    peer: SocketAddr,
+    peer: P,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     mut address: Option<AddressGuard>,
@@ -100,6 +102,7 @@ async fn serve_tunnel<IO>(
 ) -> Result<(), TunnelError>
 where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    P: std::fmt::Display + Send,
 {
     let limits = &shared.limits;
     let deadline = Instant::now() + limits.handshake_timeout;

@@ -42,6 +42,9 @@
 //!   `tor` ([`tornet::TorNet`], one shared per test binary), the Arti
 //!   configuration that reaches it, and `/proc` helpers that tell which
 //!   process holds a TCP connection.
+//! - [`onion`]: a proxy hosting its tunnel listener as an onion service on
+//!   that network, and the checks its tests share (key files private, who
+//!   holds each TCP connection).
 //! - [`tool`]: what the harness's command-line tools share (flags, `main`,
 //!   dates).
 //!
@@ -57,6 +60,7 @@ pub mod dns;
 pub mod load;
 pub mod metrics;
 pub mod nginx;
+pub mod onion;
 pub mod origin;
 pub mod pebble;
 pub mod pki;

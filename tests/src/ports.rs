@@ -25,3 +25,15 @@ pub fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
     }
     Ok(ports)
 }
+
+/// `n` distinct ports free right now on 127.0.0.1, as [`free_ports`] but counted at run time.
+pub fn free_port_list(n: usize) -> anyhow::Result<Vec<u16>> {
+    let probes = (0..n)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("binding 127.0.0.1:0 to find free ports")?;
+    probes
+        .iter()
+        .map(|probe| Ok(probe.local_addr()?.port()))
+        .collect()
+}

@@ -76,6 +76,8 @@ pub struct TestProxy {
     pub http: SocketAddr,
     /// The tunnel-only listener.
     pub tunnel: SocketAddr,
+    /// Its tunnel listener's onion service, `ADDRESS.onion` and port, when it has one.
+    pub onion: Option<(String, u16)>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -109,7 +111,27 @@ impl TestProxy {
         authorized: &str,
         limits: Limits,
     ) -> anyhow::Result<Self> {
-        Self::start_full(pki, name, authorized, None, limits).await
+        Self::start_full(pki, name, authorized, None, limits, None).await
+    }
+
+    /// Starts a proxy whose tunnel listener is also the onion service `onion`
+    /// (`--onion-tunnel`), already launched.
+    pub async fn start_with_onion(
+        pki: &Pki,
+        name: &str,
+        authorized: &str,
+        onion: shroud_proxy::onion::OnionTunnels,
+    ) -> anyhow::Result<Self> {
+        Self::start_full(pki, name, authorized, None, Limits::default(), Some(onion)).await
+    }
+
+    /// How a client dials this proxy's onion service: `NAME@ADDRESS.onion:PORT`.
+    pub fn onion_dial(&self) -> Option<ProxyAddr> {
+        self.onion.as_ref().map(|(address, port)| ProxyAddr {
+            name: self.name.clone(),
+            port: *port,
+            onion: Some(address.clone()),
+        })
     }
 
     /// Starts a proxy that also authorizes keys by `_shroud` TXT records, asking `dns_server`.
@@ -123,7 +145,15 @@ impl TestProxy {
             Some(dns_server),
             shroud_proxy::dns_auth::DnsAuthLimits::default(),
         )?;
-        Self::start_full(pki, name, authorized, Some(authorizer), Limits::default()).await
+        Self::start_full(
+            pki,
+            name,
+            authorized,
+            Some(authorizer),
+            Limits::default(),
+            None,
+        )
+        .await
     }
 
     async fn start_full(
@@ -132,6 +162,7 @@ impl TestProxy {
         authorized: &str,
         dns: Option<shroud_proxy::dns_auth::DnsAuthorizer>,
         limits: Limits,
+        onion: Option<shroud_proxy::onion::OnionTunnels>,
     ) -> anyhow::Result<Self> {
         let (cert, key) = pki.issue_files(name)?;
         let config = ProxyConfig {
@@ -148,11 +179,15 @@ impl TestProxy {
         let tunnel = bind_listener(LOOPBACK)?;
         let (https_addr, http_addr) = (https.local_addr()?, http.local_addr()?);
         let tunnel_addr = tunnel.local_addr()?;
+        let onion_addr = onion
+            .as_ref()
+            .map(|onion| (onion.address().to_owned(), onion.port()));
         let listeners = Listeners {
             https: Some(https),
             http: Some(http),
             tunnel: Some(tunnel),
             peer: None,
+            onion,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(shroud_proxy::server::run(
@@ -165,6 +200,7 @@ impl TestProxy {
             https: https_addr,
             http: http_addr,
             tunnel: tunnel_addr,
+            onion: onion_addr,
             shutdown,
             task: Some(task),
         })
@@ -217,6 +253,9 @@ pub struct ClientSpec {
     pub fleet: Option<Box<dyn shroud_client::fleet::FleetSource>>,
     /// Timeouts; tests shorten the backoff so reconnects happen quickly.
     pub timing: Timing,
+    /// Proxies dialed at their onion service (`NAME@ADDRESS.onion`), through a Tor transport,
+    /// besides `proxies`.
+    pub onion_proxies: Vec<ProxyAddr>,
 }
 
 impl ClientSpec {
@@ -237,6 +276,7 @@ impl ClientSpec {
                 backoff_cap: Duration::from_millis(500),
                 ..Timing::default()
             },
+            onion_proxies: Vec::new(),
         }
     }
 }
@@ -273,10 +313,8 @@ impl TestClient {
         let proxies = spec
             .proxies
             .iter()
-            .map(|(name, addr)| ProxyAddr {
-                name: name.clone(),
-                port: addr.port(),
-            })
+            .map(|(name, addr)| ProxyAddr::new(name.clone(), addr.port()))
+            .chain(spec.onion_proxies.iter().cloned())
             .collect();
         let target = |addr: SocketAddr| Target {
             host: addr.ip().to_string(),

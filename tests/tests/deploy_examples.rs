@@ -205,6 +205,7 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
         "systemd/shroud-discovery.service",
         "systemd/shroud-proxy.service",
         "systemd/shroud-proxy.service.d/discovery.conf",
+        "systemd/shroud-proxy.service.d/onion.conf",
         "systemd/shroud@.service",
         "zone.example",
     ] {
@@ -251,6 +252,7 @@ fn every_shroud_variable_in_deploy_is_a_real_one() {
         "shroud-proxy.toml",
         "systemd/shroud-proxy.service",
         "systemd/shroud-proxy.service.d/discovery.conf",
+        "systemd/shroud-proxy.service.d/onion.conf",
     ] {
         let names = shroud_names(&read(file));
         assert!(!names.is_empty(), "{file} names no variable");
@@ -814,6 +816,35 @@ fn required_cname_domain() -> String {
 }
 
 #[test]
+fn the_proxy_onion_drop_in_keeps_its_key_in_the_units_state_directory() {
+    let unit = read("systemd/shroud-proxy.service");
+    let drop_in = read("systemd/shroud-proxy.service.d/onion.conf");
+    let command = shroud_proxy::cli::Cli::command();
+    let mut env = unit_environment(&unit, "unused");
+    env.extend(unit_environment(&drop_in, "unused"));
+    // The unit's config file as shipped, with the drop-in's settings on top.
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = config_text("shroud-proxy.toml", false, &[]);
+    let args = to_args(&command, "shroud-proxy", &env);
+    let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &shipped);
+    assert!(cli.onion_tunnel);
+    assert_eq!(cli.onion_port, 443, "clients' default port");
+    // The state directory is the one systemd makes for the unit (%S is /var/lib), private to
+    // it: the key must survive restarts and be readable by nobody else.
+    let state = cli.state_dir.expect("--state-dir");
+    assert_eq!(state, std::path::Path::new("%S/shroud-proxy"));
+    assert!(
+        drop_in.contains("\nStateDirectory=shroud-proxy\n"),
+        "{drop_in}"
+    );
+    assert!(drop_in.contains("\nStateDirectoryMode=0700\n"), "{drop_in}");
+    // ProtectSystem=strict leaves only the state directory writable, and the unit's umask
+    // keeps what Tor writes there private.
+    assert!(unit.contains("ProtectSystem=strict"));
+    assert!(unit.contains("UMask=0077"));
+}
+
+#[test]
 fn the_proxy_discovery_drop_in_makes_a_valid_command_line() {
     let unit = read("systemd/shroud-proxy.service");
     let drop_in = read("systemd/shroud-proxy.service.d/discovery.conf");
@@ -885,6 +916,15 @@ fn fleet_example_parses_and_matches_the_zone() {
             ("proxy3.example.net", 443, "eu"),
         ]
     );
+    // proxy2 also hosts its tunnel listener as an onion service; its entry carries where.
+    let onions: Vec<(&str, &str)> = file
+        .proxy
+        .iter()
+        .filter_map(|entry| Some((entry.name.as_str(), entry.onion.as_deref()?)))
+        .collect();
+    assert_eq!(onions.len(), 1, "{onions:?}");
+    assert_eq!(onions[0].0, "proxy2.example.net");
+    assert!(shroud_discovery::signed::check_onion(onions[0].1).is_ok());
 
     // Each is a tunnel name with an address of its own in zone.example.
     let zones = example_zones();

@@ -145,6 +145,7 @@ async fn discovery_serves_file_and_heartbeat_proxies_and_drops_a_silent_one() {
         name: "two.proxy.test".into(),
         port: two.https.port(),
         region: "us".into(),
+        onion: None,
     };
     let tls = shroud_discovery::announce::client_tls(Some(&pki.ca_path)).unwrap();
     let beats = heartbeats.clone();
@@ -247,6 +248,7 @@ fn list(issued_at: u64, expires_at: u64) -> ProxyList {
             name: "one.proxy.test".into(),
             port: 443,
             region: "eu".into(),
+            onion: None,
         }],
     }
 }

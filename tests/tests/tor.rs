@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use shroud_tests::onion::{files_under, private_violations, tcp_peers, OnionProxy};
 use shroud_tests::process::Process;
 use shroud_tests::stack::{binary, Pki, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
@@ -673,5 +674,329 @@ async fn onion_and_socks_refuse_what_they_cannot_do_safely() {
         assert_eq!(output.status.code(), Some(1), "{extra:?}");
         let err = String::from_utf8_lossy(&output.stderr);
         assert!(err.contains(says), "{extra:?}: {err}");
+    }
+}
+
+/// A `shroud` client through Tor on `net`, publishing `HOST` at `origin` through `proxies`
+/// (`--proxy` values), with its own state under `state` and quick reconnects.
+fn tor_client_args(
+    net: &TorNet,
+    pki: &Pki,
+    key: &std::path::Path,
+    state: &std::path::Path,
+    origin: SocketAddr,
+    proxies: &[String],
+) -> Vec<String> {
+    let mut args = vec![
+        HOST.to_owned(),
+        origin.to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--max-backoff-secs".into(),
+        "5".into(),
+    ];
+    for proxy in proxies {
+        args.extend(["--proxy".into(), proxy.clone()]);
+    }
+    args
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onion_proxy_takes_tunnels_that_never_touch_an_exit() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let name = "onion.proxy.test";
+    let state = pki.dir().join("proxy-state");
+    let base = shroud_tests::stack::proxy_args(&pki, name, &format!("{HOST} {key}\n")).unwrap();
+    let args = OnionProxy::args(base, &state, &net.network_file);
+    let started = Instant::now();
+    let mut proxy = OnionProxy::start(args).await.unwrap();
+    eprintln!(
+        "tor onion: proxy's service reachable {:?} after start",
+        started.elapsed()
+    );
+
+    // The service's key is on disk, mode 0600, and no directory under the state directory
+    // lets others in (so neither do the lock files and directory cache Arti writes with the
+    // umask's mode).
+    let keystore = state.join("tor/state/keystore");
+    let keys = files_under(&keystore);
+    assert!(
+        keys.iter().any(|k| k.to_string_lossy().contains("hs_id")),
+        "the identity key is in the keystore: {keys:?}"
+    );
+    let loose: Vec<_> = private_violations(&state)
+        .into_iter()
+        .filter(|(path, _)| path.is_dir() || path.starts_with(&keystore))
+        .collect();
+    assert_eq!(loose, vec![], "state directory modes");
+
+    // A client names the proxy NAME@ADDRESS.onion: its tunnel goes to the onion service.
+    let client_state = pki.dir().join("client-state");
+    let args = tor_client_args(
+        net,
+        &pki,
+        &key_path,
+        &client_state,
+        origin.addr(),
+        &[proxy.client_proxy(name)],
+    );
+    let started = Instant::now();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    eprintln!(
+        "tor onion: tunnel through the onion service up {:?} after the client started",
+        started.elapsed()
+    );
+    let bound = proxy
+        .process
+        .wait_for_line("tunnel bound", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(bound.contains("peer=onion"), "{bound}");
+
+    // Visitors reach the origin, whose own certificate they verify.
+    let response = within(
+        60,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/via-onion"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body_text(), "hello from origin: GET /via-onion\n");
+
+    // /proc: no exit relay holds a connection to the proxy, and neither does the client,
+    // whose every TCP connection is a Tor channel to a relay's ORPort.
+    let exits: Vec<u32> = net.exits().iter().map(|r| r.pid).collect();
+    for exit in &exits {
+        let to_proxy: Vec<_> = tcp_connections_of(*exit)
+            .into_iter()
+            .filter(|(_, remote)| remote.port() == proxy.https.port())
+            .collect();
+        assert!(to_proxy.is_empty(), "exit {exit} holds {to_proxy:?}");
+    }
+    for (local, remote, owner) in tcp_peers(proxy.process.pid()) {
+        if local.port() == proxy.https.port() {
+            assert_eq!(
+                owner,
+                Some(std::process::id()),
+                "only this test's visitors connect to the proxy ({remote})"
+            );
+        }
+    }
+    let client_peers = tcp_peers(client.pid());
+    assert!(
+        !client_peers.is_empty(),
+        "the client holds its Tor channels"
+    );
+    for (_, remote, owner) in client_peers {
+        assert_ne!(
+            remote.port(),
+            proxy.https.port(),
+            "the client dialed the proxy"
+        );
+        if remote == origin.addr() {
+            continue;
+        }
+        let relay = owner.and_then(|pid| net.relay_by_pid(pid));
+        assert!(
+            relay.is_some_and(|relay| relay.or_port == remote.port()),
+            "the client holds a connection to {remote} (pid {owner:?}), not a relay's ORPort"
+        );
+    }
+
+    // A bare ADDRESS.onion means the certificate must name the onion address: this one does
+    // not, and the client refuses it for good rather than trust the address alone.
+    let args = tor_client_args(
+        net,
+        &pki,
+        &key_path,
+        &pki.dir().join("bare-state"),
+        origin.addr(),
+        std::slice::from_ref(&proxy.address),
+    );
+    let mut bare = Process::spawn(&binary("shroud"), &args).unwrap();
+    let status = bare.wait_exit(Duration::from_secs(180)).await.unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = bare.output_text();
+    assert!(log.contains("the proxy's certificate was refused"), "{log}");
+
+    // Restarted with the same state directory, the proxy has the same address; with a
+    // certificate that also names it, the bare address works, and the first client's tunnel
+    // comes back on its own.
+    proxy.process.terminate();
+    proxy
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    pki.ca
+        .issue(&[name, &proxy.address])
+        .write_files(pki.dir(), name)
+        .unwrap();
+    let address = proxy.address.clone();
+    let proxy = OnionProxy::start(proxy.args.clone()).await.unwrap();
+    assert_eq!(
+        proxy.address, address,
+        "the onion address survives a restart"
+    );
+    let args = tor_client_args(
+        net,
+        &pki,
+        &key_path,
+        &pki.dir().join("bare-state-2"),
+        origin.addr(),
+        std::slice::from_ref(&proxy.address),
+    );
+    let mut bare = Process::spawn(&binary("shroud"), &args).unwrap();
+    bare.wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    let response = within(
+        60,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/again"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discovery_list_carries_an_onion_proxys_endpoint_and_a_tor_client_dials_it() {
+    use shroud_discovery::fleet::{Fleet, FleetFile};
+    use shroud_mux::auth::SecretKey;
+
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+
+    // A discovery service with no static proxies: the onion proxy announces itself.
+    const DISCOVERY: &str = "discovery.test";
+    const SECRET: &str = "a-fleet-secret-of-sufficient-length";
+    let (cert, key_file) = pki
+        .ca
+        .issue(&[DISCOVERY])
+        .write_files(pki.dir(), DISCOVERY)
+        .unwrap();
+    let signing = SecretKey::generate().unwrap();
+    let fleet = Fleet::new(FleetFile::default(), Duration::from_secs(30));
+    let mut config = shroud_discovery::server::ServerConfig::new(
+        shroud_discovery::server::tls_config(&cert, &key_file).unwrap(),
+        std::sync::Arc::new(SecretKey::from_seed(&signing.to_seed())),
+        fleet,
+    );
+    config.fleet_secret =
+        Some(shroud_discovery::secret::FleetSecret::new(SECRET.to_owned()).unwrap());
+    let listener = shroud_proxy::server::bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+    let discovery = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_discovery = stop.clone().drop_guard();
+    tokio::spawn(shroud_discovery::server::run(listener, config, stop));
+    let secret_file = pki.dir().join("fleet.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let discovery_url = format!("https://{DISCOVERY}:{}", discovery.port());
+    let discovery_resolve = format!("{DISCOVERY}:{}:127.0.0.1", discovery.port());
+
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let name = "listed.proxy.test";
+    let mut args = OnionProxy::args(
+        shroud_tests::stack::proxy_args(&pki, name, &format!("{HOST} {key}\n")).unwrap(),
+        &pki.dir().join("proxy-state"),
+        &net.network_file,
+    );
+    args.extend(
+        [
+            "--discovery",
+            &discovery_url,
+            "--resolve",
+            &discovery_resolve,
+            "--discovery-ca",
+            &pki.ca_path.display().to_string(),
+            "--fleet-secret-file",
+            &secret_file.display().to_string(),
+            "--region",
+            "eu",
+            // The name and port a client would dial through an exit; the list says so, and
+            // carries the onion endpoint beside them.
+            "--public-name",
+            &format!("{name}:443"),
+            "--heartbeat-secs",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let proxy = OnionProxy::start(args).await.unwrap();
+
+    // A Tor client that knows only the discovery service: it asks through Tor, gets the entry
+    // with its onion endpoint, and dials that, checking the certificate for the entry's name.
+    let args: Vec<String> = [
+        HOST,
+        &origin.addr().to_string(),
+        "--discovery",
+        &discovery_url,
+        "--discovery-key",
+        &signing.public().to_string(),
+        "--resolve",
+        &discovery_resolve,
+        "--proxy-ca",
+        &pki.ca_path.display().to_string(),
+        "--key",
+        &key_path.display().to_string(),
+        "--state-dir",
+        &pki.dir().join("client-state").display().to_string(),
+        "--tor-network",
+        &net.network_file.display().to_string(),
+        "--max-backoff-secs",
+        "5",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let up = client
+        .wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert!(
+        up.contains(&format!("proxy={name}@{}:443", proxy.address)),
+        "the tunnel goes to the listed onion endpoint: {up}"
+    );
+    let response = within(
+        60,
+        https_get(proxy.https, HOST, pki.ca.root_store(), "/listed"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    // No exit carries the tunnel to the proxy's TLS port.
+    for exit in net.exits() {
+        let to_proxy: Vec<_> = tcp_connections_of(exit.pid)
+            .into_iter()
+            .filter(|(_, remote)| remote.port() == proxy.https.port())
+            .collect();
+        assert!(to_proxy.is_empty(), "{} holds {to_proxy:?}", exit.nick);
     }
 }

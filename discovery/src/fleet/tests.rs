@@ -7,6 +7,7 @@ fn entry(name: &str, region: &str) -> ProxyEntry {
         name: name.into(),
         port: 443,
         region: region.into(),
+        onion: None,
     }
 }
 
@@ -407,6 +408,7 @@ fn joining_members_are_told_the_other_live_links() {
             name: format!("p{i}.proxy.test"),
             port: 443,
             region: "eu".into(),
+            onion: None,
         };
         fleet.heartbeat(entry, reach, now).unwrap();
     }

@@ -71,6 +71,7 @@ pub fn entry(name: &str, port: u16, region: &str) -> ProxyEntry {
         name: name.into(),
         port,
         region: region.into(),
+        onion: None,
     }
 }
 

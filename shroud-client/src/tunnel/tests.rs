@@ -494,10 +494,7 @@ impl Held {
             timing,
             metrics: Arc::default(),
         };
-        let proxy = ProxyAddr {
-            name: PROXY.to_owned(),
-            port: 443,
-        };
+        let proxy = ProxyAddr::new(PROXY.to_owned(), 443);
         let (states_tx, states) = watch::channel(States::new());
         let (reporter, _retired) = StateReporter::new(states_tx, proxy.clone());
         let shutdown = CancellationToken::new();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 
-use crate::ports::free_ports;
+use crate::ports::free_port_list;
 
 use super::config::{load_arti_config, network_toml, torrc};
 use super::lifetime::{
@@ -23,15 +23,13 @@ use super::lifetime::{
 };
 use super::{Relay, RelayKind, TorNet, LOG_TAIL_LINES};
 
-/// How many relays of each kind a network has. Three exits, so a test can
-/// kill one and still have a choice of two.
-const SHAPE: [(RelayKind, usize); 3] = [
-    (RelayKind::Authority, 3),
-    (RelayKind::Middle, 2),
-    (RelayKind::Exit, 3),
-];
-/// How many relays a network has.
-const RELAYS: usize = SHAPE[0].1 + SHAPE[1].1 + SHAPE[2].1;
+/// How many authorities a network has.
+const AUTHORITIES: usize = 3;
+/// How many middle relays a network has unless told otherwise.
+pub(super) const MIDDLES: usize = 2;
+/// How many exits a network has: three, so a test can kill one and still have a choice of
+/// two.
+const EXITS: usize = 3;
 /// How long the authorities get to publish a consensus listing every relay.
 const CONSENSUS_DEADLINE: Duration = Duration::from_secs(120);
 /// How often the authorities' DirPorts are asked for their consensus.
@@ -45,7 +43,7 @@ const KEYGEN_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl TorNet {
     /// One attempt at [`TorNet::start`], with fresh ports.
-    pub(super) fn try_start(began: Instant) -> anyhow::Result<TorNet> {
+    pub(super) fn try_start(began: Instant, middles: usize) -> anyhow::Result<TorNet> {
         let dir = tempfile::Builder::new()
             .prefix("shroud-tornet-")
             .tempdir()
@@ -61,7 +59,7 @@ impl TorNet {
             startup_time: Duration::ZERO,
         };
 
-        let mut planned = plan(net.dir.path())?;
+        let mut planned = plan(net.dir.path(), middles)?;
         generate_keys(&mut planned)?;
         fs::write(&net.network_file, network_toml(&planned))
             .with_context(|| format!("writing {}", net.network_file.display()))?;
@@ -188,14 +186,20 @@ impl TorNet {
     }
 }
 
-/// Lays out the relays of one network under `root`: nicknames, free ports,
-/// data directories. Pids and identities are filled in later.
-fn plan(root: &Path) -> anyhow::Result<Vec<Relay>> {
+/// Lays out the relays of one network with `middles` middle relays under `root`:
+/// nicknames, free ports, data directories. Pids and identities are filled in later.
+fn plan(root: &Path, middles: usize) -> anyhow::Result<Vec<Relay>> {
+    let shape = [
+        (RelayKind::Authority, AUTHORITIES),
+        (RelayKind::Middle, middles),
+        (RelayKind::Exit, EXITS),
+    ];
+    let count = AUTHORITIES + middles + EXITS;
     // An ORPort and a DirPort each. One another process takes before tor binds it makes
     // await_tor fail with PortTaken, and TorNet::start try again.
-    let mut ports = free_ports::<{ 2 * RELAYS }>()?.into_iter();
-    let mut relays = Vec::with_capacity(RELAYS);
-    for (kind, n) in SHAPE {
+    let mut ports = free_port_list(2 * count)?.into_iter();
+    let mut relays = Vec::with_capacity(count);
+    for (kind, n) in shape {
         for i in 0..n {
             let nick = format!("{}{i}", kind.prefix());
             let data_dir = root.join(&nick);

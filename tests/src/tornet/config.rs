@@ -65,8 +65,10 @@ pub(super) fn network_toml(relays: &[Relay]) -> String {
          [address_filter]\n\
          allow_local_addrs = true\n\
          \n\
-         # A testing network's onion time period is 24 voting intervals (8 minutes here, not\n\
-         # a day): onion services and their visitors must agree on it with the relays.\n\
+         # TestingTorNetwork makes an onion service's time period 24 voting\n\
+         # intervals long (24 x 20 s = 8 minutes) where the public network's is a\n\
+         # day: Arti must compute the same periods, or it looks for descriptors at\n\
+         # the wrong HSDirs and finds none.\n\
          [override_net_params]\n\
          hsdir_interval = 8\n",
     );
@@ -105,6 +107,13 @@ pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
         .join(",");
     let mut rc = format!("Nickname {}\n", relay.nick);
     rc.push_str(&common_torrc(&relay.data_dir, all, owner, &guards));
+    // Onion-service events at info level, a few lines each: which relays serve as an
+    // onion service's introduction points (see Relay::rend_log).
+    let _ = writeln!(
+        rc,
+        "Log [rend]info file {}",
+        relay.data_dir.join("rend.log").display()
+    );
     let _ = write!(
         rc,
         "SocksPort 0\n\

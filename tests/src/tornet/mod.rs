@@ -9,8 +9,9 @@
 //!
 //! How Arti finds this network is the file at [`TorNet::network_file`]: Arti's
 //! own TOML configuration with only the `[tor_network]`, `[path_rules]`,
-//! `[address_filter]` and `[override_net_params]` (the onion time period)
-//! sections, the same file a user hands shroud's client as `--tor-network FILE`.
+//! `[address_filter]` and `[override_net_params]` (the onion-service time
+//! period of a testing network) sections, the same file a user hands shroud's
+//! client and proxy as `--tor-network FILE`.
 //!
 //! A network costs eight processes and 20 to 40 seconds of voting, so a test
 //! binary normally shares one: [`TorNet::shared`] starts it on first use and
@@ -129,6 +130,12 @@ impl Relay {
         self.data_dir.join("notice.log")
     }
 
+    /// Its log of onion-service events at info level: a relay that became an introduction
+    /// point logs `Received an ESTABLISH_INTRO request` there.
+    pub fn rend_log(&self) -> PathBuf {
+        self.data_dir.join("rend.log")
+    }
+
     /// Its ORPort address.
     pub fn or_addr(&self) -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.or_port))
@@ -179,10 +186,20 @@ impl TorNet {
     /// consensus listing every relay within 120 s; the message then quotes
     /// the end of every tor's notice log.
     pub fn start() -> anyhow::Result<TorNet> {
+        Self::start_with_middles(build::MIDDLES)
+    }
+
+    /// [`TorNet::start`] with `middles` middle relays instead of two: for a test that kills
+    /// several relays and needs the survivors to still make paths that avoid the dead ones
+    /// (the consensus keeps listing a killed relay, and Tor clients keep picking it).
+    ///
+    /// # Errors
+    /// As [`TorNet::start`].
+    pub fn start_with_middles(middles: usize) -> anyhow::Result<TorNet> {
         let began = Instant::now();
         let mut attempt = 1;
         loop {
-            match Self::try_start(began) {
+            match Self::try_start(began, middles) {
                 Err(err) if err.is::<PortTaken>() && attempt < START_ATTEMPTS => {
                     tracing::warn!(%err, attempt, "a relay port was taken; retrying with new ports");
                     attempt += 1;

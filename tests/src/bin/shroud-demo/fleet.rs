@@ -272,6 +272,7 @@ async fn start_proxy(
             name: name.clone(),
             port: https.port(),
             region: format!("r{i}"),
+            onion: None,
         },
         addrs: vec![ip.into()],
         changes: Some(shared.watch_names()),
