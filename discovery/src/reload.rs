@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use shroud_process::reload::{changed_settings, Reload};
+use shroud_process::reload::{changed_settings, reread, Reload, Settings};
 use shroud_process::tls::{fingerprint, load_certified_key};
 use tracing::{error, info, warn};
 
@@ -141,21 +141,14 @@ impl Reloader {
 
 impl Reload for Reloader {
     fn reload(&mut self) {
-        // Logged already; a failure keeps the service as it was. With a config file, the
-        // settings are read anew from it (the command line and environment are as at start).
-        if self.settings_file.is_none() {
-            let _ = Reloader::reload(self);
-            return;
-        }
-        match shroud_process::config::reload::<crate::cli::Cli>() {
-            Ok(parsed) => match parsed.cli.serve {
-                Some(serve) => drop(self.apply(serve)),
-                None => drop(Reloader::reload(self)),
-            },
-            Err(err) => {
-                self.service.reload_counts().record(false);
-                error!(%err, "reload failed; nothing changed");
-            }
+        // Logged already; a failure keeps the service as it was.
+        let config_file = self.settings_file.clone();
+        match reread::<crate::cli::Cli>(config_file.as_deref(), self.service.reload_counts()) {
+            Some(Settings::Anew(crate::cli::Cli {
+                serve: Some(serve), ..
+            })) => drop(self.apply(serve)),
+            Some(_) => drop(Reloader::reload(self)),
+            None => {}
         }
     }
 

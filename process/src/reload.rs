@@ -258,6 +258,35 @@ pub async fn serve(
     }
 }
 
+/// The settings a reload applies.
+#[derive(Debug)]
+pub enum Settings<C> {
+    /// The ones the process runs with: there is no config file to read anew.
+    Running,
+    /// The command line and environment as at start, with the config file read anew.
+    Anew(C),
+}
+
+/// The settings a reload applies: with `config_file` (the `--config` the process runs with),
+/// the process's command line parsed again with that file read anew; `None` when the file
+/// does not load, which is logged and counted in `counts` as a failed reload.
+pub fn reread<C: clap::Parser>(
+    config_file: Option<&std::path::Path>,
+    counts: &ReloadCounts,
+) -> Option<Settings<C>> {
+    if config_file.is_none() {
+        return Some(Settings::Running);
+    }
+    match crate::config::reload::<C>() {
+        Ok(parsed) => Some(Settings::Anew(parsed.cli)),
+        Err(err) => {
+            counts.record(false);
+            tracing::error!(%err, "reload failed; nothing changed");
+            None
+        }
+    }
+}
+
 /// How many reloads a process made, and how many failed (and changed nothing). A handle: its
 /// clones count into the same counters, which [`ReloadCounts::register`] exposes as
 /// `PREFIX_reloads_total{result="succeeded"|"failed"}`.

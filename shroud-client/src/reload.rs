@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use shroud_process::reload::{changed_settings, Reload, ReloadCounts};
+use shroud_process::reload::{changed_settings, reread, Reload, ReloadCounts, Settings};
 use shroud_process::tls::{fingerprint, CertSlot};
 use tracing::{error, info, warn};
 
@@ -176,21 +176,12 @@ impl Reloader {
 
 impl Reload for Reloader {
     fn reload(&mut self) {
-        // Logged already; a failure keeps the certificate in place. With a config file, the
-        // settings are read anew from it (the command line and environment are as at start).
-        if self.settings_file.is_none() {
-            let _ = Reloader::reload(self);
-            return;
-        }
-        match shroud_process::config::reload::<crate::cli::Cli>() {
-            Ok(parsed) => match parsed.cli.run {
-                Some(run) => drop(self.apply(run)),
-                None => drop(Reloader::reload(self)),
-            },
-            Err(err) => {
-                self.counts.record(false);
-                error!(%err, "reload failed; nothing changed");
-            }
+        // Logged already; a failure keeps the certificate in place.
+        let config_file = self.settings_file.clone();
+        match reread::<crate::cli::Cli>(config_file.as_deref(), &self.counts) {
+            Some(Settings::Anew(crate::cli::Cli { run: Some(run), .. })) => drop(self.apply(run)),
+            Some(_) => drop(Reloader::reload(self)),
+            None => {}
         }
     }
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use shroud_process::reload::{changed_settings, Reload};
+use shroud_process::reload::{changed_settings, reread, Reload, Settings};
 use shroud_process::tls::{fingerprint, load_certified_key};
 use tracing::{error, info, warn};
 
@@ -154,18 +154,12 @@ impl Reloader {
 
 impl Reload for Reloader {
     fn reload(&mut self) {
-        // Logged already; a failure keeps the proxy as it was. With a config file, the
-        // settings are read anew from it (the command line and environment are as at start).
-        if self.settings.config.config.is_none() {
-            let _ = Reloader::reload(self);
-            return;
-        }
-        match shroud_process::config::reload::<Cli>() {
-            Ok(parsed) => drop(self.apply(parsed.cli)),
-            Err(err) => {
-                self.shared.reloads.record(false);
-                error!(%err, "reload failed; nothing changed");
-            }
+        // Logged already; a failure keeps the proxy as it was.
+        let config_file = self.settings.config.config.clone();
+        match reread::<Cli>(config_file.as_deref(), &self.shared.reloads) {
+            Some(Settings::Running) => drop(Reloader::reload(self)),
+            Some(Settings::Anew(settings)) => drop(self.apply(settings)),
+            None => {}
         }
     }
 
