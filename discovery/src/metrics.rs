@@ -5,7 +5,6 @@
 //! code they got. The proxies it knows are read from the fleet at each scrape. No label holds a
 //! hostname asked about, a proxy's address or a client's address.
 
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use hickory_proto::op::ResponseCode;
@@ -16,7 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use shroud_process::metrics::{Readiness, ReadinessFn};
+use shroud_process::metrics::{Lifecycle, Readiness, ReadinessFn};
 use tokio::time::Instant;
 
 use crate::fleet::Fleet;
@@ -115,14 +114,6 @@ const RCODES: [(ResponseCode, &str); 6] = [
     (ResponseCode::ServFail, "servfail"),
 ];
 
-/// Where the service is in its life, for `/readyz`.
-#[repr(u8)]
-enum Phase {
-    Starting = 0,
-    Serving = 1,
-    Stopping = 2,
-}
-
 /// The discovery service's counters.
 pub struct DiscoveryMetrics {
     /// Reloads made, and failed; the service's reloads count into it.
@@ -137,7 +128,7 @@ pub struct DiscoveryMetrics {
     dns_other: Counter,
     dns_enabled: OnceLock<()>,
     fleet: OnceLock<Arc<Mutex<Fleet>>>,
-    phase: AtomicU8,
+    lifecycle: Lifecycle,
 }
 
 impl Default for DiscoveryMetrics {
@@ -178,7 +169,7 @@ impl DiscoveryMetrics {
             dns_other,
             dns_enabled: OnceLock::new(),
             fleet: OnceLock::new(),
-            phase: AtomicU8::new(Phase::Starting as u8),
+            lifecycle: Lifecycle::new("shutting down"),
         }
     }
 
@@ -223,27 +214,18 @@ impl DiscoveryMetrics {
 
     /// The listeners are up: `/readyz` says ready.
     pub(crate) fn serving(&self) {
-        let _ = self.phase.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Serving as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        self.lifecycle.serving();
     }
 
     /// The service is stopping: `/readyz` says so.
     pub(crate) fn stopping(&self) {
-        self.phase.store(Phase::Stopping as u8, Ordering::SeqCst);
+        self.lifecycle.stopping();
     }
 
     /// What `/readyz` reports now. The signing key is loaded before anything listens, so
     /// listening means it is.
     pub fn readiness(&self) -> Readiness {
-        match self.phase.load(Ordering::SeqCst) {
-            p if p == Phase::Serving as u8 => Readiness::Ready,
-            p if p == Phase::Stopping as u8 => Readiness::not_ready("shutting down"),
-            _ => Readiness::not_ready("starting: listeners not up yet"),
-        }
+        self.lifecycle.readiness()
     }
 }
 

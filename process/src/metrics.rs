@@ -80,6 +80,54 @@ impl Readiness {
     }
 }
 
+/// Where a server is in its life, for `/readyz`: starting until its listeners are up, then
+/// serving, then stopping for good from its shutdown signal (a drain), with the one-line
+/// reason given at [`Lifecycle::new`].
+#[derive(Debug)]
+pub struct Lifecycle {
+    phase: std::sync::atomic::AtomicU8,
+    stopping: &'static str,
+}
+
+impl Lifecycle {
+    const STARTING: u8 = 0;
+    const SERVING: u8 = 1;
+    const STOPPING: u8 = 2;
+
+    /// A server that is starting, and says `stopping` (`"draining"`) once it stops.
+    pub fn new(stopping: &'static str) -> Self {
+        Self {
+            phase: std::sync::atomic::AtomicU8::new(Self::STARTING),
+            stopping,
+        }
+    }
+
+    /// The listeners are up: ready, unless the server is stopping already.
+    pub fn serving(&self) {
+        let _ = self.phase.compare_exchange(
+            Self::STARTING,
+            Self::SERVING,
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// The server is stopping: not ready from now on.
+    pub fn stopping(&self) {
+        self.phase
+            .store(Self::STOPPING, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What `/readyz` reports now.
+    pub fn readiness(&self) -> Readiness {
+        match self.phase.load(std::sync::atomic::Ordering::SeqCst) {
+            Self::SERVING => Readiness::Ready,
+            Self::STOPPING => Readiness::not_ready(self.stopping),
+            _ => Readiness::not_ready("starting: listeners not up yet"),
+        }
+    }
+}
+
 /// What `/readyz` asks on each request. Called on the server's task: it must be quick and
 /// must not block (read an atomic or a `watch` channel).
 pub type ReadinessFn = Arc<dyn Fn() -> Readiness + Send + Sync>;

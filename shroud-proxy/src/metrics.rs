@@ -15,7 +15,6 @@
 //! from the proxy's state at each scrape ([`Collected`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use shroud_mux::control::BindStatus;
-use shroud_process::metrics::{Readiness, ReadinessFn};
+use shroud_process::metrics::{Lifecycle, Readiness, ReadinessFn};
 
 use crate::admission::Limit;
 use crate::shared::Shared;
@@ -216,15 +215,6 @@ const STREAM_OPEN_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
 ];
 
-/// Where the proxy is in its life, for `/readyz` and the `draining` gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Phase {
-    Starting = 0,
-    Serving = 1,
-    Draining = 2,
-}
-
 type Labels2 = [(&'static str, &'static str); 2];
 type Labels1 = [(&'static str, &'static str); 1];
 
@@ -247,7 +237,7 @@ pub struct ProxyMetrics {
     forwarded: Family<Labels2, Counter>,
     /// By direction (out, in), then result (accepted, refused).
     forwarded_handles: [[Counter; 2]; 2],
-    phase: AtomicU8,
+    lifecycle: Lifecycle,
     draining: Gauge,
     hostnames: Hostnames,
 }
@@ -321,7 +311,7 @@ impl ProxyMetrics {
             stream_open: Histogram::new(STREAM_OPEN_BUCKETS),
             forwarded,
             forwarded_handles,
-            phase: AtomicU8::new(Phase::Starting as u8),
+            lifecycle: Lifecycle::new("draining"),
             draining: Gauge::default(),
             hostnames: Hostnames::new(HOSTNAME_SERIES),
         }
@@ -388,27 +378,18 @@ impl ProxyMetrics {
 
     /// The listeners are up: `/readyz` says ready.
     pub(crate) fn serving(&self) {
-        let _ = self.phase.compare_exchange(
-            Phase::Starting as u8,
-            Phase::Serving as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        self.lifecycle.serving();
     }
 
     /// The proxy is draining: `/readyz` says so, and the `draining` gauge is 1.
     pub(crate) fn draining(&self) {
-        self.phase.store(Phase::Draining as u8, Ordering::SeqCst);
+        self.lifecycle.stopping();
         self.draining.set(1);
     }
 
     /// What `/readyz` reports now.
     pub fn readiness(&self) -> Readiness {
-        match self.phase.load(Ordering::SeqCst) {
-            p if p == Phase::Serving as u8 => Readiness::Ready,
-            p if p == Phase::Draining as u8 => Readiness::not_ready("draining"),
-            _ => Readiness::not_ready("starting: listeners not up yet"),
-        }
+        self.lifecycle.readiness()
     }
 }
 
