@@ -295,6 +295,8 @@ pub async fn config(
         max_streams: run.max_streams,
         proxy_protocol: run.proxy_protocol,
         refused_retry: Duration::from_secs(run.refused_retry_secs),
+        circuits_per_proxy: run.max_circuits_per_proxy_per_hour,
+        circuits_total: run.max_circuits_per_hour,
         ..default_timing
     };
     let tls = tls::client_config(run.proxy_ca.as_deref())?;

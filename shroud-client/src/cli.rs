@@ -421,6 +421,32 @@ pub struct RunArgs {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536)
     )]
     pub socks_max_connections: usize,
+
+    /// With tor: most new Tor circuits one proxy's tunnel may cost in any hour. A tunnel keeps
+    /// its circuit across reconnects for as long as the circuit works, so a proxy that drops,
+    /// drains or stalls its tunnels costs none; a new circuit is built only when the old one
+    /// fails (closed, or no answer from the exit), and past this many the tunnel waits (and
+    /// with --discovery or --srv another proxy of the list is used instead) rather than give
+    /// a hostile proxy one fresh middle relay after another next to this machine's guard
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::circuits::DEFAULT_PER_PROXY,
+        env = "SHROUD_MAX_CIRCUITS_PER_PROXY_PER_HOUR",
+        value_parser = clap::value_parser!(u32).range(1..=3600)
+    )]
+    pub max_circuits_per_proxy_per_hour: u32,
+
+    /// With tor: most new Tor circuits all tunnels together may cost in any hour (see
+    /// --max-circuits-per-proxy-per-hour)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::circuits::DEFAULT_TOTAL,
+        env = "SHROUD_MAX_CIRCUITS_PER_HOUR",
+        value_parser = clap::value_parser!(u32).range(1..=36000)
+    )]
+    pub max_circuits_per_hour: u32,
 }
 
 /// A stream buffer size yamux can honour.

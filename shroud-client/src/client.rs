@@ -4,6 +4,11 @@
 //! A fixed list (`--proxy`) starts its tunnels once. A list from discovery or DNS SRV is asked
 //! for again before it goes stale; tunnels to proxies that joined are opened, and tunnels to
 //! proxies that left are closed.
+//!
+//! Every tunnel charges its new Tor circuits to one [`CircuitBudget`]. With a list from
+//! discovery or DNS SRV, a proxy whose own share of it is spent (its circuits keep failing,
+//! or it makes them look as if they did) is reported as churning and left for the next proxy
+//! of the list that is not, at once and at each refresh, for as long as its share stays spent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +21,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
-use crate::fleet::{FleetError, FleetSource, ProxySource};
+use crate::circuits::CircuitBudget;
+use crate::fleet::{Fleet, FleetError, FleetSource, ProxySource};
 use crate::shared::{ClientConfig, ProxyAddr, StateReporter, States, StreamTasks, TunnelState};
 use crate::tunnel;
 
@@ -162,6 +168,7 @@ struct Tunnels {
     streams: TaskTracker,
     running: HashMap<ProxyAddr, Running>,
     retry: RetryRefused,
+    circuits: Arc<CircuitBudget>,
 }
 
 impl Tunnels {
@@ -177,6 +184,7 @@ impl Tunnels {
             if let Some(running) = self.running.remove(&proxy) {
                 info!(proxy = %proxy, "proxy left the list; closing its tunnel");
                 running.stop.cancel();
+                self.circuits.forget_if_idle(&proxy);
                 // Under the map's lock, so no report of the tunnel can land after the removal.
                 self.states.send_modify(|states| {
                     running
@@ -206,6 +214,7 @@ impl Tunnels {
                     stop.clone(),
                     tasks,
                     self.retry.subscribe(),
+                    self.circuits.clone(),
                 )
                 .instrument(span),
             );
@@ -248,7 +257,14 @@ async fn supervise(
         streams: TaskTracker::new(),
         running: HashMap::new(),
         retry,
+        circuits: Arc::new(CircuitBudget::new(
+            config.timing.circuits_per_proxy,
+            config.timing.circuits_total,
+        )),
     };
+    if config.transport.circuit().is_some() {
+        config.metrics.count_circuits(tunnels.circuits.clone());
+    }
     let result = match source {
         ProxySource::Static(list) => {
             info!(
@@ -291,6 +307,8 @@ async fn follow(
     let timing = &config.timing;
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
     let mut have_list = false;
+    let mut last: Option<Fleet> = None;
+    let mut churning = tunnels.circuits.watch_churning();
     loop {
         let fetched = tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -302,9 +320,11 @@ async fn follow(
                 backoff =
                     Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
                 let names: Vec<String> = fleet.proxies.iter().map(ToString::to_string).collect();
-                info!(proxies = ?names, "list of proxies");
-                tunnels.reconcile(&fleet.proxies);
-                fleet.refresh_after
+                info!(proxies = ?names, spares = fleet.spares.len(), "list of proxies");
+                tunnels.reconcile(&choose(&fleet, &tunnels.circuits));
+                let refresh = fleet.refresh_after;
+                last = Some(fleet);
+                refresh
             }
             Err(err) if err.permanent && !have_list => return Err(ClientError::Fleet(err)),
             Err(err) => {
@@ -313,9 +333,90 @@ async fn follow(
                 backoff.next_delay()
             }
         };
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(wait) => {}
+        let refresh = tokio::time::sleep(wait);
+        tokio::pin!(refresh);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                () = &mut refresh => break,
+                // A proxy's share was found spent: hold a tunnel to a spare instead, now.
+                Ok(()) = churning.changed() => {
+                    if let Some(fleet) = &last {
+                        tunnels.reconcile(&choose(fleet, &tunnels.circuits));
+                    }
+                }
+            }
         }
+    }
+}
+
+/// The proxies of `fleet` to hold tunnels to: as many as it lists to hold, skipping those
+/// whose share of the circuit budget is spent for the first spares that are not. A churning
+/// proxy is kept only when too few others are left.
+fn choose(fleet: &Fleet, circuits: &CircuitBudget) -> Vec<ProxyAddr> {
+    let hold = fleet.proxies.len();
+    let mut chosen: Vec<ProxyAddr> = fleet
+        .proxies
+        .iter()
+        .chain(&fleet.spares)
+        .filter(|proxy| !circuits.churning(proxy))
+        .take(hold)
+        .cloned()
+        .collect();
+    for proxy in &fleet.proxies {
+        if chosen.contains(proxy) {
+            continue;
+        }
+        if chosen.len() < hold {
+            chosen.push(proxy.clone());
+        } else {
+            warn!(
+                proxy = %proxy,
+                "this proxy's tunnel keeps needing new Tor circuits (its share of the circuit \
+                 budget is spent): holding a tunnel to another proxy of the list instead"
+            );
+        }
+    }
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn proxies(names: &[&str]) -> Vec<ProxyAddr> {
+        names
+            .iter()
+            .map(|name| ProxyAddr::new((*name).to_owned(), 443))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_churning_proxy_is_replaced_by_the_first_spare_that_is_not() {
+        let circuits = CircuitBudget::new(1, 100);
+        let fleet = Fleet {
+            proxies: proxies(&["a", "b"]),
+            spares: proxies(&["c", "d"]),
+            refresh_after: Duration::from_secs(60),
+        };
+        assert_eq!(choose(&fleet, &circuits), proxies(&["a", "b"]));
+        // a's share spent, and c's: d stands in for a.
+        for name in ["a", "c"] {
+            let proxy = ProxyAddr::new(name.to_owned(), 443);
+            circuits.charge(&proxy).unwrap();
+            assert!(circuits.charge(&proxy).is_err());
+        }
+        assert_eq!(choose(&fleet, &circuits), proxies(&["b", "d"]));
+        // With no spare left, the churning proxy is kept rather than hold fewer tunnels.
+        let short = Fleet {
+            spares: proxies(&["c"]),
+            ..fleet.clone()
+        };
+        assert_eq!(choose(&short, &circuits), proxies(&["b", "a"]));
+        // An hour on, a is back.
+        tokio::time::advance(crate::circuits::WINDOW).await;
+        assert_eq!(choose(&fleet, &circuits), proxies(&["a", "b"]));
     }
 }

@@ -189,15 +189,12 @@ impl DiscoverySource {
             message: format!("discovery answer refused: {err}"),
         })?;
         self.newest_seen = Some(list.issued_at);
-        let proxies = list
-            .proxies
-            .iter()
-            .take(self.max_proxies)
-            .map(|p| self.proxy(p))
-            .collect();
+        let mut proxies: Vec<ProxyAddr> = list.proxies.iter().map(|p| self.proxy(p)).collect();
+        let spares = proxies.split_off(self.max_proxies.min(proxies.len()));
         let lifetime = list.expires_at.saturating_sub(now);
         Ok(Fleet {
             proxies,
+            spares,
             refresh_after: Duration::from_secs(lifetime * 2 / 3).max(MIN_REFRESH),
         })
     }

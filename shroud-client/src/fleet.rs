@@ -33,6 +33,10 @@ pub trait FleetSource: Send + Sync + 'static {
 pub struct Fleet {
     /// The proxies to hold tunnels to now.
     pub proxies: Vec<ProxyAddr>,
+    /// The rest of the list, in its order, beyond the number to hold (`--max-proxies`): a
+    /// tunnel goes to the first of them instead of a proxy whose circuits churn (see
+    /// [`crate::circuits`]).
+    pub spares: Vec<ProxyAddr>,
     /// When to ask again.
     pub refresh_after: Duration,
 }

@@ -5,7 +5,8 @@
 //! and binds the hostname with the client's key ([`key`]). Each stream the proxy then opens is
 //! one visitor, which [`origin`] connects to the local target (first telling it who the
 //! visitor is with a [`proxy_protocol`] header, if asked to). Failed tunnels come back with
-//! [`backoff`]. [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
+//! [`backoff`]; with Tor, each tunnel keeps its circuit across reconnects and new circuits are
+//! charged to a churn budget ([`circuits`]). [`srv`] finds a hostname's proxies in DNS SRV records, asking through the
 //! transport. [`acme`] obtains and renews the hostname's certificate with TLS-ALPN-01, its
 //! requests through the transport and its checks answered through the tunnel ([`hello`] tells
 //! a check from a visitor). [`cli`] and [`app`] are the command line; [`reload`] re-reads
@@ -19,6 +20,7 @@
 pub mod acme;
 pub mod app;
 pub mod backoff;
+pub mod circuits;
 pub mod cli;
 pub mod client;
 pub mod discovery;

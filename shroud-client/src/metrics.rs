@@ -13,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::MetricType;
@@ -62,6 +62,7 @@ pub struct ClientMetrics {
     tor_ready: Gauge,
     tor: OnceLock<()>,
     certificate_expiry: AtomicI64,
+    circuits: OnceLock<Arc<crate::circuits::CircuitBudget>>,
 }
 
 impl Default for ClientMetrics {
@@ -114,6 +115,7 @@ impl ClientMetrics {
             tor_ready: Gauge::default(),
             tor: OnceLock::new(),
             certificate_expiry: AtomicI64::new(0),
+            circuits: OnceLock::new(),
         }
     }
 
@@ -165,6 +167,11 @@ impl ClientMetrics {
     /// Counts a bound tunnel that ended: lost, or drained by its proxy (`go_away`).
     pub(crate) fn tunnel_ended(&self, go_away: bool) {
         self.end_handles[usize::from(go_away)].inc();
+    }
+
+    /// Serves what `budget` counts of each proxy's Tor circuits from now on.
+    pub fn count_circuits(&self, budget: Arc<crate::circuits::CircuitBudget>) {
+        let _ = self.circuits.set(budget);
     }
 
     /// Marks the transport as Tor: its bootstrap gauges are served from now on.
@@ -329,6 +336,31 @@ impl Collector for Collected {
                 None,
                 MetricType::Gauge,
             )?)?;
+        }
+        if let Some(budget) = self.metrics.circuits.get() {
+            let counts = budget.counts();
+            let mut family = encoder.encode_descriptor(
+                "tor_circuits",
+                "New Tor circuits built for each proxy's tunnel (each charged to the circuit \
+                 budget); a reconnect on the circuit held costs none.",
+                None,
+                MetricType::Counter,
+            )?;
+            for count in &counts {
+                let labels = [("proxy", count.proxy.as_str())];
+                ConstCounter::new(count.built).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "circuit_budget_waits",
+                "Times a proxy's tunnel had to wait because the circuit budget \
+                 (--max-circuits-per-proxy-per-hour, --max-circuits-per-hour) was spent.",
+                None,
+                MetricType::Counter,
+            )?;
+            for count in &counts {
+                let labels = [("proxy", count.proxy.as_str())];
+                ConstCounter::new(count.waits).encode(family.encode_family(&labels)?)?;
+            }
         }
         let expiry = match self.sources.acme.get() {
             Some(acme) => acme

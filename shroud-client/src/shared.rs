@@ -108,6 +108,10 @@ pub struct Timing {
     /// After a proxy's policy refused the hostname (at bind time or later), how long before
     /// asking that proxy again.
     pub refused_retry: Duration,
+    /// New Tor circuits one proxy's tunnel may cost in any hour (see [`crate::circuits`]).
+    pub circuits_per_proxy: u32,
+    /// New Tor circuits all tunnels together may cost in any hour.
+    pub circuits_total: u32,
 }
 
 impl Default for Timing {
@@ -125,6 +129,8 @@ impl Default for Timing {
             stream_buffer: shroud_mux::session::DEFAULT_STREAM_BUFFER,
             proxy_protocol: None,
             refused_retry: DEFAULT_REFUSED_RETRY,
+            circuits_per_proxy: crate::circuits::DEFAULT_PER_PROXY,
+            circuits_total: crate::circuits::DEFAULT_TOTAL,
         }
     }
 }

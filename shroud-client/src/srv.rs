@@ -429,14 +429,15 @@ impl crate::fleet::FleetSource for SrvSource {
                     permanent: false,
                     message: format!("SRV lookup for {}: {err}", self.hostname),
                 })?;
-            let proxies = answer
+            let mut proxies: Vec<_> = answer
                 .targets
                 .into_iter()
                 .filter_map(|t| self.proxy(t))
-                .take(self.max_proxies)
                 .collect();
+            let spares = proxies.split_off(self.max_proxies.min(proxies.len()));
             Ok(crate::fleet::Fleet {
                 proxies,
+                spares,
                 refresh_after: answer
                     .ttl
                     .clamp(Duration::from_secs(60), Duration::from_secs(3600)),

@@ -33,6 +33,29 @@ pub trait Transport: Send + Sync + 'static {
 
     /// A short name for logs: `direct`, `tor`.
     fn name(&self) -> &'static str;
+
+    /// A keeper of one proxy's circuit across its reconnects, for a transport that has
+    /// circuits (Tor); `None` (the default) when every connection is made afresh by
+    /// [`Transport::connect`].
+    fn circuit(&self) -> Option<Box<dyn KeptCircuit>> {
+        None
+    }
+}
+
+/// One proxy's circuit, kept across that proxy's reconnects for as long as it works, so that
+/// a proxy that ends its sessions costs no new circuits (see [`crate::circuits`]).
+pub trait KeptCircuit: Send + Sync {
+    /// Whether a circuit is held that the next [`KeptCircuit::connect`] will open its stream
+    /// on; if not, that call builds a new circuit, which must be charged first.
+    fn is_held(&self) -> bool;
+
+    /// Opens a stream to `host:port`: on the circuit held, or else on a new one, which is
+    /// then held. A failure that shows the circuit itself is bad gives it up; a refusal by the
+    /// proxy's side (the exit answered, the proxy did not take the connection) keeps it.
+    fn connect<'a>(&'a mut self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>>;
+
+    /// Why the last circuit was given up, if one was.
+    fn given_up(&self) -> Option<&str>;
 }
 
 /// Which transport to reach proxies with.

@@ -16,6 +16,12 @@
 //! When the proxy says go-away (it is restarting), the task reconnects while the old session
 //! drains on a task of its own: it keeps serving streams, late ones included, until the proxy
 //! closes it or the client stops.
+//!
+//! With Tor, the task holds its proxy's circuit across reconnects ([`KeptCircuit`]); before
+//! an attempt that must build a new one it charges the churn budget ([`CircuitBudget`]), and
+//! while the budget refuses, it waits (with a warning naming the proxy and why) rather than
+//! build more. Reconnects on the held circuit cost nothing there, and are paced by the
+//! backoff as any others are.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +37,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
+use crate::circuits::CircuitBudget;
 use crate::origin;
 use crate::shared::{ClientConfig, ProxyAddr, StateReporter, StreamTasks, TunnelState};
+use crate::transport::KeptCircuit;
 
 /// Why an attempt to bring a tunnel up failed.
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +132,8 @@ enum Next {
 
 /// Holds a tunnel to `proxy` until `stop` is cancelled, or until the proxy refuses for good.
 /// Returns the reason in the latter case. Visitor streams, and sessions the proxy is draining,
-/// run on `tasks`. A change seen on `retry` cuts short the wait after a policy refusal.
+/// run on `tasks`. A change seen on `retry` cuts short the wait after a policy refusal. Each
+/// new circuit (with Tor) is charged to `circuits` first.
 pub async fn hold(
     proxy: ProxyAddr,
     config: Arc<ClientConfig>,
@@ -132,14 +141,21 @@ pub async fn hold(
     stop: CancellationToken,
     tasks: StreamTasks,
     mut retry: watch::Receiver<u64>,
+    circuits: Arc<CircuitBudget>,
 ) -> Option<String> {
     let timing = &config.timing;
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
+    let mut circuit = config.transport.circuit();
     loop {
+        if let Some(kept) = circuit.as_deref() {
+            if !kept.is_held() && !charge_circuit(&proxy, kept, &circuits, &state, &stop).await {
+                break;
+            }
+        }
         state.send_replace(TunnelState::Connecting);
         let attempt = tokio::select! {
             () = stop.cancelled() => break,
-            attempt = connect_and_bind(&proxy, &config) => attempt,
+            attempt = connect_and_bind(&proxy, &config, circuit.as_deref_mut()) => attempt,
         };
         config.metrics.attempt(attempt.as_ref().map(|_| ()));
         let next = match attempt {
@@ -238,16 +254,58 @@ pub async fn hold(
     None
 }
 
-/// Connects, handshakes and binds once.
-async fn connect_and_bind(proxy: &ProxyAddr, config: &ClientConfig) -> Result<Bound, AttemptError> {
+/// Charges a new circuit for `proxy`'s tunnel to the budget, waiting while the budget refuses.
+/// Returns false if `stop` came first.
+async fn charge_circuit(
+    proxy: &ProxyAddr,
+    kept: &dyn KeptCircuit,
+    circuits: &CircuitBudget,
+    state: &StateReporter,
+    stop: &CancellationToken,
+) -> bool {
+    loop {
+        let exhausted = match circuits.charge(proxy) {
+            Ok(()) => return true,
+            Err(exhausted) => exhausted,
+        };
+        let wait = exhausted
+            .until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let last = kept.given_up().unwrap_or("none given up yet");
+        warn!(
+            proxy = %proxy,
+            reason = %exhausted,
+            last_circuit_given_up_because = last,
+            retry_in_secs = wait.as_secs(),
+            "this proxy's tunnel waits for the circuit budget rather than build another Tor \
+             circuit; the other tunnels carry visitors"
+        );
+        state.send_replace(TunnelState::Waiting {
+            reason: format!("circuit budget: {exhausted}"),
+        });
+        tokio::select! {
+            () = stop.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Connects, handshakes and binds once: on `circuit` when the transport keeps one.
+async fn connect_and_bind(
+    proxy: &ProxyAddr,
+    config: &ClientConfig,
+    circuit: Option<&mut (dyn KeptCircuit + '_)>,
+) -> Result<Bound, AttemptError> {
     let timing = &config.timing;
-    let io = timeout(
-        timing.connect_timeout,
-        config.transport.connect(proxy.dial_host(), proxy.port),
-    )
-    .await
-    .map_err(|_| AttemptError::Timeout("the connection to the proxy"))?
-    .map_err(AttemptError::Connect)?;
+    let connect = match circuit {
+        Some(circuit) => circuit.connect(proxy.dial_host(), proxy.port),
+        None => config.transport.connect(proxy.dial_host(), proxy.port),
+    };
+    let io = timeout(timing.connect_timeout, connect)
+        .await
+        .map_err(|_| AttemptError::Timeout("the connection to the proxy"))?
+        .map_err(AttemptError::Connect)?;
 
     let deadline = Instant::now() + timing.handshake_timeout;
     let server_name = crate::tls::server_name(&proxy.name)

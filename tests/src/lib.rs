@@ -57,6 +57,7 @@
 
 pub mod bulk;
 pub mod dns;
+pub mod hostile;
 pub mod load;
 pub mod metrics;
 pub mod nginx;

@@ -512,6 +512,7 @@ impl Held {
             stop.clone(),
             tasks,
             retry.subscribe(),
+            Arc::new(crate::circuits::CircuitBudget::default()),
         ));
         Self {
             log,

@@ -54,7 +54,7 @@ use tempfile::TempDir;
 
 use config::load_arti_config;
 use lifetime::{is_alive, launch_tor, stop_processes, wait_child, PortTaken};
-pub use sockets::{socket_owner, tcp_connections_of};
+pub use sockets::{connections_to, socket_owner, tcp_connections_of};
 pub use user::{OnionService, TorUser};
 
 /// How many times [`TorNet::start`] picks fresh ports after one was taken.

@@ -10,6 +10,8 @@ struct TcpSocket {
     local: SocketAddr,
     remote: SocketAddr,
     established: bool,
+    /// Sent its SYN and has no answer yet.
+    syn_sent: bool,
     inode: u64,
 }
 
@@ -39,6 +41,8 @@ fn parse_tcp_row(line: &str, v6: bool) -> Option<TcpSocket> {
         remote: parse_proc_addr(fields.get(2)?, v6)?,
         // 01 is TCP_ESTABLISHED.
         established: *fields.get(3)? == "01",
+        // 02 is TCP_SYN_SENT.
+        syn_sent: *fields.get(3)? == "02",
         inode: fields.get(9)?.parse().ok()?,
     })
 }
@@ -131,6 +135,19 @@ pub fn tcp_connections_of(pid: u32) -> Vec<(SocketAddr, SocketAddr)> {
         .into_iter()
         .filter(|socket| socket.established && inodes.contains(&socket.inode))
         .map(|socket| (socket.local, socket.remote))
+        .collect()
+}
+
+/// The connections to `port` that are open or still waiting for an answer to their SYN (as
+/// to a listener whose queue is full), as (their local address, the process holding them).
+pub fn connections_to(port: u16) -> Vec<(SocketAddr, Option<u32>)> {
+    tcp_sockets()
+        .into_iter()
+        .filter(|socket| (socket.syn_sent || socket.established) && socket.remote.port() == port)
+        .map(|socket| {
+            let owner = socket_owner(socket.local, socket.remote);
+            (socket.local, owner)
+        })
         .collect()
 }
 
