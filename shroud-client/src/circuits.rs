@@ -187,17 +187,15 @@ impl CircuitBudget {
         self.churning.subscribe()
     }
 
-    /// Forgets `proxy` once nothing of it is left in the window: its tunnel is gone, and its
-    /// series leave the metrics.
-    pub fn forget_if_idle(&self, proxy: &ProxyAddr) {
+    /// Forgets the proxies other than `held` that have nothing left in the window: their
+    /// tunnels are gone, and their series leave the metrics. One with charges in the window is
+    /// kept, so a proxy that leaves the list and comes back finds its share as it left it.
+    pub fn forget_idle_except(&self, held: &[ProxyAddr]) {
         let now = Instant::now();
-        let mut inner = self.lock();
-        if let Some(record) = inner.proxies.get_mut(proxy) {
+        self.lock().proxies.retain(|proxy, record| {
             expire(&mut record.recent, now);
-            if record.recent.is_empty() {
-                inner.proxies.remove(proxy);
-            }
-        }
+            held.contains(proxy) || !record.recent.is_empty()
+        });
     }
 
     /// Each proxy's counts, in name order.
@@ -298,11 +296,14 @@ mod tests {
     async fn an_idle_proxy_is_forgotten_only_once_its_charges_age_out() {
         let budget = CircuitBudget::new(2, 3);
         let a = proxy("a.example");
+        let b = proxy("b.example");
         budget.charge(&a).unwrap();
-        budget.forget_if_idle(&a);
-        assert_eq!(budget.counts().len(), 1);
+        budget.charge(&b).unwrap();
+        budget.forget_idle_except(&[]);
+        assert_eq!(budget.counts().len(), 2);
         tokio::time::advance(WINDOW).await;
-        budget.forget_if_idle(&a);
-        assert!(budget.counts().is_empty());
+        budget.forget_idle_except(std::slice::from_ref(&b));
+        let left: Vec<String> = budget.counts().into_iter().map(|c| c.proxy).collect();
+        assert_eq!(left, ["b.example:443"]);
     }
 }

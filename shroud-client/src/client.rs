@@ -184,7 +184,6 @@ impl Tunnels {
             if let Some(running) = self.running.remove(&proxy) {
                 info!(proxy = %proxy, "proxy left the list; closing its tunnel");
                 running.stop.cancel();
-                self.circuits.forget_if_idle(&proxy);
                 // Under the map's lock, so no report of the tunnel can land after the removal.
                 self.states.send_modify(|states| {
                     running
@@ -194,6 +193,7 @@ impl Tunnels {
                 });
             }
         }
+        self.circuits.forget_idle_except(wanted);
         for proxy in wanted {
             if self.running.contains_key(proxy) {
                 continue;

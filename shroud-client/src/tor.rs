@@ -255,17 +255,24 @@ fn proxy_side(reason: EndReason) -> bool {
 }
 
 impl KeptCircuit for KeptTorCircuit {
-    fn is_held(&self) -> bool {
-        self.held
-            .as_ref()
-            .is_some_and(|held| !held.tunnel.is_closed())
+    fn is_held(&mut self) -> bool {
+        if self.held.as_ref().is_some_and(|h| h.tunnel.is_closed()) {
+            self.held = None;
+            self.given_up = Some("Arti reports the circuit closed".into());
+            tracing::info!("this tunnel's Tor circuit has closed");
+        }
+        self.held.is_some()
     }
 
     fn connect<'a>(&'a mut self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>> {
         Box::pin(async move {
             // Taken out while in use: if this attempt is abandoned half way (the caller's own
             // deadline), the circuit is not trusted again and the next attempt builds anew.
-            let (held, opened) = match self.held.take().filter(|h| !h.tunnel.is_closed()) {
+            let (held, opened) = match self.held.take() {
+                Some(held) if held.tunnel.is_closed() => (
+                    Some(held),
+                    Opened::Bad("Arti reports the circuit closed".into()),
+                ),
                 Some(held) => {
                     let target = self.target(host, port);
                     let begin = held

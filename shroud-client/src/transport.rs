@@ -46,12 +46,14 @@ pub trait Transport: Send + Sync + 'static {
 /// a proxy that ends its sessions costs no new circuits (see [`crate::circuits`]).
 pub trait KeptCircuit: Send + Sync {
     /// Whether a circuit is held that the next [`KeptCircuit::connect`] will open its stream
-    /// on; if not, that call builds a new circuit, which must be charged first.
-    fn is_held(&self) -> bool;
+    /// on; if not, that call builds a new circuit, which must be charged first. A held circuit
+    /// found closed is given up here, so that the answer holds until that call.
+    fn is_held(&mut self) -> bool;
 
-    /// Opens a stream to `host:port`: on the circuit held, or else on a new one, which is
-    /// then held. A failure that shows the circuit itself is bad gives it up; a refusal by the
-    /// proxy's side (the exit answered, the proxy did not take the connection) keeps it.
+    /// Opens a stream to `host:port`: on the circuit held (failing if it has closed since
+    /// [`KeptCircuit::is_held`]), or else on a new one, which is then held. A failure that
+    /// shows the circuit itself is bad gives it up; a refusal by the proxy's side (the exit
+    /// answered, the proxy did not take the connection) keeps it.
     fn connect<'a>(&'a mut self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>>;
 
     /// Why the last circuit was given up, if one was.

@@ -147,7 +147,7 @@ pub async fn hold(
     let mut backoff = Backoff::new(timing.backoff_base, timing.backoff_cap, timing.stable_after);
     let mut circuit = config.transport.circuit();
     loop {
-        if let Some(kept) = circuit.as_deref() {
+        if let Some(kept) = circuit.as_deref_mut() {
             if !kept.is_held() && !charge_circuit(&proxy, kept, &circuits, &state, &stop).await {
                 break;
             }

@@ -575,6 +575,13 @@ fn the_client_unit_and_config_make_a_valid_command_line() {
         );
         assert_eq!(run.stream_buffer_bytes, 16 * 1024 * 1024);
         assert_eq!(run.max_streams, 8192);
+        assert_eq!(
+            (
+                run.max_circuits_per_proxy_per_hour,
+                run.max_circuits_per_hour
+            ),
+            (6, 24)
+        );
         assert_eq!(cli.log.verbose, 1);
         if keep.contains(&"acme") {
             assert!(run.tls_cert.is_some() && run.tls_key.is_some());

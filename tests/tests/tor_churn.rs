@@ -109,14 +109,25 @@ async fn a_tunnel_the_proxy_drops_comes_back_over_the_same_exit_and_circuit() {
     )
     .await;
 
-    // Five tunnels, each dropped two seconds after its bind.
-    within(180, async {
-        while hostile.arrivals().len() < 5 {
+    // Five tunnels bound, each dropped two seconds after its bind.
+    let bound = |scrape: &Exposition| {
+        scrape.value(
+            "shroud_client_tunnel_attempts_total",
+            &[("result", "bound")],
+        )
+    };
+    let scrape = within(180, async {
+        loop {
+            let scrape = metrics::scrape(metrics).await.unwrap();
+            if bound(&scrape) >= 5.0 {
+                return scrape;
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await;
     let arrivals = hostile.arrivals();
+    assert!(arrivals.len() >= 5, "{arrivals:?}");
     let exits: BTreeSet<Option<u32>> = arrivals.iter().map(|a| a.owner).collect();
     let [Some(exit)] = exits.iter().copied().collect::<Vec<_>>()[..] else {
         panic!("the tunnels arrived from more than one exit, or one unknown: {arrivals:?}");
@@ -125,18 +136,10 @@ async fn a_tunnel_the_proxy_drops_comes_back_over_the_same_exit_and_circuit() {
         .relay_by_pid(exit)
         .expect("an exit relay of the network");
     assert_eq!(relay.kind, shroud_tests::tornet::RelayKind::Exit);
-    let scrape = metrics::scrape(metrics).await.unwrap();
     assert_eq!(
         circuits(&scrape, &hostile.proxy_arg()),
         1.0,
         "one circuit for every tunnel: {arrivals:?}"
-    );
-    assert!(
-        scrape.value(
-            "shroud_client_tunnel_attempts_total",
-            &[("result", "bound")]
-        ) >= 5.0,
-        "each tunnel bound"
     );
     eprintln!(
         "tor churn: {} tunnels dropped by the proxy, all over one circuit through {}",
@@ -306,4 +309,72 @@ async fn hostile_proxies_get_no_more_circuits_than_the_budget_and_an_honest_one_
     );
     client.terminate();
     let _ = client.wait_exit(Duration::from_secs(20)).await;
+}
+
+/// The figures of docs/RESILIENCE.md: the four hostile proxies and an honest one against a
+/// client with every default (backoff up to 60 s, the budget 6 an hour per proxy and 24 in
+/// all), for `SHROUD_CHURN_MINUTES` minutes (10 unless told). Each connection that reaches a
+/// hostile proxy is one attempt, and before the budget each attempt built a new circuit: the
+/// arrivals per hour are the circuits per hour without it. Run by hand:
+/// `cargo test -p shroud-tests --test tor_churn -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement of several minutes, for docs/RESILIENCE.md"]
+async fn measure_churn_with_the_default_settings() {
+    init();
+    let minutes: u64 = std::env::var("SHROUD_CHURN_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(10);
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let key = make_key(&pki.dir().join("client.key")).unwrap();
+    let honest = TestProxy::start(&pki, "honest.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let mut hostile = Vec::new();
+    for (name, behaviour) in [
+        (
+            "drop.proxy.test",
+            Behaviour::DropAfter(Duration::from_secs(3)),
+        ),
+        (
+            "goaway.proxy.test",
+            Behaviour::GoAwayAfter(Duration::from_secs(3)),
+        ),
+        ("stall.proxy.test", Behaviour::StallAfterTls),
+        ("blackhole.proxy.test", Behaviour::Blackhole),
+    ] {
+        hostile.push(HostileProxy::start(&pki, name, behaviour).await.unwrap());
+    }
+    let honest_arg = format!("{}:{}", honest.name, honest.https.port());
+    let mut proxies = vec![honest_arg.clone()];
+    proxies.extend(hostile.iter().map(HostileProxy::proxy_arg));
+    let (client, metrics) = start_client(net, &pki, origin.addr(), &proxies, &[]).await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(minutes * 60)).await;
+    let window = started.elapsed();
+    let scrape = metrics::scrape(metrics).await.unwrap();
+    let per_hour = |n: f64| n * 3600.0 / window.as_secs_f64();
+    for proxy in &hostile {
+        let arrivals = proxy.arrivals().len() as f64;
+        let built = circuits(&scrape, &proxy.proxy_arg());
+        let waits = scrape.value(
+            "shroud_client_circuit_budget_waits_total",
+            &[("proxy", &proxy.proxy_arg())],
+        );
+        eprintln!(
+            "churn figures: {} over {window:?}: {arrivals} attempts reached it ({:.0}/h, the \
+             circuits per hour without the budget); {built} circuits built ({:.1}/h), {waits} \
+             budget waits",
+            proxy.name,
+            per_hour(arrivals),
+            per_hour(built),
+        );
+    }
+    eprintln!(
+        "churn figures: honest proxy: {} circuits",
+        circuits(&scrape, &honest_arg)
+    );
+    drop(client);
 }

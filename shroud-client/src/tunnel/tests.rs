@@ -101,6 +101,11 @@ impl Log {
             .send_modify(|events| events.push(Event { at, conn, what }));
     }
 
+    /// Every event so far.
+    fn snapshot(&self) -> Vec<Event> {
+        self.0.borrow().clone()
+    }
+
     /// Waits until the events satisfy `done`, and returns them.
     #[track_caller]
     fn wait_for(&self, done: impl Fn(&[Event]) -> bool) -> impl Future<Output = Vec<Event>> {
@@ -470,6 +475,22 @@ impl Held {
         origin: SocketAddr,
         origin_tls: Option<TlsAcceptor>,
     ) -> Self {
+        Self::start_with(plans, timing, origin, origin_tls, None)
+    }
+
+    /// [`Held::start`] through a transport with circuits: each connection on the circuit
+    /// held, or on a new one counted in `circuits.built`, charged to `circuits.budget`.
+    fn start_with_circuits(plans: Vec<Plan>, timing: Timing, circuits: &FakeCircuits) -> Self {
+        Self::start_with(plans, timing, NO_ORIGIN, None, Some(circuits.clone()))
+    }
+
+    fn start_with(
+        plans: Vec<Plan>,
+        timing: Timing,
+        origin: SocketAddr,
+        origin_tls: Option<TlsAcceptor>,
+        circuits: Option<FakeCircuits>,
+    ) -> Self {
         let (acceptor, client_tls) = tls_pair();
         let log = Log::new();
         let fake = FakeProxy {
@@ -477,6 +498,17 @@ impl Held {
             attempts: AtomicUsize::new(0),
             log: log.clone(),
             tls: acceptor,
+        };
+        let budget = circuits.as_ref().map_or_else(
+            || Arc::new(crate::circuits::CircuitBudget::default()),
+            |c| c.budget.clone(),
+        );
+        let transport: Arc<dyn Transport> = match circuits {
+            Some(circuits) => Arc::new(Circuited {
+                proxy: Arc::new(fake),
+                circuits,
+            }),
+            None => Arc::new(fake),
         };
         let target = Target {
             host: origin.ip().to_string(),
@@ -488,7 +520,7 @@ impl Held {
             http_target: Some(target),
             acme: None,
             origin_tls,
-            transport: Arc::new(fake),
+            transport,
             tls: client_tls,
             key: SecretKey::from_seed(&[7; 32]),
             timing,
@@ -512,7 +544,7 @@ impl Held {
             stop.clone(),
             tasks,
             retry.subscribe(),
-            Arc::new(crate::circuits::CircuitBudget::default()),
+            budget,
         ));
         Self {
             log,
@@ -956,4 +988,136 @@ async fn an_unbound_for_want_of_a_dns_record_retries_with_the_backoff() {
         "after NotListed",
     );
     assert_eq!(held.stop().await, None);
+}
+
+/// The circuits of a [`Circuited`] transport: how many were built, whether each breaks after
+/// one connection, and the budget they are charged to.
+#[derive(Clone)]
+struct FakeCircuits {
+    built: Arc<AtomicUsize>,
+    break_each: bool,
+    budget: Arc<crate::circuits::CircuitBudget>,
+}
+
+impl FakeCircuits {
+    fn new(break_each: bool, per_proxy: u32) -> Self {
+        Self {
+            built: Arc::default(),
+            break_each,
+            budget: Arc::new(crate::circuits::CircuitBudget::new(per_proxy, 100)),
+        }
+    }
+
+    fn built(&self) -> usize {
+        self.built.load(Ordering::SeqCst)
+    }
+}
+
+/// The fake proxy behind a transport that keeps a circuit per tunnel, as Tor's does.
+struct Circuited {
+    proxy: Arc<FakeProxy>,
+    circuits: FakeCircuits,
+}
+
+impl Transport for Circuited {
+    fn connect<'a>(&'a self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>> {
+        self.proxy.connect(host, port)
+    }
+
+    fn name(&self) -> &'static str {
+        "circuited"
+    }
+
+    fn circuit(&self) -> Option<Box<dyn crate::transport::KeptCircuit>> {
+        Some(Box::new(FakeCircuit {
+            proxy: self.proxy.clone(),
+            circuits: self.circuits.clone(),
+            held: false,
+        }))
+    }
+}
+
+struct FakeCircuit {
+    proxy: Arc<FakeProxy>,
+    circuits: FakeCircuits,
+    held: bool,
+}
+
+impl crate::transport::KeptCircuit for FakeCircuit {
+    fn is_held(&mut self) -> bool {
+        self.held
+    }
+
+    fn connect<'a>(&'a mut self, host: &'a str, port: u16) -> BoxFuture<'a, io::Result<BoxStream>> {
+        Box::pin(async move {
+            if !self.held {
+                self.circuits.built.fetch_add(1, Ordering::SeqCst);
+            }
+            self.held = !self.circuits.break_each;
+            self.proxy.connect(host, port).await
+        })
+    }
+
+    fn given_up(&self) -> Option<&str> {
+        self.circuits.break_each.then_some("the fake circuit broke")
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn reconnects_on_the_held_circuit_cost_no_new_circuit() {
+    let circuits = FakeCircuits::new(false, 2);
+    // Five tunnels, each dropped by the proxy a second after its bind.
+    let plans = (0..5)
+        .map(|_| {
+            bind(|end: ProxyEnd| async move {
+                tokio::time::sleep(secs(1)).await;
+                end.session.close();
+            })
+        })
+        .collect();
+    let held = Held::start_with_circuits(plans, timing(), &circuits);
+    let events = held
+        .log
+        .wait_for(|e| times(e, What::Bound).len() >= 5)
+        .await;
+    assert_eq!(times(&events, What::Bound).len(), 5);
+    assert_eq!(circuits.built(), 1, "one circuit for every tunnel");
+    assert_eq!(circuits.budget.counts()[0].waits, 0);
+    held.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_its_share_a_tunnel_waits_for_the_budget_and_builds_again_an_hour_on() {
+    // Every circuit breaks and the proxy refuses: each attempt needs a new circuit.
+    let circuits = FakeCircuits::new(true, 2);
+    let mut held = Held::start_with_circuits(Vec::new(), timing(), &circuits);
+    let state = held
+        .wait_state(
+            |s| matches!(s, TunnelState::Waiting { reason } if reason.contains("circuit budget")),
+        )
+        .await;
+    let TunnelState::Waiting { reason } = state else {
+        unreachable!()
+    };
+    assert!(
+        reason.contains("--max-circuits-per-proxy-per-hour"),
+        "{reason}"
+    );
+    let first = times(&held.log.snapshot(), What::Attempt)[0];
+    assert_eq!(circuits.built(), 2);
+    // Half an hour on, still waiting; no attempt, no circuit.
+    tokio::time::advance(Duration::from_secs(1800)).await;
+    assert_eq!(circuits.built(), 2);
+    assert_eq!(times(&held.log.snapshot(), What::Attempt).len(), 2);
+    // Once the first charge leaves the hour, one more.
+    let events = held.log.wait_for(attempts_at_least(3)).await;
+    let third = times(&events, What::Attempt)[2];
+    assert!(
+        third - first >= crate::circuits::WINDOW,
+        "{:?}",
+        third - first
+    );
+    assert_eq!(circuits.built(), 3);
+    assert!(circuits.budget.counts()[0].waits >= 1);
+    held.stop().await;
 }
