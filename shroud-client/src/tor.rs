@@ -19,6 +19,12 @@
 //! misc; any other reason (exit policy, resolve failed, hibernating, resource limit, ...)
 //! says this exit cannot serve the proxy, and gives it up.
 //!
+//! A new circuit to an exit is asked for with an optimistic stream, so that Arti hands the
+//! stream (and its circuit) back before the exit answers, and a refusal still leaves the
+//! circuit in hand. Arti opens streams to onion services only after the answer, so for an
+//! onion proxy a refusal on a new rendezvous circuit loses it, and the next attempt builds
+//! (and is charged for) another.
+//!
 //! Other connections (discovery, DNS over Tor, ACME) go through [`Transport::connect`], each
 //! with a token of its own as before.
 //!

@@ -357,7 +357,9 @@ async fn measure_churn_with_the_default_settings() {
     let scrape = metrics::scrape(metrics).await.unwrap();
     let per_hour = |n: f64| n * 3600.0 / window.as_secs_f64();
     for proxy in &hostile {
-        let arrivals = proxy.arrivals().len() as f64;
+        let seen = proxy.arrivals();
+        let arrivals = seen.len() as f64;
+        let exits: BTreeSet<Option<u32>> = seen.iter().map(|a| a.owner).collect();
         let built = circuits(&scrape, &proxy.proxy_arg());
         let waits = scrape.value(
             "shroud_client_circuit_budget_waits_total",
@@ -365,10 +367,12 @@ async fn measure_churn_with_the_default_settings() {
         );
         eprintln!(
             "churn figures: {} over {window:?}: {arrivals} attempts reached it ({:.0}/h, the \
-             circuits per hour without the budget); {built} circuits built ({:.1}/h), {waits} \
-             budget waits",
+             circuits per hour without the budget) from {} exits in {} runs; {built} circuits \
+             built ({:.1}/h), {waits} budget waits",
             proxy.name,
             per_hour(arrivals),
+            exits.len(),
+            exit_runs(&seen),
             per_hour(built),
         );
     }
