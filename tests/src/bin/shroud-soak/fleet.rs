@@ -26,6 +26,11 @@ pub const KEEPALIVE_SECS: u64 = 3;
 pub const MAX_BACKOFF_SECS: u64 = 2;
 /// The clients' `--connect-timeout-secs` (a Tor circuit included).
 const CONNECT_TIMEOUT_SECS: u64 = 30;
+/// The clients' `--max-circuits-per-proxy-per-hour`: the soak kills relays far more often
+/// than a real network loses them, and each kill costs the tunnels through the relay new
+/// circuits (some of them through the dead relay, still listed), which the default of 6 would
+/// soon make wait for an hour.
+const CIRCUITS_PER_PROXY_PER_HOUR: u32 = 120;
 /// The proxies' `--drain-timeout-secs`: on SIGTERM, streams in flight get this long.
 pub const DRAIN_SECS: u64 = 10;
 /// How long a proxy may take to bind its listener.
@@ -184,6 +189,10 @@ impl Fleet {
                 MAX_BACKOFF_SECS.to_string(),
                 "--connect-timeout-secs".into(),
                 CONNECT_TIMEOUT_SECS.to_string(),
+                "--max-circuits-per-proxy-per-hour".into(),
+                CIRCUITS_PER_PROXY_PER_HOUR.to_string(),
+                "--max-circuits-per-hour".into(),
+                (CIRCUITS_PER_PROXY_PER_HOUR * PROXIES as u32).to_string(),
             ];
             for proxy in &fleet.proxies {
                 let port = proxy.addr.port();
