@@ -6,8 +6,10 @@
 //! file whose `nameserver` line carries the port, as libevent's resolver reads it), so a test
 //! can add a name under [`ZONE`] that only the exits can resolve: a client that reaches it by
 //! that name has had its name resolved by an exit, since this machine's resolver has never heard
-//! of it. The exits still read `/etc/hosts` first (libevent's resolver does), so `localhost`
-//! resolves there as on any exit.
+//! of it. The exits ask it for every name, `localhost` included: tor's lookups go to the
+//! nameservers (libevent reads `/etc/hosts` only for `evdns_getaddrinfo`, which tor's exit
+//! lookups do not use), so `localhost` resolves at an exit only if its DNS server answers it,
+//! and this one does not.
 //!
 //! The server runs on a runtime of its own (one worker thread), so it serves as long as the
 //! network lives, whichever test's runtime comes and goes.
