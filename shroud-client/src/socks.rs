@@ -150,7 +150,12 @@ fn reply_for(kind: ErrorKind) -> Reply {
         | ErrorKind::OnionServiceNotRunning
         | ErrorKind::OnionServiceConnectionFailed
         | ErrorKind::OnionServiceAddressInvalid => Reply::HostUnreachable,
-        ErrorKind::RemoteConnectionRefused => Reply::ConnectionRefused,
+        // An END instead of CONNECTED: with DONE ("stream closed") it is how onion services,
+        // C-tor's and Arti's alike, refuse a port they do not serve; C-tor's SOCKS port calls
+        // that "connection refused" too.
+        ErrorKind::RemoteConnectionRefused | ErrorKind::RemoteStreamClosed => {
+            Reply::ConnectionRefused
+        }
         ErrorKind::RemoteNetworkFailed => Reply::NetworkUnreachable,
         ErrorKind::RemoteNetworkTimeout | ErrorKind::ExitTimeout | ErrorKind::TorNetworkTimeout => {
             Reply::TimedOut

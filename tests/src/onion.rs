@@ -3,7 +3,8 @@
 //!
 //! [`OnionProxy::start`] runs the real binary and reads, in the order it prints them, the onion
 //! address (alone on a line of stdout), the HTTPS listener's address, and the moment its
-//! service is reachable (descriptor published). [`private_violations`] lists what under a state
+//! service is reachable (descriptor published). [`wait_for_address`] reads the address any
+//! binary prints alone on a line (`shroud --onion` too). [`private_violations`] lists what under a state
 //! directory lets group or others in, and [`tcp_peers`] tells, through `/proc`, which process
 //! holds the far end of each of a process's TCP connections.
 
@@ -91,6 +92,23 @@ impl OnionProxy {
     /// How a client names this proxy: `NAME@ADDRESS.onion:443`.
     pub fn client_proxy(&self, name: &str) -> String {
         format!("{name}@{}:443", self.address)
+    }
+}
+
+/// Waits up to `limit` for `process` to print an onion address alone on a line (as
+/// `shroud --onion` and `shroud-proxy --onion-tunnel` do on stdout; log lines that mention
+/// one do not count), and returns it in normal form.
+pub async fn wait_for_address(process: &mut Process, limit: Duration) -> anyhow::Result<String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let line = process
+            .wait_for_line(".onion", left)
+            .await
+            .context("waiting for an onion address alone on a line")?;
+        if let Ok(address) = shroud_mux::onion::normalize(line.trim()) {
+            return Ok(address);
+        }
     }
 }
 

@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shroud_tests::onion::{files_under, private_violations, tcp_peers, OnionProxy};
+use shroud_tests::onion::{
+    files_under, private_violations, tcp_peers, wait_for_address, OnionProxy,
+};
 use shroud_tests::process::Process;
 use shroud_tests::stack::{binary, Pki, TestProxy};
 use shroud_tests::tornet::{socket_owner, tcp_connections_of, TorNet};
@@ -364,43 +366,6 @@ async fn acme_reaches_the_ca_only_through_tor() {
     }
 }
 
-/// The address in a line that holds one (`abc...xyz.onion`, alone on stdout or in a log line).
-fn onion_address_in(line: &str) -> Option<String> {
-    line.split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
-        .find(|word| word.ends_with(".onion") && word.len() == 56 + ".onion".len())
-        .map(str::to_owned)
-}
-
-/// Waits for the client to print its onion address (stdout, and its log; Arti's own lines
-/// show only the end of it).
-async fn wait_for_onion_address(client: &mut Process) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = client.wait_for_line(".onion", left).await.unwrap();
-        if let Some(address) = onion_address_in(&line) {
-            return address;
-        }
-    }
-}
-
-/// Every file and directory under `dir`, with its permission bits.
-fn modes_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u32)> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let mut found = Vec::new();
-    let mut pending = vec![dir.to_owned()];
-    while let Some(path) = pending.pop() {
-        let meta = std::fs::symlink_metadata(&path).unwrap();
-        found.push((path.clone(), meta.permissions().mode() & 0o777));
-        if meta.is_dir() {
-            for entry in std::fs::read_dir(&path).unwrap() {
-                pending.push(entry.unwrap().path());
-            }
-        }
-    }
-    found
-}
-
 /// `GET path` over TLS for HOST, through an Arti client to `onion`:443, verifying the origin's
 /// certificate for HOST against `roots`. Retried (bounded) while the service's descriptor is
 /// not yet where the visitor looks for it.
@@ -475,7 +440,9 @@ async fn onion_publishes_the_origin_as_an_onion_service_with_a_lasting_address()
     ];
     let started = Instant::now();
     let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
-    let onion = wait_for_onion_address(&mut client).await;
+    let onion = wait_for_address(&mut client, Duration::from_secs(120))
+        .await
+        .unwrap();
     client
         .wait_for_line(
             "onion service published its descriptor",
@@ -516,18 +483,13 @@ async fn onion_publishes_the_origin_as_an_onion_service_with_a_lasting_address()
 
     // The service's key: in Arti's keystore under the state directory, readable by no one else.
     let keystore = state.join("tor/state/keystore");
-    let entries = modes_under(&keystore);
+    let keys = files_under(&keystore);
     assert!(
-        entries
-            .iter()
-            .any(|(path, _)| path.to_string_lossy().contains("hs_id")),
-        "the identity key is in {}: {entries:?}",
+        keys.iter().any(|k| k.to_string_lossy().contains("hs_id")),
+        "the identity key is in {}: {keys:?}",
         keystore.display()
     );
-    for (path, mode) in &entries {
-        eprintln!("tor: keystore entry {} mode {mode:o}", path.display());
-        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
-    }
+    assert_eq!(private_violations(&keystore), vec![], "keystore modes");
 
     // Stopped cleanly, and started again with the same state directory: the same address.
     client.terminate();
@@ -535,12 +497,37 @@ async fn onion_publishes_the_origin_as_an_onion_service_with_a_lasting_address()
     assert_eq!(status.code(), Some(0), "{}", client.output_text());
     assert!(client.output_text().contains("onion service stopped"));
     let mut again = Process::spawn(&binary("shroud"), &args).unwrap();
-    assert_eq!(wait_for_onion_address(&mut again).await, onion);
+    assert_eq!(
+        wait_for_address(&mut again, Duration::from_secs(120))
+            .await
+            .unwrap(),
+        onion
+    );
     let log = again.output_text();
     assert!(
         !log.contains(&origin.addr().to_string()),
         "the target is never logged"
     );
+}
+
+/// Runs curl (silent but for errors, 60 s at most) with `args`; returns its exit code, stdout
+/// and stderr.
+async fn curl(args: &[&str]) -> (Option<i32>, String, String) {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("curl")
+            .args(["--silent", "--show-error", "--max-time", "60"])
+            .args(&args)
+            .output()
+            .expect("curl runs (Debian's curl; .ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,40 +569,18 @@ async fn socks_listen_takes_local_programs_through_tor_exits() {
         .await
         .unwrap();
 
-    let curl = |proxy_args: Vec<String>, path: &str| {
-        let url = format!("http://{}{path}", relay.addr);
-        async move {
-            let output = tokio::task::spawn_blocking(move || {
-                std::process::Command::new("curl")
-                    .args(["--silent", "--show-error", "--max-time", "60"])
-                    .args(&proxy_args)
-                    .arg(&url)
-                    .output()
-                    .expect("curl runs (Debian's curl; .ci/run installs it)")
-            })
-            .await
-            .unwrap();
-            (
-                output.status.code(),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-                String::from_utf8_lossy(&output.stderr).into_owned(),
-            )
-        }
-    };
+    let url = |path: &str| format!("http://{}{path}", relay.addr);
     // SOCKS5, the name (here an address) handed to the proxy, not resolved by curl.
-    let (code, body, err) =
-        curl(vec!["--socks5-hostname".into(), socks.clone()], "/by-socks").await;
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &url("/by-socks")]).await;
     assert_eq!(code, Some(0), "curl through SOCKS5: {err}");
     assert_eq!(body, "hello from origin: GET /by-socks\n");
     // HTTP CONNECT on the same port.
-    let (code, body, err) = curl(
-        vec![
-            "--proxytunnel".into(),
-            "--proxy".into(),
-            format!("http://{socks}"),
-        ],
-        "/by-connect",
-    )
+    let (code, body, err) = curl(&[
+        "--proxytunnel",
+        "--proxy",
+        &format!("http://{socks}"),
+        &url("/by-connect"),
+    ])
     .await;
     assert_eq!(code, Some(0), "curl through HTTP CONNECT: {err}");
     assert_eq!(body, "hello from origin: GET /by-connect\n");
@@ -998,5 +963,300 @@ async fn a_discovery_list_carries_an_onion_proxys_endpoint_and_a_tor_client_dial
             .filter(|(_, remote)| remote.port() == proxy.https.port())
             .collect();
         assert!(to_proxy.is_empty(), "{} holds {to_proxy:?}", exit.nick);
+    }
+}
+
+/// `tor_client_args` for a client of one TestProxy on loopback, found through `--resolve`.
+fn tor_client_of(
+    net: &TorNet,
+    pki: &Pki,
+    key: &std::path::Path,
+    state: &std::path::Path,
+    origin: SocketAddr,
+    proxy: &TestProxy,
+) -> Vec<String> {
+    let mut args = tor_client_args(
+        net,
+        pki,
+        key,
+        state,
+        origin,
+        &[format!("{}:{}", proxy.name, proxy.https.port())],
+    );
+    args.extend([
+        "--resolve".into(),
+        format!("{}:{}:127.0.0.1", proxy.name, proxy.https.port()),
+    ]);
+    args
+}
+
+/// Curl through the SOCKS5 proxy at `socks` (the name handed to the proxy), retried (bounded)
+/// while the onion service's descriptor is not yet where the SOCKS proxy's Tor looks for it;
+/// `args` are curl's other arguments, the URL last. Returns the body.
+async fn curl_onion_retrying(socks: SocketAddr, args: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let socks = socks.to_string();
+    let mut failure = String::new();
+    for attempt in 1..=40 {
+        let mut all = vec!["--socks5-hostname", &socks];
+        all.extend_from_slice(args);
+        let (code, body, err) = curl(&all).await;
+        if code == Some(0) {
+            eprintln!("tor: onion visit through {socks} succeeded at attempt {attempt}");
+            return body;
+        }
+        eprintln!("tor: onion visit attempt {attempt} through {socks} failed: {err}");
+        failure = format!("curl {code:?}: {err}");
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    panic!("no visit through {socks} within 120 s: {failure}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onion_port_80_serves_the_http_target_to_tor_visitors_and_other_ports_are_refused() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let tls_origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let http_origin = HttpOrigin::plain().await.unwrap();
+    // The http origin's connections pass a relay that records which process each comes from.
+    let http_relay = OwnerRecordingRelay::start(http_origin.addr()).await;
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "port80.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+
+    // The client publishing the origin: 443 to TARGET, 80 to --http-target.
+    let mut args = tor_client_of(
+        net,
+        &pki,
+        &key_path,
+        &pki.dir().join("onion-state"),
+        tls_origin.addr(),
+        &proxy,
+    );
+    args.extend([
+        "--onion".into(),
+        "--http-target".into(),
+        http_relay.addr.to_string(),
+    ]);
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    let onion = wait_for_address(&mut client, Duration::from_secs(120))
+        .await
+        .unwrap();
+    client
+        .wait_for_line(
+            "onion service published its descriptor",
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    // Logged before the descriptor's line, on the same stream.
+    assert!(
+        client.output_text().contains("80 to --http-target"),
+        "the log names the ports"
+    );
+
+    // A C-tor visitor fetches plain HTTP from port 80 of the onion address: the http origin
+    // answers, the body (which repeats the long path) intact.
+    let ctor = tokio::task::spawn_blocking(|| net.start_socks_client("port80-visitor"))
+        .await
+        .unwrap()
+        .unwrap();
+    let ctor_socks = ctor.socks.unwrap();
+    let path: String = (0..3000)
+        .map(|i| char::from(b'a' + u8::try_from(i % 26).unwrap()))
+        .collect();
+    let path = format!("/{path}");
+    let body = curl_onion_retrying(ctor_socks, &[&format!("http://{onion}{path}")]).await;
+    assert_eq!(body, format!("hello from origin: GET {path}\n"));
+    assert_eq!(http_origin.accepted(), 1, "the http origin answered");
+    assert_eq!(tls_origin.accepted(), 0, "port 80 never reaches TARGET");
+
+    // Another port: the service refuses the stream, the visitor is told, and the service
+    // keeps serving.
+    let socks = ctor_socks.to_string();
+    let (code, body, err) = curl(&[
+        "--socks5-hostname",
+        &socks,
+        &format!("http://{onion}:8080/other-port"),
+    ])
+    .await;
+    assert_eq!(code, Some(97), "a stream to port 8080: {body}{err}");
+    assert!(
+        err.contains("(5)"),
+        "SOCKS5 reply 5, connection refused: {err}"
+    );
+    assert_eq!(http_origin.accepted(), 1, "port 8080 reached no origin");
+    assert_eq!(tls_origin.accepted(), 0, "port 8080 reached no origin");
+    let body = curl_onion_retrying(ctor_socks, &[&format!("http://{onion}/after")]).await;
+    assert_eq!(body, "hello from origin: GET /after\n");
+
+    // Another shroud client's --socks-listen reaches the onion service too (inside Tor, no
+    // exit): plain HTTP on 80, and TLS on 443 with the origin's certificate verified for HOST.
+    let socks_port = shroud_tests::ports::free_port().unwrap();
+    let socks_addr = SocketAddr::from(([127, 0, 0, 1], socks_port));
+    let mut args = tor_client_of(
+        net,
+        &pki,
+        &key_path,
+        &pki.dir().join("socks-state"),
+        "127.0.0.1:9".parse().unwrap(),
+        &proxy,
+    );
+    args.extend(["--socks-listen".into(), socks_addr.to_string()]);
+    let mut socks_client = Process::spawn(&binary("shroud"), &args).unwrap();
+    socks_client
+        .wait_for_line("HTTP CONNECT proxy", Duration::from_secs(120))
+        .await
+        .unwrap();
+    let body = curl_onion_retrying(socks_addr, &[&format!("http://{onion}{path}")]).await;
+    assert_eq!(body, format!("hello from origin: GET {path}\n"));
+    let ca = pki.ca_path.display().to_string();
+    let body = curl_onion_retrying(
+        socks_addr,
+        &[
+            "--cacert",
+            &ca,
+            "--connect-to",
+            &format!("{HOST}:443:{onion}:443"),
+            &format!("https://{HOST}/tls-through-socks"),
+        ],
+    )
+    .await;
+    assert_eq!(body, "hello from origin: GET /tls-through-socks\n");
+    assert_eq!(tls_origin.accepted(), 1, "TLS went to TARGET");
+    // A port the service does not serve: the SOCKS client says so, and serves on.
+    let socks = socks_addr.to_string();
+    let (code, _, err) = curl(&[
+        "--socks5-hostname",
+        &socks,
+        &format!("http://{onion}:8080/other-port"),
+    ])
+    .await;
+    assert_eq!(code, Some(97), "curl's SOCKS error for port 8080: {err}");
+    assert!(
+        err.contains("(5)"),
+        "SOCKS5 reply 5, connection refused, as C-tor says: {err}"
+    );
+    let body = curl_onion_retrying(socks_addr, &[&format!("http://{onion}/again")]).await;
+    assert_eq!(body, "hello from origin: GET /again\n");
+    // None of it left Tor through an exit: every connection to the http origin came from the
+    // client that publishes it.
+    let owners = http_relay.owners.lock().unwrap().clone();
+    assert_eq!(owners.len(), 4, "one connection per visit: {owners:?}");
+    for owner in owners {
+        assert_eq!(owner, Some(client.pid()), "a connection to the http origin");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_hands_names_to_the_exit_which_resolves_them() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let server = HttpOrigin::plain().await.unwrap();
+    let relay = OwnerRecordingRelay::start(server.addr()).await;
+    // A name only the exits' resolver knows: this machine's resolver has never heard of it.
+    let name = format!("socks-by-name.{}", shroud_tests::tornet::EXIT_RESOLVER_ZONE);
+    let resolver = net.exit_resolver();
+    resolver
+        .add_a(&name, "127.0.0.1".parse().unwrap(), 60)
+        .unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let proxy = TestProxy::start(&pki, "names.proxy.test", &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let socks_port = shroud_tests::ports::free_port().unwrap();
+    let socks = format!("127.0.0.1:{socks_port}");
+    let mut args = tor_client_of(
+        net,
+        &pki,
+        &key_path,
+        &pki.dir().join("state"),
+        "127.0.0.1:9".parse().unwrap(),
+        &proxy,
+    );
+    args.extend(["--socks-listen".into(), socks.clone()]);
+    let mut client = Process::spawn(&binary("shroud"), &args).unwrap();
+    client
+        .wait_for_line("HTTP CONNECT proxy", Duration::from_secs(120))
+        .await
+        .unwrap();
+    let url = |host: &str, path: &str| format!("http://{host}:{}{path}", relay.addr.port());
+
+    // Resolved here (curl's --socks5 resolves before it asks the proxy), the name fails.
+    let (code, _, err) = curl(&["--socks5", &socks, &url(&name, "/here")]).await;
+    assert_ne!(code, Some(0), "{name} resolved on this machine");
+    eprintln!("tor: {name} resolved on this machine: curl {code:?}: {err}");
+
+    // Handed to the SOCKS proxy as a name, it reaches the server: an exit resolved it.
+    let asked = resolver.queries();
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &url(&name, "/by-name")]).await;
+    assert_eq!(code, Some(0), "curl through SOCKS5 by name: {err}");
+    assert_eq!(body, "hello from origin: GET /by-name\n");
+    assert!(
+        resolver.queries() > asked,
+        "the exits' resolver was asked for {name}"
+    );
+    // HTTP CONNECT carries the name too.
+    let (code, body, err) = curl(&[
+        "--proxytunnel",
+        "--proxy",
+        &format!("http://{socks}"),
+        &url(&name, "/by-name-connect"),
+    ])
+    .await;
+    assert_eq!(code, Some(0), "curl through HTTP CONNECT by name: {err}");
+    assert_eq!(body, "hello from origin: GET /by-name-connect\n");
+
+    // `localhost` is in this machine's /etc/hosts, as 127.0.0.1, where the server listens:
+    // curl resolving it itself gets there (the exit is handed the address)...
+    let (code, body, err) = curl(&["--socks5", &socks, &url("localhost", "/local-lookup")]).await;
+    assert_eq!(
+        code,
+        Some(0),
+        "curl through SOCKS5 to localhost resolved here: {err}"
+    );
+    assert_eq!(
+        body,
+        "hello from origin: GET /local-lookup
+"
+    );
+    // ...but handed to the proxy as a name, it goes to the exit, whose resolver is asked and
+    // does not know it (C-tor exits ask their DNS server for every name: libevent's evdns
+    // reads /etc/hosts only for getaddrinfo, which tor does not use). Had the client looked
+    // the name up here, it would have reached the server. The program is told the host is
+    // unreachable, and the proxy serves on.
+    let asked = resolver.queries();
+    let (code, _, err) = curl(&["--socks5-hostname", &socks, &url("localhost", "/")]).await;
+    assert_eq!(code, Some(97), "curl's SOCKS error for localhost: {err}");
+    assert!(
+        err.contains("(4)"),
+        "SOCKS5 reply 4, host unreachable: {err}"
+    );
+    assert!(
+        resolver.queries() > asked,
+        "the exits' resolver was asked for localhost"
+    );
+    let (code, body, err) = curl(&["--socks5-hostname", &socks, &url(&name, "/again")]).await;
+    assert_eq!(code, Some(0), "curl by name after a failure: {err}");
+    assert_eq!(body, "hello from origin: GET /again\n");
+
+    // Every connection came from an exit relay, none from the client.
+    let exits: Vec<u32> = net.exits().iter().map(|r| r.pid).collect();
+    let owners = relay.owners.lock().unwrap().clone();
+    assert_eq!(owners.len(), 4, "one connection per request: {owners:?}");
+    for owner in owners {
+        let owner = owner.expect("the far end of each connection belongs to a process");
+        assert!(
+            exits.contains(&owner),
+            "a connection from pid {owner}, not an exit {exits:?}"
+        );
     }
 }

@@ -331,6 +331,10 @@ fn arti_errors_become_socks_replies() {
         reply_for(ErrorKind::RemoteConnectionRefused),
         Reply::ConnectionRefused
     );
+    assert_eq!(
+        reply_for(ErrorKind::RemoteStreamClosed),
+        Reply::ConnectionRefused
+    );
     assert_eq!(reply_for(ErrorKind::ExitPolicyRejected), Reply::NotAllowed);
     assert_eq!(
         reply_for(ErrorKind::ForbiddenStreamTarget),

@@ -50,6 +50,8 @@ impl TorNet {
             .context("creating the network's directory")?;
         let watchdog = spawn_watchdog(dir.path())?;
         let network_file = dir.path().join("tor-network.toml");
+        let resolv_conf = dir.path().join("exits-resolv.conf");
+        let resolver = super::resolver::ExitResolver::start(&resolv_conf)?;
         let mut net = TorNet {
             dir,
             network_file,
@@ -57,6 +59,7 @@ impl TorNet {
             killed: Mutex::new(HashSet::new()),
             watchdog: Some(watchdog),
             startup_time: Duration::ZERO,
+            resolver,
         };
 
         let mut planned = plan(net.dir.path(), middles)?;
@@ -68,7 +71,7 @@ impl TorNet {
             .context("Arti rejects the generated network file")?;
         let owner = std::process::id();
         for relay in &planned {
-            fs::write(relay.torrc(), torrc(relay, &planned, owner))
+            fs::write(relay.torrc(), torrc(relay, &planned, owner, &resolv_conf))
                 .with_context(|| format!("writing the torrc of {}", relay.nick))?;
         }
         let keys_done = began.elapsed();

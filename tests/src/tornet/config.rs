@@ -94,8 +94,9 @@ pub(super) fn load_arti_config(
         .with_context(|| format!("building an Arti config from {}", network_file.display()))
 }
 
-/// The torrc of `relay` in a network of `all`, owned by process `owner`.
-pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
+/// The torrc of `relay` in a network of `all`, owned by process `owner`; an exit resolves
+/// names with the nameserver `resolv_conf` names.
+pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32, resolv_conf: &Path) -> String {
     // Only non-exits are voted Guard, as exits, being scarce, seldom are on the real network.
     // That keeps each exit in the one position: killing the exit of one tunnel's circuit
     // then touches no other circuit.
@@ -142,14 +143,17 @@ pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32) -> String {
         RelayKind::Middle => rc.push_str("ExitPolicy reject *:*\n"),
         // A policy accepting only private addresses looks reject-all to
         // clients (summaries ignore private ranges), hence `accept *:*`.
-        RelayKind::Exit => rc.push_str(
-            "ExitRelay 1\n\
+        RelayKind::Exit => {
+            let _ = writeln!(rc, "ServerDNSResolvConfFile {}", resolv_conf.display());
+            rc.push_str(
+                "ExitRelay 1\n\
              RefuseUnknownExits 0\n\
              ExitPolicyRejectPrivate 0\n\
              ExitPolicyRejectLocalInterfaces 0\n\
              ExitPolicy accept 127.0.0.0/8:*\n\
              ExitPolicy accept *:*\n",
-        ),
+            );
+        }
     }
     rc
 }

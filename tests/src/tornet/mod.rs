@@ -30,14 +30,20 @@
 //! process holds a TCP connection, so a test can prove that a connection
 //! really came out of a Tor exit and not from the client.
 //!
+//! The exits resolve names with a DNS server of the network's own
+//! ([`TorNet::exit_resolver`]), never this machine's resolver, so a test can
+//! give a name that only the exits know.
+//!
 //! The parts: `build` lays out, keys, starts and waits for the network;
-//! `config` writes the torrcs and Arti's network file; `lifetime` starts,
+//! `config` writes the torrcs and Arti's network file; `resolver` runs the
+//! exits' DNS server; `lifetime` starts,
 //! watches and stops tor processes by pid; `user` runs the tors that use
 //! the network without relaying; `sockets` reads `/proc`.
 
 mod build;
 mod config;
 mod lifetime;
+mod resolver;
 mod sockets;
 mod user;
 
@@ -54,6 +60,7 @@ use tempfile::TempDir;
 
 use config::load_arti_config;
 use lifetime::{is_alive, launch_tor, stop_processes, wait_child, PortTaken};
+pub use resolver::ZONE as EXIT_RESOLVER_ZONE;
 pub use sockets::{connections_to, socket_owner, tcp_connections_of};
 pub use user::{OnionService, TorUser};
 
@@ -171,6 +178,8 @@ pub struct TorNet {
     watchdog: Option<Child>,
     /// How long `start` took, keys and voting included.
     startup_time: Duration,
+    /// The DNS server the exits resolve names with.
+    resolver: resolver::ExitResolver,
 }
 
 impl TorNet {
@@ -254,6 +263,13 @@ impl TorNet {
             .tempdir_in(self.dir.path())
             .context("creating an Arti state directory")?
             .keep())
+    }
+
+    /// The DNS server every exit, and nothing else, resolves names with: names a test adds
+    /// under [`EXIT_RESOLVER_ZONE`] resolve at the exits and nowhere else. Its query count
+    /// says whether an exit asked.
+    pub fn exit_resolver(&self) -> &crate::dns::TestDns {
+        self.resolver.dns()
     }
 
     /// Every relay, authorities first, then middles, then exits.
