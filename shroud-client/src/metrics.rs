@@ -62,6 +62,8 @@ pub struct ClientMetrics {
     tor_ready: Gauge,
     tor: OnceLock<()>,
     certificate_expiry: AtomicI64,
+    /// The onion service's self-checks (`--onion`), served once it is set.
+    pub onion: shroud_tor::onion_service::OnionMetrics,
 }
 
 impl Default for ClientMetrics {
@@ -114,6 +116,7 @@ impl ClientMetrics {
             tor_ready: Gauge::default(),
             tor: OnceLock::new(),
             certificate_expiry: AtomicI64::new(0),
+            onion: shroud_tor::onion_service::OnionMetrics::default(),
         }
     }
 
@@ -253,6 +256,7 @@ pub fn register(
         "Bound tunnels that ended, by reason: lost, or go_away (the proxy drained)",
         m.ends.clone(),
     );
+    registry.register_collector(Box::new(m.onion.clone()));
     registry.register_collector(Box::new(Collected {
         metrics: metrics.clone(),
         sources: sources.clone(),

@@ -1,6 +1,7 @@
 //! The relays holding an onion proxy's introduction points die, and a client's tunnel comes
-//! back: through the surviving one when two of three die, and through new ones, once Arti
-//! replaces them, when all three do. Its own test binary, because it kills relays of its own
+//! back: through the surviving one when two of three die, and through new ones when all three
+//! do, once the proxy's self-check through Tor has failed and it has relaunched its service
+//! (Arti alone would take 15 minutes). Its own test binary, because it kills relays of its own
 //! network.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use shroud_tests::onion::OnionProxy;
 use shroud_tests::process::Process;
 use shroud_tests::stack::{binary, make_key, proxy_args, Pki};
-use shroud_tests::tornet::{Relay, TorNet};
+use shroud_tests::tornet::{Relay, RelayKind, TorNet};
 use shroud_tests::{https_get_retrying, init, within, HttpOrigin};
 
 const HOST: &str = "example.test";
@@ -75,10 +76,87 @@ fn client_args(
     .to_vec()
 }
 
-/// Binds a client through an onion proxy, kills the relays of `kill` of its three
-/// introduction points, and checks that a client starting afterwards binds within `recovery`,
-/// and that visitors get through. Returns how long after the kill the new client was bound.
-async fn kill_intro_points_and_come_back(kill: usize, recovery: Duration) -> Duration {
+/// How many proxies (each with a new key) may be started before one has its introduction
+/// points where the test may kill them.
+const PROXY_ATTEMPTS: usize = 12;
+
+/// The relays that became introduction points since `before` (counts from [`intro_points`]).
+fn new_intro_points(net: &TorNet, before: &[(Relay, usize)]) -> Vec<Relay> {
+    intro_points(net)
+        .into_iter()
+        .filter(|(relay, count)| {
+            let earlier = before
+                .iter()
+                .find(|(r, _)| r.nick == relay.nick)
+                .map_or(0, |(_, n)| *n);
+            *count > earlier
+        })
+        .map(|(relay, _)| relay)
+        .collect()
+}
+
+/// Starts an onion proxy whose three introduction points include at least `kill` relays that
+/// are not directory authorities, and returns it with `kill` of those. Killing an authority
+/// kills more than an introduction point: with a majority of them gone the network makes no
+/// new consensus, and Tor clients are left with a stale list of relays (on which, early in a
+/// private network's life, only the authorities are Stable, which introduction points must
+/// be). So a proxy that chose authorities is stopped and another started, with a new key and
+/// so new introduction points.
+async fn start_proxy_off_authorities(
+    net: &TorNet,
+    pki: &Pki,
+    base: &[String],
+    extra: &[&str],
+    kill: usize,
+) -> (OnionProxy, Vec<Relay>) {
+    let mut chosen = Vec::new();
+    for attempt in 1..=PROXY_ATTEMPTS {
+        let before = intro_points(net);
+        let state = pki.dir().join(format!("proxy-state-{attempt}"));
+        let mut args = OnionProxy::args(base.to_vec(), &state, &net.network_file);
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        let proxy = OnionProxy::start(args).await.unwrap();
+        // The service keeps three introduction points; the relays' logs say which they are.
+        let Some(found) = poll(Duration::from_secs(60), || {
+            let found = new_intro_points(net, &before);
+            (found.len() >= 3).then_some(found)
+        })
+        .await
+        else {
+            eprintln!(
+                "tor onion failover: attempt {attempt}: fewer than three introduction points"
+            );
+            continue;
+        };
+        let nicks: Vec<&str> = found.iter().map(|relay| relay.nick.as_str()).collect();
+        let killable: Vec<Relay> = found
+            .iter()
+            .filter(|relay| relay.kind != RelayKind::Authority)
+            .take(kill)
+            .cloned()
+            .collect();
+        if killable.len() == kill {
+            eprintln!("tor onion failover: introduction points at {nicks:?} (attempt {attempt})");
+            return (proxy, killable);
+        }
+        eprintln!("tor onion failover: attempt {attempt}: introduction points at {nicks:?}");
+        chosen.push(nicks.join(","));
+    }
+    panic!(
+        "no proxy in {PROXY_ATTEMPTS} had {kill} introduction points off the authorities: \
+         {chosen:?}"
+    );
+}
+
+/// Binds a client through an onion proxy (started with `extra` arguments), kills the relays
+/// of `kill` of its three introduction points, and checks that a client starting afterwards
+/// binds within `recovery`, and that visitors get through. Returns how long after the kill the
+/// new client was bound, and the proxy.
+async fn kill_intro_points_and_come_back(
+    kill: usize,
+    recovery: Duration,
+    extra: &[&str],
+) -> (Duration, OnionProxy) {
     init();
     // Six middles rather than two: the consensus keeps listing the killed relays, and paths
     // through the survivors must remain likely enough to build.
@@ -91,8 +169,7 @@ async fn kill_intro_points_and_come_back(kill: usize, recovery: Duration) -> Dur
     let key_path = pki.dir().join("client.key");
     let key = make_key(&key_path).unwrap();
     let base = proxy_args(&pki, NAME, &format!("{HOST} {key}\n")).unwrap();
-    let args = OnionProxy::args(base, &pki.dir().join("proxy-state"), &net.network_file);
-    let proxy = OnionProxy::start(args).await.unwrap();
+    let (proxy, doomed) = start_proxy_off_authorities(&net, &pki, &base, extra, kill).await;
     let dial = proxy.client_proxy(NAME);
     let state = |n: u32| pki.dir().join(format!("client-{n}"));
 
@@ -114,25 +191,8 @@ async fn kill_intro_points_and_come_back(kill: usize, recovery: Duration) -> Dur
     .await;
     assert_eq!(first.status, 200);
 
-    // The service keeps three introduction points; the relays' logs say which they are.
-    let before = poll(Duration::from_secs(60), || {
-        let found = intro_points(&net);
-        (found.len() >= 3).then_some(found)
-    })
-    .await
-    .unwrap_or_else(|| {
-        panic!(
-            "no three introduction points in the relays' logs: {:?}",
-            intro_points(&net)
-        )
-    });
-    let doomed: Vec<&Relay> = before.iter().map(|(relay, _)| relay).take(kill).collect();
     let nicks: Vec<&str> = doomed.iter().map(|relay| relay.nick.as_str()).collect();
-    let all: Vec<&str> = before
-        .iter()
-        .map(|(relay, _)| relay.nick.as_str())
-        .collect();
-    eprintln!("tor onion failover: introduction points at {all:?}; killing {nicks:?}");
+    eprintln!("tor onion failover: killing {nicks:?}");
     let killed_at = Instant::now();
     for relay in &doomed {
         net.kill(relay.pid);
@@ -164,24 +224,43 @@ async fn kill_intro_points_and_come_back(kill: usize, recovery: Duration) -> Dur
     .await;
     assert_eq!(again.status, 200);
     assert_eq!(again.body_text(), "hello from origin: GET /2\n");
-    back
+    (back, proxy)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_of_its_intro_points_killed_an_onion_proxy_takes_tunnels_through_the_third() {
-    let back = kill_intro_points_and_come_back(2, Duration::from_secs(120)).await;
+    let (back, _proxy) = kill_intro_points_and_come_back(2, Duration::from_secs(120), &[]).await;
     eprintln!("tor onion failover: two introduction points killed; a tunnel {back:?} after");
 }
 
-/// Arti 0.47 keeps an introduction point it cannot reach as "establishing", and so keeps
-/// retrying the same relay, until it has failed for 15 minutes (`FAULTY_IPT_THRESHOLD` in
-/// tor-hsservice's `ipt_establish.rs`); only then does it pick another relay and publish it.
-/// With all three relays dead the service is unreachable that long, so this test takes about
-/// 16 minutes (2026-12-07: a new client bound 933 s after the kill; 971 s in all): run it with
-/// `--ignored`.
+/// Arti keeps retrying an introduction point it cannot reach for 15 minutes before it picks
+/// another relay (`FAULTY_IPT_THRESHOLD` in tor-hsservice), so with all three relays dead the
+/// service would be unreachable that long (measured 2026-12-07: a new client bound 933 s after
+/// the kill). The proxy checks itself through Tor every `--onion-probe-interval-secs` (5 s
+/// here, 120 s by default), and relaunches with new introduction points after three failed
+/// checks in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "takes ~16 minutes: Arti replaces an unreachable introduction point after 15"]
-async fn with_all_its_intro_points_killed_an_onion_proxy_is_back_once_arti_replaces_them() {
-    let back = kill_intro_points_and_come_back(3, Duration::from_secs(25 * 60)).await;
+async fn with_all_its_intro_points_killed_an_onion_proxy_relaunches_and_is_back_within_minutes() {
+    let (back, proxy) = kill_intro_points_and_come_back(
+        3,
+        Duration::from_secs(300),
+        &["--onion-probe-interval-secs", "5"],
+    )
+    .await;
     eprintln!("tor onion failover: all introduction points killed; a tunnel {back:?} after");
+    let log = proxy.process.output_text();
+    assert!(
+        log.contains("onion service unreachable through Tor: relaunching it"),
+        "the proxy's self-check found the service unreachable and relaunched it: {log}"
+    );
+    assert!(log.contains("onion service relaunched"), "{log}");
+    // And it still stops cleanly.
+    let mut proxy = proxy;
+    proxy.process.terminate();
+    let status = proxy
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }
