@@ -18,8 +18,10 @@ const HOST: &str = "example.test";
 const NAME: &str = "onion.proxy.test";
 /// What a relay logs (info, rend domain) when a service asks it to be an introduction point.
 const ESTABLISH_INTRO: &str = "Received an ESTABLISH_INTRO request";
-/// Middle relays in this test's network.
-const MIDDLES: usize = 6;
+/// Middle relays in this test's network: enough that with three relays dead (and still
+/// listed as running, as the authorities learn it only after many minutes) most paths avoid
+/// them.
+const MIDDLES: usize = 10;
 
 /// The relays whose log says a service made them an introduction point, with how many
 /// times it did.
@@ -158,7 +160,7 @@ async fn kill_intro_points_and_come_back(
     extra: &[&str],
 ) -> (Duration, OnionProxy) {
     init();
-    // Six middles rather than two: the consensus keeps listing the killed relays, and paths
+    // Ten middles rather than two: the consensus keeps listing the killed relays, and paths
     // through the survivors must remain likely enough to build.
     let net = tokio::task::spawn_blocking(|| TorNet::start_with_middles(MIDDLES))
         .await

@@ -3,10 +3,10 @@
 //! it.
 //!
 //! Timings, from the probe interval `I` ([`DEFAULT_PROBE_INTERVAL`] unless told otherwise):
-//! - the first check comes `I` after a launch, once the service says it has published its
-//!   descriptor (or, if it never says so, after `5 I`, at least a minute, at most ten);
+//! - the first check comes `I` after the service says it has published its descriptor (or,
+//!   if it never says so, `5 I` after the launch, at least a minute, at most ten);
 //! - a healthy service is checked every `I`; after a failed check the next comes `I / 4`
-//!   later (at least 1 s), so that a dead service is noticed in about `1.5 I`;
+//!   later (at least 5 s, at most `I`), so that a dead service is noticed in about `1.5 I`;
 //! - each check gets `I` to finish, at least 20 s and at most 60 s (a first connection to an
 //!   onion service takes a few seconds on the real network);
 //! - [`PROBE_FAILURES_TO_RELAUNCH`] failed checks in a row relaunch the service; a relaunch that
@@ -48,6 +48,9 @@ pub const PROBE_FAILURES_TO_RELAUNCH: u32 = 3;
 const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(60);
 /// The shortest deadline a check gets, however short the interval.
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(20);
+/// The shortest wait before checking again after a failed check: failures a moment apart
+/// often share one cause (a dead relay on a path), not the service's.
+const RETRY_MIN: Duration = Duration::from_secs(5);
 /// The longest wait between relaunches that did not help.
 const MAX_RELAUNCH_BACKOFF: Duration = Duration::from_secs(3600);
 /// How long Arti may take to let go of a stopped service's state.
@@ -85,18 +88,18 @@ impl Schedule {
         }
     }
 
-    /// The first check after a launch at `launched`, if the service has `published`.
-    fn first_check(&self, launched: Instant, published: bool) -> Instant {
-        let at = launched + self.interval;
-        if published {
-            at
-        } else {
-            // Checks before the descriptor is out would fail for nothing; but a service that
-            // never says it published is checked too.
-            let grace = (self.interval * 5)
-                .max(Duration::from_secs(60))
-                .min(Duration::from_secs(600));
-            at.max(launched + grace)
+    /// The first check after a launch at `launched`: an interval after the service said it
+    /// had published its descriptor (at `published`), since checks before the descriptor is
+    /// out would fail for nothing; but a service that never says so is checked too.
+    fn first_check(&self, launched: Instant, published: Option<Instant>) -> Instant {
+        match published {
+            Some(at) => at.max(launched) + self.interval,
+            None => {
+                let grace = (self.interval * 5)
+                    .max(Duration::from_secs(60))
+                    .min(Duration::from_secs(600));
+                (launched + self.interval).max(launched + grace)
+            }
         }
     }
 
@@ -122,10 +125,13 @@ impl Schedule {
         if self.failures >= PROBE_FAILURES_TO_RELAUNCH && backoff_over {
             return Verdict::Relaunch;
         }
-        let retry = (self.interval / 4)
-            .max(Duration::from_secs(1))
-            .min(self.interval);
+        let retry = (self.interval / 4).max(RETRY_MIN).min(self.interval);
         Verdict::CheckAt(now + retry)
+    }
+
+    /// The service has published its descriptor: earlier failures do not count.
+    pub(super) fn descriptor_out(&mut self) {
+        self.failures = 0;
     }
 
     /// The service was relaunched at `now`.
@@ -223,8 +229,8 @@ impl Keeper {
         } = service;
         let mut status = running.status_events();
         let launched = Instant::now();
-        let (mut published, mut last_state) = (false, None);
-        let mut probe: Option<JoinHandle<Result<(), String>>> = None;
+        let (mut published, mut last_state) = (None, None);
+        let mut probe: Option<Probe> = None;
         let mut next_check = None;
         loop {
             let check_at = match (&self.schedule, next_check) {
@@ -240,25 +246,34 @@ impl Keeper {
                 next = requests.next() => {
                     let Some(request) = next else {
                         warn!(onion = %self.address, "the onion service stopped taking visitors");
-                        return if self.schedule.is_some() { Ended::Relaunch } else { Ended::Stopped };
+                        return self.after_stop().await;
                     };
                     if !self.dispatch(request).await {
                         return Ended::Stopped;
                     }
                 }
                 Some(now) = status.next() => {
+                    let was_out = published.is_some();
                     self.note_status(&now, &mut last_state, &mut published);
+                    if !was_out && published.is_some() {
+                        // Checks that failed before the descriptor was out say nothing of it:
+                        // start counting afresh, an interval from now.
+                        if let Some(schedule) = self.schedule.as_mut() {
+                            schedule.descriptor_out();
+                        }
+                        next_check = None;
+                    }
                 }
                 () = tokio::time::sleep_until(wake), if check_at.is_some() && probe.is_none() => {
                     let timeout = self.schedule.as_ref().map_or(PROBE_TIMEOUT_MIN, Schedule::timeout);
                     let (client, address) = (self.client.clone(), self.address.clone());
                     let port = self.probe_port;
-                    probe = Some(tokio::spawn(async move {
+                    probe = Some(Probe(tokio::spawn(async move {
                         match tokio::time::timeout(timeout, check(&client, &address, port)).await {
                             Ok(result) => result,
                             Err(_) => Err(format!("no answer within {timeout:?}")),
                         }
-                    }));
+                    })));
                 }
                 result = finished(&mut probe) => {
                     probe = None;
@@ -269,6 +284,19 @@ impl Keeper {
                     }
                 }
             }
+        }
+    }
+
+    /// What follows Arti's end of the service's stream requests (it stopped the service on
+    /// its own): with checks on, a relaunch, one interval later so that a service Arti stops
+    /// at once is not relaunched in a loop; without, the end.
+    async fn after_stop(&self) -> Ended {
+        let Some(schedule) = &self.schedule else {
+            return Ended::Stopped;
+        };
+        tokio::select! {
+            () = self.sender.closed() => Ended::Stopped,
+            () = tokio::time::sleep(schedule.interval) => Ended::Relaunch,
         }
     }
 
@@ -340,7 +368,7 @@ impl Keeper {
         &self,
         status: &OnionServiceStatus,
         last: &mut Option<State>,
-        published: &mut bool,
+        published: &mut Option<Instant>,
     ) {
         let state = status.state();
         let problem = status.current_problem().map(|p| format!("{p:?}"));
@@ -350,8 +378,8 @@ impl Keeper {
         // Visitors of this period find the service all the same.
         let out = state.is_fully_reachable()
             || (state == State::DegradedUnreachable && problem.is_none());
-        if out && !*published {
-            *published = true;
+        if out && published.is_none() {
+            *published = Some(Instant::now());
             info!(
                 onion = %self.address,
                 "onion service published its descriptor: visitors can reach it"
@@ -449,12 +477,19 @@ impl Keeper {
     }
 }
 
+/// A check under way; dropping it (when its launch of the service ends) stops it.
+struct Probe(JoinHandle<Result<(), String>>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The result of the check in `probe`, once it has one; never, without a check.
-async fn finished(
-    probe: &mut Option<JoinHandle<Result<(), String>>>,
-) -> Result<Result<(), String>, tokio::task::JoinError> {
+async fn finished(probe: &mut Option<Probe>) -> Result<Result<(), String>, tokio::task::JoinError> {
     match probe {
-        Some(handle) => handle.await,
+        Some(Probe(handle)) => handle.await,
         None => std::future::pending().await,
     }
 }
@@ -524,24 +559,28 @@ mod tests {
     }
 
     #[test]
-    fn the_first_check_waits_for_the_descriptor_within_limits() {
+    fn the_first_check_comes_an_interval_after_the_descriptor_is_out() {
         let t0 = Instant::now();
+        let published = t0 + Duration::from_secs(30);
         let schedule = Schedule::new(I);
-        assert_eq!(schedule.first_check(t0, true), t0 + I);
+        assert_eq!(schedule.first_check(t0, Some(published)), published + I);
         assert_eq!(
-            schedule.first_check(t0, false),
+            schedule.first_check(t0, None),
             t0 + Duration::from_secs(600)
         );
-        let short = Schedule::new(Duration::from_secs(2));
-        assert_eq!(short.first_check(t0, true), t0 + Duration::from_secs(2));
-        assert_eq!(short.first_check(t0, false), t0 + Duration::from_secs(60));
+        let two = Duration::from_secs(2);
+        let short = Schedule::new(two);
+        assert_eq!(short.first_check(t0, Some(published)), published + two);
+        assert_eq!(short.first_check(t0, None), t0 + Duration::from_secs(60));
         assert_eq!(short.timeout(), PROBE_TIMEOUT_MIN);
         assert_eq!(schedule.timeout(), PROBE_TIMEOUT_MAX);
-        // A short interval still leaves a second between checks after a failure.
+        // After a failure: a quarter of the interval, at least 5 s, at most the interval.
         let mut short = short;
+        assert_eq!(short.failed(t0), Verdict::CheckAt(t0 + two));
+        let mut ten = Schedule::new(Duration::from_secs(10));
         assert_eq!(
-            short.failed(t0),
-            Verdict::CheckAt(t0 + Duration::from_secs(1))
+            ten.failed(t0),
+            Verdict::CheckAt(t0 + Duration::from_secs(5))
         );
     }
 }
