@@ -266,3 +266,180 @@ async fn with_all_its_intro_points_killed_an_onion_proxy_relaunches_and_is_back_
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A 56-character onion address in `line`, if it holds one.
+fn onion_address_in(line: &str) -> Option<String> {
+    line.split(|c: char| !c.is_ascii_alphanumeric() && c != '.')
+        .find(|word| word.ends_with(".onion") && word.len() == 56 + ".onion".len())
+        .map(str::to_owned)
+}
+
+/// One `GET path` over TLS for HOST through `visitor` to `onion`:443, on circuits of its own:
+/// Arti keeps a descriptor per isolation and fetches it again only when an introduction point
+/// refuses it, so a visitor that wants the service's new introduction points asks anew.
+async fn visit_once(
+    visitor: &arti_client::TorClient<tor_rtcompat::PreferredRuntime>,
+    onion: &str,
+    roots: rustls::RootCertStore,
+    path: &str,
+) -> anyhow::Result<shroud_tests::HttpResponse> {
+    let mut prefs = arti_client::StreamPrefs::new();
+    prefs.connect_to_onion_services(arti_client::config::BoolOrAuto::Explicit(true));
+    prefs.set_isolation(arti_client::IsolationToken::new());
+    let stream = visitor.connect_with_prefs((onion, 443), &prefs).await?;
+    let name = rustls_pki_types::ServerName::try_from(HOST)?;
+    let tls = tokio_rustls::TlsConnector::from(shroud_tests::client_config(roots, &[]))
+        .connect(name, stream)
+        .await?;
+    shroud_tests::visitor::http_exchange(
+        tls,
+        shroud_tests::visitor::get_request(HOST, path).as_bytes(),
+    )
+    .await
+}
+
+/// Visits until a visit gets through, within `limit`; how long it took.
+async fn visit_until_through(
+    visitor: &arti_client::TorClient<tor_rtcompat::PreferredRuntime>,
+    onion: &str,
+    roots: &rustls::RootCertStore,
+    path: &str,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let visit = visit_once(visitor, onion, roots.clone(), path);
+        match tokio::time::timeout(Duration::from_secs(60), visit).await {
+            Ok(Ok(response)) => {
+                assert_eq!(response.status, 200);
+                assert_eq!(
+                    response.body_text(),
+                    format!("hello from origin: GET {path}\n")
+                );
+                return started.elapsed();
+            }
+            Ok(Err(err)) if started.elapsed() < limit => {
+                eprintln!("tor onion failover: visit {attempt} failed: {err:#}");
+            }
+            Err(_) if started.elapsed() < limit => {
+                eprintln!("tor onion failover: visit {attempt} timed out");
+            }
+            Ok(Err(err)) => panic!("no visit through {onion} within {limit:?}: {err:#}"),
+            Err(_) => panic!("no visit through {onion} within {limit:?}: the last timed out"),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// `shroud --onion` heals its own onion service the same way: with every relay holding its
+/// introduction points killed, visitors over Tor reach the origin again once it relaunches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_all_its_intro_points_killed_a_clients_onion_service_relaunches_and_visitors_are_back()
+{
+    init();
+    let net = tokio::task::spawn_blocking(|| TorNet::start_with_middles(MIDDLES))
+        .await
+        .unwrap()
+        .expect("the private Tor network must start (is Debian's tor installed?)");
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = make_key(&key_path).unwrap();
+    let proxy = shroud_tests::stack::TestProxy::start(&pki, NAME, &format!("{HOST} {key}\n"))
+        .await
+        .unwrap();
+    let args = |state: &std::path::Path| -> Vec<String> {
+        [
+            HOST,
+            &origin.addr().to_string(),
+            "--onion",
+            "--onion-probe-interval-secs",
+            "5",
+            "--proxy",
+            &format!("{NAME}:{}", proxy.https.port()),
+            "--resolve",
+            &format!("{NAME}:{}:127.0.0.1", proxy.https.port()),
+            "--proxy-ca",
+            &pki.ca_path.display().to_string(),
+            "--key",
+            &key_path.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--tor-network",
+            &net.network_file.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // As for the proxy: a client whose service chose authorities is replaced by another, with
+    // a new key.
+    let mut found = None;
+    for attempt in 1..=PROXY_ATTEMPTS {
+        let before = intro_points(&net);
+        let state = pki.dir().join(format!("client-state-{attempt}"));
+        let mut client = Process::spawn(&binary("shroud"), &args(&state)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut onion = None;
+        while onion.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = client.wait_for_line(".onion", left).await.unwrap();
+            onion = onion_address_in(&line);
+        }
+        client
+            .wait_for_line(
+                "onion service published its descriptor",
+                Duration::from_secs(120),
+            )
+            .await
+            .unwrap();
+        let Some(points) = poll(Duration::from_secs(60), || {
+            let found = new_intro_points(&net, &before);
+            (found.len() >= 3).then_some(found)
+        })
+        .await
+        else {
+            eprintln!("tor onion failover: client {attempt}: fewer than three introduction points");
+            continue;
+        };
+        let nicks: Vec<&str> = points.iter().map(|relay| relay.nick.as_str()).collect();
+        eprintln!("tor onion failover: client {attempt}: introduction points at {nicks:?}");
+        if points
+            .iter()
+            .all(|relay| relay.kind != RelayKind::Authority)
+        {
+            found = Some((client, onion.unwrap(), points));
+            break;
+        }
+    }
+    let (client, onion, doomed) = found.expect("a client with introduction points off authorities");
+
+    let visitor_state = net.new_state_root().unwrap();
+    let visitor =
+        arti_client::TorClient::create_bootstrapped(net.arti_config(&visitor_state).unwrap())
+            .await
+            .unwrap();
+    let roots = pki.ca.root_store();
+    visit_until_through(&visitor, &onion, &roots, "/1", Duration::from_secs(120)).await;
+
+    eprintln!("tor onion failover: killing the client's introduction points");
+    for relay in &doomed {
+        net.kill(relay.pid);
+    }
+    let back = visit_until_through(&visitor, &onion, &roots, "/2", Duration::from_secs(300)).await;
+    eprintln!(
+        "tor onion failover: the client's onion service, all introduction points killed: a \
+         visitor through {back:?} after"
+    );
+    let log = client.output_text();
+    assert!(
+        log.contains("onion service unreachable through Tor: relaunching it"),
+        "the client's self-check found its service unreachable and relaunched it: {log}"
+    );
+    assert!(
+        !log.contains(&origin.addr().to_string()),
+        "the target is never logged"
+    );
+}
