@@ -1,8 +1,9 @@
 //! The relays holding an onion proxy's introduction points die, and a client's tunnel comes
 //! back: through the surviving one when two of three die, and through new ones when all three
 //! do, once the proxy's self-check through Tor has failed and it has relaunched its service
-//! (Arti alone would take 15 minutes). Its own test binary, because it kills relays of its own
-//! network.
+//! (Arti alone would take 15 minutes). `shroud --onion`'s service heals the same way: a Tor
+//! visitor gets through again. Its own test binary, because it kills relays of its own
+//! networks (one per test).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -100,10 +101,9 @@ fn new_intro_points(net: &TorNet, before: &[(Relay, usize)]) -> Vec<Relay> {
 /// Starts an onion proxy whose three introduction points include at least `kill` relays that
 /// are not directory authorities, and returns it with `kill` of those. Killing an authority
 /// kills more than an introduction point: with a majority of them gone the network makes no
-/// new consensus, and Tor clients are left with a stale list of relays (on which, early in a
-/// private network's life, only the authorities are Stable, which introduction points must
-/// be). So a proxy that chose authorities is stopped and another started, with a new key and
-/// so new introduction points.
+/// new consensus, and Tor clients are left with a stale list of relays, much of it dead. So a
+/// proxy that chose authorities is stopped and another started, with a new key and so new
+/// introduction points (each try has about even odds with 15 relays, all voted Stable).
 async fn start_proxy_off_authorities(
     net: &TorNet,
     pki: &Pki,
