@@ -21,7 +21,7 @@
 //! service, so it proves that the descriptor, an introduction point and a rendezvous all
 //! worked. After [`PROBE_FAILURES_TO_RELAUNCH`] failed checks in a row it relaunches the
 //! service with the same key (the same address) and new introduction points, and publishes a
-//! new descriptor; see [`heal`] for the timings.
+//! new descriptor (the timings are in `onion_service/heal.rs`).
 
 mod heal;
 mod metrics;
