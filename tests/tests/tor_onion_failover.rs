@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use shroud_tests::onion::OnionProxy;
+use shroud_tests::ports::free_port;
 use shroud_tests::process::Process;
 use shroud_tests::stack::{binary, make_key, proxy_args, Pki};
 use shroud_tests::tornet::{Relay, RelayKind, TorNet};
@@ -81,7 +82,25 @@ fn client_args(
 
 /// How many proxies (each with a new key) may be started before one has its introduction
 /// points where the test may kill them.
-const PROXY_ATTEMPTS: usize = 12;
+const PROXY_ATTEMPTS: usize = 20;
+
+/// Waits (up to `limit`) until the consensus an authority serves lists every relay of `net`
+/// as Stable: introduction points must be, and a young network's first consensuses give the
+/// flag to few relays besides the authorities, so services launched then pick authorities.
+async fn wait_until_every_relay_is_stable(net: &TorNet, limit: Duration) {
+    let consensus = net.relays()[0].data_dir.join("cached-microdesc-consensus");
+    let stable = || {
+        let text = std::fs::read_to_string(&consensus).unwrap_or_default();
+        let flags: Vec<&str> = text.lines().filter(|line| line.starts_with("s ")).collect();
+        flags.len() == net.relays().len()
+            && flags
+                .iter()
+                .all(|line| line.split(' ').any(|flag| flag == "Stable"))
+    };
+    if poll(limit, || stable().then_some(())).await.is_none() {
+        eprintln!("tor onion failover: not every relay is Stable after {limit:?}; going on");
+    }
+}
 
 /// The relays that became introduction points since `before` (counts from [`intro_points`]).
 fn new_intro_points(net: &TorNet, before: &[(Relay, usize)]) -> Vec<Relay> {
@@ -108,15 +127,16 @@ async fn start_proxy_off_authorities(
     net: &TorNet,
     pki: &Pki,
     base: &[String],
-    extra: &[&str],
+    extra: &[String],
     kill: usize,
 ) -> (OnionProxy, Vec<Relay>) {
+    wait_until_every_relay_is_stable(net, Duration::from_secs(180)).await;
     let mut chosen = Vec::new();
     for attempt in 1..=PROXY_ATTEMPTS {
         let before = intro_points(net);
         let state = pki.dir().join(format!("proxy-state-{attempt}"));
         let mut args = OnionProxy::args(base.to_vec(), &state, &net.network_file);
-        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        args.extend(extra.iter().cloned());
         let proxy = OnionProxy::start(args).await.unwrap();
         // The service keeps three introduction points; the relays' logs say which they are.
         let Some(found) = poll(Duration::from_secs(60), || {
@@ -157,7 +177,7 @@ async fn start_proxy_off_authorities(
 async fn kill_intro_points_and_come_back(
     kill: usize,
     recovery: Duration,
-    extra: &[&str],
+    extra: &[String],
 ) -> (Duration, OnionProxy) {
     init();
     // Ten middles rather than two: the consensus keeps listing the killed relays, and paths
@@ -243,12 +263,14 @@ async fn with_two_of_its_intro_points_killed_an_onion_proxy_takes_tunnels_throug
 /// checks in a row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_all_its_intro_points_killed_an_onion_proxy_relaunches_and_is_back_within_minutes() {
-    let (back, proxy) = kill_intro_points_and_come_back(
-        3,
-        Duration::from_secs(300),
-        &["--onion-probe-interval-secs", "5"],
-    )
-    .await;
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let extra = [
+        "--onion-probe-interval-secs".to_owned(),
+        "5".to_owned(),
+        "--metrics-listen".to_owned(),
+        metrics.to_string(),
+    ];
+    let (back, proxy) = kill_intro_points_and_come_back(3, Duration::from_secs(300), &extra).await;
     eprintln!("tor onion failover: all introduction points killed; a tunnel {back:?} after");
     let log = proxy.process.output_text();
     assert!(
@@ -256,6 +278,16 @@ async fn with_all_its_intro_points_killed_an_onion_proxy_relaunches_and_is_back_
         "the proxy's self-check found the service unreachable and relaunched it: {log}"
     );
     assert!(log.contains("onion service relaunched"), "{log}");
+    // The operator sees it in the metrics too. (Whether the proxy's own checks get through
+    // again here depends on its Tor client's paths, many of which still go through the dead
+    // relays; a_healthy_onion_proxys_self_checks_succeed_and_never_relaunch_it shows that
+    // they do get through.)
+    let scraped = shroud_tests::metrics::scrape(metrics).await.unwrap();
+    let relaunches = scraped.value("shroud_proxy_onion_relaunches_total", &[]);
+    let failed = scraped.value("shroud_proxy_onion_probes_total", &[("result", "failed")]);
+    eprintln!("tor onion failover: metrics: {relaunches} relaunches, {failed} failed checks");
+    assert!(relaunches >= 1.0, "{relaunches}");
+    assert!(failed >= 3.0, "{failed}");
     // And it still stops cleanly.
     let mut proxy = proxy;
     proxy.process.terminate();
@@ -376,6 +408,7 @@ async fn with_all_its_intro_points_killed_a_clients_onion_service_relaunches_and
 
     // As for the proxy: a client whose service chose authorities is replaced by another, with
     // a new key.
+    wait_until_every_relay_is_stable(&net, Duration::from_secs(180)).await;
     let mut found = None;
     for attempt in 1..=PROXY_ATTEMPTS {
         let before = intro_points(&net);
@@ -442,4 +475,41 @@ async fn with_all_its_intro_points_killed_a_clients_onion_service_relaunches_and
         !log.contains(&origin.addr().to_string()),
         "the target is never logged"
     );
+}
+
+/// While nothing is wrong, the self-checks get through and the service is never relaunched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_onion_proxys_self_checks_succeed_and_never_relaunch_it() {
+    init();
+    let net = tokio::task::spawn_blocking(TorNet::start)
+        .await
+        .unwrap()
+        .expect("the private Tor network must start (is Debian's tor installed?)");
+    let pki = Pki::new().unwrap();
+    let key = make_key(&pki.dir().join("client.key")).unwrap();
+    let base = proxy_args(&pki, NAME, &format!("{HOST} {key}\n")).unwrap();
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let mut args = OnionProxy::args(base, &pki.dir().join("proxy-state"), &net.network_file);
+    args.extend(
+        [
+            "--onion-probe-interval-secs",
+            "5",
+            "--metrics-listen",
+            &metrics.to_string(),
+        ]
+        .map(String::from),
+    );
+    let proxy = OnionProxy::start(args).await.unwrap();
+    let scraped = shroud_tests::metrics::wait_for(
+        metrics,
+        Duration::from_secs(120),
+        "three successful checks",
+        |e| e.value("shroud_proxy_onion_probes_total", &[("result", "ok")]) >= 3.0,
+    )
+    .await
+    .unwrap();
+    let failed = scraped.value("shroud_proxy_onion_probes_total", &[("result", "failed")]);
+    let relaunches = scraped.value("shroud_proxy_onion_relaunches_total", &[]);
+    eprintln!("tor onion failover: healthy: {failed} failed checks, {relaunches} relaunches");
+    assert_eq!(relaunches, 0.0, "{}", proxy.process.output_text());
 }
