@@ -160,7 +160,16 @@ fn start_beside_tunnels(
         return Ok(tasks);
     };
     if run.onion {
-        let onion = onion::launch(&tor, config.clone(), shutdown.clone()).context("--onion")?;
+        let settings = onion::OnionSettings {
+            tor_dir: match &run.state_dir {
+                Some(dir) => dir.join("tor"),
+                None => key::default_state_dir()?.join("tor"),
+            },
+            probe_interval: (run.onion_probe_interval_secs > 0)
+                .then(|| Duration::from_secs(run.onion_probe_interval_secs)),
+        };
+        let onion = onion::launch(tor.clone(), settings, config.clone(), shutdown.clone())
+            .context("--onion")?;
         let ports = if config.http_target.is_some() {
             "443 to TARGET, 80 to --http-target"
         } else {

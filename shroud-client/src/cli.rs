@@ -394,6 +394,16 @@ pub struct RunArgs {
     #[arg(long, env = "SHROUD_ONION")]
     pub onion: bool,
 
+    /// How often, in seconds, the --onion service checks that visitors reach it, by opening a
+    /// stream to its own address through Tor. After 3 failed checks in a row it relaunches
+    /// with new introduction points (same key, same address), so it comes back within minutes
+    /// when the relays holding its introduction points die, where Tor alone takes 15. 0 turns
+    /// the checks off
+    #[arg(long, env = "SHROUD_ONION_PROBE_INTERVAL_SECS", value_name = "SECS",
+          default_value_t = shroud_tor::onion_service::DEFAULT_PROBE_INTERVAL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub onion_probe_interval_secs: u64,
+
     /// Serve SOCKS5 and HTTP CONNECT on ADDR (e.g. 127.0.0.1:9050) for the origin's own
     /// programs: their connections leave through the client's Tor (names resolved by the
     /// exit, never here), each destination on circuits of its own. Destinations on this

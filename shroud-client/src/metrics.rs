@@ -63,6 +63,8 @@ pub struct ClientMetrics {
     tor: OnceLock<()>,
     certificate_expiry: AtomicI64,
     circuits: OnceLock<Arc<crate::circuits::CircuitBudget>>,
+    /// The onion service's self-checks (`--onion`), served once it is set.
+    pub onion: shroud_tor::onion_service::OnionMetrics,
 }
 
 impl Default for ClientMetrics {
@@ -116,6 +118,7 @@ impl ClientMetrics {
             tor: OnceLock::new(),
             certificate_expiry: AtomicI64::new(0),
             circuits: OnceLock::new(),
+            onion: shroud_tor::onion_service::OnionMetrics::default(),
         }
     }
 
@@ -260,6 +263,7 @@ pub fn register(
         "Bound tunnels that ended, by reason: lost, or go_away (the proxy drained)",
         m.ends.clone(),
     );
+    registry.register_collector(Box::new(m.onion.clone()));
     registry.register_collector(Box::new(Collected {
         metrics: metrics.clone(),
         sources: sources.clone(),

@@ -8,26 +8,25 @@
 //! tunnel's visitor ([`crate::origin::forward`]): TLS passed through or terminated here as
 //! configured, a TLS-ALPN-01 check answered here, and a PROXY protocol header that says the
 //! visitor has no address. A stream for any other port is refused with Tor's `END` (`DONE`),
-//! as C-tor does, so the service looks like any other.
+//! as C-tor does, so the service looks like any other. The service itself is shroud-tor's
+//! [`OnionListener`], as `shroud-proxy --onion-tunnel`'s: it checks through Tor every
+//! `--onion-probe-interval-secs` that visitors reach it, and relaunches with new introduction
+//! points when they do not.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arti_client::TorClient;
-use futures::StreamExt as _;
-use safelog::DisplayRedacted as _;
 use shroud_mux::header::StreamKind;
+use shroud_tor::onion_service::{OnionConnection, OnionListener, OnionOptions};
+use shroud_tor::TorError;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tor_cell::relaycell::msg::{Connected, End, EndReason};
-use tor_hsservice::config::OnionServiceConfigBuilder;
-use tor_hsservice::status::State;
-use tor_hsservice::{RunningOnionService, StreamRequest};
-use tor_proto::stream::IncomingStreamRequest;
 use tor_rtcompat::PreferredRuntime;
-use tracing::{debug, info, warn, Instrument as _};
+use tracing::{debug, info, Instrument as _};
 
 use crate::origin::{self, Peer};
 use crate::shared::ClientConfig;
@@ -41,18 +40,15 @@ pub const HTTP_PORT: u16 = 80;
 /// How long visitors' streams get to end when the client stops.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the onion service could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum OnionError {
-    /// The service's configuration did not build.
-    #[error("onion service configuration: {0}")]
-    Config(String),
-    /// Arti could not launch it (its keystore or state could not be read or written, say).
-    #[error("launching the onion service: {0}")]
-    Launch(String),
-    /// Arti launched it but has no identity for it.
-    #[error("the onion service has no address (its identity key is missing from the keystore)")]
-    NoAddress,
+/// Where the service keeps its state, and how it checks itself.
+#[derive(Debug, Clone)]
+pub struct OnionSettings {
+    /// The directory the client's Arti keeps its storage under (`STATE_DIR/tor`).
+    pub tor_dir: PathBuf,
+    /// How often the service checks, through Tor, that visitors reach it, relaunching it with
+    /// new introduction points when they do not (`--onion-probe-interval-secs`); `None` never
+    /// checks.
+    pub probe_interval: Option<Duration>,
 }
 
 /// The client's running onion service.
@@ -68,135 +64,89 @@ pub struct Onion {
 /// is the first start): the address is known, while the descriptor is published in the
 /// background (logged as "onion service published its descriptor").
 pub fn launch(
-    client: &TorClient<PreferredRuntime>,
+    client: Arc<TorClient<PreferredRuntime>>,
+    settings: OnionSettings,
     config: Arc<ClientConfig>,
     shutdown: CancellationToken,
-) -> Result<Onion, OnionError> {
-    let nickname = NICKNAME
-        .parse()
-        .map_err(|err| OnionError::Config(format!("{err}")))?;
-    let service_config = OnionServiceConfigBuilder::default()
-        .nickname(nickname)
-        .build()
-        .map_err(|err| OnionError::Config(err.to_string()))?;
-    let (service, requests) = client
-        .launch_onion_service(service_config)
-        .map_err(|err| OnionError::Launch(err.to_string()))?
-        .ok_or_else(|| OnionError::Launch("Arti says the service is disabled".into()))?;
-    let address = service
-        .onion_address()
-        .ok_or(OnionError::NoAddress)?
-        .display_unredacted()
-        .to_string();
+) -> Result<Onion, TorError> {
+    let mut ports = vec![HTTPS_PORT];
+    if config.http_target.is_some() {
+        ports.push(HTTP_PORT);
+    }
+    let options = OnionOptions {
+        nickname: NICKNAME.into(),
+        ports,
+        tor_dir: settings.tor_dir,
+        probe_interval: settings.probe_interval,
+    };
     let span = tracing::info_span!("onion");
-    let task = tokio::spawn(
-        serve(
-            service,
-            tor_hsservice::handle_rend_requests(requests),
-            config,
-            shutdown,
-        )
-        .instrument(span),
-    );
+    let listener = span.in_scope(|| OnionListener::launch(client, options))?;
+    config.metrics.onion.set(listener.health());
+    let address = listener.address().to_owned();
+    let task = tokio::spawn(serve(listener, config, shutdown).instrument(span));
     Ok(Onion { address, task })
 }
 
-/// Serves stream requests until `shutdown`, then drops the service (which stops it) and waits
-/// a little for visitors' streams to end.
+/// Serves visitors until `shutdown`, then stops the service and waits a little for visitors'
+/// streams to end.
 async fn serve(
-    service: Arc<RunningOnionService>,
-    requests: impl futures::Stream<Item = StreamRequest>,
+    mut listener: OnionListener,
     config: Arc<ClientConfig>,
     shutdown: CancellationToken,
 ) {
-    let mut requests = std::pin::pin!(requests);
-    let mut status = service.status_events();
     // As many visitors at once as one tunnel takes.
     let permits = Arc::new(Semaphore::new(config.timing.max_streams));
     let tracker = TaskTracker::new();
-    let mut published_logged = false;
-    let mut last_state = None;
     loop {
-        tokio::select! {
+        let connection = tokio::select! {
             () = shutdown.cancelled() => break,
-            // A status stream that ended disables this branch (each turn of the loop polls it
-            // once more, and finds it ended at once).
-            Some(now) = status.next() => {
-                let state = now.state();
-                let problem = now.current_problem();
-                // Arti counts a descriptor missing from the next time period's HSDirs as
-                // "unreachable": without a problem reported, visitors of this period find it
-                // (and on a private testing network there is no next period to publish to).
-                let published = state.is_fully_reachable()
-                    || (state == State::DegradedUnreachable && problem.is_none());
-                if !published_logged && published {
-                    info!("onion service published its descriptor: visitors can reach it");
-                    published_logged = true;
-                }
-                if last_state != Some(state) {
-                    match (state, problem) {
-                        (State::Broken | State::DegradedUnreachable | State::Recovering, Some(problem)) => {
-                            warn!(?state, ?problem, "onion service state");
-                        }
-                        _ => info!(?state, "onion service state"),
-                    }
-                    last_state = Some(state);
-                }
-            }
-            next = requests.next() => {
-                let Some(request) = next else {
-                    warn!("the onion service stopped taking visitors");
+            next = listener.next() => match next {
+                Some(connection) => connection,
+                None => {
+                    tracing::warn!("the onion service stopped taking visitors");
                     break;
-                };
-                let Some(kind) = stream_kind(request.request(), config.http_target.is_some()) else {
-                    debug!("a stream for a port this service does not serve; refused");
-                    tracker.spawn(reject(request));
-                    continue;
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    debug!("as many onion visitors as --max-streams allows; refused");
-                    tracker.spawn(reject(request));
-                    continue;
-                };
-                let config = config.clone();
-                let span = tracing::debug_span!("visitor", kind = ?kind);
-                tracker.spawn(async move {
-                    visit(request, kind, &config).await;
-                    drop(permit);
-                }.instrument(span));
+                }
+            },
+        };
+        let Some(kind) = stream_kind(connection.port()) else {
+            tracker.spawn(connection.reject());
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!("as many onion visitors as --max-streams allows; refused");
+            tracker.spawn(connection.reject());
+            continue;
+        };
+        let config = config.clone();
+        let span = tracing::debug_span!("visitor", kind = ?kind);
+        tracker.spawn(
+            async move {
+                visit(connection, kind, &config).await;
+                drop(permit);
             }
-        }
+            .instrument(span),
+        );
     }
-    drop(service);
+    listener.stop().await;
     tracker.close();
     // Visitors' streams end with the service's circuits; this wait is short.
     let _ = tokio::time::timeout(STOP_TIMEOUT, tracker.wait()).await;
     info!("onion service stopped");
 }
 
-/// What a stream request on the service's `port` is for: 443 is TLS for TARGET, 80 plain HTTP
-/// for `--http-target` (when there is one); `None` for anything else.
-fn stream_kind(request: &IncomingStreamRequest, has_http_target: bool) -> Option<StreamKind> {
-    let IncomingStreamRequest::Begin(begin) = request else {
-        return None;
-    };
-    match begin.port() {
+/// What a stream to the service's `port` is for: 443 is TLS for TARGET, 80 plain HTTP for
+/// `--http-target` (the service serves 80 only when there is one); `None` for anything else.
+fn stream_kind(port: u16) -> Option<StreamKind> {
+    match port {
         HTTPS_PORT => Some(StreamKind::Tls),
-        HTTP_PORT if has_http_target => Some(StreamKind::Http),
+        HTTP_PORT => Some(StreamKind::Http),
         _ => None,
     }
 }
 
-/// Refuses a stream as C-tor refuses one for a port it does not serve: `END` with `DONE`.
-async fn reject(request: StreamRequest) {
-    if let Err(err) = request.reject(End::new_with_reason(EndReason::DONE)).await {
-        debug!(%err, "refusing a stream failed");
-    }
-}
-
 /// Accepts a visitor's stream and takes it to the origin.
-async fn visit(request: StreamRequest, kind: StreamKind, config: &ClientConfig) {
-    let stream = match request.accept(Connected::new_empty()).await {
+async fn visit(connection: OnionConnection, kind: StreamKind, config: &ClientConfig) {
+    let stream = match connection.accept().await {
         Ok(stream) => stream,
         Err(err) => return debug!(%err, "accepting a visitor's stream failed"),
     };
@@ -207,22 +157,14 @@ async fn visit(request: StreamRequest, kind: StreamKind, config: &ClientConfig) 
 
 #[cfg(test)]
 mod tests {
-    use tor_cell::relaycell::msg::{Begin, BeginFlags};
-
     use super::*;
 
-    fn begin(port: u16) -> IncomingStreamRequest {
-        IncomingStreamRequest::Begin(Begin::new("", port, BeginFlags::empty()).unwrap())
-    }
-
     #[test]
-    fn port_443_is_tls_and_80_is_http_only_with_an_http_target() {
-        assert_eq!(stream_kind(&begin(443), false), Some(StreamKind::Tls));
-        assert_eq!(stream_kind(&begin(443), true), Some(StreamKind::Tls));
-        assert_eq!(stream_kind(&begin(80), true), Some(StreamKind::Http));
-        assert_eq!(stream_kind(&begin(80), false), None);
-        for port in [22, 8080, 8443] {
-            assert_eq!(stream_kind(&begin(port), true), None, "{port}");
+    fn port_443_is_tls_80_is_http_and_no_other_is_served() {
+        assert_eq!(stream_kind(443), Some(StreamKind::Tls));
+        assert_eq!(stream_kind(80), Some(StreamKind::Http));
+        for port in [1, 22, 8080, 8443] {
+            assert_eq!(stream_kind(port), None, "{port}");
         }
     }
 }

@@ -267,6 +267,16 @@ pub struct Cli {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub onion_port: u16,
 
+    /// How often, in seconds, the onion service checks that Tor clients reach it, by opening a
+    /// stream to its own address through Tor. After 3 failed checks in a row it relaunches
+    /// with new introduction points (same key, same address), so it comes back within minutes
+    /// when the relays holding its introduction points die, where Tor alone takes 15. 0 turns
+    /// the checks off
+    #[arg(long, env = "SHROUD_ONION_PROBE_INTERVAL_SECS", value_name = "SECS",
+          default_value_t = shroud_tor::onion_service::DEFAULT_PROBE_INTERVAL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub onion_probe_interval_secs: u64,
+
     /// Where the proxy keeps its state: with --onion-tunnel, Tor's state and cache and the
     /// onion service's identity key, under DIR/tor. Created mode 0700; refused if others may
     /// enter it. Keep it across restarts, or the onion address changes
@@ -494,6 +504,9 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shroud_process::signal::shutdown_on_signal(shutdown.clone()));
     let shared = Shared::new(config, shutdown.clone());
+    if let Some(onion) = &listeners.onion {
+        shared.metrics.onion.set(onion.health());
+    }
     // The endpoint outlives the drain, so that /readyz says "draining" while it lasts.
     let metrics_stop = CancellationToken::new();
     let metrics = start_metrics(&cli.metrics, &shared, metrics_stop.clone())?;
@@ -582,6 +595,8 @@ impl Cli {
             network_file: self.tor_network.clone(),
             bootstrap_timeout: Duration::from_secs(self.tor_bootstrap_timeout_secs),
             port: self.onion_port,
+            probe_interval: (self.onion_probe_interval_secs > 0)
+                .then(|| Duration::from_secs(self.onion_probe_interval_secs)),
         };
         let onion = OnionTunnels::start(options)
             .await

@@ -240,6 +240,8 @@ pub struct ProxyMetrics {
     lifecycle: Lifecycle,
     draining: Gauge,
     hostnames: Hostnames,
+    /// The onion service's self-checks (`--onion-tunnel`), served once it is set.
+    pub onion: shroud_tor::onion_service::OnionMetrics,
 }
 
 impl Default for ProxyMetrics {
@@ -314,6 +316,7 @@ impl ProxyMetrics {
             lifecycle: Lifecycle::new("draining"),
             draining: Gauge::default(),
             hostnames: Hostnames::new(HOSTNAME_SERIES),
+            onion: shroud_tor::onion_service::OnionMetrics::default(),
         }
     }
 
@@ -453,6 +456,7 @@ pub fn register(shared: &Arc<Shared>, registry: &mut Registry) -> ReadinessFn {
         m.hostnames.bytes.clone(),
     );
     shared.reloads.register(registry);
+    registry.register_collector(Box::new(m.onion.clone()));
     registry.register_collector(Box::new(Collected {
         shared: shared.clone(),
     }));

@@ -8,7 +8,9 @@
 //! is handed: the TLS handshake with the proxy's certificate, the bind proof and the streams
 //! that follow are the same. Onion connections have no address, so until they are bound they
 //! count together as one address, [`ONION_PEER`], against `--max-connections-per-address`, and
-//! against `--max-connections` like any other.
+//! against `--max-connections` like any other. The service checks itself through Tor every
+//! `--onion-probe-interval-secs` and, when Tor clients cannot reach it, relaunches with new
+//! introduction points ([`shroud_tor::onion_service`]).
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arti_client::TorClient;
-use shroud_tor::onion_service::{OnionConnection, OnionListener};
+use shroud_tor::onion_service::{OnionConnection, OnionHealth, OnionListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -50,11 +52,16 @@ pub struct OnionOptions {
     pub bootstrap_timeout: Duration,
     /// The port the service serves.
     pub port: u16,
+    /// How often the service checks, through Tor, that clients reach it, and relaunches it
+    /// with new introduction points when they do not (`--onion-probe-interval-secs`); `None`
+    /// never checks.
+    pub probe_interval: Option<Duration>,
 }
 
 /// The running onion service, and the Tor client that hosts it.
 pub struct OnionTunnels {
     listener: OnionListener,
+    port: u16,
     /// The service runs on this client; it lives as long as the listener.
     _client: Arc<TorClient<PreferredRuntime>>,
 }
@@ -68,7 +75,13 @@ impl OnionTunnels {
         shroud_tor::private_dir::ensure(&tor_dir)?;
         let config = shroud_tor::arti_config(options.network_file.as_deref(), &tor_dir)?;
         let client = shroud_tor::bootstrap(config, options.bootstrap_timeout, false, None).await?;
-        let listener = OnionListener::launch(&client, NICKNAME, options.port)?;
+        let service = shroud_tor::onion_service::OnionOptions {
+            nickname: NICKNAME.into(),
+            ports: vec![options.port],
+            tor_dir: tor_dir.clone(),
+            probe_interval: options.probe_interval,
+        };
+        let listener = OnionListener::launch(client.clone(), service)?;
         // Arti writes keys mode 0600 in directories it makes 0700; a key others can read is
         // a leaked address, so check rather than trust.
         let keystore = tor_dir.join("state/keystore");
@@ -77,6 +90,7 @@ impl OnionTunnels {
         }
         Ok(Self {
             listener,
+            port: options.port,
             _client: client,
         })
     }
@@ -88,7 +102,12 @@ impl OnionTunnels {
 
     /// The port it serves.
     pub fn port(&self) -> u16 {
-        self.listener.port()
+        self.port
+    }
+
+    /// Its self-checks and relaunches, for metrics.
+    pub fn health(&self) -> Arc<OnionHealth> {
+        self.listener.health()
     }
 }
 
@@ -101,7 +120,6 @@ pub(crate) async fn accept(
     tracker: TaskTracker,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(onion.listener.log_status());
     info!(
         onion = %onion.address(),
         port = onion.port(),
@@ -110,7 +128,10 @@ pub(crate) async fn accept(
     );
     loop {
         let connection = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                onion.listener.stop().await;
+                return;
+            }
             next = onion.listener.next() => match next {
                 Some(connection) => connection,
                 None => {

@@ -6,8 +6,10 @@
 //!   a terminal, log lines otherwise) and saying why when it stalls or times out.
 //! - [`private_dir`]: the state directory holds keys: it is created mode 0700, and a directory
 //!   or key file others can read is refused.
-//! - [`onion_service`]: hosts an onion service (`shroud-proxy --onion-tunnel`) and yields each
-//!   stream a Tor client opens to it, accepted, as a byte stream.
+//! - [`onion_service`]: hosts an onion service (`shroud-proxy --onion-tunnel`, `shroud --onion`)
+//!   on one or more ports and yields each stream a Tor client opens to it, to accept as a byte
+//!   stream; it checks itself through Tor and relaunches with new introduction points when
+//!   Tor clients cannot reach it.
 //!
 //! Connecting *to* an onion service needs nothing here: Arti's ordinary `connect` takes a
 //! `.onion` name (arti-client's `onion-service-client` feature) and never uses an exit.

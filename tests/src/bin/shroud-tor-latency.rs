@@ -387,8 +387,9 @@ struct OwnOnion {
 
 impl OwnOnion {
     async fn start(net: &TorNet, pki: &Pki, origin: SocketAddr) -> anyhow::Result<Self> {
+        let tor_dir = net.new_state_root()?;
         let options = TorOptions {
-            state_dir: net.new_state_root()?,
+            state_dir: tor_dir.clone(),
             network_file: Some(net.network_file.clone()),
             resolve: Resolve::new(),
             bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
@@ -416,8 +417,14 @@ impl OwnOnion {
             metrics: Arc::default(),
         });
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let onion = shroud_client::onion::launch(&transport.client(), config, shutdown.clone())
-            .context("launching shroud's onion service")?;
+        let settings = shroud_client::onion::OnionSettings {
+            tor_dir,
+            // No self-checks: their circuits would run alongside the measurements.
+            probe_interval: None,
+        };
+        let onion =
+            shroud_client::onion::launch(transport.client(), settings, config, shutdown.clone())
+                .context("launching shroud's onion service")?;
         progress(format_args!(
             "shroud's own onion service: {}",
             onion.address
@@ -539,6 +546,8 @@ async fn onion_backhaul(
         network_file: Some(net.network_file.clone()),
         bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
         port: 443,
+        // No self-checks: their circuits would run alongside the measurements.
+        probe_interval: None,
     })
     .await
     .context("starting the proxy's onion service")?;

@@ -128,8 +128,12 @@ pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32, resolv_conf: &Path
         dir_port = relay.dir_port,
     );
     match relay.kind {
+        // Every relay voted Stable, as most are on the real network: otherwise only the
+        // relays up longest (the authorities, which start first) have it, and an onion
+        // service's introduction points, which must be Stable, all land on them.
         RelayKind::Authority => rc.push_str(
             "ExitPolicy reject *:*\n\
+             AuthDirVoteStableGuaranteeMinUptime 0\n\
              AuthoritativeDirectory 1\n\
              V3AuthoritativeDirectory 1\n\
              V3AuthVotingInterval 20\n\
