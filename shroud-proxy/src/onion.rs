@@ -46,6 +46,8 @@ pub struct OnionOptions {
     pub state_dir: PathBuf,
     /// Another Tor network than the public one (`--tor-network`), in Arti's TOML form.
     pub network_file: Option<PathBuf>,
+    /// Vanguards on the service's circuits (`--vanguards`).
+    pub vanguards: shroud_tor::Vanguards,
     /// How long Arti may take to bootstrap before the proxy gives up.
     pub bootstrap_timeout: Duration,
     /// The port the service serves.
@@ -66,7 +68,8 @@ impl OnionTunnels {
         shroud_tor::private_dir::ensure(&options.state_dir)?;
         let tor_dir = options.state_dir.join("tor");
         shroud_tor::private_dir::ensure(&tor_dir)?;
-        let config = shroud_tor::arti_config(options.network_file.as_deref(), &tor_dir)?;
+        let config =
+            shroud_tor::arti_config(options.network_file.as_deref(), &tor_dir, options.vanguards)?;
         let client = shroud_tor::bootstrap(config, options.bootstrap_timeout, false, None).await?;
         let listener = OnionListener::launch(&client, NICKNAME, options.port)?;
         // Arti writes keys mode 0600 in directories it makes 0700; a key others can read is

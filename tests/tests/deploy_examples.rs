@@ -575,6 +575,7 @@ fn the_client_unit_and_config_make_a_valid_command_line() {
         );
         assert_eq!(run.stream_buffer_bytes, 16 * 1024 * 1024);
         assert_eq!(run.max_streams, 8192);
+        assert_eq!(run.vanguards, shroud_client::tor::Vanguards::Full);
         assert_eq!(cli.log.verbose, 1);
         if keep.contains(&"acme") {
             assert!(run.tls_cert.is_some() && run.tls_key.is_some());
@@ -664,6 +665,7 @@ fn the_proxy_unit_and_config_make_a_valid_command_line() {
                 10
             )
         );
+        assert_eq!(cli.vanguards, shroud_client::tor::Vanguards::Full);
         assert_eq!(cli.log.verbose, 1);
     }
 }
@@ -829,6 +831,7 @@ fn the_proxy_onion_drop_in_keeps_its_key_in_the_units_state_directory() {
     let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &shipped);
     assert!(cli.onion_tunnel);
     assert_eq!(cli.onion_port, 443, "clients' default port");
+    assert_eq!(cli.vanguards, shroud_client::tor::Vanguards::Full);
     // The state directory is the one systemd makes for the unit (%S is /var/lib), private to
     // it: the key must survive restarts and be readable by nobody else.
     let state = cli.state_dir.expect("--state-dir");
