@@ -31,7 +31,7 @@ pub enum Vanguards {
     Lite,
     /// Full vanguards, Tor's advice for long-lived onion services: 4 second-hop relays kept 1
     /// to 12 days and 8 third-hop relays kept 1 to 48 hours, persisted in the state
-    /// directory (`state/vanguards.json`) across restarts.
+    /// directory (Arti's `state/vanguards.json`) across restarts.
     #[default]
     Full,
 }
@@ -68,8 +68,8 @@ impl std::fmt::Display for Vanguards {
 
 /// Builds Arti's configuration: the network file's settings if given, storage under
 /// `state_dir` (`state_dir/cache` and `state_dir/state`; Arti keeps onion service keys in
-/// `state_dir/state/keystore`, its guards in `state_dir/state/guards.json` and full vanguards
-/// in `state_dir/state/vanguards.json`), and `vanguards`.
+/// `state_dir/state/keystore`, its guards in `state_dir/state/state/guards.json` and full
+/// vanguards in `state_dir/state/state/vanguards.json`), and `vanguards`.
 pub fn arti_config(
     network_file: Option<&Path>,
     state_dir: &Path,
