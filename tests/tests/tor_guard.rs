@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shroud_tests::onion::private_violations;
+use shroud_tests::onion::{private_violations, OnionProxy};
 use shroud_tests::process::{Output, Process};
 use shroud_tests::stack::{binary, Pki, TestProxy};
 use shroud_tests::tornet::{tcp_connections_of, TorNet};
@@ -399,4 +399,66 @@ async fn a_fresh_state_directory_chooses_its_guard_anew() {
     // (with 5 equally likely candidates, 8 alike would happen once in 5^7 = 78,125 runs).
     let distinct: BTreeSet<&String> = guards.iter().collect();
     assert!(distinct.len() > 1, "{guards:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_onion_proxy_and_the_clients_that_dial_it_keep_full_vanguards() {
+    init();
+    let net = network().await;
+    let pki = Pki::new().unwrap();
+    let origin = HttpOrigin::tls(pki.origin_tls(&[HOST])).await.unwrap();
+    let key_path = pki.dir().join("client.key");
+    let key = shroud_tests::stack::make_key(&key_path).unwrap();
+    let name = "onion.proxy.test";
+    // The proxy's --onion-tunnel service, with no --vanguards: full.
+    let proxy_state = pki.dir().join("proxy-state");
+    let base = shroud_tests::stack::proxy_args(&pki, name, &format!("{HOST} {key}\n")).unwrap();
+    let proxy = OnionProxy::start(OnionProxy::args(base, &proxy_state, &net.network_file))
+        .await
+        .unwrap();
+    let (l2, l3) = poll("the proxy's vanguards.json", Duration::from_secs(60), || {
+        vanguard_sets(&proxy_state).filter(|(l2, l3)| !l2.is_empty() && !l3.is_empty())
+    })
+    .await;
+    eprintln!(
+        "tor_guard: the onion proxy's vanguards: {} L2, {} L3",
+        l2.len(),
+        l3.len()
+    );
+
+    // A client whose tunnel goes to that onion service: its rendezvous and introduction
+    // circuits are onion-service circuits, with full vanguards, kept in its state directory.
+    let state = pki.dir().join("client-state");
+    let args: Vec<String> = vec![
+        HOST.to_owned(),
+        origin.addr().to_string(),
+        "--proxy-ca".into(),
+        pki.ca_path.display().to_string(),
+        "--key".into(),
+        key_path.display().to_string(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tor-network".into(),
+        net.network_file.display().to_string(),
+        "--proxy".into(),
+        proxy.client_proxy(name),
+    ];
+    let mut client = Process::spawn_with(
+        &binary("shroud"),
+        &args,
+        &[("RUST_LOG", OsStr::new(HSPOOL_LOG))],
+        Output::Echo,
+    )
+    .unwrap();
+    client
+        .wait_for_line("tunnel up", Duration::from_secs(180))
+        .await
+        .unwrap();
+    stop(&mut client).await;
+    assert_eq!(
+        hs_circuit_modes(&client.output_text()),
+        BTreeSet::from(["full".to_owned()])
+    );
+    let (l2, l3) = vanguard_sets(&state).expect("the client's vanguards.json");
+    assert!(!l2.is_empty() && !l3.is_empty(), "{l2:?} {l3:?}");
 }
