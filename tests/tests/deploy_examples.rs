@@ -518,6 +518,10 @@ fn the_client_unit_and_config_make_a_valid_command_line() {
         unit_arguments(&unit, "shroud", instance),
         ["--config", &format!("/etc/shroud/{instance}.toml")]
     );
+    // The state directory below, /var/lib/shroud, holds Tor's guard and vanguards: systemd
+    // makes it, keeps it across restarts, and lets only the unit's user in.
+    assert!(unit.contains("\nStateDirectory=shroud\n"), "{unit}");
+    assert!(unit.contains("\nStateDirectoryMode=0700\n"), "{unit}");
     let mut command = shroud_client::cli::Cli::command();
     // Building numbers the positional arguments.
     command.build();

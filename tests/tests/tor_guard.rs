@@ -416,9 +416,11 @@ async fn an_onion_proxy_and_the_clients_that_dial_it_keep_full_vanguards() {
     let proxy = OnionProxy::start(OnionProxy::args(base, &proxy_state, &net.network_file))
         .await
         .unwrap();
-    let (l2, l3) = poll("the proxy's vanguards.json", Duration::from_secs(60), || {
-        vanguard_sets(&proxy_state).filter(|(l2, l3)| !l2.is_empty() && !l3.is_empty())
-    })
+    let (l2, l3) = poll(
+        "the proxy's vanguards.json",
+        Duration::from_secs(60),
+        || vanguard_sets(&proxy_state).filter(|(l2, l3)| !l2.is_empty() && !l3.is_empty()),
+    )
     .await;
     eprintln!(
         "tor_guard: the onion proxy's vanguards: {} L2, {} L3",
