@@ -242,6 +242,19 @@ async fn stop(client: &mut Process) {
     assert_eq!(status.code(), Some(0), "{}", client.output_text());
 }
 
+/// The vanguards the client says it uses, in its `Tor bootstrapped` line.
+fn announced_vanguards(log: &str) -> String {
+    let line = log
+        .lines()
+        .find(|line| line.contains("Tor bootstrapped"))
+        .expect("a Tor bootstrapped line");
+    let rest = &line[line.find("vanguards=").expect(line) + "vanguards=".len()..];
+    rest.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// The vanguard modes of the onion-service circuits Arti prepared, from its log.
 fn hs_circuit_modes(log: &str) -> BTreeSet<String> {
     log.lines()
@@ -268,6 +281,7 @@ async fn full_vanguards_and_the_guard_outlive_a_restart_on_the_same_state_direct
         BTreeSet::from(["full".to_owned()]),
         "vanguard modes of onion-service circuits"
     );
+    assert_eq!(announced_vanguards(&client.output_text()), "full");
     let (l2, l3) = poll("vanguards.json", Duration::from_secs(60), || {
         vanguard_sets(&setup.state).filter(|(l2, l3)| !l2.is_empty() && !l3.is_empty())
     })
@@ -341,6 +355,7 @@ async fn lite_vanguards_are_what_arti_uses_when_asked_and_are_not_kept() {
     let (mut client, _) = setup.run(net).await;
     let modes = hs_circuit_modes(&client.output_text());
     assert_eq!(modes, BTreeSet::from(["lite".to_owned()]));
+    assert_eq!(announced_vanguards(&client.output_text()), "lite");
     stop(&mut client).await;
     // Arti writes vanguards.json only for full vanguards: lite ones are chosen anew each start.
     assert!(
