@@ -337,6 +337,7 @@ pub async fn config(
             let options = TorOptions {
                 state_dir: state_dir.join("tor"),
                 network_file: run.tor_network.clone(),
+                vanguards: run.vanguards,
                 resolve,
                 bootstrap_timeout: Duration::from_secs(run.tor_bootstrap_timeout_secs),
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),

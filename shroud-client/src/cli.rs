@@ -201,6 +201,20 @@ pub struct RunArgs {
     )]
     pub tor_bootstrap_timeout_secs: u64,
 
+    /// Vanguards on every onion-service circuit: tunnels to .onion proxies and the --onion
+    /// service. `full` (4 second-hop relays kept for days, 8 third-hop relays kept for hours,
+    /// both kept in the state directory across restarts) is Tor's advice for a long-lived
+    /// service; `lite` (4 second-hop relays, chosen anew at each start) is Tor's default for
+    /// clients. Circuits through an exit have none either way
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        env = "SHROUD_VANGUARDS",
+        default_value_t = shroud_tor::Vanguards::Full
+    )]
+    pub vanguards: shroud_tor::Vanguards,
+
     /// The client's key file; created with mode 0600 if missing [default: client.key in the
     /// user's state directory, e.g. ~/.local/state/shroud]
     #[arg(long, value_name = "FILE", env = "SHROUD_KEY")]
@@ -750,6 +764,23 @@ mod tests {
         assert_eq!(run.proxy_protocol, Some(Version::V1));
         let err = parse("v3").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidValue, "{err}");
+    }
+
+    #[test]
+    fn vanguards_are_full_unless_lite_is_asked_for() {
+        let parse = |extra: &[&str]| {
+            let args = ["shroud", "--proxy=p.example", "a.example", "h:1"];
+            Cli::try_parse_from(args.iter().chain(extra))
+        };
+        let run = parse(&[]).unwrap().run.unwrap();
+        assert_eq!(run.vanguards, shroud_tor::Vanguards::Full);
+        let run = parse(&["--vanguards", "lite"]).unwrap().run.unwrap();
+        assert_eq!(run.vanguards, shroud_tor::Vanguards::Lite);
+        // Turning them off is not offered.
+        for bad in ["disabled", "none", ""] {
+            let err = parse(&["--vanguards", bad]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidValue, "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -52,7 +52,7 @@ use crate::transport::{BoxStream, KeptCircuit, Resolve, Transport};
 /// How long the exit has to answer a request for a stream on a held circuit (Arti's own
 /// default for a stream's connection): no answer in time gives the circuit up.
 pub const STREAM_OPEN_TIMEOUT: Duration = Duration::from_secs(20);
-pub use shroud_tor::{arti_config, TorError};
+pub use shroud_tor::{arti_config, TorError, Vanguards};
 
 /// What the Tor transport needs from the command line.
 #[derive(Debug, Clone)]
@@ -61,6 +61,8 @@ pub struct TorOptions {
     pub state_dir: PathBuf,
     /// Another Tor network, in Arti's TOML config form; `None` for the real Tor network.
     pub network_file: Option<PathBuf>,
+    /// Vanguards on onion-service circuits (`--vanguards`).
+    pub vanguards: shroud_tor::Vanguards,
     /// Name overrides; refused unless `network_file` is given.
     pub resolve: Resolve,
     /// How long bootstrap may take before the client gives up.
@@ -90,7 +92,11 @@ impl TorTransport {
         if options.network_file.is_none() && !options.resolve.is_empty() {
             return Err(TorError::ResolveRefused);
         }
-        let config = arti_config(options.network_file.as_deref(), &options.state_dir)?;
+        let config = arti_config(
+            options.network_file.as_deref(),
+            &options.state_dir,
+            options.vanguards,
+        )?;
         if let Some(metrics) = &metrics {
             metrics.tor_enabled();
         }

@@ -294,6 +294,19 @@ pub struct Cli {
     )]
     pub tor_network: Option<PathBuf>,
 
+    /// With --onion-tunnel, the service's vanguards: `full` (4 second-hop relays kept for
+    /// days, 8 third-hop relays kept for hours, both kept under --state-dir across restarts)
+    /// is Tor's advice for a long-lived service; `lite` (4 second-hop relays, chosen anew at
+    /// each start) is Tor's default for clients
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        env = "SHROUD_VANGUARDS",
+        default_value_t = shroud_tor::Vanguards::Full
+    )]
+    pub vanguards: shroud_tor::Vanguards,
+
     /// With --onion-tunnel, seconds Tor may take to bootstrap before the proxy gives up and
     /// says why
     #[arg(long, env = "SHROUD_TOR_BOOTSTRAP_TIMEOUT_SECS", value_name = "SECS",
@@ -593,6 +606,7 @@ impl Cli {
         let options = OnionOptions {
             state_dir,
             network_file: self.tor_network.clone(),
+            vanguards: self.vanguards,
             bootstrap_timeout: Duration::from_secs(self.tor_bootstrap_timeout_secs),
             port: self.onion_port,
             probe_interval: (self.onion_probe_interval_secs > 0)
@@ -860,6 +874,16 @@ mod limit_flag_tests {
         for bad in ["0", "65536", "https"] {
             assert!(parse(&["--onion-port", bad]).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_onion_service_has_full_vanguards_unless_lite_is_asked_for() {
+        let cli = parse(&["--onion-tunnel", "--state-dir", "/s"]).unwrap();
+        assert_eq!(cli.vanguards, shroud_tor::Vanguards::Full);
+        let cli = parse(&["--onion-tunnel", "--state-dir", "/s", "--vanguards", "lite"]).unwrap();
+        assert_eq!(cli.vanguards, shroud_tor::Vanguards::Lite);
+        let err = parse(&["--vanguards", "disabled"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue, "{err}");
     }
 
     #[tokio::test]

@@ -48,6 +48,8 @@ pub struct OnionOptions {
     pub state_dir: PathBuf,
     /// Another Tor network than the public one (`--tor-network`), in Arti's TOML form.
     pub network_file: Option<PathBuf>,
+    /// Vanguards on the service's circuits (`--vanguards`).
+    pub vanguards: shroud_tor::Vanguards,
     /// How long Arti may take to bootstrap before the proxy gives up.
     pub bootstrap_timeout: Duration,
     /// The port the service serves.
@@ -73,7 +75,8 @@ impl OnionTunnels {
         shroud_tor::private_dir::ensure(&options.state_dir)?;
         let tor_dir = options.state_dir.join("tor");
         shroud_tor::private_dir::ensure(&tor_dir)?;
-        let config = shroud_tor::arti_config(options.network_file.as_deref(), &tor_dir)?;
+        let config =
+            shroud_tor::arti_config(options.network_file.as_deref(), &tor_dir, options.vanguards)?;
         let client = shroud_tor::bootstrap(config, options.bootstrap_timeout, false, None).await?;
         let service = shroud_tor::onion_service::OnionOptions {
             nickname: NICKNAME.into(),

@@ -360,6 +360,7 @@ impl TestClient {
         let options = shroud_client::tor::TorOptions {
             state_dir: state_dir.to_owned(),
             network_file: Some(network_file.to_owned()),
+            vanguards: shroud_client::tor::Vanguards::default(),
             resolve,
             bootstrap_timeout: Duration::from_secs(120),
             progress_bar: false,

@@ -518,6 +518,10 @@ fn the_client_unit_and_config_make_a_valid_command_line() {
         unit_arguments(&unit, "shroud", instance),
         ["--config", &format!("/etc/shroud/{instance}.toml")]
     );
+    // The state directory below, /var/lib/shroud, holds Tor's guard and vanguards: systemd
+    // makes it, keeps it across restarts, and lets only the unit's user in.
+    assert!(unit.contains("\nStateDirectory=shroud\n"), "{unit}");
+    assert!(unit.contains("\nStateDirectoryMode=0700\n"), "{unit}");
     let mut command = shroud_client::cli::Cli::command();
     // Building numbers the positional arguments.
     command.build();
@@ -582,6 +586,7 @@ fn the_client_unit_and_config_make_a_valid_command_line() {
             ),
             (6, 24)
         );
+        assert_eq!(run.vanguards, shroud_client::tor::Vanguards::Full);
         assert_eq!(cli.log.verbose, 1);
         if keep.contains(&"acme") {
             assert!(run.tls_cert.is_some() && run.tls_key.is_some());
@@ -671,6 +676,7 @@ fn the_proxy_unit_and_config_make_a_valid_command_line() {
                 10
             )
         );
+        assert_eq!(cli.vanguards, shroud_client::tor::Vanguards::Full);
         assert_eq!(cli.log.verbose, 1);
     }
 }
@@ -836,6 +842,7 @@ fn the_proxy_onion_drop_in_keeps_its_key_in_the_units_state_directory() {
     let cli: shroud_proxy::cli::Cli = load(&args, dir.path(), "proxy.toml", &shipped);
     assert!(cli.onion_tunnel);
     assert_eq!(cli.onion_port, 443, "clients' default port");
+    assert_eq!(cli.vanguards, shroud_client::tor::Vanguards::Full);
     // The state directory is the one systemd makes for the unit (%S is /var/lib), private to
     // it: the key must survive restarts and be readable by nobody else.
     let state = cli.state_dir.expect("--state-dir");

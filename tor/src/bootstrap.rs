@@ -19,6 +19,8 @@ pub async fn bootstrap(
     progress_bar: bool,
     observer: Option<StatusObserver>,
 ) -> Result<Arc<TorClient<PreferredRuntime>>, TorError> {
+    // Said once bootstrapped, so an operator can see which vanguards onion circuits get.
+    let vanguards = crate::Vanguards::of(&config).map_or("disabled".to_owned(), |v| v.to_string());
     let client = TorClient::builder()
         .config(config)
         .bootstrap_behavior(arti_client::BootstrapBehavior::Manual)
@@ -50,7 +52,7 @@ pub async fn bootstrap(
             })
         }
     }
-    info!(elapsed = ?started.elapsed(), "Tor bootstrapped");
+    info!(elapsed = ?started.elapsed(), %vanguards, "Tor bootstrapped");
     if let Some(observer) = observer {
         // Arti keeps reporting after the bootstrap (a directory gone stale shows there).
         observer(&client.bootstrap_status());

@@ -1,7 +1,8 @@
 //! Embedded Tor (Arti) as shroud's binaries use it, written once for the client and the proxy.
 //!
 //! - [`config`]: Arti's configuration from a `--tor-network` file (a private network, for tests
-//!   and labs) or the real Tor network's defaults, with storage under a state directory.
+//!   and labs) or the real Tor network's defaults, with storage under a state directory and
+//!   the vanguards chosen with `--vanguards`.
 //! - [`bootstrap`]: starts Arti and waits until it has bootstrapped, showing progress (a bar on
 //!   a terminal, log lines otherwise) and saying why when it stalls or times out.
 //! - [`private_dir`]: the state directory holds keys: it is created mode 0700, and a directory
@@ -23,7 +24,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use bootstrap::bootstrap;
-pub use config::arti_config;
+pub use config::{arti_config, Vanguards};
 
 /// Why Tor could not be set up or used.
 #[derive(Debug, thiserror::Error)]

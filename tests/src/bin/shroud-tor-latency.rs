@@ -40,7 +40,7 @@ use anyhow::{anyhow, bail, ensure, Context as _};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use shroud_client::shared::{ClientConfig, Target, Timing};
-use shroud_client::tor::{TorOptions, TorTransport};
+use shroud_client::tor::{TorOptions, TorTransport, Vanguards};
 use shroud_client::transport::Resolve;
 use shroud_proxy::onion::{OnionOptions, OnionTunnels};
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
@@ -391,6 +391,7 @@ impl OwnOnion {
         let options = TorOptions {
             state_dir: tor_dir.clone(),
             network_file: Some(net.network_file.clone()),
+            vanguards: Vanguards::default(),
             resolve: Resolve::new(),
             bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
             progress_bar: false,
@@ -502,6 +503,7 @@ async fn arti_trial(
     let options = TorOptions {
         state_dir: net.new_state_root()?,
         network_file: Some(net.network_file.clone()),
+        vanguards: Vanguards::default(),
         resolve,
         bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
         progress_bar: false,
@@ -544,6 +546,7 @@ async fn onion_backhaul(
         // A directory of its own inside the fresh root, made private by the proxy.
         state_dir: net.new_state_root()?.join("proxy"),
         network_file: Some(net.network_file.clone()),
+        vanguards: Vanguards::default(),
         bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
         port: 443,
         // No self-checks: their circuits would run alongside the measurements.
@@ -568,6 +571,7 @@ async fn onion_backhaul(
     let options = TorOptions {
         state_dir: net.new_state_root()?,
         network_file: Some(net.network_file.clone()),
+        vanguards: Vanguards::default(),
         resolve: Resolve::new(),
         bootstrap_timeout: ARTI_BOOTSTRAP_TIMEOUT,
         progress_bar: false,
