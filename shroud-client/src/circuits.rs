@@ -6,8 +6,16 @@
 //! would soon sit next to the client's guard and learn it (guard discovery). So a tunnel keeps
 //! its circuit across reconnects for as long as the circuit works (see [`crate::tor`]), and
 //! every new circuit is charged here first: at most `per_proxy` in any hour for one proxy's
-//! tunnel, and `total` in any hour for all of them together. A tunnel whose charge is refused
-//! waits until the hour's oldest charge ages out; the other tunnels carry on. With a changing
+//! tunnel, and `total` in any hour for all of them together.
+//!
+//! Each limit is paced, not only counted: the first half of it (rounded up) may go at once,
+//! and each charge after that comes at least an hour divided by the limit after the one
+//! before (10 minutes for the default 6). A burst of failures (Tor unreachable for half a
+//! minute, a proxy restarting) would otherwise spend an hour's share in seconds, the backoff
+//! being seconds, and leave the tunnel waiting up to an hour after the cause had gone; paced,
+//! it tries again within one interval, and after failures that last the better part of an
+//! hour, within half an hour. A tunnel whose charge is refused waits until the charge
+//! would be allowed; the other tunnels carry on. With a changing
 //! list of proxies (discovery, DNS SRV) a proxy whose own share is spent is "churning", and
 //! the client holds a tunnel to another proxy of the list instead while it is (see
 //! [`crate::client`]).
@@ -44,7 +52,10 @@ pub struct Exhausted {
     pub limit: Limit,
     /// How many circuits that limit allows in an hour.
     pub allowed: u32,
-    /// When the oldest charge against that limit leaves the window.
+    /// How many it charged in the last hour.
+    pub charged: u32,
+    /// When the next charge against that limit is allowed: the oldest leaves the window, or
+    /// the pacing interval after the last has passed.
     pub until: Instant,
 }
 
@@ -53,15 +64,15 @@ impl std::fmt::Display for Exhausted {
         match self.limit {
             Limit::PerProxy => write!(
                 f,
-                "this proxy's tunnel already needed {} new Tor circuits in the last hour \
-                 (--max-circuits-per-proxy-per-hour)",
-                self.allowed
+                "this proxy's tunnel already needed {} new Tor circuits in the last hour, of \
+                 {} allowed and paced over the hour (--max-circuits-per-proxy-per-hour)",
+                self.charged, self.allowed
             ),
             Limit::Total => write!(
                 f,
-                "the tunnels already needed {} new Tor circuits in the last hour \
-                 (--max-circuits-per-hour)",
-                self.allowed
+                "the tunnels already needed {} new Tor circuits in the last hour, of {} \
+                 allowed and paced over the hour (--max-circuits-per-hour)",
+                self.charged, self.allowed
             ),
         }
     }
@@ -142,18 +153,13 @@ impl CircuitBudget {
         expire(all, now);
         let record = proxies.entry(proxy.clone()).or_default();
         expire(&mut record.recent, now);
-        let refused = if record.recent.len() >= self.per_proxy as usize {
-            Some((
-                Limit::PerProxy,
-                self.per_proxy,
-                record.recent.front().copied(),
-            ))
-        } else if all.len() >= self.total as usize {
-            Some((Limit::Total, self.total, all.front().copied()))
-        } else {
-            None
-        };
-        if let Some((limit, allowed, oldest)) = refused {
+        let refused = next_allowed(&record.recent, self.per_proxy, now)
+            .map(|until| (Limit::PerProxy, self.per_proxy, record.recent.len(), until))
+            .or_else(|| {
+                next_allowed(all, self.total, now)
+                    .map(|until| (Limit::Total, self.total, all.len(), until))
+            });
+        if let Some((limit, allowed, charged, until)) = refused {
             record.waits += 1;
             drop(inner);
             if limit == Limit::PerProxy {
@@ -162,7 +168,8 @@ impl CircuitBudget {
             return Err(Exhausted {
                 limit,
                 allowed,
-                until: oldest.map_or(now, |at| at + WINDOW),
+                charged: u32::try_from(charged).unwrap_or(u32::MAX),
+                until,
             });
         }
         record.recent.push_back(now);
@@ -178,7 +185,7 @@ impl CircuitBudget {
         let mut inner = self.lock();
         inner.proxies.get_mut(proxy).is_some_and(|record| {
             expire(&mut record.recent, now);
-            record.recent.len() >= self.per_proxy as usize
+            next_allowed(&record.recent, self.per_proxy, now).is_some()
         })
     }
 
@@ -216,6 +223,22 @@ impl CircuitBudget {
     }
 }
 
+/// When the next charge against a limit of `allowed` an hour with `charges` in the window
+/// (expired ones dropped) may be made, if not now: once the oldest leaves the window when all
+/// are spent, else, past the first half, an hour divided by `allowed` after the last.
+fn next_allowed(charges: &VecDeque<Instant>, allowed: u32, now: Instant) -> Option<Instant> {
+    let (Some(oldest), Some(last)) = (charges.front(), charges.back()) else {
+        return None;
+    };
+    let allowed_now = allowed as usize;
+    if charges.len() >= allowed_now {
+        return Some(*oldest + WINDOW);
+    }
+    let burst = allowed_now.div_ceil(2);
+    let paced = *last + WINDOW / allowed;
+    (charges.len() >= burst && now < paced).then_some(paced)
+}
+
 /// Drops the charges that have left the window.
 fn expire(charges: &mut VecDeque<Instant>, now: Instant) {
     while charges
@@ -242,17 +265,24 @@ mod tests {
         let p = proxy("p.example");
         let start = Instant::now();
         budget.charge(&p).unwrap();
+        // The second of two is paced: half an hour after the first.
         tokio::time::advance(Duration::from_secs(600)).await;
+        let err = budget.charge(&p).unwrap_err();
+        assert_eq!(err.until, start + WINDOW / 2);
+        tokio::time::advance(Duration::from_secs(1200)).await;
         budget.charge(&p).unwrap();
         assert!(budget.churning(&p));
         let err = budget.charge(&p).unwrap_err();
-        assert_eq!(err.limit, Limit::PerProxy);
+        assert_eq!(
+            (err.limit, err.allowed, err.charged),
+            (Limit::PerProxy, 2, 2)
+        );
         assert_eq!(err.until, start + WINDOW);
         assert!(err
             .to_string()
             .contains("--max-circuits-per-proxy-per-hour"));
         // Just before the first charge leaves the window: still spent.
-        tokio::time::advance(WINDOW - Duration::from_secs(601)).await;
+        tokio::time::advance(WINDOW / 2 - Duration::from_secs(1)).await;
         assert!(budget.charge(&p).is_err());
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(!budget.churning(&p));
@@ -264,14 +294,45 @@ mod tests {
             vec![ProxyCounts {
                 proxy: "p.example:443".into(),
                 built: 3,
-                waits: 3,
+                waits: 4,
             }]
         );
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_burst_of_failures_spends_half_the_share_and_the_rest_comes_paced() {
+        // A tunnel that fails every second for two hours, as it would with Tor unreachable:
+        // never more than 6 new circuits in any hour, 3 at once, then one every 10 minutes,
+        // so after a short outage it waits 10 minutes at the most once the cause has gone.
+        let budget = CircuitBudget::default();
+        let p = proxy("p.example");
+        let start = Instant::now();
+        let mut charged = Vec::new();
+        for _ in 0..7200 {
+            if budget.charge(&p).is_ok() {
+                charged.push(Instant::now() - start);
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let secs: Vec<u64> = charged.iter().map(Duration::as_secs).collect();
+        assert_eq!(&secs[..6], [0, 1, 2, 602, 1202, 1802], "{secs:?}");
+        for (i, at) in charged.iter().enumerate() {
+            let in_hour = charged[i..]
+                .iter()
+                .take_while(|later| **later - *at < WINDOW)
+                .count();
+            assert!(in_hour <= 6, "{in_hour} within an hour of {at:?}: {secs:?}");
+        }
+        // Once the hour's six are spent, the next waits for the first to leave the window:
+        // half an hour at the most, never the whole hour.
+        for pair in charged.windows(2) {
+            assert!(pair[1] - pair[0] <= WINDOW / 2, "{secs:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_total_binds_across_proxies_and_one_proxy_does_not_spend_anothers_share() {
-        let budget = CircuitBudget::new(2, 3);
+        let budget = CircuitBudget::new(4, 6);
         let (a, b, c) = (proxy("a.example"), proxy("b.example"), proxy("c.example"));
         let mut churning = budget.watch_churning();
         churning.borrow_and_update();

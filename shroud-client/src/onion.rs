@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arti_client::TorClient;
+use sha2::{Digest as _, Sha256};
 use shroud_mux::header::StreamKind;
 use shroud_tor::onion_service::{OnionConnection, OnionListener, OnionOptions};
 use shroud_tor::TorError;
@@ -31,8 +32,25 @@ use tracing::{debug, info, Instrument as _};
 use crate::origin::{self, Peer};
 use crate::shared::ClientConfig;
 
-/// The service's nickname in Arti's keystore and state: its keys live under it.
-pub const NICKNAME: &str = "shroud";
+/// The service's nickname in Arti's keystore and state, its keys living under it: one per
+/// hostname, so that clients for several hostnames sharing one state directory (and so one
+/// guard, as the systemd unit's instances do) each have an address of their own.
+///
+/// `app.example.com` becomes `shroud-app_example_com`, readable in the keystore; a hostname
+/// with an `_` of its own (where that mapping could collide) becomes `shroud_` and the
+/// SHA-256 of the name, which cannot meet the first form (those all start `shroud-`).
+pub fn nickname(hostname: &str) -> String {
+    if hostname.contains('_') {
+        let digest = Sha256::digest(hostname.as_bytes());
+        let hex: String = digest[..16]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        format!("shroud_{hex}")
+    } else {
+        format!("shroud-{}", hostname.to_ascii_lowercase().replace('.', "_"))
+    }
+}
 /// The onion service's port that leads to TARGET.
 pub const HTTPS_PORT: u16 = 443;
 /// The onion service's port that leads to `--http-target`.
@@ -74,7 +92,7 @@ pub fn launch(
         ports.push(HTTP_PORT);
     }
     let options = OnionOptions {
-        nickname: NICKNAME.into(),
+        nickname: nickname(&config.hostname),
         ports,
         tor_dir: settings.tor_dir,
         probe_interval: settings.probe_interval,
@@ -166,5 +184,28 @@ mod tests {
         for port in [1, 22, 8080, 8443] {
             assert_eq!(stream_kind(port), None, "{port}");
         }
+    }
+
+    #[test]
+    fn each_hostname_has_a_nickname_of_its_own_that_arti_accepts() {
+        let names = [
+            "app.example.com",
+            "app-example.com",
+            "app.example-com",
+            "x",
+            "_dmarc.example.com",
+            "a_b.example",
+            "a.b_example",
+        ];
+        let nicknames: Vec<String> = names.iter().map(|name| nickname(name)).collect();
+        assert_eq!(nicknames[0], "shroud-app_example_com");
+        for (name, nick) in names.iter().zip(&nicknames) {
+            assert!(
+                tor_hsservice::HsNickname::new(nick.clone()).is_ok(),
+                "{name}: {nick}"
+            );
+        }
+        let distinct: std::collections::HashSet<_> = nicknames.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{nicknames:?}");
     }
 }

@@ -75,6 +75,14 @@ fn client_args(
         &net.network_file.display().to_string(),
         "--max-backoff-secs",
         "5",
+        // Every try while the service is unreachable builds new circuits, which the churn
+        // budget paces (three at once, then one every 10 minutes by default; tor_churn.rs
+        // tests that): this test is about how soon the service is back, so the budget is
+        // out of its way.
+        "--max-circuits-per-proxy-per-hour",
+        "3600",
+        "--max-circuits-per-hour",
+        "36000",
     ]
     .map(String::from)
     .to_vec()

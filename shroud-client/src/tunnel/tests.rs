@@ -1087,8 +1087,10 @@ async fn reconnects_on_the_held_circuit_cost_no_new_circuit() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn past_its_share_a_tunnel_waits_for_the_budget_and_builds_again_an_hour_on() {
-    // Every circuit breaks and the proxy refuses: each attempt needs a new circuit.
+async fn past_its_share_a_tunnel_waits_for_the_budget_and_builds_again_paced() {
+    // Every circuit breaks and the proxy refuses: each attempt needs a new circuit. Two an
+    // hour: the first at once, the second half an hour after it, the third once the first
+    // leaves the hour.
     let circuits = FakeCircuits::new(true, 2);
     let mut held = Held::start_with_circuits(Vec::new(), timing(), &circuits);
     let state = held
@@ -1104,12 +1106,19 @@ async fn past_its_share_a_tunnel_waits_for_the_budget_and_builds_again_an_hour_o
         "{reason}"
     );
     let first = times(&held.log.snapshot(), What::Attempt)[0];
+    assert_eq!(circuits.built(), 1);
+    // A quarter of an hour on, still waiting; no attempt, no circuit.
+    tokio::time::advance(Duration::from_secs(900)).await;
+    assert_eq!(circuits.built(), 1);
+    assert_eq!(times(&held.log.snapshot(), What::Attempt).len(), 1);
+    let events = held.log.wait_for(attempts_at_least(2)).await;
+    let second = times(&events, What::Attempt)[1];
+    assert!(
+        second - first >= crate::circuits::WINDOW / 2,
+        "{:?}",
+        second - first
+    );
     assert_eq!(circuits.built(), 2);
-    // Half an hour on, still waiting; no attempt, no circuit.
-    tokio::time::advance(Duration::from_secs(1800)).await;
-    assert_eq!(circuits.built(), 2);
-    assert_eq!(times(&held.log.snapshot(), What::Attempt).len(), 2);
-    // Once the first charge leaves the hour, one more.
     let events = held.log.wait_for(attempts_at_least(3)).await;
     let third = times(&events, What::Attempt)[2];
     assert!(
@@ -1118,6 +1127,6 @@ async fn past_its_share_a_tunnel_waits_for_the_budget_and_builds_again_an_hour_o
         third - first
     );
     assert_eq!(circuits.built(), 3);
-    assert!(circuits.budget.counts()[0].waits >= 1);
+    assert!(circuits.budget.counts()[0].waits >= 2);
     held.stop().await;
 }
