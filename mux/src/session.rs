@@ -92,10 +92,15 @@ pub fn connection_receive_window(max_streams: usize, stream_buffer: usize) -> us
 }
 
 /// The copy buffer, per direction, for splicing a stream whose buffer is `stream_buffer`
-/// bytes onto a socket: a sixteenth of it, within 16 KiB..=64 KiB. Splicing one stream thus
-/// holds at most `stream_buffer` in the yamux window plus twice this in copy buffers.
+/// bytes onto a socket: about a sixteenth of it, within 16 KiB..=64 KiB, less a yamux frame
+/// header. Splicing one stream thus holds at most `stream_buffer` in the yamux window plus
+/// twice this in copy buffers.
+///
+/// A full read of this many bytes goes out as one yamux frame that fills whole TLS records:
+/// with a round 64 KiB it went out as a frame of [`FRAME_BODY`] bytes and one of 12, which cost
+/// a frame, a hand-off to the session task and a TLS record of their own for every 64 KiB.
 pub fn copy_buffer_len(stream_buffer: usize) -> usize {
-    (stream_buffer / 16).clamp(16 * 1024, 64 * 1024)
+    (stream_buffer / 16).clamp(TLS_RECORD, FRAME_BODY + YAMUX_HEADER) - YAMUX_HEADER
 }
 
 /// The most plaintext one TLS record carries.
@@ -534,9 +539,9 @@ mod tests {
             connection_receive_window(10, usize::MAX),
             base + MAX_STREAM_BUFFER - MIN_STREAM_BUFFER
         );
-        assert_eq!(copy_buffer_len(MIN_STREAM_BUFFER), 16 * 1024);
-        assert_eq!(copy_buffer_len(512 * 1024), 32 * 1024);
-        assert_eq!(copy_buffer_len(MAX_STREAM_BUFFER), 64 * 1024);
+        assert_eq!(copy_buffer_len(MIN_STREAM_BUFFER), 16 * 1024 - 12);
+        assert_eq!(copy_buffer_len(512 * 1024), 32 * 1024 - 12);
+        assert_eq!(copy_buffer_len(MAX_STREAM_BUFFER), FRAME_BODY);
     }
 
     /// A stream nobody reads holds at most its window: the writer is held back after 256 KiB,

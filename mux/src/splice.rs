@@ -1,11 +1,12 @@
-//! Copying both ways between a visitor's connection and its stream, lean while idle.
+//! Copying both ways between a visitor's connection and its stream, holding nothing while idle.
 //!
 //! `tokio::io::copy_bidirectional` gives each direction its own buffer for the whole life of
 //! the connection. A proxy holding ten thousand idle visitors would hold twenty thousand
-//! buffers that carry nothing. [`splice`] waits for data with a small buffer kept inside its
-//! future ([`IDLE_BUFFER`] bytes each way) and borrows a large one from a per-thread pool only
-//! for a burst: from a read that fills the small buffer until a read would block. Then the
-//! large buffer goes back to the pool, so its memory serves whichever connection is busy.
+//! buffers that carry nothing. [`splice`] holds a buffer only while it has bytes to pass on:
+//! each read borrows one from a per-thread pool, and a read that finds nothing to read (or a
+//! direction that has written out all it read and would wait) gives it straight back. A
+//! direction waiting for data thus costs no buffer at all, and the pool's memory serves
+//! whichever connections are busy.
 //!
 //! Half-closes carry through as with `copy_bidirectional`: when one side's reads end, the
 //! other side's writes are shut down, and the other direction goes on until it ends too.
@@ -18,11 +19,12 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes each direction keeps for waiting on an idle peer: enough for a request head or a
-/// small TLS record in one read.
+/// Bytes a direction keeps, out of the pool, when its writer makes it wait with no more than
+/// this left to write: a request head or a small record waiting on a slow peer does not hold a
+/// large buffer.
 pub const IDLE_BUFFER: usize = 2 * 1024;
 
-/// Large buffers each thread keeps for later bursts, at most.
+/// Large buffers each thread keeps for later reads, at most.
 const POOL_PER_THREAD: usize = 32;
 
 thread_local! {
@@ -47,8 +49,9 @@ fn give_buffer(buffer: Box<[u8]>) {
     });
 }
 
-/// Copies `a` to `b` and `b` to `a` until both directions have ended, using buffers of up to
-/// `burst_buffer` bytes for bursts. Returns the bytes copied each way, `(a to b, b to a)`.
+/// Copies `a` to `b` and `b` to `a` until both directions have ended, reading into buffers of
+/// `burst_buffer` bytes (at least [`IDLE_BUFFER`]) held only while they carry bytes. Returns
+/// the bytes copied each way, `(a to b, b to a)`.
 ///
 /// # Errors
 ///
@@ -108,11 +111,11 @@ where
 
 /// One direction's state.
 struct Pump {
-    idle: [u8; IDLE_BUFFER],
-    burst: Option<Box<[u8]>>,
+    /// The buffer holding `buffer[pos..cap]`, bytes read and not yet written; `None` while
+    /// there are none. A pool buffer is `burst_len` long; anything else is a small one of
+    /// its own (see [`IDLE_BUFFER`]).
+    buffer: Option<Box<[u8]>>,
     burst_len: usize,
-    /// Whether the bytes waiting to be written are in `burst` (else in `idle`).
-    in_burst: bool,
     pos: usize,
     cap: usize,
     copied: u64,
@@ -123,25 +126,30 @@ struct Pump {
 
 impl Drop for Pump {
     fn drop(&mut self) {
-        if let Some(buffer) = self.burst.take() {
-            give_buffer(buffer);
-        }
+        self.release();
     }
 }
 
 impl Pump {
     fn new(burst_len: usize) -> Self {
         Self {
-            idle: [0; IDLE_BUFFER],
-            burst: None,
+            buffer: None,
             burst_len,
-            in_burst: false,
             pos: 0,
             cap: 0,
             copied: 0,
             read_done: false,
             need_flush: false,
             done: false,
+        }
+    }
+
+    /// Gives the buffer back to the pool (or drops a small one of its own).
+    fn release(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            if buffer.len() == self.burst_len {
+                give_buffer(buffer);
+            }
         }
     }
 
@@ -160,11 +168,14 @@ impl Pump {
         }
         loop {
             while self.pos < self.cap {
-                let pending = match (&self.burst, self.in_burst) {
-                    (Some(burst), true) => &burst[self.pos..self.cap],
-                    _ => &self.idle[self.pos..self.cap],
+                let buffer = self.buffer.as_deref().unwrap_or_default();
+                let n = match writer.as_mut().poll_write(cx, &buffer[self.pos..self.cap]) {
+                    Poll::Ready(written) => written?,
+                    Poll::Pending => {
+                        self.shrink_while_waiting();
+                        return Poll::Pending;
+                    }
                 };
-                let n = ready!(writer.as_mut().poll_write(cx, pending))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -173,50 +184,38 @@ impl Pump {
                 self.need_flush = true;
             }
             if self.read_done {
+                self.release();
                 ready!(writer.as_mut().poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(self.copied));
             }
-            // Everything read so far is written: read more, into the burst buffer if a burst
-            // is on, else into the idle one.
-            let read = match self.burst.as_mut() {
-                Some(burst) => {
-                    let mut buf = ReadBuf::new(burst);
-                    match reader.as_mut().poll_read(cx, &mut buf) {
-                        Poll::Ready(result) => {
-                            Poll::Ready(result.map(|()| (buf.filled().len(), true)))
-                        }
-                        Poll::Pending => {
-                            // The burst is over; the waker is registered, and the next poll
-                            // waits with the idle buffer.
-                            if let Some(buffer) = self.burst.take() {
-                                give_buffer(buffer);
-                            }
-                            Poll::Pending
-                        }
-                    }
-                }
-                None => {
-                    let mut buf = ReadBuf::new(&mut self.idle);
-                    reader
-                        .as_mut()
-                        .poll_read(cx, &mut buf)
-                        .map(|result| result.map(|()| (buf.filled().len(), false)))
-                }
-            };
-            match read {
-                Poll::Ready(Ok((0, _))) => self.read_done = true,
-                Poll::Ready(Ok((n, in_burst))) => {
-                    self.in_burst = in_burst;
+            // Everything read so far is written: read more, into a large buffer (the one held
+            // from the last read, or one from the pool).
+            if self
+                .buffer
+                .as_ref()
+                .is_none_or(|b| b.len() != self.burst_len)
+            {
+                self.release();
+                self.buffer = Some(take_buffer(self.burst_len));
+            }
+            let buffer = self.buffer.as_deref_mut().unwrap_or_default();
+            let mut buf = ReadBuf::new(buffer);
+            match reader.as_mut().poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
                     self.pos = 0;
                     self.cap = n;
-                    if !in_burst && n == IDLE_BUFFER {
-                        // More is likely waiting: fetch it in large reads.
-                        self.burst = Some(take_buffer(self.burst_len));
+                    if n == 0 {
+                        self.read_done = true;
                     }
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                 Poll::Pending => {
+                    // Nothing to pass on: wait holding no buffer.
+                    self.release();
+                    self.pos = 0;
+                    self.cap = 0;
                     if self.need_flush {
                         ready!(writer.as_mut().poll_flush(cx))?;
                         self.need_flush = false;
@@ -225,6 +224,24 @@ impl Pump {
                 }
             }
         }
+    }
+
+    /// The writer makes us wait: if what is left to write is small, move it into a buffer of
+    /// its own size and give the large one back, so a slow peer does not pin a pool buffer
+    /// for a few bytes.
+    fn shrink_while_waiting(&mut self) {
+        let left = self.cap - self.pos;
+        if left > IDLE_BUFFER || self.burst_len <= IDLE_BUFFER {
+            return;
+        }
+        let Some(buffer) = self.buffer.as_ref().filter(|b| b.len() == self.burst_len) else {
+            return;
+        };
+        let small: Box<[u8]> = buffer[self.pos..self.cap].into();
+        self.release();
+        self.buffer = Some(small);
+        self.pos = 0;
+        self.cap = left;
     }
 }
 
@@ -271,7 +288,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn small_exchanges_never_take_a_burst_buffer() {
+    async fn a_pump_waiting_to_read_holds_no_buffer() {
         let (mut left, mut left_inner) = tokio::io::duplex(64 * 1024);
         let (mut right_inner, mut right) = tokio::io::duplex(64 * 1024);
         let splicer = tokio::spawn(async move {
@@ -279,9 +296,9 @@ mod tests {
             poll_fn(|cx| {
                 let result =
                     pump.poll_copy(cx, Pin::new(&mut left_inner), Pin::new(&mut right_inner));
-                // Waiting to read (not to write), no burst buffer is held.
+                // Waiting to read (not to write), no buffer is held.
                 if result.is_pending() && pump.pos == pump.cap {
-                    assert!(pump.burst.is_none(), "an idle pump holds a burst buffer");
+                    assert!(pump.buffer.is_none(), "an idle pump holds a buffer");
                 }
                 result
             })
@@ -306,6 +323,37 @@ mod tests {
         write.await.unwrap();
         assert!(got == burst, "the burst arrived altered");
         assert_eq!(splicer.await.unwrap().unwrap(), 5_000 + 200_000);
+    }
+
+    /// A few bytes held up by a slow writer sit in a buffer of their own size, not in a large
+    /// one from the pool; they still arrive intact once the writer has room.
+    #[tokio::test]
+    async fn a_few_bytes_waiting_on_the_writer_hold_no_large_buffer() {
+        let (mut left, mut left_inner) = tokio::io::duplex(64 * 1024);
+        let (mut right_inner, mut right) = tokio::io::duplex(100);
+        let message = payload(1_000);
+        left.write_all(&message).await.unwrap();
+        let mut pump = Pump::new(64 * 1024);
+        let waiting = poll_fn(|cx| {
+            Poll::Ready(pump.poll_copy(cx, Pin::new(&mut left_inner), Pin::new(&mut right_inner)))
+        })
+        .await;
+        assert!(
+            waiting.is_pending(),
+            "the copy finished with the writer full"
+        );
+        assert_eq!(pump.cap - pump.pos, 900, "the writer took 100 bytes");
+        let held = pump.buffer.as_ref().map_or(0, |b| b.len());
+        assert!(held <= IDLE_BUFFER, "{held} bytes held for 900 waiting");
+        let copier = tokio::spawn(async move {
+            poll_fn(|cx| pump.poll_copy(cx, Pin::new(&mut left_inner), Pin::new(&mut right_inner)))
+                .await
+        });
+        let mut got = vec![0; 1_000];
+        right.read_exact(&mut got).await.unwrap();
+        assert!(got == message, "the bytes arrived altered");
+        left.shutdown().await.unwrap();
+        assert_eq!(copier.await.unwrap().unwrap(), 1_000);
     }
 
     #[tokio::test]

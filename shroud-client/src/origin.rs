@@ -120,15 +120,17 @@ where
     // With ACME, a TLS stream may be the CA checking the name: look before dialling.
     let mut hello_bytes = None;
     if let (Some(acme), StreamKind::Tls) = (&config.acme, kind) {
+        // Boxed, as every TLS-terminating path below: what only some visitors need is not
+        // laid out in every visitor's task.
         let read = timeout(
             config.timing.stream_header_timeout,
-            hello::read_client_hello(&mut stream),
+            Box::pin(hello::read_client_hello(&mut stream)),
         );
         let (hello, bytes) = read.await.map_err(|_| {
             std::io::Error::new(std::io::ErrorKind::TimedOut, "reading the ClientHello")
         })??;
         if hello.is_acme_validation() {
-            return answer_validation(&acme.acme, hello, bytes, stream, config).await;
+            return Box::pin(answer_validation(&acme.acme, hello, bytes, stream, config)).await;
         }
         hello_bytes = Some(bytes);
     }
@@ -155,14 +157,7 @@ where
         (Some(acme), Some(bytes)) if acme.terminate => {
             let acceptor = TlsAcceptor::from(acme.acme.visitor_config());
             let visitor = Replay::new(bytes, stream);
-            let handshake = timeout(
-                config.timing.stream_header_timeout,
-                acceptor.accept(visitor),
-            );
-            let visitor = handshake.await.map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")
-            })??;
-            return splice(visitor, origin, config).await;
+            return Box::pin(terminate(&acceptor, visitor, origin, config)).await;
         }
         (Some(_), Some(bytes)) => {
             // The origin terminates TLS: it gets the ClientHello as the visitor sent it.
@@ -174,14 +169,30 @@ where
     }
     match (&config.origin_tls, kind) {
         (Some(acceptor), StreamKind::Tls) => {
-            let handshake = timeout(config.timing.stream_header_timeout, acceptor.accept(stream));
-            let visitor = handshake.await.map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake")
-            })??;
-            splice(visitor, origin, config).await
+            Box::pin(terminate(acceptor, stream, origin, config)).await
         }
         _ => splice(stream, origin, config).await,
     }
+}
+
+/// Terminates the visitor's TLS with `acceptor`, then copies the plain bytes both ways.
+async fn terminate<S>(
+    acceptor: &TlsAcceptor,
+    visitor: S,
+    origin: TcpStream,
+    config: &ClientConfig,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let handshake = timeout(
+        config.timing.stream_header_timeout,
+        acceptor.accept(visitor),
+    );
+    let visitor = handshake
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake"))??;
+    splice(visitor, origin, config).await
 }
 
 /// Answers a certificate authority's TLS-ALPN-01 check (RFC 8737) with the challenge
@@ -251,4 +262,26 @@ where
     let buffer = shroud_mux::session::copy_buffer_len(config.timing.stream_buffer);
     shroud_mux::splice::splice(&mut a, &mut b, buffer).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, A, B, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// What a visitor's task holds for as long as it lives, however little it is doing: an
+    /// idle visitor costs this plus its stream, its origin connection and the buffers it
+    /// borrows while data flows.
+    #[test]
+    fn a_visitor_task_is_small() {
+        let size = future_size(serve_stream);
+        assert!(size <= 2048, "a visitor's task holds {size} bytes");
+    }
 }

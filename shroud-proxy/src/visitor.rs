@@ -81,9 +81,17 @@ pub async fn serve_https(
         metrics.connection(Listener::Https, Outcome::Tunnel);
         let span = tracing::info_span!("tunnel", %peer);
         let io = Replay::new(bytes, stream);
-        let served = tunnel::serve(io, peer, shared.clone(), shutdown, Some(address))
-            .instrument(span.clone())
-            .await;
+        // Boxed: a tunnel's handshake and session would otherwise be laid out in every
+        // visitor's task.
+        let served = Box::pin(tunnel::serve(
+            io,
+            peer,
+            shared.clone(),
+            shutdown,
+            Some(address),
+        ))
+        .instrument(span.clone())
+        .await;
         if let Err(err) = served {
             span.in_scope(|| debug!(%err, "tunnel failed"));
         }
@@ -242,7 +250,9 @@ async fn splice_visitor(
     bytes: Vec<u8>,
 ) -> Result<(), Refusal> {
     let http = header.kind == StreamKind::Http;
-    let route = route(shared, &header.hostname, http).await;
+    // Boxed, as opening the stream below: what a visitor needs only until it is routed
+    // should not stay laid out in its task while it is spliced.
+    let route = Box::pin(route(shared, &header.hostname, http)).await;
     drop(routing);
     let session = match route {
         Destination::Here(Route::Tunnel(session)) => session,
@@ -250,7 +260,8 @@ async fn splice_visitor(
             let Some(_counted) = shared.admission.visitor_for(&header.hostname) else {
                 return Err(Refusal::HostnameFull);
             };
-            return forward::forward(stream, shared, &peers, &header, &bytes).await;
+            // Boxed: only forwarded visitors need its state laid out.
+            return Box::pin(forward::forward(stream, shared, &peers, &header, &bytes)).await;
         }
         Destination::Here(other) => {
             debug!("no tunnel for this name");
@@ -260,7 +271,7 @@ async fn splice_visitor(
     let Some(_counted) = shared.admission.visitor_for(&header.hostname) else {
         return Err(Refusal::HostnameFull);
     };
-    let tunnel = match handoff::open(shared, session, &header, &bytes).await {
+    let tunnel = match Box::pin(handoff::open(shared, session, &header, &bytes)).await {
         Ok(tunnel) => tunnel,
         Err(err) => {
             debug!(%err, "no tunnel stream for the visitor");
@@ -354,7 +365,8 @@ async fn respond_and_linger(stream: &mut TcpStream, response: &[u8]) {
     let answer = async {
         stream.write_all(response).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        // On the heap: an array here would be laid out in every visitor's task.
+        let mut sink = vec![0u8; 4096];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match stream.read(&mut sink).await? {
