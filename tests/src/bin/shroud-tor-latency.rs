@@ -1295,14 +1295,16 @@ would need a protocol decision. A relay of our own in front of the proxy that fo
 immediate ACKs (TCP_QUICKACK) did not remove the stall, so it is not (only) the
 exit-to-proxy hop.
 
-**The onion back-haul.** {backhaul_note} That tunnel rides a rendezvous circuit: six relays
-between the client and the proxy instead of three, and no exit. Its visitors still start at
+**The onion back-haul.** {backhaul_note} That tunnel rides a rendezvous circuit: six relays or
+more between the client and the proxy instead of three (full vanguards, the default since
+2026-12-07, lengthen both halves to keep the relays next to each guard fixed), and no exit. Its visitors still start at
 the proxy's public port and their streams ride a circuit built in advance, so no visitor
 waits for a circuit or a descriptor here either: what the extra hops cost is round trips. On
 this loopback network a relay hop costs almost nothing on the wire, so the gap measures the
 relays' work and, probably, the stall described above on more hops; it varies from run to
-run (three runs on 2026-12-07 gave medians of 56, 64 and 99 ms to the first byte, against 46
-ms through an exit each time), and was not investigated further. On the public network each extra hop adds
+run (three runs on 2026-12-07 without vanguards gave medians of 56, 64 and 99 ms to the first
+byte, against 46 ms through an exit each time; the first with full vanguards, 96 ms against
+47), and was not investigated further. On the public network each extra hop adds
 its real round trip, so expect the back-haul to cost more there than here. The client's
 first tunnel through the onion service (descriptor fetch, introduction, rendezvous, TLS,
 bind) is in the setup costs.
