@@ -22,6 +22,8 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadC
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::coalesce::{Coalesce, Cork};
+
 /// Which end of the tunnel this is. The client opens the connection (and the control stream);
 /// the proxy opens the data streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,10 +182,12 @@ impl Session {
             Role::Client => yamux::Mode::Client,
             Role::Proxy => yamux::Mode::Server,
         };
-        // yamux writes a frame's 12-byte header and its body as two writes. HeaderJoin hands
-        // them to TLS as one, so a frame of [`FRAME_BODY`] bytes fills whole TLS records.
+        // yamux writes a frame's 12-byte header and its body as two writes. Coalesce hands
+        // them to TLS as one, so a frame of [`FRAME_BODY`] bytes fills whole TLS records, and
+        // sends what one turn of the driver wrote as one write.
         yamux_config.set_split_send_size(FRAME_BODY);
-        let io = crate::coalesce::HeaderJoin::new(io);
+        let cork = Arc::new(Cork::default());
+        let io = Coalesce::new(io, cork.clone());
         let connection = yamux::Connection::new(io.compat(), yamux_config, mode);
 
         let (commands, command_rx) = mpsc::channel(64);
@@ -192,6 +196,7 @@ impl Session {
         let closed = CancellationToken::new();
         let driver = Driver {
             connection,
+            cork,
             commands: command_rx,
             incoming: incoming_tx,
             permits: permits.clone(),
@@ -297,6 +302,8 @@ impl Session {
 
 struct Driver<T> {
     connection: yamux::Connection<T>,
+    /// Held while yamux turns, so that what it writes leaves as one write.
+    cork: Arc<Cork>,
     commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<MuxStream>,
     permits: Arc<Semaphore>,
@@ -352,6 +359,18 @@ where
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), yamux::ConnectionError>> {
+        self.cork.hold();
+        let turn = self.poll_turn(cx);
+        if self.cork.release() && turn.is_pending() {
+            // What yamux flushed during the turn is still buffered. It flushes at every step
+            // of its loop, so one more turn, with the cork off, writes it out (and serves
+            // anything that came meanwhile).
+            return self.poll_turn(cx);
+        }
+        turn
+    }
+
+    fn poll_turn(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), yamux::ConnectionError>> {
         if !self.closing {
             if let Poll::Ready(Err(err)) = self.poll_commands(cx) {
                 return Poll::Ready(Err(err));
@@ -504,6 +523,73 @@ mod tests {
         let mut back = Vec::new();
         out.read_to_end(&mut back).await.expect("read back");
         assert_eq!(back, b"pong");
+    }
+
+    /// Counts the writes that reach the transport.
+    struct CountWrites<T> {
+        inner: T,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<T: AsyncRead + Unpin> AsyncRead for CountWrites<T> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<T: AsyncWrite + Unpin> AsyncWrite for CountWrites<T> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Over Tor, two small writes in a row wait in the relays (Nagle's algorithm against a
+    /// delayed acknowledgement), so what the session has to send at one time leaves as one
+    /// write: here, the first frames of two streams.
+    #[tokio::test]
+    async fn frames_ready_at_once_leave_in_one_write() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = CountWrites {
+            inner: a,
+            writes: writes.clone(),
+        };
+        let (proxy, _proxy_in) = Session::spawn(counted, Role::Proxy, SessionConfig::default());
+        let (_client, mut client_in) = Session::spawn(b, Role::Client, SessionConfig::default());
+        let mut first = proxy.open().await.expect("open");
+        let mut second = proxy.open().await.expect("open");
+        // Let yamux's opening Ping and its Pong go by.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let before = writes.load(Ordering::Relaxed);
+        // On this single-threaded runtime the session's task runs only after both writes.
+        first.write_all(b"first").await.expect("write");
+        second.write_all(b"second").await.expect("write");
+        for expected in [&b"first"[..], b"second"] {
+            let mut inbound = client_in.accept().await.expect("inbound stream");
+            let mut got = vec![0; expected.len()];
+            inbound.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, expected);
+        }
+        assert_eq!(writes.load(Ordering::Relaxed) - before, 1);
     }
 
     #[tokio::test]
