@@ -1,24 +1,27 @@
 //! One visitor connection, from the tunnel stream to the origin.
 //!
-//! The client acknowledges the stream before anything else (see the mux crate's `header`
-//! module for why), reads the header, dials the origin that serves the stream's kind and copies
-//! both ways, passing half-closes through. With `--tls-cert` it terminates the visitor's TLS
-//! itself and speaks plain bytes to the origin. With `--acme` it first reads the ClientHello
-//! of a TLS stream: a certificate authority's TLS-ALPN-01 check is answered here and never
-//! reaches the origin; a visitor is terminated with the certificate obtained, or, with
-//! `--acme-export`, passed through to the origin, its ClientHello written first. With
-//! `--proxy-protocol` the origin connection starts with a PROXY protocol header naming the
-//! visitor, written as soon as it is dialled, so before any byte of the visitor's (decrypted
-//! or not).
+//! The client acknowledges the stream with the first bytes it writes on it, or alone after a
+//! moment (see the mux crate's `header` module for why), reads the header, dials the origin
+//! that serves the stream's kind and copies both ways, passing half-closes through. With
+//! `--tls-cert` it terminates the visitor's TLS itself and speaks plain bytes to the origin.
+//! With `--acme` it first reads the ClientHello of a TLS stream: a certificate authority's
+//! TLS-ALPN-01 check is answered here and never reaches the origin; a visitor is terminated
+//! with the certificate obtained, or, with `--acme-export`, passed through to the origin, its
+//! ClientHello written first. With `--proxy-protocol` the origin connection starts with a PROXY
+//! protocol header naming the visitor, written as soon as it is dialled, so before any byte of
+//! the visitor's (decrypted or not).
 //!
 //! Visitors of the client's own onion service ([`crate::onion`]) take the same path from
 //! [`forward`] on, with [`Peer::Onion`]: they have no address, so their PROXY protocol header
 //! says so (v1 `UNKNOWN`, v2 `LOCAL`) and the origin uses the connection's own addresses.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use shroud_mux::header::{self, StreamHeader, StreamKind};
+use arti_client::DataStream;
+use shroud_mux::header::{Acknowledging, StreamHeader, StreamKind};
 use shroud_mux::replay::Replay;
 use shroud_mux::MuxStream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -42,16 +45,11 @@ the origin server is not reachable.\n";
 
 /// Serves one stream the proxy opened. Errors end the stream and are logged at debug level:
 /// they concern one visitor, never the tunnel.
-pub async fn serve_stream(mut stream: MuxStream, config: Arc<ClientConfig>) {
+pub async fn serve_stream(stream: MuxStream, config: Arc<ClientConfig>) {
     let _counted = config.metrics.stream();
     let timing = &config.timing;
-    if timeout(timing.stream_header_timeout, header::write_ack(&mut stream))
-        .await
-        .map_or(true, |r| r.is_err())
-    {
-        debug!("could not acknowledge a new stream");
-        return;
-    }
+    // The acknowledgement goes out with the origin's first bytes, or alone after a moment.
+    let mut stream = Acknowledging::new(stream);
     let header = match timeout(
         timing.stream_header_timeout,
         StreamHeader::read(&mut stream),
@@ -115,7 +113,7 @@ pub async fn forward<S>(
     config: &ClientConfig,
 ) -> std::io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + OwesAck + Unpin,
 {
     // With ACME, a TLS stream may be the CA checking the name: look before dialling.
     let mut hello_bytes = None;
@@ -141,7 +139,7 @@ where
             None => return Ok(()), // The proxy redirects these; it should not send them.
         },
     };
-    let origin = match dial(target, peer, config).await {
+    let origin = match owing(&mut stream, dial(target, peer, config)).await {
         Ok(origin) => origin,
         Err(err) => {
             debug!(%err, "origin unreachable");
@@ -173,6 +171,40 @@ where
         }
         _ => splice(stream, origin, config).await,
     }
+}
+
+/// A visitor's stream that may still owe the proxy its acknowledgement (PROTOCOL.md §7.3).
+pub trait OwesAck {
+    /// Writes the acknowledgement once it falls due. Ready when nothing more is owed.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
+
+impl<S: AsyncWrite + Unpin> OwesAck for Acknowledging<S> {
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_due(cx)
+    }
+}
+
+/// A stream from a visitor of the client's own onion service: no proxy, nothing owed.
+impl OwesAck for DataStream {
+    fn poll_owed(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Awaits `work`, meanwhile writing `stream`'s acknowledgement if it falls due: nothing reads
+/// or writes the stream while the origin is dialled.
+async fn owing<S: OwesAck, F: Future>(stream: &mut S, work: F) -> F::Output {
+    let mut work = std::pin::pin!(work);
+    let mut owed = true;
+    std::future::poll_fn(|cx| {
+        // An error here surfaces again at the stream's next write.
+        if owed && stream.poll_owed(cx).is_ready() {
+            owed = false;
+        }
+        work.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// Terminates the visitor's TLS with `acceptor`, then copies the plain bytes both ways.

@@ -97,15 +97,16 @@ impl SpliceError {
 pub(crate) const OPEN_ATTEMPTS: usize = 3;
 
 /// How long a TLS visitor waits for a tunnel's acknowledgement when another tunnel could take
-/// it instead. Clients acknowledge at once, so even over Tor this is many round trips; a
-/// tunnel that takes longer is marked unresponsive, and routing avoids it until it
-/// acknowledges a stream again.
+/// it instead. Clients acknowledge within 100 ms (PROTOCOL.md §7.3), so even over Tor this is
+/// many round trips; a tunnel that takes longer is marked unresponsive, and routing avoids it
+/// until it acknowledges a stream again.
 const ACK_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Opens a stream for a visitor on `session`, sends the stream header and the bytes already
 /// read, and waits for the client's acknowledgement. When the stream fails before that (and
-/// may be retried, see [`SpliceError::is_retryable`]), the visitor is routed afresh (a tunnel that died a moment ago is closed by then, and the name
-/// may have another tunnel, or get one back within the route wait) and tried again.
+/// may be retried, see [`SpliceError::is_retryable`]), the visitor is routed afresh (a tunnel
+/// that died a moment ago is closed by then, and the name may have another tunnel, or get one
+/// back within the route wait) and tried again.
 pub(crate) async fn open(
     shared: &Shared,
     mut session: Session,
