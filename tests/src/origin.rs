@@ -258,8 +258,9 @@ origin_handle!(
     /// A minimal HTTP/1.1 server. It reads one request head (at most
     /// [`MAX_REQUEST_HEAD`] bytes), answers `200 OK` with the body
     /// `hello from origin: {METHOD} {TARGET}\n` and the header
-    /// `X-Origin: test`, and closes. Oversized heads get `431`, malformed
-    /// request lines `400`.
+    /// `X-Origin: test`, and closes. `GET /bytes/N` (N at most [`MAX_BYTES`])
+    /// answers N bytes of [`byte_at`] instead, for downloads. Oversized heads
+    /// get `431`, malformed request lines `400`.
     HttpOrigin,
     Http
 );
@@ -397,6 +398,9 @@ impl Service for Http {
                             && !target.is_empty()
                             && version.starts_with("HTTP/1.") =>
                     {
+                        if let Some(n) = bytes_wanted(method, target) {
+                            return send_bytes(stream, n).await;
+                        }
                         let body = format!("hello from origin: {method} {target}\n");
                         http_response("200 OK", &body, method != "HEAD")
                     }
@@ -410,6 +414,41 @@ impl Service for Http {
         drain(&mut stream).await;
         Ok(())
     }
+}
+
+/// The most bytes `GET /bytes/N` sends.
+pub const MAX_BYTES: u64 = 1 << 30;
+
+/// Byte `i` of a `GET /bytes/N` body: a pattern that a byte lost, added or moved breaks.
+pub fn byte_at(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// N, for `GET /bytes/N` with N at most [`MAX_BYTES`].
+fn bytes_wanted(method: &str, target: &str) -> Option<u64> {
+    let n: u64 = target.strip_prefix("/bytes/")?.parse().ok()?;
+    (method == "GET" && n <= MAX_BYTES).then_some(n)
+}
+
+/// Answers `GET /bytes/n`: a head with its length, then the body in 64 KiB writes.
+async fn send_bytes<S: AsyncWrite + Unpin>(mut stream: S, n: u64) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nX-Origin: test\r\n\
+         Content-Length: {n}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let len = (n - sent).min(chunk.len() as u64) as usize;
+        for (offset, byte) in chunk[..len].iter_mut().enumerate() {
+            *byte = byte_at(sent + offset as u64);
+        }
+        stream.write_all(&chunk[..len]).await?;
+        sent += len as u64;
+    }
+    stream.flush().await?;
+    stream.shutdown().await
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -37,12 +37,14 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, ensure, Context as _};
+use arti_client::{IsolationToken, StreamPrefs, TorClient};
 use rustls::RootCertStore;
 use rustls_pki_types::ServerName;
 use shroud_client::shared::{ClientConfig, Target, Timing};
 use shroud_client::tor::{TorOptions, TorTransport, Vanguards};
 use shroud_client::transport::Resolve;
 use shroud_proxy::onion::{OnionOptions, OnionTunnels};
+use shroud_tests::origin::byte_at;
 use shroud_tests::stack::{authorize, ClientSpec, Pki, TestClient, TestProxy};
 use shroud_tests::tool::{self, Args};
 use shroud_tests::tornet::{self, OnionService, RelayKind, TorNet, TorUser};
@@ -50,6 +52,7 @@ use shroud_tests::{client_config, HttpOrigin};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tor_rtcompat::PreferredRuntime;
 
 /// The name the origin's certificate is issued for, and every visitor's SNI.
 const HOST: &str = "example.test";
@@ -81,6 +84,12 @@ const FIRST_ONION_ATTEMPTS: usize = 15;
 const FIRST_ONION_RETRY: Duration = Duration::from_secs(6);
 /// The largest response a visitor reads.
 const MAX_RESPONSE: usize = 64 * 1024;
+/// Downloads per path (shroud's tunnel, a bare Arti stream), interleaved.
+const DOWNLOADS: usize = 5;
+/// The size of each download.
+const DOWNLOAD_BYTES: u64 = 8 << 20;
+/// How long one download may take.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
@@ -188,6 +197,12 @@ struct Results {
     onion_proxy_start: Duration,
     onion_first_tunnel: Duration,
     shroud: Series,
+    /// A bare Arti stream to the origin on a standing exit circuit of the shroud client's
+    /// Arti: the floor for shroud's path.
+    bare: Series,
+    /// Download rates (MB/s): through shroud, and on a bare Arti stream.
+    shroud_downloads: Vec<f64>,
+    bare_downloads: Vec<f64>,
     backhaul: Series,
     onion: Series,
     /// Visitors of the origin published as shroud's own onion service (`shroud --onion`).
@@ -235,10 +250,17 @@ impl Series {
     }
 }
 
-/// Where a visitor's TCP connection goes.
+/// Where a visitor's connection goes.
 enum Route<'a> {
     /// Straight to this address (the proxy's public TLS port, or the origin).
     Tcp(SocketAddr),
+    /// A stream of `tor`'s to this address, through an exit, on the circuit `prefs`' isolation
+    /// keeps.
+    Arti {
+        tor: &'a TorClient<PreferredRuntime>,
+        addr: SocketAddr,
+        prefs: &'a StreamPrefs,
+    },
     /// Through a SOCKS5 port to `host:443`, authenticating as `user`.
     Socks {
         socks: SocketAddr,
@@ -268,14 +290,14 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     ));
 
     let mut arti = Vec::new();
-    let mut kept: Option<(TestClient, TestProxy)> = None;
+    let mut kept: Option<(TestClient, TestProxy, Arc<TorClient<PreferredRuntime>>)> = None;
     for index in 0..ARTI_TRIALS {
         // One Arti client at a time: the previous one stops before the next starts.
-        if let Some((client, proxy)) = kept.take() {
+        if let Some((client, proxy, _)) = kept.take() {
             stop_client(client).await;
             drop(proxy);
         }
-        let (trial, client, proxy) = arti_trial(net, &pki, origin.addr(), index).await?;
+        let (trial, client, proxy, tor) = arti_trial(net, &pki, origin.addr(), index).await?;
         progress(format_args!(
             "Arti client {}/{ARTI_TRIALS}: bootstrap {}, first tunnel {} later",
             index + 1,
@@ -283,9 +305,9 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
             ms(trial.first_tunnel)
         ));
         arti.push(trial);
-        kept = Some((client, proxy));
+        kept = Some((client, proxy, tor));
     }
-    let (client, proxy) = kept.context("no Arti client was started")?;
+    let (client, proxy, tor) = kept.context("no Arti client was started")?;
 
     progress("starting a proxy with --onion-tunnel and a client bound through its onion service");
     let (onion_proxy_start, onion_first_tunnel, backhaul_client, backhaul_proxy) =
@@ -305,15 +327,35 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     // one of the fresh-circuit samples.
     first_onion_connection(socks, &own.address, &roots).await?;
 
+    // The floor for shroud's path: a stream of the same Arti client straight to the origin,
+    // through an exit, on a circuit built before the rounds and kept (one isolation token).
+    let mut bare_prefs = StreamPrefs::new();
+    bare_prefs.set_isolation(IsolationToken::new());
+    let bare_route = Route::Arti {
+        tor: &tor,
+        addr: origin.addr(),
+        prefs: &bare_prefs,
+    };
+    let warm = visit(&bare_route, &roots)
+        .await
+        .context("the first bare Arti stream to the origin (it builds the circuit)")?;
     progress(format_args!(
-        "{samples} rounds of fresh visitors: shroud, shroud over onion, onion, shroud --onion, direct"
+        "bare Arti stream: circuit built; first byte {} on it",
+        ms(warm.first_byte)
+    ));
+
+    progress(format_args!(
+        "{samples} rounds of fresh visitors: shroud, bare Arti stream, shroud over onion, onion, \
+         shroud --onion, direct"
     ));
     let (mut shroud, mut onion_series, mut direct) =
         (Series::default(), Series::default(), Series::default());
+    let mut bare = Series::default();
     let mut own_onion = Series::default();
     let mut backhaul = Series::default();
     for round in 0..samples {
         shroud.record("shroud", visit(&Route::Tcp(proxy.https), &roots).await);
+        bare.record("bare Arti stream", visit(&bare_route, &roots).await);
         let route = Route::Tcp(backhaul_proxy.https);
         backhaul.record("shroud over onion", visit(&route, &roots).await);
         let route = Route::Socks {
@@ -331,8 +373,27 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
         direct.record("direct", visit(&Route::Tcp(origin.addr()), &roots).await);
     }
     own.stop().await;
+
+    progress(format_args!(
+        "{DOWNLOADS} downloads of {} MiB each, interleaved: through shroud, on a bare Arti stream",
+        DOWNLOAD_BYTES >> 20
+    ));
+    let (mut shroud_downloads, mut bare_downloads) = (Vec::new(), Vec::new());
+    for _ in 0..DOWNLOADS {
+        for (name, route, rates) in [
+            ("shroud", &Route::Tcp(proxy.https), &mut shroud_downloads),
+            ("bare Arti stream", &bare_route, &mut bare_downloads),
+        ] {
+            match download(route, &roots).await {
+                Ok(rate) => rates.push(rate),
+                Err(err) => progress(format_args!("{name}: a download failed: {err:#}")),
+            }
+        }
+    }
+
     for (name, series) in [
         ("shroud", &shroud),
+        ("bare Arti stream", &bare),
         ("shroud over onion", &backhaul),
         ("onion", &onion_series),
         ("shroud --onion", &own_onion),
@@ -368,6 +429,9 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
         onion_proxy_start,
         onion_first_tunnel,
         shroud,
+        bare,
+        shroud_downloads,
+        bare_downloads,
         backhaul,
         onion: onion_series,
         own_onion,
@@ -483,7 +547,12 @@ async fn arti_trial(
     pki: &Pki,
     origin: SocketAddr,
     index: usize,
-) -> anyhow::Result<(ArtiTrial, TestClient, TestProxy)> {
+) -> anyhow::Result<(
+    ArtiTrial,
+    TestClient,
+    TestProxy,
+    Arc<TorClient<PreferredRuntime>>,
+)> {
     let mut spec = ClientSpec::new(HOST, origin, vec![]);
     spec.timing = Timing {
         backoff_base: Duration::from_millis(50),
@@ -515,6 +584,7 @@ async fn arti_trial(
         .context("bootstrapping Arti on the private network")?;
     let bootstrap = started.elapsed();
     let bootstrapped = Instant::now();
+    let tor = transport.client();
     let mut client = TestClient::start_with_transport(pki, spec, Arc::new(transport))
         .context("starting the shroud client")?;
     tokio::time::timeout(TUNNEL_TIMEOUT, client.wait_bound(1))
@@ -528,6 +598,7 @@ async fn arti_trial(
         },
         client,
         proxy,
+        tor,
     ))
 }
 
@@ -659,18 +730,9 @@ async fn visit_inner(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result
     );
 
     let started = Instant::now();
-    let tcp = match route {
-        Route::Tcp(addr) => {
-            let tcp = TcpStream::connect(addr)
-                .await
-                .with_context(|| format!("connecting to {addr}"))?;
-            tcp.set_nodelay(true).context("setting TCP_NODELAY")?;
-            tcp
-        }
-        Route::Socks { socks, host, user } => socks5_connect(*socks, host, 443, user).await?,
-    };
+    let stream = connect(route).await?;
     let mut tls = TlsConnector::from(config)
-        .connect(name, FirstByte::new(tcp))
+        .connect(name, FirstByte::new(stream))
         .await
         .context("TLS handshake for example.test (certificate verified)")?;
     let first_byte = tls
@@ -695,6 +757,105 @@ async fn visit_inner(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result
         first_byte,
         response,
     })
+}
+
+/// A visitor's connection, whatever its route.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// Opens a visitor's connection along `route`.
+async fn connect(route: &Route<'_>) -> anyhow::Result<Box<dyn Conn>> {
+    Ok(match route {
+        Route::Tcp(addr) => {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr}"))?;
+            tcp.set_nodelay(true).context("setting TCP_NODELAY")?;
+            Box::new(tcp)
+        }
+        Route::Socks { socks, host, user } => {
+            Box::new(socks5_connect(*socks, host, 443, user).await?)
+        }
+        Route::Arti { tor, addr, prefs } => Box::new(
+            tor.connect_with_prefs((addr.ip().to_string(), addr.port()), prefs)
+                .await
+                .with_context(|| format!("an Arti stream to {addr}"))?,
+        ),
+    })
+}
+
+/// One download of [`DOWNLOAD_BYTES`] along `route` (TLS verified, every byte checked), in
+/// MB/s from the request sent to the last byte read.
+async fn download(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<f64> {
+    tokio::time::timeout(DOWNLOAD_TIMEOUT, download_inner(route, roots))
+        .await
+        .map_err(|_| anyhow!("no complete download within {DOWNLOAD_TIMEOUT:?}"))?
+}
+
+async fn download_inner(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<f64> {
+    let config = client_config(roots.clone(), &[]);
+    let name = ServerName::try_from(HOST).context("the test host is a valid name")?;
+    let stream = connect(route).await?;
+    let mut tls = TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .context("TLS handshake for example.test (certificate verified)")?;
+    let request = format!(
+        "GET /bytes/{DOWNLOAD_BYTES} HTTP/1.1\r\nHost: {HOST}\r\n\
+         User-Agent: shroud-tor-latency\r\nConnection: close\r\n\r\n"
+    );
+    let started = Instant::now();
+    tls.write_all(request.as_bytes())
+        .await
+        .context("sending the request")?;
+    tls.flush().await.context("sending the request")?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut head = Vec::new();
+    let body_start = loop {
+        let n = tls.read(&mut buf).await.context("reading the response")?;
+        ensure!(n > 0, "connection closed before the response head ended");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        ensure!(head.len() <= MAX_RESPONSE, "response head too long");
+    };
+    let text = String::from_utf8_lossy(&head[..body_start]);
+    ensure!(
+        text.starts_with("HTTP/1.1 200 "),
+        "the origin answered {:?}",
+        text.lines().next().unwrap_or_default()
+    );
+    let expected = format!("content-length: {DOWNLOAD_BYTES}\r\n");
+    ensure!(
+        text.to_ascii_lowercase().contains(&expected),
+        "the response does not announce {DOWNLOAD_BYTES} bytes: {text:?}"
+    );
+    let mut got = check_bytes(0, &head[body_start..])?;
+    while got < DOWNLOAD_BYTES {
+        let n = tls.read(&mut buf).await.context("reading the body")?;
+        ensure!(
+            n > 0,
+            "connection closed after {got} of {DOWNLOAD_BYTES} bytes"
+        );
+        got = check_bytes(got, &buf[..n])?;
+    }
+    ensure!(
+        got == DOWNLOAD_BYTES,
+        "{got} bytes where {DOWNLOAD_BYTES} were sent"
+    );
+    Ok(DOWNLOAD_BYTES as f64 / started.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Checks that `bytes` are the download's bytes from `offset` on; returns the offset after them.
+fn check_bytes(offset: u64, bytes: &[u8]) -> anyhow::Result<u64> {
+    let mut at = offset;
+    for &byte in bytes {
+        ensure!(byte == byte_at(at), "byte {at} of the download is wrong");
+        at += 1;
+    }
+    Ok(at)
 }
 
 /// Reads one HTTP/1.1 response with a `Content-Length`, and stops as soon as it is complete
@@ -945,10 +1106,14 @@ impl Results {
             samples: first.to_vec(),
             failures: Vec::new(),
         };
-        let paths: [(&str, &Series); 6] = [
+        let paths: [(&str, &Series); 7] = [
             (
                 "shroud: proxy, then the tunnel's existing Tor circuit",
                 &self.shroud,
+            ),
+            (
+                "bare Arti stream to the origin on a standing exit circuit (no shroud)",
+                &self.bare,
             ),
             (
                 "shroud, tunnel over the proxy's onion service (no exit)",
@@ -1014,6 +1179,13 @@ impl Results {
             ratio(&self.backhaul, &self.shroud, Series::first_bytes),
             ratio(&self.backhaul, &self.shroud, Series::responses)
         );
+        let _ = writeln!(
+            out,
+            "\nRatio of medians, shroud / a bare Arti stream on a standing circuit: first byte \
+             **{}**, HTTPS GET **{}**.",
+            ratio(&self.shroud, &self.bare, Series::first_bytes),
+            ratio(&self.shroud, &self.bare, Series::responses)
+        );
         if self.first_onion_attempts > 1 {
             let _ = writeln!(
                 out,
@@ -1022,6 +1194,9 @@ impl Results {
                 self.first_onion_attempts
             );
         }
+
+        out.push_str(&self.downloads_markdown());
+        out.push_str(&self.targets_markdown());
 
         let _ = writeln!(out, "\n### Setup costs (ms)\n");
         let _ = writeln!(
@@ -1087,6 +1262,7 @@ impl Results {
         );
         for (path, series) in [
             ("shroud", &self.shroud),
+            ("bare Arti stream", &self.bare),
             ("shroud over the proxy's onion service", &self.backhaul),
             ("onion, fresh circuits", &self.onion),
             ("shroud --onion, fresh circuits", &self.own_onion),
@@ -1100,6 +1276,109 @@ impl Results {
             let _ = writeln!(out, "- {path}: {}", each.join(", "));
         }
         out
+    }
+}
+
+impl Results {
+    /// The downloads: MB/s per path.
+    fn downloads_markdown(&self) -> String {
+        let mut out = format!(
+            "\n### Downloads ({DOWNLOADS} per path, {} MiB each, interleaved; MB/s)\n\n\
+             | Path | n | median | min | max |\n|---|--:|--:|--:|--:|\n",
+            DOWNLOAD_BYTES >> 20
+        );
+        for (path, rates) in [
+            (
+                "shroud: proxy, then the tunnel's Tor circuit",
+                &self.shroud_downloads,
+            ),
+            (
+                "bare Arti stream on a standing exit circuit",
+                &self.bare_downloads,
+            ),
+        ] {
+            let Some(median) = median(rates) else {
+                let _ = writeln!(out, "| {path} | 0 | — | — | — |");
+                continue;
+            };
+            let min = rates.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = rates.iter().copied().fold(0.0, f64::max);
+            let _ = writeln!(
+                out,
+                "| {path} | {} | {median:.2} | {min:.2} | {max:.2} |",
+                rates.len()
+            );
+        }
+        let each = |rates: &[f64]| {
+            rates
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "\nIn the order made: shroud {}; bare Arti stream {}.",
+            each(&self.shroud_downloads),
+            each(&self.bare_downloads)
+        );
+        out
+    }
+
+    /// Issue 16's targets for the Tor path, each met or not, with its ratio.
+    fn targets_markdown(&self) -> String {
+        let mut out = String::from(
+            "\n### Targets\n\n| Target | Measured | Ratio | Met |\n|---|---|--:|---|\n",
+        );
+        let met = |ok: bool| if ok { "yes" } else { "**no**" };
+        let shroud = Stats::of(&self.shroud.first_bytes());
+        let bare = Stats::of(&self.bare.first_bytes());
+        if let (Some(shroud), Some(bare)) = (&shroud, &bare) {
+            let r = shroud.median.as_secs_f64() / bare.median.as_secs_f64();
+            let _ = writeln!(
+                out,
+                "| visitor's first byte through shroud ≤ 2× a bare Arti stream's (medians) | \
+                 {} against {} | {r:.2}× | {} |",
+                ms(shroud.median),
+                ms(bare.median),
+                met(r <= 2.0)
+            );
+        }
+        if let Some(shroud) = &shroud {
+            let r = shroud.p90.as_secs_f64() / shroud.median.as_secs_f64();
+            let _ = writeln!(
+                out,
+                "| no two speeds: shroud's first byte p90 ≤ 1.5× its median | \
+                 p90 {}, median {} | {r:.2}× | {} |",
+                ms(shroud.p90),
+                ms(shroud.median),
+                met(r <= 1.5)
+            );
+        }
+        if let (Some(shroud), Some(bare)) =
+            (median(&self.shroud_downloads), median(&self.bare_downloads))
+        {
+            let r = shroud / bare;
+            let _ = writeln!(
+                out,
+                "| download through shroud ≥ 0.9 of a bare Arti stream's (medians) | \
+                 {shroud:.2} against {bare:.2} MB/s | {r:.2} | {} |",
+                met(r >= 0.9)
+            );
+        }
+        out
+    }
+}
+
+/// The median of `values`; `None` for none.
+fn median(values: &[f64]) -> Option<f64> {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
