@@ -21,11 +21,9 @@ use crate::srv::SrvSource;
 use crate::tor::{TorOptions, TorTransport};
 use crate::transport::{DirectTransport, Resolve, Transport, TransportKind};
 use crate::{key, onion, reload, socks, tls};
-use arti_client::TorClient;
 use shroud_mux::auth::PublicKey;
 use shroud_process::reload::{watch_every, Reloads};
 use shroud_process::tls::CertSlot;
-use tor_rtcompat::PreferredRuntime;
 
 /// Runs the command line to completion.
 pub async fn main(cli: Cli) -> anyhow::Result<()> {
@@ -150,7 +148,7 @@ async fn bind_socks(run: &RunArgs) -> anyhow::Result<Option<tokio::net::TcpListe
 /// Returns their tasks, which end after `shutdown`.
 fn start_beside_tunnels(
     run: &RunArgs,
-    tor: Option<Arc<TorClient<PreferredRuntime>>>,
+    tor: Option<Arc<shroud_tor::Tor>>,
     config: &Arc<ClientConfig>,
     socks_listener: Option<tokio::net::TcpListener>,
     shutdown: &CancellationToken,
@@ -255,7 +253,7 @@ pub struct Prepared {
     /// The certificate visitors' TLS is terminated with, when it comes from files.
     pub certificate: Option<Arc<CertSlot>>,
     /// The Arti client, with the tor transport.
-    pub tor: Option<Arc<TorClient<PreferredRuntime>>>,
+    pub tor: Option<Arc<shroud_tor::Tor>>,
 }
 
 /// Turns the run arguments into a client configuration and the source of its proxies, loading

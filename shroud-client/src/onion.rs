@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arti_client::TorClient;
 use sha2::{Digest as _, Sha256};
 use shroud_mux::header::StreamKind;
 use shroud_tor::onion_service::{OnionConnection, OnionListener, OnionOptions};
@@ -26,7 +25,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{debug, info, Instrument as _};
 
 use crate::origin::{self, Peer};
@@ -82,7 +80,7 @@ pub struct Onion {
 /// is the first start): the address is known, while the descriptor is published in the
 /// background (logged as "onion service published its descriptor").
 pub fn launch(
-    client: Arc<TorClient<PreferredRuntime>>,
+    client: Arc<shroud_tor::Tor>,
     settings: OnionSettings,
     config: Arc<ClientConfig>,
     shutdown: CancellationToken,

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arti_client::isolation::IsolationHelper;
-use arti_client::{ErrorKind, HasKind as _, StreamPrefs, TorClient};
+use arti_client::{ErrorKind, HasKind as _, StreamPrefs};
 use futures::future::BoxFuture;
 use shroud_socks::{Destination, Protocol, Reply, Request};
 use tokio::io::AsyncWriteExt as _;
@@ -27,7 +27,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{debug, info, warn, Instrument as _};
 
 use crate::transport::BoxStream;
@@ -103,12 +102,12 @@ pub trait Outbound: Send + Sync + 'static {
 /// Streams through the client's Tor: names resolved by the exit; onion addresses reached
 /// inside Tor.
 pub struct TorOutbound {
-    client: Arc<TorClient<PreferredRuntime>>,
+    client: Arc<shroud_tor::Tor>,
 }
 
 impl TorOutbound {
     /// Streams through `client`.
-    pub fn new(client: Arc<TorClient<PreferredRuntime>>) -> Self {
+    pub fn new(client: Arc<shroud_tor::Tor>) -> Self {
         Self { client }
     }
 }

@@ -39,12 +39,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arti_client::{IsolationToken, StreamPrefs, TorClient};
+use arti_client::{IsolationToken, StreamPrefs};
 use futures::future::BoxFuture;
 use tor_cell::relaycell::msg::EndReason;
 use tor_proto::client::stream::{ClientStreamCtrl as _, DataStream, StreamParameters};
 use tor_proto::ClientTunnel;
-use tor_rtcompat::PreferredRuntime;
 
 use crate::metrics::ClientMetrics;
 use crate::transport::{BoxStream, KeptCircuit, Resolve, Transport};
@@ -73,7 +72,7 @@ pub struct TorOptions {
 
 /// Connections to proxies through Tor.
 pub struct TorTransport {
-    client: Arc<TorClient<PreferredRuntime>>,
+    client: Arc<shroud_tor::Tor>,
     resolve: Resolve,
 }
 
@@ -125,7 +124,7 @@ impl TorTransport {
 impl TorTransport {
     /// The Arti client, for what else goes through this Tor: the client's own onion service
     /// (`--onion`) and local programs' connections (`--socks-listen`).
-    pub fn client(&self) -> Arc<TorClient<PreferredRuntime>> {
+    pub fn client(&self) -> Arc<shroud_tor::Tor> {
         self.client.clone()
     }
 }
@@ -167,7 +166,7 @@ impl Transport for TorTransport {
 
 /// One proxy's circuit, kept for its reconnects; see the [module docs](self).
 pub struct KeptTorCircuit {
-    client: Arc<TorClient<PreferredRuntime>>,
+    client: Arc<shroud_tor::Tor>,
     resolve: Resolve,
     held: Option<Held>,
     given_up: Option<String>,

@@ -17,12 +17,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arti_client::TorClient;
 use shroud_tor::onion_service::{OnionConnection, OnionHealth, OnionListener};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{debug, info, Instrument as _};
 
 use crate::admission::{AddressGuard, Limit};
@@ -65,7 +63,7 @@ pub struct OnionTunnels {
     listener: OnionListener,
     port: u16,
     /// The service runs on this client; it lives as long as the listener.
-    _client: Arc<TorClient<PreferredRuntime>>,
+    _client: Arc<shroud_tor::Tor>,
 }
 
 impl OnionTunnels {

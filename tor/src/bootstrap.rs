@@ -5,10 +5,9 @@ use std::time::Duration;
 
 use arti_client::{TorClient, TorClientConfig};
 use futures::StreamExt as _;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{info, warn};
 
-use crate::TorError;
+use crate::{Tor, TorError};
 
 /// Starts Arti with `config` and waits until it has bootstrapped, for at most `timeout`.
 /// Progress goes to a bar on stderr when `progress_bar` (a terminal), to log lines otherwise;
@@ -18,10 +17,11 @@ pub async fn bootstrap(
     timeout: Duration,
     progress_bar: bool,
     observer: Option<StatusObserver>,
-) -> Result<Arc<TorClient<PreferredRuntime>>, TorError> {
+) -> Result<Arc<Tor>, TorError> {
     // Said once bootstrapped, so an operator can see which vanguards onion circuits get.
     let vanguards = crate::Vanguards::of(&config).map_or("disabled".to_owned(), |v| v.to_string());
-    let client = TorClient::builder()
+    let runtime = crate::runtime::current().map_err(|err| TorError::Arti(err.to_string()))?;
+    let client = TorClient::with_runtime(runtime)
         .config(config)
         .bootstrap_behavior(arti_client::BootstrapBehavior::Manual)
         .create_unbootstrapped()

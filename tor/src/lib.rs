@@ -11,6 +11,8 @@
 //!   on one or more ports and yields each stream a Tor client opens to it, to accept as a byte
 //!   stream; it checks itself through Tor and relaunches with new introduction points when
 //!   Tor clients cannot reach it.
+//! - [`runtime`]: the runtime Arti runs on, tokio with Nagle's algorithm off on its connections
+//!   to relays, and [`Tor`], the Arti client type every binary holds.
 //!
 //! Connecting *to* an onion service needs nothing here: Arti's ordinary `connect` takes a
 //! `.onion` name (arti-client's `onion-service-client` feature) and never uses an exit.
@@ -19,12 +21,14 @@ pub mod bootstrap;
 pub mod config;
 pub mod onion_service;
 pub mod private_dir;
+pub mod runtime;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use bootstrap::bootstrap;
 pub use config::{arti_config, Vanguards};
+pub use runtime::{Tor, TorRuntime};
 
 /// Why Tor could not be set up or used.
 #[derive(Debug, thiserror::Error)]

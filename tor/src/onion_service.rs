@@ -34,17 +34,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arti_client::config::onion_service::OnionServiceConfigBuilder;
-use arti_client::{DataStream, TorClient};
+use arti_client::DataStream;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tor_cell::relaycell::msg::{Connected, End, EndReason};
 use tor_hsservice::{HsNickname, RunningOnionService, StreamRequest};
 use tor_proto::stream::IncomingStreamRequest;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{debug, Instrument as _};
 
-use crate::TorError;
+use crate::{Tor, TorError};
 
 pub use heal::{DEFAULT_PROBE_INTERVAL, PROBE_FAILURES_TO_RELAUNCH};
 pub use metrics::OnionMetrics;
@@ -140,10 +139,7 @@ impl OnionListener {
     /// service's identity (made now, on the first launch): the address is known, while the
     /// descriptor is published in the background (logged as "onion service published its
     /// descriptor").
-    pub fn launch(
-        client: Arc<TorClient<PreferredRuntime>>,
-        options: OnionOptions,
-    ) -> Result<Self, TorError> {
+    pub fn launch(client: Arc<Tor>, options: OnionOptions) -> Result<Self, TorError> {
         if options.ports.is_empty() {
             return Err(TorError::OnionService("no port to serve".into()));
         }
@@ -222,10 +218,7 @@ struct Launched {
 }
 
 /// Launches the service `nickname` on `client`.
-fn launch_service(
-    client: &TorClient<PreferredRuntime>,
-    nickname: &HsNickname,
-) -> Result<Launched, TorError> {
+fn launch_service(client: &Tor, nickname: &HsNickname) -> Result<Launched, TorError> {
     let config = OnionServiceConfigBuilder::default()
         .nickname(nickname.clone())
         .build()

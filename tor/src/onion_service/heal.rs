@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arti_client::config::BoolOrAuto;
-use arti_client::{ErrorKind, HasKind as _, IsolationToken, StreamPrefs, TorClient};
+use arti_client::{ErrorKind, HasKind as _, IsolationToken, StreamPrefs};
 use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,11 +34,11 @@ use tokio::time::Instant;
 use tor_hsservice::status::{OnionServiceStatus, State};
 use tor_hsservice::{HsNickname, StreamRequest};
 use tor_persist::state_dir::StateDirectory;
-use tor_rtcompat::PreferredRuntime;
 use tracing::{debug, info, warn};
 
 use super::{launch_service, reject, requested_port, Launched, OnionConnection, OnionHealth};
 use super::{OnionOptions, TorError};
+use crate::Tor;
 
 /// How often a service checks itself unless told otherwise.
 pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(120);
@@ -165,7 +165,7 @@ enum Ended {
 
 /// Serves, checks and relaunches one onion service.
 pub(super) struct Keeper {
-    client: Arc<TorClient<PreferredRuntime>>,
+    client: Arc<Tor>,
     nickname: HsNickname,
     address: String,
     ports: Vec<u16>,
@@ -179,7 +179,7 @@ pub(super) struct Keeper {
 
 impl Keeper {
     pub(super) fn new(
-        client: Arc<TorClient<PreferredRuntime>>,
+        client: Arc<Tor>,
         nickname: HsNickname,
         options: &OnionOptions,
         address: String,
@@ -496,11 +496,7 @@ async fn finished(probe: &mut Option<Probe>) -> Result<Result<(), String>, tokio
 
 /// Opens a stream to `address`:`port` through `client`, on circuits of its own: `Ok` once the
 /// service has answered, which it does to `port` with an `END` (`DONE`).
-async fn check(
-    client: &TorClient<PreferredRuntime>,
-    address: &str,
-    port: u16,
-) -> Result<(), String> {
+async fn check(client: &Tor, address: &str, port: u16) -> Result<(), String> {
     let mut prefs = StreamPrefs::new();
     prefs.connect_to_onion_services(BoolOrAuto::Explicit(true));
     // A new isolation: a new descriptor fetch, new introduction and rendezvous circuits,
