@@ -21,6 +21,14 @@ const TARGET_KIB_PER_VISITOR: f64 = 16.0;
 const TARGET_KIB_PER_TUNNEL: f64 = 64.0;
 const TARGET_RTT_MS: u64 = 300;
 const TARGET_RTT_SHARE: f64 = 0.8;
+/// The speed issue's loopback targets (TLS on): shares of the no-tunnel figure of the same run.
+const TARGET_STREAM_VS_NONE: f64 = 0.40;
+const TARGET_KEEPALIVE_VS_NONE: f64 = 0.50;
+const TARGET_CLOSE_VS_NONE: f64 = 0.50;
+/// ...per held idle visitor, on each side of the tunnel.
+const TARGET_KIB_PER_VISITOR_EACH_SIDE: f64 = 4.0;
+/// ...and CPU per GB against rathole with TLS.
+const TARGET_CPU_VS_RATHOLE: f64 = 0.6;
 /// The window of the high-RTT downloads the target reads: after 10 s.
 const RTT_FROM: Duration = Duration::from_secs(10);
 
@@ -613,6 +621,78 @@ fn targets(results: &Results) -> Vec<(String, String, Option<bool>)> {
         }),
         share.map(|s| s >= TARGET_RTT_SHARE),
     ));
+    rows.extend(speed_targets(results));
+    rows
+}
+
+/// The speed issue's loopback targets: shroud against no tunnel in the same run, memory per
+/// held idle visitor on each side, CPU per GB against rathole with TLS.
+fn speed_targets(results: &Results) -> Vec<(String, String, Option<bool>)> {
+    let shroud = find(results, Kind::Shroud);
+    let none = find(results, Kind::NoTunnel);
+    let rathole = find(results, Kind::RatholeTls);
+    let mut rows = Vec::new();
+    let share = |figure: &dyn Fn(&ContenderResults) -> f64| {
+        let (s, n) = (
+            shroud.map_or(f64::NAN, figure),
+            none.map_or(f64::NAN, figure),
+        );
+        (s / n, s, n)
+    };
+    let single = |e: &ContenderResults| median(&e.single_mbs);
+    let keepalive = |e: &ContenderResults| wrk_medians(&e.wrk_keepalive).0;
+    let close = |e: &ContenderResults| wrk_medians(&e.wrk_close).0;
+    type Figure<'a> = &'a dyn Fn(&ContenderResults) -> f64;
+    let shares: [(&str, Figure, f64, &str); 3] = [
+        ("one stream", &single, TARGET_STREAM_VS_NONE, " MB/s"),
+        (
+            "HTTP keep-alive req/s",
+            &keepalive,
+            TARGET_KEEPALIVE_VS_NONE,
+            "",
+        ),
+        (
+            "HTTP new-connection req/s",
+            &close,
+            TARGET_CLOSE_VS_NONE,
+            "",
+        ),
+    ];
+    for (label, figure, target, unit) in shares {
+        let (r, s, n) = share(figure);
+        rows.push((
+            format!("{label} ≥ {target:.2} of no tunnel"),
+            format!("{} ({} vs {}{unit})", num(r, 2), num(s, 0), num(n, 0)),
+            known(r).map(|r| r >= target),
+        ));
+    }
+    let memory = shroud.and_then(|e| e.memory.as_ref());
+    type Idle = fn(&crate::run::Memory) -> Option<u64>;
+    type At = fn(&crate::run::Step) -> Option<u64>;
+    let sides: [(&str, Idle, At); 2] = [
+        ("proxy", |m| m.proxy_idle, |s| s.1),
+        ("client", |m| m.client_idle, |s| s.2),
+    ];
+    for (side, idle, at) in sides {
+        let kib = memory.and_then(|m| known(per_visitor(idle(m), m, at)));
+        rows.push((
+            format!("{side} ≤ {TARGET_KIB_PER_VISITOR_EACH_SIDE} KiB per held idle visitor"),
+            kib.map_or("not measured".into(), |k| format!("{k:.1} KiB")),
+            kib.map(|k| k <= TARGET_KIB_PER_VISITOR_EACH_SIDE),
+        ));
+    }
+    let cpu = |e: Option<&ContenderResults>| e.map_or(f64::NAN, |e| median(&e.single_cpu_per_gb));
+    let r = cpu(shroud) / cpu(rathole);
+    rows.push((
+        format!("CPU per GB ≤ {TARGET_CPU_VS_RATHOLE}× rathole (TLS)"),
+        format!(
+            "{}× ({} vs {} s/GB)",
+            num(r, 2),
+            num(cpu(shroud), 2),
+            num(cpu(rathole), 2)
+        ),
+        known(r).map(|r| r <= TARGET_CPU_VS_RATHOLE),
+    ));
     rows
 }
 
@@ -804,6 +884,22 @@ mod tests {
         );
         let row = target_row(&md, "at 300 ms");
         assert!(row.contains("84%") && row.ends_with("| yes |"), "{row}");
+        // The speed issue's: 700 of 4000 MB/s, 30,000 of 100,000 req/s.
+        let row = target_row(&md, "one stream ≥ 0.40 of no tunnel");
+        assert!(row.contains("0.17") && row.ends_with("| **no** |"), "{row}");
+        let row = target_row(&md, "HTTP keep-alive req/s ≥ 0.50 of no tunnel");
+        assert!(row.contains("0.30") && row.ends_with("| **no** |"), "{row}");
+        let row = target_row(&md, "client ≤ 4 KiB per held idle visitor");
+        assert!(
+            row.contains("20.0 KiB") && row.ends_with("| **no** |"),
+            "{row}"
+        );
+        // 2.0 against 2.0 s/GB.
+        let row = target_row(&md, "CPU per GB ≤ 0.6× rathole");
+        assert!(
+            row.contains("1.00×") && row.ends_with("| **no** |"),
+            "{row}"
+        );
 
         let md = render(&results(600.0), Path::new("charts")).unwrap();
         let row = target_row(&md, "single-stream throughput");
