@@ -2,6 +2,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc keeps freed memory for the next allocation, where glibc's malloc gave the memory of
+/// yamux's frame bodies back to the kernel and faulted it in again (bench/README.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // Flags from the command line, the environment and the --config file, in that order.
