@@ -301,11 +301,35 @@ impl Acceptor {
     /// On shutdown, serves the connections the kernel has already completed before the
     /// listener closes: closing it would reset them, and they reached a live proxy.
     fn take_backlog(&self) {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        for _ in 0..LISTEN_BACKLOG {
-            match self.listener.poll_accept(&mut cx) {
-                std::task::Poll::Ready(Ok((stream, peer))) => self.dispatch(stream, peer),
-                _ => break,
+        take_queued(&self.listener, |stream, peer| self.dispatch(stream, peer));
+    }
+}
+
+/// Hands `each` every connection waiting in `listener`'s accept queue, at most
+/// [`LISTEN_BACKLOG`] of them, without waiting for more.
+///
+/// Asks the kernel itself: tokio's `poll_accept` tries `accept(2)` only once its reactor has
+/// seen the listener readable, and would leave behind a connection completed since the
+/// reactor's last turn.
+fn take_queued(listener: &TcpListener, mut each: impl FnMut(TcpStream, SocketAddr)) {
+    let listener = socket2::SockRef::from(listener);
+    for _ in 0..LISTEN_BACKLOG {
+        let accepted = listener.accept().and_then(|(socket, peer)| {
+            let peer = peer.as_socket().ok_or(std::io::ErrorKind::InvalidData)?;
+            let stream = std::net::TcpStream::from(socket);
+            stream.set_nonblocking(true)?;
+            Ok((TcpStream::from_std(stream)?, peer))
+        });
+        match accepted {
+            Ok((stream, peer)) => each(stream, peer),
+            // Reset by its peer while queued: the next one.
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionAborted => {}
+            // Empty (`WouldBlock`), or out of descriptors: nothing more to take.
+            Err(err) => {
+                if err.kind() != std::io::ErrorKind::WouldBlock {
+                    warn!(%err, "accepting from the backlog failed");
+                }
+                return;
             }
         }
     }
@@ -358,5 +382,25 @@ mod tests {
     fn a_connection_task_is_small() {
         let size = future_size(serve_connection);
         assert!(size <= 2048, "a connection's task holds {size} bytes");
+    }
+
+    /// Connections the kernel completed while the accept loop was not looking (here: before
+    /// the runtime's reactor ever turned) are all taken at shutdown, none left to be reset.
+    #[tokio::test(flavor = "current_thread")]
+    async fn shutdown_takes_every_queued_connection() {
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clients: Vec<_> = (0..5)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let mut taken = Vec::new();
+        take_queued(&listener, |stream, peer| taken.push((stream, peer)));
+        let mut peers: Vec<_> = taken.iter().map(|(_, peer)| *peer).collect();
+        let mut expected: Vec<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        peers.sort();
+        expected.sort();
+        assert_eq!(peers, expected);
+        // And the queue is empty now: nothing more is taken.
+        take_queued(&listener, |_, peer| panic!("{peer} taken twice"));
     }
 }
