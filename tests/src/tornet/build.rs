@@ -70,16 +70,14 @@ impl TorNet {
         load_arti_config(&net.network_file, &net.dir.path().join("arti-check"))
             .context("Arti rejects the generated network file")?;
         let owner = std::process::id();
-        if config::large(&planned) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .context("the clock is before 1970")?
-                .as_secs();
-            let file = config::bandwidth_file(&planned, now);
-            for relay in planned.iter().filter(|r| r.kind == RelayKind::Authority) {
-                let path = relay.data_dir.join(config::BANDWIDTHS);
-                fs::write(&path, &file).with_context(|| format!("writing {}", path.display()))?;
-            }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_secs();
+        let file = config::bandwidth_file(&planned, now);
+        for relay in planned.iter().filter(|r| r.kind == RelayKind::Authority) {
+            let path = relay.data_dir.join(config::BANDWIDTHS);
+            fs::write(&path, &file).with_context(|| format!("writing {}", path.display()))?;
         }
         for relay in &planned {
             fs::write(relay.torrc(), torrc(relay, &planned, owner, &resolv_conf))

@@ -94,30 +94,23 @@ pub(super) fn load_arti_config(
         .with_context(|| format!("building an Arti config from {}", network_file.display()))
 }
 
-/// Whether `all` is a large network: more than [`SMALL_MIDDLES`] middles, for tests that kill
-/// relays an onion service uses, which must not be the authorities.
-pub(super) fn large(all: &[Relay]) -> bool {
-    all.iter().filter(|r| r.kind == RelayKind::Middle).count() > SMALL_MIDDLES
-}
-
-/// The most middles a small network has.
-const SMALL_MIDDLES: usize = 4;
-
-/// The name of an authority's bandwidth file in its data directory, in a [`large`] network.
+/// The name of an authority's bandwidth file in its data directory.
 pub(super) const BANDWIDTHS: &str = "bandwidths";
 
-/// The bandwidth file (bandwidth-file-spec, version 1.0.0) every authority of a [`large`]
-/// network votes from: the same measured bandwidth for every relay of `all`, as of `now`
-/// (seconds since the epoch).
+/// The bandwidth file (bandwidth-file-spec, version 1.0.0) every authority votes from: the
+/// same measured bandwidth for every relay of `all`, as of `now` (seconds since the epoch).
 ///
 /// Without it every relay is unmeasured, and its weight is what it has observed itself: on a
 /// young network, 0 to 55 KB/s, the most for the authorities and the few relays that carried
-/// the first circuits. Middles, vanguards and introduction points, all picked by weight, then
-/// crowd onto those few: one onion service in 20 had two introduction points off the
-/// authorities, and killing two relays could take every vanguard of a service with them. With
-/// the file, every relay weighs 1000 but the authorities, which are left unmeasured and so
-/// weigh nothing: no circuit goes through them but to fetch the directory, and killing
-/// relays never stops the consensus.
+/// the first circuits, and changing from one consensus to the next. Middles, vanguards and
+/// introduction points, all picked by weight, then crowd onto those few: one onion service in
+/// 20 had two introduction points off the authorities, killing two relays could take every
+/// vanguard of a service with them, and an Arti client that took its vanguards from a
+/// consensus where most relays weighed nothing could build no onion circuit for minutes.
+/// With the file, from the first consensus on, every relay weighs 1000 but the authorities,
+/// which tor leaves unmeasured (`Bandwidth=0 Unmeasured=1`) and so weigh nothing: no circuit
+/// goes through them but to fetch the directory, and killing relays never stops the
+/// consensus.
 pub(super) fn bandwidth_file(all: &[Relay], now: u64) -> String {
     let mut file = format!("{now}\n");
     for relay in all {
@@ -159,7 +152,7 @@ pub(super) fn torrc(relay: &Relay, all: &[Relay], owner: u32, resolv_conf: &Path
         or_port = relay.or_port,
         dir_port = relay.dir_port,
     );
-    if relay.kind == RelayKind::Authority && large(all) {
+    if relay.kind == RelayKind::Authority {
         let _ = writeln!(
             rc,
             "V3BandwidthsFile {}",
