@@ -9,6 +9,7 @@
 //! - [`session`]: a yamux session driven by its own task, with handles to open and accept streams.
 //! - [`peer`]: the authenticated link between two proxies of a fleet.
 //! - [`replay`]: bytes read to route a connection, and a stream that yields them again first.
+//! - [`quickack`]: TCP streams that acknowledge what they read at once (links to Tor relays).
 //! - [`splice`]: copying both ways between a visitor's connection and its stream.
 //! - [`words`]: word names, a hostname a client key proves by itself.
 //!
@@ -28,6 +29,7 @@ mod codec;
 pub mod control;
 pub mod header;
 pub mod peer;
+pub mod quickack;
 pub mod replay;
 pub mod session;
 pub mod splice;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
+use shroud_mux::quickack::QuickAck;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -354,6 +355,8 @@ async fn serve_connection(
             let span = tracing::info_span!("tunnel", %peer);
             // Boxed: a tunnel's handshake and session would otherwise be laid out in every
             // visitor's task too.
+            // A tunnel's far end is usually a Tor exit, whose small writes wait on our ACKs.
+            let stream = QuickAck::new(stream);
             let serve = Box::pin(tunnel::serve(stream, peer, shared, shutdown, Some(address)));
             if let Err(err) = serve.instrument(span.clone()).await {
                 span.in_scope(|| debug!(%err, "tunnel failed"));

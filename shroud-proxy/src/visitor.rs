@@ -26,6 +26,7 @@ use crate::registry::Route;
 use crate::shared::{RoutingGuard, Shared};
 use crate::tunnel;
 use crate::{forward, tls_sniff};
+use shroud_mux::quickack::QuickAck;
 use shroud_mux::replay::Replay;
 
 /// How long a refused plain-HTTP visitor's remaining bytes are read after its answer.
@@ -80,7 +81,8 @@ pub async fn serve_https(
         drop(routing);
         metrics.connection(Listener::Https, Outcome::Tunnel);
         let span = tracing::info_span!("tunnel", %peer);
-        let io = Replay::new(bytes, stream);
+        // A tunnel's far end is usually a Tor exit, whose small writes wait on our ACKs.
+        let io = Replay::new(bytes, QuickAck::new(stream));
         // Boxed: a tunnel's handshake and session would otherwise be laid out in every
         // visitor's task.
         let served = Box::pin(tunnel::serve(

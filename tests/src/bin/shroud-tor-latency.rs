@@ -1590,8 +1590,14 @@ flushing each frame on its own), and most first bytes took 45-87 ms instead of 3
 relay connection, tor holds a second small write under Nagle's algorithm until the first is
 acknowledged, and a Linux receiver with nothing to send back delays that ACK by 40 ms. Now
 the session writes what one turn of it produced as one write, the acknowledgement rides in
-the ServerHello's frame (PROTOCOL.md §7.3), and Arti's connections to its guard have Nagle
-off (`shroud_tor::runtime`). What stalls remain are the relays' own. The check: with
+the ServerHello's frame (PROTOCOL.md §7.3), Arti's connections to its guard have Nagle
+off (`shroud_tor::runtime`), and the two sockets shroud owns that a relay writes to (the
+proxy's end of a tunnel, the client's links to its guard) acknowledge short reads at once
+(`TCP_QUICKACK`, `shroud_mux::quickack`). In a pair of runs on 2026-12-07, with and without
+that last change, it took a bare Arti stream's first byte from a median of 52.3 to 20.0 ms and
+shroud's HTTPS GET from 50.7 to 16.7 ms, but left shroud's slow first bytes as they were (7
+and 8 of 20 at 40 ms or more). What stalls remain are between relays, where shroud has no
+socket. The check: with
 delayed ACKs turned off for the whole loopback interface (`ip route change table local local
 127.0.0.0/8 dev lo proto kernel scope host src 127.0.0.1 quickack 1`, root, undone after),
 a run on 2026-12-07 gave shroud a first byte median of 3.2 ms, p90 6.6, max 12.7, with no
