@@ -175,8 +175,13 @@ where
         .ignore_errors(true)
         .try_get_matches_from(&args)
         .map_err(usage)?;
+    // A subcommand stands in for serving: the serving options' variables are not read for it.
+    let base = || match given.subcommand() {
+        Some(_) => without_serving_variables(C::command()),
+        None => C::command(),
+    };
     let Some(path) = config_path(&given) else {
-        let mut matches = C::command().try_get_matches_from(&args).map_err(usage)?;
+        let mut matches = base().try_get_matches_from(&args).map_err(usage)?;
         let cli = C::from_arg_matches_mut(&mut matches).map_err(usage)?;
         return Ok(Parsed { cli, file: None });
     };
@@ -186,16 +191,10 @@ where
     let settings = file::read(&path, &command)?;
 
     let (final_command, final_args, applied) = match given.subcommand() {
-        None => with_arguments(C::command(), &command, &given, &args, &settings),
-        Some((name, sub_given)) => with_defaults(
-            C::command(),
-            &command,
-            &given,
-            name,
-            sub_given,
-            &settings,
-            &args,
-        ),
+        None => with_arguments(base(), &command, &given, &args, &settings),
+        Some((name, sub_given)) => {
+            with_defaults(base(), &command, &given, name, sub_given, &settings, &args)
+        }
     };
     let note = (!applied.is_empty()).then(|| {
         format!(
@@ -217,6 +216,21 @@ where
     Ok(Parsed {
         cli,
         file: Some(path),
+    })
+}
+
+/// `command` with its own options (not global ones, not its subcommands') reading no
+/// environment variable: for a subcommand's run. Those options configure serving, which the
+/// subcommand replaces, and clap counts an option its variable sets as given: a deployment's
+/// `SHROUD_DISCOVERY_SIGNING_KEY` or `SHROUD_DISCOVERY_LISTEN` made `shroud-discovery key`
+/// fail with "the following required argument was not provided: listen".
+fn without_serving_variables(command: Command) -> Command {
+    command.mut_args(|arg| {
+        if arg.is_global_set() {
+            arg
+        } else {
+            arg.env(None::<&'static str>)
+        }
     })
 }
 

@@ -214,3 +214,40 @@ async fn shroud_key_prints_the_key_its_config_file_names() {
     assert_eq!(code, 0, "{output}");
     assert!(output.lines().any(|line| line == public), "{output}");
 }
+
+/// An operator who keeps the service's settings in the environment (the deploy env files do)
+/// runs `shroud-discovery key` in that same environment: the serving variables must not turn
+/// the subcommand into a serve missing its other options. The key file comes from the
+/// subcommand's own variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shroud_discovery_key_runs_amid_the_serving_variables() {
+    init();
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("signing.key");
+    let env = [
+        ("SHROUD_DISCOVERY_SIGNING_KEY", key_path.as_os_str()),
+        ("SHROUD_DISCOVERY_LISTEN", OsStr::new("127.0.0.1:1")),
+        (
+            "SHROUD_DISCOVERY_TLS_CERT",
+            OsStr::new("/nonexistent/cert.pem"),
+        ),
+    ];
+    let (code, output) = run_to_exit("shroud-discovery", &["key".to_owned()], &env).await;
+    assert_eq!(code, 0, "{output}");
+    let public = output.lines().next().unwrap_or_default();
+    assert!(public.starts_with("ed25519:"), "{output}");
+    assert!(
+        key_path.exists(),
+        "the key file the variable names was made"
+    );
+
+    // Serving still reads them: without the rest, a clear usage error naming what is missing.
+    let (code, output) = run_to_exit("shroud-discovery", &[], &env).await;
+    assert_eq!(code, 2, "{output}");
+    let missing = output
+        .split("not provided:")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .unwrap_or_default();
+    assert_eq!(missing.trim(), "--tls-key <FILE>", "{output}");
+}
