@@ -90,6 +90,18 @@ const DOWNLOAD_BYTES: u64 = 8 << 20;
 /// How long one download may take.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What the runs of 2026-12-07 said about the two directions, for the report's observations.
+const DIRECTION_NOTE: &str = "In the first runs with the upload (2026-12-07) a bare stream \
+    moved bytes about as fast either way (upload 8.22 against download 9.17 MB/s in one run, \
+    13.46 against 10.17 in another), every transfer within a run close to the others, while \
+    shroud's downloads in the same runs were bimodal: about 3-5 MB/s or 8-15 (2.74, 4.90, 8.43, \
+    8.22, 9.21, 2.85, 2.73, 3.22, 3.44 in one run). So neither Tor's direction nor the circuit \
+    (the tunnel keeps one) sets the slow mode. yamux's debug log in the second run showed each \
+    download's stream window growing from 256 KiB to 1-4 MiB within a fraction of a second, \
+    slow downloads too, and its round-trip samples at 6-57 ms; at 4 MB/s a 1 MiB window would \
+    need a 250 ms round trip to be the wall, so the window does not explain it either. Where \
+    the slow mode comes from was not found.";
+
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
 const USAGE: &str = "usage: shroud-tor-latency [--samples N] [--doc PATH | --no-doc]
@@ -202,6 +214,9 @@ struct Results {
     /// Download rates (MB/s): through shroud, and on a bare Arti stream.
     shroud_downloads: Vec<f64>,
     bare_downloads: Vec<f64>,
+    /// Upload rates (MB/s) on a bare Arti stream: the same bytes the other way, from the
+    /// client out through the exit, the way a tunnel carries a download.
+    bare_uploads: Vec<f64>,
     backhaul: Series,
     onion: Series,
     /// Visitors of the origin published as shroud's own onion service (`shroud --onion`).
@@ -374,10 +389,13 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
     own.stop().await;
 
     progress(format_args!(
-        "{DOWNLOADS} downloads of {} MiB each, interleaved: through shroud, on a bare Arti stream",
+        "{DOWNLOADS} rounds of {} MiB each, interleaved: a download through shroud, one on a \
+         bare Arti stream, an upload on it",
         DOWNLOAD_BYTES >> 20
     ));
+    let sink = start_sink().await?;
     let (mut shroud_downloads, mut bare_downloads) = (Vec::new(), Vec::new());
+    let mut bare_uploads = Vec::new();
     for _ in 0..DOWNLOADS {
         for (name, route, rates) in [
             ("shroud", &Route::Tcp(proxy.https), &mut shroud_downloads),
@@ -387,6 +405,10 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
                 Ok(rate) => rates.push(rate),
                 Err(err) => progress(format_args!("{name}: a download failed: {err:#}")),
             }
+        }
+        match upload(&tor, &bare_prefs, sink).await {
+            Ok(rate) => bare_uploads.push(rate),
+            Err(err) => progress(format_args!("bare Arti stream: an upload failed: {err:#}")),
         }
     }
 
@@ -431,6 +453,7 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
         bare,
         shroud_downloads,
         bare_downloads,
+        bare_uploads,
         backhaul,
         onion: onion_series,
         own_onion,
@@ -785,6 +808,80 @@ async fn download(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<f6
     tokio::time::timeout(DOWNLOAD_TIMEOUT, download_inner(route, roots))
         .await
         .map_err(|_| anyhow!("no complete download within {DOWNLOAD_TIMEOUT:?}"))?
+}
+
+/// A server on loopback that reads [`DOWNLOAD_BYTES`] from each connection, checks every one
+/// against the download's pattern, and answers `k` once it has them all (or `x` on a wrong
+/// byte): the far end of [`upload`].
+async fn start_sink() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the upload sink")?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = 0;
+                let verdict = loop {
+                    if got == DOWNLOAD_BYTES {
+                        break b"k";
+                    }
+                    match tcp.read(&mut buf).await {
+                        Ok(n @ 1..) => match check_bytes(got, &buf[..n]) {
+                            Ok(at) if at <= DOWNLOAD_BYTES => got = at,
+                            _ => break b"x",
+                        },
+                        _ => return,
+                    }
+                };
+                let _ = tcp.write_all(verdict).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One upload of [`DOWNLOAD_BYTES`] on a bare Arti stream to the sink at `sink`, on the
+/// circuit `prefs` keeps: in MB/s from the first byte written to the sink's answer that it
+/// has them all, intact. The bytes cross Tor from the client out through the exit, as a
+/// tunnel carries a visitor's download.
+async fn upload(
+    tor: &shroud_tor::Tor,
+    prefs: &StreamPrefs,
+    sink: SocketAddr,
+) -> anyhow::Result<f64> {
+    let run = async {
+        let mut stream = tor
+            .connect_with_prefs((sink.ip().to_string(), sink.port()), prefs)
+            .await
+            .with_context(|| format!("an Arti stream to the sink at {sink}"))?;
+        let started = Instant::now();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0;
+        while sent < DOWNLOAD_BYTES {
+            let len = (DOWNLOAD_BYTES - sent).min(chunk.len() as u64) as usize;
+            for (i, byte) in chunk[..len].iter_mut().enumerate() {
+                *byte = byte_at(sent + i as u64);
+            }
+            stream
+                .write_all(&chunk[..len])
+                .await
+                .context("writing the upload")?;
+            sent += len as u64;
+        }
+        stream.flush().await.context("writing the upload")?;
+        let mut verdict = [0u8; 1];
+        stream
+            .read_exact(&mut verdict)
+            .await
+            .context("waiting for the sink's answer")?;
+        ensure!(&verdict == b"k", "the sink found a wrong byte");
+        Ok(DOWNLOAD_BYTES as f64 / started.elapsed().as_secs_f64() / 1e6)
+    };
+    tokio::time::timeout(DOWNLOAD_TIMEOUT, run)
+        .await
+        .map_err(|_| anyhow!("no complete upload within {DOWNLOAD_TIMEOUT:?}"))?
 }
 
 async fn download_inner(route: &Route<'_>, roots: &RootCertStore) -> anyhow::Result<f64> {
@@ -1287,8 +1384,12 @@ impl Results {
                 &self.shroud_downloads,
             ),
             (
-                "bare Arti stream on a standing exit circuit",
+                "bare Arti stream on a standing exit circuit, exit → Arti (download)",
                 &self.bare_downloads,
+            ),
+            (
+                "the same bare Arti stream's circuit, Arti → exit (upload: a tunnel's direction)",
+                &self.bare_uploads,
             ),
         ] {
             let Some(median) = median(rates) else {
@@ -1312,9 +1413,10 @@ impl Results {
         };
         let _ = writeln!(
             out,
-            "\nIn the order made: shroud {}; bare Arti stream {}.",
+            "\nIn the order made: shroud {}; bare Arti stream, download {}; upload {}.",
             each(&self.shroud_downloads),
-            each(&self.bare_downloads)
+            each(&self.bare_downloads),
+            each(&self.bare_uploads)
         );
         out
     }
@@ -1350,12 +1452,13 @@ impl Results {
             );
         }
         if let (Some(shroud), Some(bare)) =
-            (median(&self.shroud_downloads), median(&self.bare_downloads))
+            (median(&self.shroud_downloads), median(&self.bare_uploads))
         {
             let r = shroud / bare;
             let _ = writeln!(
                 out,
-                "| download through shroud ≥ 0.9 of a bare Arti stream's (medians) | \
+                "| download through shroud ≥ 0.9 of a bare Arti stream's carrying the same bytes \
+                 the same way through Tor (medians; client → exit) | \
                  {shroud:.2} against {bare:.2} MB/s | {r:.2} | {} |",
                 met(r >= 0.9)
             );
@@ -1439,20 +1542,24 @@ fn document(net: &TorNet, results: &Results, report: &str) -> String {
     };
     let download_note = match (
         median(&results.shroud_downloads),
+        median(&results.bare_uploads),
         median(&results.bare_downloads),
     ) {
-        (Some(shroud), Some(bare)) => format!(
-            "Through the tunnel a download moved a median {shroud:.2} MB/s, on a bare Arti \
-             stream {bare:.2} ({:.2} of it). A tunnel adds TLS and yamux framing inside Tor's \
+        (Some(shroud), Some(up), Some(down)) => format!(
+            "Through the tunnel a download moved a median {shroud:.2} MB/s. On a bare Arti \
+             stream the same bytes moved {up:.2} MB/s going out from Arti through the exit, the \
+             way the tunnel carries them ({:.2} of it), and {down:.2} MB/s coming in from the \
+             exit ({:.2}). {DIRECTION_NOTE} A tunnel adds TLS and yamux framing inside Tor's \
              cells and one more hop on loopback, little beside the circuit's own pace: Tor's \
              flow control lets a stream run only so far ahead of its SENDMEs, so the rate is \
-             set by round trips through the relays, and single downloads vary by 2-4× from \
+             set by round trips through the relays, and single transfers vary by 2-4× from \
              one to the next (every one is listed above). Before Arti's connections had Nagle \
-             off, a tunnel moved 2.55 MB/s against 5.23 on a bare stream (0.49) in a run on \
-             2026-12-07; with it off, 6.66 against 7.17. With delayed ACKs off for the \
-             whole interface (see above) both were faster still, 10.6 against 12.6 MB/s \
+             off, a tunnel moved 2.55 MB/s against 5.23 on a bare stream's download (0.49) in \
+             a run on 2026-12-07; with it off, 6.66 against 7.17. With delayed ACKs off for \
+             the whole interface (see above) both were faster still, 10.6 against 12.6 MB/s \
              (0.84).",
-            shroud / bare
+            shroud / up,
+            shroud / down
         ),
         _ => "This run has no download figures.".to_owned(),
     };
@@ -1556,7 +1663,14 @@ the SOCKS port, or the origin):
 Then downloads: {downloads} times each, interleaved, a visitor fetches {download_mib} MiB from the
 origin (`GET /bytes/N` over TLS, the certificate verified, every byte checked against the
 origin's pattern) through the shroud tunnel and on a bare Arti stream as above; the rate is
-bytes over the time from the request sent to the last byte read.
+bytes over the time from the request sent to the last byte read. The two do not cross Tor the
+same way: a bare stream's download comes in from the exit to Arti, while through shroud the
+origin's bytes go out from the client's Arti to the exit (the tunnel is the client's
+connection to the proxy). So each round also uploads the same bytes on the bare stream's
+circuit, from Arti out through the exit to a sink on loopback that checks every byte and
+answers once it has them all (the rate is bytes over the time from the first byte written to
+that answer). The speed target is set against that upload, the bare stream moving the bytes
+in the tunnel's direction.
 
 The paths are measured in interleaved rounds (shroud, shroud over onion, onion, shroud
 --onion, direct, then again), one connection at a time, so slow periods of the machine hit all
