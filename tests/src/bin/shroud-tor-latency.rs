@@ -99,8 +99,10 @@ const DIRECTION_NOTE: &str = "In the first runs with the upload (2026-12-07) a b
     (the tunnel keeps one) sets the slow mode. yamux's debug log in the second run showed each \
     download's stream window growing from 256 KiB to 1-4 MiB within a fraction of a second, \
     slow downloads too, and its round-trip samples at 6-57 ms; at 4 MB/s a 1 MiB window would \
-    need a 250 ms round trip to be the wall, so the window does not explain it either. Where \
-    the slow mode comes from was not found.";
+    need a 250 ms round trip to be the wall, so the window does not explain it either. Nor \
+    does the proxy's ACK timing: with TCP_QUICKACK set after every read instead of only short \
+    ones, one run had every shroud download at 9.9-13.3 MB/s and the next had seven of nine \
+    at 3.9-5.5. Where the slow mode comes from was not found.";
 
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
