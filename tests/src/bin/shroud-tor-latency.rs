@@ -102,7 +102,15 @@ const DIRECTION_NOTE: &str = "In the first runs with the upload (2026-12-07) a b
     need a 250 ms round trip to be the wall, so the window does not explain it either. Nor \
     does the proxy's ACK timing: with TCP_QUICKACK set after every read instead of only short \
     ones, one run had every shroud download at 9.9-13.3 MB/s and the next had seven of nine \
-    at 3.9-5.5. Where the slow mode comes from was not found.";
+    at 3.9-5.5. It comes into being at the C-tor relays' KIST scheduler, which every 10 ms \
+    sizes what it writes to each socket from that socket's TCP state: with every relay on \
+    tor's Vanilla scheduler instead (`Schedulers Vanilla`, an experiment only, as public \
+    relays run KIST), two runs were 2-3x faster on every path and shroud's downloads mostly \
+    kept up with the bare upload (medians 20.9 against 19.1 and 20.7 against 26.9 MB/s), \
+    only the first download of each run slow (6.5 and 8.8 MB/s, yamux's windows still \
+    small). Why KIST starves the exit's connection to the proxy and not the one to the sink \
+    was not found; one difference is that the proxy writes back on it (yamux window \
+    updates), where the sink only reads.";
 
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
