@@ -108,9 +108,11 @@ const DIRECTION_NOTE: &str = "In the first runs with the upload (2026-12-07) a b
     relays run KIST), two runs were 2-3x faster on every path and shroud's downloads mostly \
     kept up with the bare upload (medians 20.9 against 19.1 and 20.7 against 26.9 MB/s), \
     only the first download of each run slow (6.5 and 8.8 MB/s, yamux's windows still \
-    small). Why KIST starves the exit's connection to the proxy and not the one to the sink \
-    was not found; one difference is that the proxy writes back on it (yamux window \
-    updates), where the sink only reads.";
+    small). And the slow mode is not held at the proxy's socket: through a slow run, `ss -ti` \
+    showed the exit's TCP connection to the proxy app-limited with an empty send queue, so \
+    the exit had nothing waiting to send; the bytes came slowly from upstream, along the \
+    tunnel's circuit from the client's Arti, where the bare upload's circuit ran at full \
+    pace. Why the tunnel's circuit runs slow under KIST was not found.";
 
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
