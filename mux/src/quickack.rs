@@ -33,8 +33,15 @@ pub fn acknowledge_now(socket: &impl AsFd) {
 /// may be holding the rest.
 pub const SHORT_READ: usize = 16 * 1024;
 
-/// A TCP stream that acknowledges what it reads at once: [`acknowledge_now`] after every read
-/// that returned data, and less than [`SHORT_READ`] of it.
+/// After a read of `read` bytes from `socket`: [`acknowledge_now`] if it returned data, and
+/// less than [`SHORT_READ`] of it: the rule of [`QuickAck`] and of shroud_tor's links to relays.
+pub fn after_read(socket: &impl AsFd, read: usize) {
+    if (1..SHORT_READ).contains(&read) {
+        acknowledge_now(socket);
+    }
+}
+
+/// A TCP stream that acknowledges what it reads at once: [`after_read`] after every read.
 #[derive(Debug)]
 pub struct QuickAck<S>(S);
 
@@ -59,9 +66,7 @@ impl<S: AsyncRead + AsFd + Unpin> AsyncRead for QuickAck<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.0).poll_read(cx, buf);
-        if (1..SHORT_READ).contains(&(buf.filled().len() - before)) {
-            acknowledge_now(&self.0);
-        }
+        after_read(&self.0, buf.filled().len() - before);
         polled
     }
 }

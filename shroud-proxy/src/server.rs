@@ -353,10 +353,10 @@ async fn serve_connection(
         Kind::Tunnel => {
             shared.metrics.connection(Listener::Tunnel, Outcome::Tunnel);
             let span = tracing::info_span!("tunnel", %peer);
-            // Boxed: a tunnel's handshake and session would otherwise be laid out in every
-            // visitor's task too.
             // A tunnel's far end is usually a Tor exit, whose small writes wait on our ACKs.
             let stream = QuickAck::new(stream);
+            // Boxed: a tunnel's handshake and session would otherwise be laid out in every
+            // visitor's task too.
             let serve = Box::pin(tunnel::serve(stream, peer, shared, shutdown, Some(address)));
             if let Err(err) = serve.instrument(span.clone()).await {
                 span.in_scope(|| debug!(%err, "tunnel failed"));

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use arti_client::TorClient;
 use async_trait::async_trait;
 use futures::io::{AsyncRead, AsyncWrite};
-use shroud_mux::quickack::{acknowledge_now, SHORT_READ};
+use shroud_mux::quickack::{acknowledge_now, after_read};
 use tokio::net::{TcpSocket, TcpStream};
 use tor_rtcompat::{
     CompoundRuntime, NetStreamListener, NetStreamProvider, PreferredRuntime, RuntimeSubstExt as _,
@@ -33,7 +33,7 @@ pub type TorRuntime = CompoundRuntime<
     PreferredRuntime,
     PreferredRuntime,
     PreferredRuntime,
-    NoDelayTcp,
+    RelayTcp,
     PreferredRuntime,
     PreferredRuntime,
     PreferredRuntime,
@@ -46,20 +46,20 @@ pub type Tor = TorClient<TorRuntime>;
 /// [`PreferredRuntime::current`] gives.
 pub fn current() -> io::Result<TorRuntime> {
     let preferred = PreferredRuntime::current()?;
-    Ok(preferred.with_tcp_provider(NoDelayTcp))
+    Ok(preferred.with_tcp_provider(RelayTcp))
 }
 
 /// Arti's TCP provider, with `TCP_NODELAY` set on every connection it makes, and
 /// `TCP_QUICKACK` after its short reads.
 #[derive(Clone)]
-pub struct NoDelayTcp;
+pub struct RelayTcp;
 
 /// Arti's own TCP stream type (it carries the socket options Arti sets later, such as KIST's
 /// `TCP_NOTSENT_LOWAT`).
 type ArtiTcpStream = <PreferredRuntime as NetStreamProvider>::Stream;
 
 #[async_trait]
-impl NetStreamProvider for NoDelayTcp {
+impl NetStreamProvider for RelayTcp {
     type Stream = RelayStream;
     type Listener = NoListener;
     type ConnectOptions = TcpConnectOptions;
@@ -88,7 +88,7 @@ impl NetStreamProvider for NoDelayTcp {
     }
 }
 
-/// The listener [`NoDelayTcp::listen`] never makes.
+/// The listener [`RelayTcp::listen`] never makes.
 pub enum NoListener {}
 
 impl NetStreamListener for NoListener {
@@ -118,10 +118,8 @@ impl AsyncRead for RelayStream {
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if let Poll::Ready(Ok(read @ 1..)) = polled {
-            if read < SHORT_READ {
-                acknowledge_now(&self.socket);
-            }
+        if let Poll::Ready(Ok(read)) = polled {
+            after_read(&self.socket, read);
         }
         polled
     }
@@ -197,8 +195,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let options = TcpConnectOptions::default();
-        let (stream, accepted) =
-            tokio::join!(NoDelayTcp.connect(&addr, &options), listener.accept());
+        let (stream, accepted) = tokio::join!(RelayTcp.connect(&addr, &options), listener.accept());
         // Kept open: a FIN from the far end would turn the near end to delayed ACKs.
         let _far = accepted.unwrap();
         let stream = stream.unwrap();
@@ -210,7 +207,7 @@ mod tests {
     #[tokio::test]
     async fn the_runtime_makes_no_listeners() {
         let addr = "127.0.0.1:0".parse().unwrap();
-        let refused = NoDelayTcp.listen(&addr, &TcpListenOptions::default()).await;
+        let refused = RelayTcp.listen(&addr, &TcpListenOptions::default()).await;
         assert_eq!(refused.err().unwrap().kind(), io::ErrorKind::Unsupported);
     }
 }

@@ -405,7 +405,11 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
          bare Arti stream, an upload on it",
         DOWNLOAD_BYTES >> 20
     ));
-    let sink = start_sink().await?;
+    let sink_route = Route::Arti {
+        tor: &tor,
+        addr: start_sink().await?,
+        prefs: &bare_prefs,
+    };
     let (mut shroud_downloads, mut bare_downloads) = (Vec::new(), Vec::new());
     let mut bare_uploads = Vec::new();
     for _ in 0..DOWNLOADS {
@@ -418,7 +422,7 @@ async fn measure(net: &TorNet, samples: usize) -> anyhow::Result<Results> {
                 Err(err) => progress(format_args!("{name}: a download failed: {err:#}")),
             }
         }
-        match upload(&tor, &bare_prefs, sink).await {
+        match upload(&sink_route).await {
             Ok(rate) => bare_uploads.push(rate),
             Err(err) => progress(format_args!("bare Arti stream: an upload failed: {err:#}")),
         }
@@ -854,20 +858,13 @@ async fn start_sink() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// One upload of [`DOWNLOAD_BYTES`] on a bare Arti stream to the sink at `sink`, on the
-/// circuit `prefs` keeps: in MB/s from the first byte written to the sink's answer that it
-/// has them all, intact. The bytes cross Tor from the client out through the exit, as a
-/// tunnel carries a visitor's download.
-async fn upload(
-    tor: &shroud_tor::Tor,
-    prefs: &StreamPrefs,
-    sink: SocketAddr,
-) -> anyhow::Result<f64> {
+/// One upload of [`DOWNLOAD_BYTES`] along `route` to a [`start_sink`] sink: in MB/s from the
+/// first byte written to the sink's answer that it has them all, intact. On a bare Arti
+/// stream the bytes cross Tor from the client out through the exit, as a tunnel carries a
+/// visitor's download.
+async fn upload(route: &Route<'_>) -> anyhow::Result<f64> {
     let run = async {
-        let mut stream = tor
-            .connect_with_prefs((sink.ip().to_string(), sink.port()), prefs)
-            .await
-            .with_context(|| format!("an Arti stream to the sink at {sink}"))?;
+        let mut stream = connect(route).await?;
         let started = Instant::now();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut sent = 0;
