@@ -662,6 +662,89 @@ mod tests {
         assert_eq!(got, b"x");
     }
 
+    /// Copies `from` to `to` at about `bytes_per_sec`, each read's length worth of time after
+    /// it: a link where a yamux ping (12 bytes) comes back at once and a window's worth of
+    /// data takes a while, as on a Tor circuit whose queues fill under load.
+    async fn paced_copy<R, W>(mut from: R, mut to: W, bytes_per_sec: u64)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let pause = std::time::Duration::from_micros(n as u64 * 1_000_000 / bytes_per_sec);
+            tokio::time::sleep(pause).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The windows of a tunnel's streams grow when the data's round trip is longer than the
+    /// ping's. yamux grows a window whose sender used half of it within two round trips, and
+    /// takes the round trip from one ping, taken here at once over an idle link (well under a
+    /// millisecond), while 128 KiB take 13 ms to cross. Upstream's rule never grows this
+    /// stream's window; third_party/yamux takes the round trip as at least 50 ms, and does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tunnel_windows_grow_after_an_idle_ping() {
+        let (client_io, client_link) = tokio::io::duplex(64 * 1024);
+        let (proxy_link, proxy_io) = tokio::io::duplex(64 * 1024);
+        let (client_read, client_write) = tokio::io::split(client_link);
+        let (proxy_read, proxy_write) = tokio::io::split(proxy_link);
+        // Data from client to proxy at 10 MB/s; the proxy's window updates and pongs at once.
+        let forward = tokio::spawn(paced_copy(client_read, proxy_write, 10_000_000));
+        let back = tokio::spawn(async move {
+            let (mut from, mut to) = (proxy_read, client_write);
+            let _ = tokio::io::copy(&mut from, &mut to).await;
+        });
+        let (client, _c) = Session::spawn(client_io, Role::Client, SessionConfig::default());
+        let (_proxy, mut proxy_in) =
+            Session::spawn(proxy_io, Role::Proxy, SessionConfig::default());
+
+        // A 2 MiB transfer, read as it comes: the proxy's window for the stream grows.
+        let mut out = client.open().await.expect("open");
+        let chunk = vec![7u8; 16 * 1024];
+        let total = 2 * 1024 * 1024;
+        let writer = tokio::spawn(async move {
+            for _ in 0..total / chunk.len() {
+                out.write_all(&chunk).await.expect("write");
+            }
+            (out, chunk)
+        });
+        let mut inbound = proxy_in.accept().await.expect("inbound stream");
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        while read < total {
+            let n = inbound.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the stream ended after {read} bytes");
+            read += n;
+        }
+        let (mut out, chunk) = writer.await.expect("writer");
+
+        // Now nobody reads: the writer may send what the window allows, no more.
+        let mut written = 0usize;
+        while written < MAX_STREAM_BUFFER {
+            let write = out.write_all(&chunk);
+            match tokio::time::timeout(std::time::Duration::from_millis(500), write).await {
+                Ok(result) => {
+                    result.expect("write");
+                    written += chunk.len();
+                }
+                Err(_) => break,
+            }
+        }
+        assert!(
+            written >= 2 * MIN_STREAM_BUFFER,
+            "the window stayed near yamux's initial 256 KiB: {written} bytes sent unread"
+        );
+        forward.abort();
+        back.abort();
+    }
+
     #[tokio::test]
     async fn close_ends_both_sides() {
         let ((client, _c), (proxy, mut proxy_in)) = pair(SessionConfig::default());

@@ -91,28 +91,28 @@ const DOWNLOAD_BYTES: u64 = 8 << 20;
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the runs of 2026-12-07 said about the two directions, for the report's observations.
-const DIRECTION_NOTE: &str = "In the first runs with the upload (2026-12-07) a bare stream \
-    moved bytes about as fast either way (upload 8.22 against download 9.17 MB/s in one run, \
-    13.46 against 10.17 in another), every transfer within a run close to the others, while \
-    shroud's downloads in the same runs were bimodal: about 3-5 MB/s or 8-15 (2.74, 4.90, 8.43, \
-    8.22, 9.21, 2.85, 2.73, 3.22, 3.44 in one run). So neither Tor's direction nor the circuit \
-    (the tunnel keeps one) sets the slow mode. yamux's debug log in the second run showed each \
-    download's stream window growing from 256 KiB to 1-4 MiB within a fraction of a second, \
-    slow downloads too, and its round-trip samples at 6-57 ms; at 4 MB/s a 1 MiB window would \
-    need a 250 ms round trip to be the wall, so the window does not explain it either. Nor \
-    does the proxy's ACK timing: with TCP_QUICKACK set after every read instead of only short \
-    ones, one run had every shroud download at 9.9-13.3 MB/s and the next had seven of nine \
-    at 3.9-5.5. It comes into being at the C-tor relays' KIST scheduler, which every 10 ms \
-    sizes what it writes to each socket from that socket's TCP state: with every relay on \
-    tor's Vanilla scheduler instead (`Schedulers Vanilla`, an experiment only, as public \
-    relays run KIST), two runs were 2-3x faster on every path and shroud's downloads mostly \
-    kept up with the bare upload (medians 20.9 against 19.1 and 20.7 against 26.9 MB/s), \
-    only the first download of each run slow (6.5 and 8.8 MB/s, yamux's windows still \
-    small). And the slow mode is not held at the proxy's socket: through a slow run, `ss -ti` \
-    showed the exit's TCP connection to the proxy app-limited with an empty send queue, so \
-    the exit had nothing waiting to send; the bytes came slowly from upstream, along the \
-    tunnel's circuit from the client's Arti, where the bare upload's circuit ran at full \
-    pace. Why the tunnel's circuit runs slow under KIST was not found.";
+const DIRECTION_NOTE: &str = "Until 2026-12-07 shroud's downloads were bimodal within a run, \
+    about 3-5 MB/s or 8-15 (2.74, 4.90, 8.43, 8.22, 9.21, 2.85, 2.73, 3.22, 3.44 in one run), \
+    while a bare stream moved the same bytes the same way at a steady pace. The slow ones were \
+    held by yamux's stream window. yamux doubles a stream's receive window when the sender used \
+    half of it within two round trips, and takes the round trip from one ping every 10 s, which \
+    on an idle tunnel here measures 2.5-6 ms; under load a window update's round trip, behind \
+    the data queued in the circuit, is several times that, so a download that started at \
+    yamux's initial 256 KiB never used half of it fast enough to grow, and stayed there. In one \
+    run with yamux's debug log beside Arti's congestion window (a patched tor-proto, for the \
+    experiment only), every slow download (3.2-4.6 MB/s) kept the 256 KiB window and every \
+    fast one grew it to 0.5-2 MiB, and which a download got followed the last ping: 2.5-6 ms \
+    before the slow ones, 31 ms (taken during a transfer) before the first fast ones. Arti's \
+    congestion window on the tunnel's circuit stayed at 330-520 cells through the slow \
+    downloads with fewer cells in flight than it allowed: the circuit waited for shroud. (An \
+    earlier reading of the same log, that slow downloads grew their windows too, had taken a \
+    later download's growth for theirs; and the exit's connection to the proxy, seen idle \
+    with `ss -ti` through a slow run, was waiting for the same window.) The workspace now \
+    builds yamux from third_party/yamux, which takes that round trip as at least 50 ms \
+    (third_party/yamux/SHROUD.md): in two runs with it every one of 18 downloads moved \
+    8.7-13.6 MB/s. Ruled out before: the proxy's ACK timing (TCP_QUICKACK after every read), \
+    and the relays' KIST scheduler as such (with tor's Vanilla scheduler every path ran 2-3x \
+    faster, fast enough for yamux's rule).";
 
 /// This program's name, in its messages.
 const NAME: &str = "shroud-tor-latency";
