@@ -110,7 +110,12 @@ const DIRECTION_NOTE: &str = "Until 2026-12-07 shroud's downloads were bimodal w
     with `ss -ti` through a slow run, was waiting for the same window.) The workspace now \
     builds yamux from third_party/yamux, which takes that round trip as at least 50 ms \
     (third_party/yamux/SHROUD.md): in two runs with it every one of 18 downloads moved \
-    8.7-13.6 MB/s. Ruled out before: the proxy's ACK timing (TCP_QUICKACK after every read), \
+    8.7-13.6 MB/s. That mode is gone, not all slowness: in four full runs of this tool that \
+    evening shroud's median download was 5.90, 11.33, 4.31 and 10.25 MB/s against bare \
+    uploads of 8.41, 9.88, 8.53 and 6.67, each run's downloads close together, and in the one \
+    logged every download's window grew to 4 MiB. The bare upload has a slow mode of its own \
+    (in that run five uploads at 5.1-6.7 MB/s, then four at 12.6-14.4), so what is left is in \
+    the circuit's pace, which neither path controls; it was not pinned down. Ruled out before: the proxy's ACK timing (TCP_QUICKACK after every read), \
     and the relays' KIST scheduler as such (with tor's Vanilla scheduler every path ran 2-3x \
     faster, fast enough for yamux's rule).";
 
