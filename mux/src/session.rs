@@ -630,6 +630,28 @@ mod tests {
         assert_eq!(copy_buffer_len(MAX_STREAM_BUFFER), FRAME_BODY);
     }
 
+    /// Writes `chunk` to `stream` until a write waits `wait_ms` (the peer's window is spent) or
+    /// `limit` bytes went out; returns the bytes written.
+    async fn write_until_held(
+        stream: &mut MuxStream,
+        chunk: &[u8],
+        limit: usize,
+        wait_ms: u64,
+    ) -> usize {
+        let wait = std::time::Duration::from_millis(wait_ms);
+        let mut written = 0;
+        while written < limit {
+            match tokio::time::timeout(wait, stream.write_all(chunk)).await {
+                Ok(result) => {
+                    result.expect("write");
+                    written += chunk.len();
+                }
+                Err(_) => break,
+            }
+        }
+        written
+    }
+
     /// A stream nobody reads holds at most its window: the writer is held back after 256 KiB,
     /// and the session (and its other streams) carry on.
     #[tokio::test]
@@ -637,18 +659,7 @@ mod tests {
         let ((client, _c), (_proxy, mut proxy_in)) = pair(SessionConfig::default());
         let mut unread = client.open().await.expect("open");
         let chunk = vec![7u8; 16 * 1024];
-        let mut written = 0usize;
-        loop {
-            let write = unread.write_all(&chunk);
-            match tokio::time::timeout(std::time::Duration::from_millis(300), write).await {
-                Ok(result) => {
-                    result.expect("write");
-                    written += chunk.len();
-                    assert!(written <= 2 * MIN_STREAM_BUFFER, "{written} bytes accepted");
-                }
-                Err(_) => break,
-            }
-        }
+        let written = write_until_held(&mut unread, &chunk, 2 * MIN_STREAM_BUFFER, 300).await;
         assert!(written >= MIN_STREAM_BUFFER - chunk.len(), "{written}");
         assert!(written <= MIN_STREAM_BUFFER, "{written} bytes buffered");
         let _held = proxy_in.accept().await.expect("the unread stream");
@@ -699,7 +710,7 @@ mod tests {
         let forward = tokio::spawn(paced_copy(client_read, proxy_write, 10_000_000));
         let back = tokio::spawn(async move {
             let (mut from, mut to) = (proxy_read, client_write);
-            let _ = tokio::io::copy(&mut from, &mut to).await;
+            tokio::io::copy(&mut from, &mut to).await
         });
         let (client, _c) = Session::spawn(client_io, Role::Client, SessionConfig::default());
         let (_proxy, mut proxy_in) =
@@ -726,17 +737,7 @@ mod tests {
         let (mut out, chunk) = writer.await.expect("writer");
 
         // Now nobody reads: the writer may send what the window allows, no more.
-        let mut written = 0usize;
-        while written < MAX_STREAM_BUFFER {
-            let write = out.write_all(&chunk);
-            match tokio::time::timeout(std::time::Duration::from_millis(500), write).await {
-                Ok(result) => {
-                    result.expect("write");
-                    written += chunk.len();
-                }
-                Err(_) => break,
-            }
-        }
+        let written = write_until_held(&mut out, &chunk, MAX_STREAM_BUFFER, 500).await;
         assert!(
             written >= 2 * MIN_STREAM_BUFFER,
             "the window stayed near yamux's initial 256 KiB: {written} bytes sent unread"
