@@ -3,11 +3,13 @@
 //!
 //! The forwarding proxy opens a stream on its link to the holder, writes
 //! [`StreamKind::Forward`], the visitor's [`StreamHeader`] (its real address, and the public
-//! port it reached) and the bytes already read, then waits for the holder's [`Reply`]. Only
-//! [`Reply::Accepted`] passes bytes on; after any other nothing reached a tunnel, so another
-//! holder may be tried, even for a plain-HTTP request. The holder routes to its own tunnels
-//! only: a forwarded visitor is never forwarded again, so two proxies that each believe the
-//! other holds a name cannot pass a visitor back and forth.
+//! port it reached) and the bytes already read, then waits for the holder's [`Reply`]. The
+//! holder opens its tunnel stream with those bytes, so that the client can answer them at once
+//! (PROTOCOL.md §11.3). Only [`Reply::Accepted`] passes further bytes on; after any other, no
+//! request reached a client, so another holder may be tried. A holder whose tunnel failed after
+//! taking a plain-HTTP request answers nothing, and such a visitor is not offered again. The
+//! holder routes to its own tunnels only: a forwarded visitor is never forwarded again, so two
+//! proxies that each believe the other holds a name cannot pass a visitor back and forth.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use shroud_mux::header::{StreamHeader, StreamKind as VisitorKind};
 use shroud_mux::peer::{Reply, StreamKind};
 use shroud_mux::{Incoming, MuxStream, SessionError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, Instrument as _};
@@ -90,7 +92,14 @@ pub(crate) async fn forward(
                     refusal = Refusal::NoTunnel(Route::Unknown);
                 }
             }
-            Err(err) => debug!(peer = %holder, %err, "forwarding failed"),
+            Err(err) => {
+                debug!(peer = %holder, %err, "forwarding failed");
+                // A holder that got the request and ended the stream without answering may
+                // have passed it to an origin: a plain-HTTP request is not sent twice.
+                if header.kind == VisitorKind::Http && err.offered() {
+                    break;
+                }
+            }
         }
     }
     shared.metrics.forwarded(true, false);
@@ -111,12 +120,16 @@ async fn offer(
     let deadline = tokio::time::Instant::now() + limit + Duration::from_secs(2);
     let mut stream = tokio::time::timeout_at(deadline, session.open())
         .await
-        .map_err(|_| ForwardError::Timeout)??;
-    stream.write_all(first).await?;
-    stream.flush().await?;
-    let reply = tokio::time::timeout_at(deadline, Reply::read(&mut stream))
+        .map_err(|_| ForwardError::OpenTimeout)??;
+    let offered = async {
+        stream.write_all(first).await?;
+        stream.flush().await?;
+        Reply::read(&mut stream).await
+    };
+    let reply = tokio::time::timeout_at(deadline, offered)
         .await
-        .map_err(|_| ForwardError::Timeout)??;
+        .map_err(|_| ForwardError::Timeout)?
+        .map_err(ForwardError::Unanswered)?;
     Ok((reply, stream))
 }
 
@@ -127,10 +140,45 @@ enum ForwardError {
     Link(#[from] crate::peer_link::LinkError),
     #[error("opening a stream on the peer link: {0}")]
     Open(#[from] SessionError),
-    #[error("peer link stream: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("the peer link opened no stream in time")]
+    OpenTimeout,
+    #[error("the peer did not answer: {0}")]
+    Unanswered(std::io::Error),
     #[error("the peer did not answer in time")]
     Timeout,
+}
+
+impl ForwardError {
+    /// Whether the visitor's bytes may have reached the peer, and through it a tunnel.
+    fn offered(&self) -> bool {
+        matches!(self, ForwardError::Unanswered(_) | ForwardError::Timeout)
+    }
+}
+
+/// At most this many of a forwarded visitor's bytes go to the tunnel with the stream header.
+/// What a proxy reads to route a visitor (a ClientHello's records, a request head) fits.
+const INITIAL_AT_HAND: usize = 64 * 1024;
+
+/// The bytes that came on `stream` with what was read of it so far, up to `limit`, without
+/// waiting for more. The forwarding proxy writes the stream header and the visitor's bytes in
+/// one write, so they arrive in one frame; bytes that come later are copied on with the rest.
+fn bytes_at_hand(stream: &mut MuxStream, limit: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while bytes.len() < limit {
+        let want = (limit - bytes.len()).min(chunk.len());
+        let mut buf = tokio::io::ReadBuf::new(&mut chunk[..want]);
+        match std::pin::Pin::new(&mut *stream).poll_read(&mut cx, &mut buf) {
+            std::task::Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                bytes.extend_from_slice(buf.filled());
+            }
+            // Nothing more yet, the end of the stream, or an error: the copy that follows
+            // meets the same again and deals with it.
+            _ => break,
+        }
+    }
+    bytes
 }
 
 /// Serves the streams a peer opens on the link it dialled: gossip frames go to `gossip`,
@@ -217,15 +265,25 @@ async fn serve_forwarded(mut stream: MuxStream, shared: &Shared) {
         tracing::debug_span!("forwarded", host = %header.hostname, visitor = %header.visitor);
     async {
         let http = header.kind == VisitorKind::Http;
+        // The visitor's first bytes go to the tunnel with the stream header, as a visitor's
+        // own do: its client answers them with its acknowledgement in the same frame, where
+        // an open that carried none would wait out the client's ACK_HOLD (PROTOCOL.md §7.3).
+        let initial = bytes_at_hand(&mut stream, INITIAL_AT_HAND);
         let reply = match shared.registry.route(&header.hostname, http) {
             Route::Tunnel(session) => match shared.admission.visitor_for(&header.hostname) {
                 None => Err(Reply::HostnameFull),
-                Some(counted) => match handoff::open(shared, session, &header, &[]).await {
+                Some(counted) => match handoff::open(shared, session, &header, &initial).await {
                     Ok(tunnel) => Ok((tunnel, counted)),
                     Err(err) => {
                         debug!(%err, "no tunnel stream for the forwarded visitor");
                         if matches!(err, SpliceError::Open(SessionError::TooManyStreams)) {
                             handoff::refused_stream(shared);
+                        }
+                        if http && !initial.is_empty() && err.may_have_sent() {
+                            // The request may have reached an origin: no answer, so that the
+                            // forwarding proxy does not offer it to another holder.
+                            shared.metrics.forwarded(false, false);
+                            return;
                         }
                         Err(Reply::Failed)
                     }
@@ -250,6 +308,7 @@ async fn serve_forwarded(mut stream: MuxStream, shared: &Shared) {
         host.visitors.inc();
         let buffer = shroud_mux::session::copy_buffer_len(shared.limits.stream_buffer);
         let [to_origin, to_visitor] = shared.metrics.bytes(Path::ForwardedIn);
+        count_bytes([to_origin, &host.bytes[0]], initial.len() as u64);
         let copied =
             shroud_mux::splice::splice_reporting(&mut stream, &mut tunnel, buffer, |up, down| {
                 count_bytes([to_origin, &host.bytes[0]], up);

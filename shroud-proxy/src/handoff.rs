@@ -91,6 +91,12 @@ impl SpliceError {
             SpliceError::Open(SessionError::TooManyStreams) => false,
         }
     }
+
+    /// Whether the visitor's first bytes may have gone out on a stream before it failed: once
+    /// a stream was open, they were written to it.
+    pub(crate) fn may_have_sent(&self) -> bool {
+        matches!(self, SpliceError::Tunnel(_) | SpliceError::AckTimeout)
+    }
 }
 
 /// How many tunnels one visitor is offered to at most.
