@@ -63,6 +63,25 @@ fn believe_holds(shared: &Shared, addr: SocketAddr) {
     assert_eq!(peers.holders(NAME), vec![addr]);
 }
 
+/// A plain-HTTP request for [`NAME`], as a visitor sends it.
+fn request() -> String {
+    format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n")
+}
+
+/// Sends [`request`] to `http` and reads the answer to its end, within 5 s.
+async fn visit(http: SocketAddr) -> String {
+    let visit = async {
+        let mut visitor = tokio::net::TcpStream::connect(http).await.unwrap();
+        visitor.write_all(request().as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        visitor.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8(answer).unwrap()
+    };
+    tokio::time::timeout(Duration::from_secs(5), visit)
+        .await
+        .expect("the visitor got no answer")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_that_each_believe_the_other_holds_a_name_do_not_loop() {
     let shutdown = CancellationToken::new();
@@ -73,28 +92,14 @@ async fn two_proxies_that_each_believe_the_other_holds_a_name_do_not_loop() {
     believe_holds(&b, a_peer);
 
     for (http, from, to) in [(a_http, &a, b_peer), (b_http, &b, a_peer)] {
-        let visit = async {
-            let mut visitor = tokio::net::TcpStream::connect(http).await.unwrap();
-            let request = format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n");
-            visitor.write_all(request.as_bytes()).await.unwrap();
-            let mut answer = Vec::new();
-            visitor.read_to_end(&mut answer).await.unwrap();
-            String::from_utf8(answer).unwrap()
-        };
         // Forwarded once, refused by the peer (which routes to its own tunnels only), and
-        // answered by the first proxy: well within a second on loopback.
-        let answer = tokio::time::timeout(Duration::from_secs(5), visit)
-            .await
-            .expect("a forwarding loop: no answer");
+        // answered by the first proxy: well within a second on loopback, where a forwarding
+        // loop would leave the visitor with no answer.
+        let answer = visit(http).await;
         assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
         // It was answered after a forward, not before one.
         assert!(from.peers().unwrap().linked(to));
     }
-}
-
-/// A plain-HTTP request for [`NAME`], as a visitor sends it.
-fn request() -> String {
-    format!("GET / HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n")
 }
 
 /// What a fake tunnel client does with a stream once it has read the header and the request.
@@ -142,20 +147,6 @@ fn bind(shared: &Shared, client: Client) -> Arc<AtomicUsize> {
     let id = shared.registry.new_tunnel_id();
     shared.registry.bind(NAME, id, session, true);
     opened
-}
-
-/// Sends [`request`] to `http` and reads the answer to its end, within 5 s.
-async fn visit(http: SocketAddr) -> String {
-    let visit = async {
-        let mut visitor = tokio::net::TcpStream::connect(http).await.unwrap();
-        visitor.write_all(request().as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        visitor.read_to_end(&mut answer).await.unwrap();
-        String::from_utf8(answer).unwrap()
-    };
-    tokio::time::timeout(Duration::from_secs(5), visit)
-        .await
-        .expect("the visitor got no answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
