@@ -102,15 +102,19 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
         .expect("the first proxy holds a tunnel again");
     assert_ne!(new_exit, exit_one);
 
+    // The load ran only while the first tunnel was down, which may be well under a second.
     let result = within(30, load.stop()).await;
-    assert!(result.ok() > 0, "{result}");
     let now_two: Vec<SocketAddr> = tunnel_peers(two.https.port())
         .into_iter()
         .map(|(a, _)| a)
         .collect();
     if now_two == vec![peer_two] {
         // The other tunnel is the very same connection as before the kill: its circuit did not
-        // pass the killed relay, and not one of its visitors may have failed.
+        // pass the killed relay, so its visitors were served and not one of them failed.
+        assert!(
+            result.ok() > 0,
+            "no visitor of the other proxy was served: {result}"
+        );
         assert_eq!(
             result.failed() + result.unreachable,
             0,
@@ -119,8 +123,9 @@ async fn killing_one_tunnels_exit_leaves_the_other_up_and_the_first_recovers() {
     } else {
         // The killed exit was on the other tunnel's circuit too: every relay of the private
         // network may be a guard or a middle, and /proc shows only a circuit's far end. That
-        // tunnel died with it and cost the visitors it carried, as a dead tunnel does; what must
-        // hold then is that it comes back as the first one did.
+        // tunnel died with it and cost the visitors it carried (all of them, if the first tunnel
+        // came back before the second); what must hold then is that it comes back as the first
+        // one did.
         eprintln!(
             "tor failover: the other tunnel was rebuilt too (the killed exit was on its circuit \
              as well); its visitors meanwhile: {result}"
