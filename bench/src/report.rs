@@ -29,6 +29,12 @@ const TARGET_CLOSE_VS_NONE: f64 = 0.50;
 const TARGET_KIB_PER_VISITOR_EACH_SIDE: f64 = 4.0;
 /// ...and CPU per GB against rathole with TLS.
 const TARGET_CPU_VS_RATHOLE: f64 = 0.6;
+/// What one forward between proxies may cost at most, against direct visitors in the same run:
+/// when forwarding landed it kept 0.81-0.82 of direct's req/s and added 1-3 ms at p99 (runs
+/// since: 0.75-0.86, +1 to +6 ms); a holder that made every forwarded visitor wait 100 ms went
+/// unremarked at 0.04-0.17× and +93 to +110 ms.
+const FORWARDED_RPS_VS_DIRECT: f64 = 0.70;
+const FORWARDED_P99_ADDED_MS: f64 = 10.0;
 /// The window of the high-RTT downloads the target reads: after 10 s.
 const RTT_FROM: Duration = Duration::from_secs(10);
 
@@ -407,6 +413,25 @@ fn fleet_section(fleet: &FleetResults) -> String {
             num(forwarded.2, 2),
             signed(forwarded.2 - direct.2, 2),
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nNothing worse than when forwarding landed: a forward keeps at least \
+         {FORWARDED_RPS_VS_DIRECT:.2} of direct's req/s and adds at most \
+         {FORWARDED_P99_ADDED_MS:.0} ms at p99.\n\n\
+         | visitors | forwarded ÷ direct, p99 added | met |\n|---|---|---|"
+    );
+    for (label, paths) in [("HTTPS", &fleet.https), ("HTTP", &fleet.http)] {
+        let (direct, forwarded) = (wrk_medians(&paths.direct), wrk_medians(&paths.forwarded));
+        let (share, added) = (forwarded.0 / direct.0, forwarded.2 - direct.2);
+        let met = known(share).zip(known(added)).map(|(share, added)| {
+            share >= FORWARDED_RPS_VS_DIRECT && added <= FORWARDED_P99_ADDED_MS
+        });
+        let measured = match met {
+            Some(_) => format!("{}×, {} ms", num(share, 2), signed(added, 2)),
+            None => "—".into(),
+        };
+        let _ = writeln!(md, "| {label} | {measured} | {} |", yes_no(met));
     }
     let counted: Vec<String> = [
         ("HTTPS direct", &fleet.https.direct),
@@ -952,9 +977,37 @@ mod tests {
         assert!(row.contains("| 2000 | 1.00 |"), "{row}");
         let row = target_row(&md, "HTTP | forwarded");
         assert_eq!(row, "| HTTP | forwarded | — | — | — | — | — |");
+        assert_eq!(
+            target_row(&md, "HTTPS | 0.75"),
+            "| HTTPS | 0.75×, +2.50 ms | yes |"
+        );
+        assert_eq!(target_row(&md, "HTTP | —"), "| HTTP | — | not measured |");
         assert!(md.contains("Failed: HTTP, Forwarded: wrk failed"), "{md}");
         assert!(md.contains("answered 120 ms later"), "{md}");
         assert!(md.contains("in a run of their own"), "{md}");
+    }
+
+    #[test]
+    fn a_forward_that_costs_a_visitor_100_ms_is_not_met() {
+        let mut fleet = fleet();
+        // The figures of the regression 5b433e6 fixed: the rate held, p99 did not.
+        fleet.https.forwarded[0].p99_ms = 118.0;
+        // And one forward that takes a third of the rate.
+        fleet.http.forwarded = vec![WrkResult {
+            rps: 3400.0,
+            p50_ms: 1.0,
+            p99_ms: 8.5,
+            errors: 0,
+        }];
+        let md = fleet_section(&fleet);
+        assert_eq!(
+            target_row(&md, "HTTPS | 0.75"),
+            "| HTTPS | 0.75×, +108.00 ms | **no** |"
+        );
+        assert_eq!(
+            target_row(&md, "HTTP | 0.68"),
+            "| HTTP | 0.68×, +0.50 ms | **no** |"
+        );
     }
 
     #[test]
