@@ -54,13 +54,19 @@ async fn proxy(shutdown: &CancellationToken) -> (Arc<Shared>, SocketAddr, Socket
     (shared, http_addr, peer_addr)
 }
 
-/// Makes `shared` believe the peer at `addr` is alive and holds [`NAME`].
-fn believe_holds(shared: &Shared, addr: SocketAddr) {
+/// Makes `shared` believe the peers at `holders` are alive and hold [`NAME`].
+fn believe_held_by(shared: &Shared, holders: &[SocketAddr]) {
     let peers = shared.peers().unwrap();
-    let id = PeerId { addr, bump: 1 };
-    peers.member_up(id.clone());
-    assert!(peers.record_holding(id, 1, vec![NAME.to_owned()]));
-    assert_eq!(peers.holders(NAME), vec![addr]);
+    for &addr in holders {
+        let id = PeerId { addr, bump: 1 };
+        peers.member_up(id.clone());
+        assert!(peers.record_holding(id, 1, vec![NAME.to_owned()]));
+    }
+    let mut believed = peers.holders(NAME);
+    believed.sort();
+    let mut wanted = holders.to_vec();
+    wanted.sort();
+    assert_eq!(believed, wanted);
 }
 
 /// A plain-HTTP request for [`NAME`], as a visitor sends it.
@@ -88,8 +94,8 @@ async fn two_proxies_that_each_believe_the_other_holds_a_name_do_not_loop() {
     let _stop = shutdown.clone().drop_guard();
     let (a, a_http, a_peer) = proxy(&shutdown).await;
     let (b, b_http, b_peer) = proxy(&shutdown).await;
-    believe_holds(&a, b_peer);
-    believe_holds(&b, a_peer);
+    believe_held_by(&a, &[b_peer]);
+    believe_held_by(&b, &[a_peer]);
 
     for (http, from, to) in [(a_http, &a, b_peer), (b_http, &b, a_peer)] {
         // Forwarded once, refused by the peer (which routes to its own tunnels only), and
@@ -156,7 +162,7 @@ async fn a_forwarded_visitors_first_bytes_reach_the_tunnel_with_its_stream_heade
     let (a, a_http, _) = proxy(&shutdown).await;
     let (b, _, b_peer) = proxy(&shutdown).await;
     let opened = bind(&b, Client::AnswersTheRequest);
-    believe_holds(&a, b_peer);
+    believe_held_by(&a, &[b_peer]);
 
     // The client answers only once it has the request: had the holder opened the stream with
     // the header alone and waited for the acknowledgement before taking the request from the
@@ -176,12 +182,7 @@ async fn a_plain_http_request_that_reached_a_tunnel_is_not_offered_to_another_ho
     let (c, _, c_peer) = proxy(&shutdown).await;
     let at_b = bind(&b, Client::Resets);
     let at_c = bind(&c, Client::AnswersTheRequest);
-    let peers = a.peers().unwrap();
-    for (addr, bump) in [(b_peer, 1), (c_peer, 2)] {
-        let id = PeerId { addr, bump };
-        peers.member_up(id.clone());
-        assert!(peers.record_holding(id, 1, vec![NAME.to_owned()]));
-    }
+    believe_held_by(&a, &[b_peer, c_peer]);
 
     // Whichever holder is offered the visitor first: if it is the one whose client resets
     // after taking the request, the request may have reached its origin, and the visitor is
